@@ -1,0 +1,21 @@
+"""The one exception type a user should ever see from a stage: a one-line message, no traceback.
+
+A stage raises `PipelineError` for anything the user can fix (bad data, bad params, a missing
+upstream output). The stage runner prints `error: <message>` and exits with status 1.
+"""
+
+
+class PipelineError(Exception):
+    """A problem with the user's input, named precisely enough to fix it (file, line or key)."""
+
+
+class ParamError(PipelineError):
+    """A value in params.yaml that is missing, of the wrong type or out of range."""
+
+
+class UndeclaredParamError(PipelineError):
+    """A stage read a params.yaml key that its dvc.yaml entry does not declare."""
+
+
+class InputDataError(PipelineError):
+    """A data file that is missing, empty, not valid UTF-8, or not in the expected format."""

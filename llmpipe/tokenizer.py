@@ -1,0 +1,128 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) with the pipeline's special tokens.
+
+The tokenizer directory holds `tokenizer.json` (the `tokenizers` file, readable by transformers and
+llama.cpp exporters) and `special_tokens.json`, which maps each role of a special token
+(end_of_document, user, assistant, system, end_of_turn) to its string, for the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llmpipe.errors import InputDataError
+
+BYTE_ALPHABET_SIZE = 256
+SPECIAL_TOKEN_ROLES = ("end_of_document", "system", "user", "assistant", "end_of_turn")
+EXAMPLE_STRINGS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "uncharacteristically",
+    "Tokenization splits text into pieces.",
+    "1234567 + 89 = 1234656",
+    "Ünïcödé and emoji 🙂",
+]
+
+
+def minimum_vocab_size(special_tokens: dict[str, str]) -> int:
+    return BYTE_ALPHABET_SIZE + len(set(special_tokens.values()))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
+              special_tokens: dict[str, str]) -> Tokenizer:
+    """Train a byte-level BPE: every byte is in the vocabulary, so any text encodes without <unk>."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(dict.fromkeys(special_tokens[role] for role in SPECIAL_TOKEN_ROLES)),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "special_tokens.json").write_text(
+        json.dumps(special_tokens, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class LoadedTokenizer:
+    """A trained tokenizer plus its special-token ids, as later stages use it."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        for name in ("tokenizer.json", "special_tokens.json"):
+            if not (directory / name).is_file():
+                raise InputDataError(f"{directory / name}: not found; run the train_tokenizer stage first "
+                                     "(dvc repro train_tokenizer)")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self.special_tokens: dict[str, str] = json.loads((directory / "special_tokens.json").read_text("utf-8"))
+        except Exception as exc:
+            raise InputDataError(f"{directory}: not a valid tokenizer ({exc})".splitlines()[0]) from None
+        self.directory = directory
+        self.special_ids = {role: self.tokenizer.token_to_id(token) for role, token in self.special_tokens.items()}
+        missing = [role for role, token_id in self.special_ids.items() if token_id is None]
+        if missing:
+            raise InputDataError(f"{directory / 'tokenizer.json'}: special tokens {missing} are not in the vocabulary")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def end_of_document_id(self) -> int:
+        return self.special_ids["end_of_document"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token as the text it stands for (bytes decoded; partial UTF-8 shown as �)."""
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+
+def tokenizer_report(tokenizer: LoadedTokenizer, validation_texts: list[str], longest: int = 15) -> tuple[dict, str]:
+    """Metrics (characters per token, tokens per 100 words) and a Markdown report."""
+    characters = sum(len(t) for t in validation_texts)
+    words = sum(len(t.split()) for t in validation_texts)
+    tokens = sum(len(e.ids) for e in tokenizer.tokenizer.encode_batch(validation_texts))
+    metrics = {
+        "vocab_size": tokenizer.vocab_size,
+        "validation_characters_per_token": characters / max(tokens, 1),
+        "validation_tokens_per_100_words": 100 * tokens / max(words, 1),
+    }
+    lines = ["# Tokenizer report", "",
+             f"Vocabulary: {tokenizer.vocab_size} tokens (256 bytes, {len(tokenizer.special_ids)} special, "
+             f"the rest learned merges).", "",
+             f"On the validation text: {metrics['validation_characters_per_token']:.2f} characters per token, "
+             f"{metrics['validation_tokens_per_100_words']:.1f} tokens per 100 words.", "",
+             "| text | tokens | pieces |", "|---|---:|---|"]
+    examples = EXAMPLE_STRINGS + ([validation_texts[0].split(". ")[0] + "."] if validation_texts else [])
+    for text in examples:
+        ids = tokenizer.encode(text)
+        pieces = " · ".join(repr(p)[1:-1].replace("|", "\\|") for p in tokenizer.token_strings(ids))
+        lines.append(f"| {text} | {len(ids)} | {pieces} |")
+    special = set(tokenizer.special_ids.values())
+    learned = [(token, i) for token, i in tokenizer.tokenizer.get_vocab().items() if i not in special]
+    decoded = sorted(((tokenizer.decode([i]), i) for _, i in learned), key=lambda x: (-len(x[0]), x[1]))
+    lines += ["", f"Longest learned tokens: " + ", ".join(repr(t) for t, _ in decoded[:longest]), ""]
+    return metrics, "\n".join(lines)
+
+
+def iterate_texts(jsonl_path: Path) -> Iterator[str]:
+    with open(jsonl_path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)["text"]
