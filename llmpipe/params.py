@@ -21,8 +21,8 @@ PARAMS_FILE = "params.yaml"
 _MISSING = object()
 
 
-def declared_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
-    """The params.yaml keys (dotted) that dvc.yaml lists under `params:` for `stage`."""
+def stage_definition(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
+    """The stage's entry in dvc.yaml."""
     path = Path(dvc_yaml)
     try:
         pipeline = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -31,8 +31,18 @@ def declared_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[s
     stages = pipeline.get("stages") or {}
     if stage not in stages:
         raise PipelineError(f"{path}: no stage named '{stage}'")
+    return stages[stage]
+
+
+def declared_dependencies(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The paths dvc.yaml lists under `deps:` for `stage`."""
+    return [str(dep) for dep in stage_definition(stage, dvc_yaml).get("deps") or []]
+
+
+def declared_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The params.yaml keys (dotted) that dvc.yaml lists under `params:` for `stage`."""
     keys: list[str] = []
-    for entry in stages[stage].get("params") or []:
+    for entry in stage_definition(stage, dvc_yaml).get("params") or []:
         if isinstance(entry, str):
             keys.append(entry)
         elif isinstance(entry, dict):

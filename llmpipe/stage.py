@@ -1,6 +1,6 @@
 """Turn a stage function into a Hydra app over params.yaml that DVC can run.
 
-    @stage("tokenize", inputs=["data/prepared", "models/tokenizer"])
+    @stage("tokenize")
     def tokenize(params: StageParams, run: StageRun) -> None: ...
 
     if __name__ == "__main__":
@@ -11,7 +11,8 @@ What the wrapper does:
   the config. Hydra's own outputs are switched off: no outputs/ folder, no change of directory,
   no log files. Command-line overrides (`key=value`) work as in any Hydra app.
 - The stage sees only the keys its dvc.yaml entry declares (see llmpipe.params).
-- It opens the stage's MLflow run (see llmpipe.tracking) with those params.
+- It opens the stage's MLflow run (see llmpipe.tracking) with those params, tagged with the md5 of
+  each dependency dvc.yaml lists for the stage.
 - A `PipelineError` (bad input or params) becomes one line on stderr, `error: ...`, and exit status 1.
 """
 
@@ -24,8 +25,8 @@ import sys
 from typing import Callable
 
 from llmpipe.errors import PipelineError
-from llmpipe.params import StageParams
-from llmpipe.tracking import StageRun
+from llmpipe.params import StageParams, declared_dependencies
+from llmpipe.tracking import StageRun, input_hashes
 
 HYDRA_QUIET_OVERRIDES = [
     "hydra.run.dir=.",
@@ -42,22 +43,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_stage(name: str, config: dict, body: StageFunction, inputs: list[str]) -> None:
+def run_stage(name: str, config: dict, body: StageFunction) -> None:
     """Run `body` with the stage's declared params and its MLflow run; map user errors to exit 1."""
     try:
         params = StageParams.for_stage(name, config)
-        with StageRun(name, params.declared_values(), inputs, enabled=is_main_process()) as run:
+        hashes = input_hashes(declared_dependencies(name))
+        with StageRun(name, params.declared_values(), hashes, enabled=is_main_process()) as run:
             body(params, run)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
-def stage(name: str, inputs: list[str] | None = None) -> Callable[[StageFunction], Callable[[], None]]:
-    """Decorator: make `body(params, run)` the Hydra entry point of DVC stage `name`.
-
-    `inputs` are the stage's dependencies whose md5 the MLflow run is tagged with.
-    """
+def stage(name: str) -> Callable[[StageFunction], Callable[[], None]]:
+    """Decorator: make `body(params, run)` the Hydra entry point of DVC stage `name`."""
 
     def decorate(body: StageFunction) -> Callable[[], None]:
         import hydra
@@ -66,7 +65,7 @@ def stage(name: str, inputs: list[str] | None = None) -> Callable[[StageFunction
         # The stage runs from the repository root (DVC's wdir), where params.yaml lives.
         @hydra.main(config_path=os.getcwd(), config_name="params", version_base="1.3")
         def hydra_app(config: DictConfig) -> None:
-            run_stage(name, OmegaConf.to_container(config, resolve=True), body, inputs or [])
+            run_stage(name, OmegaConf.to_container(config, resolve=True), body)
 
         @functools.wraps(body)
         def main() -> None:

@@ -122,10 +122,10 @@ class StageRun:
     """The MLflow run of one stage execution. Use as a context manager; a no-op when `enabled=False`
     (e.g. on DDP ranks other than 0)."""
 
-    def __init__(self, stage: str, params: dict[str, Any], inputs: list[str], enabled: bool = True):
+    def __init__(self, stage: str, params: dict[str, Any], input_hashes: dict[str, str], enabled: bool = True):
         self.stage = stage
         self.params = params
-        self.inputs = inputs
+        self.input_hashes = input_hashes  # md5 of each dependency, by path
         self.enabled = enabled
         self.run_id: str | None = None
         self._pending: list = []
@@ -185,7 +185,7 @@ class StageRun:
         key = pipeline_execution_key()
         if key:
             tags["llmpipe.pipeline"] = key
-        for path, digest in input_hashes(self.inputs).items():
+        for path, digest in self.input_hashes.items():
             tags[f"input.md5.{path}"] = digest
         return tags
 

@@ -50,7 +50,7 @@ def user_documents(params: StageParams, source: str) -> list[str]:
     return clean_documents(documents, f"data.name={params.str('data.name')}")
 
 
-@stage("prepare", inputs=["user_data"])
+@stage("prepare")
 def prepare(params: StageParams, run: StageRun) -> None:
     source = params.str("data.source", choices=SOURCES)
     if source == "embedded":

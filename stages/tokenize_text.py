@@ -19,8 +19,7 @@ TOKENIZER_DIR = Path("models/tokenizer")
 OUTPUT_DIR = Path("data/tokens")
 
 
-@stage("tokenize", inputs=[str(PREPARED / "pretrain_train.jsonl"), str(PREPARED / "pretrain_validation.jsonl"),
-                           str(TOKENIZER_DIR)])
+@stage("tokenize")
 def tokenize(params: StageParams, run: StageRun) -> None:
     num_proc = params.int("tokenize.num_proc", min=1)
     batch_size = params.int("tokenize.batch_size", min=1)

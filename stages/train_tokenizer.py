@@ -27,7 +27,7 @@ def special_tokens(params: StageParams) -> dict[str, str]:
     return tokens
 
 
-@stage("train_tokenizer", inputs=[str(PREPARED / "pretrain_train.jsonl")])
+@stage("train_tokenizer")
 def train_tokenizer(params: StageParams, run: StageRun) -> None:
     specials = special_tokens(params)
     minimum = minimum_vocab_size(specials)

@@ -1,0 +1,261 @@
+"""A decoder-only transformer in the Llama family, in one file.
+
+    tokens → embed_tokens → N × Block → norm → lm_head → logits
+    Block:  x + Attention(RMSNorm(x)),  then  x + SwiGLU(RMSNorm(x))
+
+- RMSNorm instead of LayerNorm (no mean subtraction, no bias).
+- Rotary position embeddings in the Hugging Face `rotate_half` convention (the two halves of each head
+  dimension form the rotated pairs), so a Hugging Face / GGUF export is a rename plus, for GGUF, a
+  known row permutation.
+- Grouped-query attention: `n_kv_head` key/value heads shared by `n_head` query heads, computed by
+  `torch.nn.functional.scaled_dot_product_attention` (causal).
+- SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+- Optional tied input/output embeddings; no biases anywhere.
+- A key/value cache for generation: each layer keeps the keys and values of the tokens seen so far.
+
+Module names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.N.self_attn.q_proj, ...),
+without its "model." prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # target value that contributes nothing to the loss (masked prompt tokens, padding)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int            # tokens in the vocabulary
+    context_length: int        # longest sequence the model is trained on (positions)
+    n_layer: int               # transformer blocks
+    d_model: int               # width of the residual stream
+    n_head: int                # query heads
+    n_kv_head: int             # key/value heads (n_head for multi-head, fewer for grouped-query attention)
+    ffn_hidden: int            # inner width of the SwiGLU feed-forward
+    head_dim: int | None = None  # per-head width; None means d_model // n_head
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    rms_norm_eps: float = 1e-5   # epsilon inside RMSNorm
+    tie_embeddings: bool = True  # share the input embedding matrix with the output head
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_head
+        problems = []
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        for name in ("vocab_size", "context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position × frequency, shape (length, head_dim), halves repeated (rotate_half)."""
+    inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inverse_frequency)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (batch, heads, time, head_dim) by the position angles (time, head_dim)."""
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens processed so far, preallocated to `max_length`."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device, dtype):
+        shape = (batch_size, config.n_kv_head, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # tokens stored (the position of the next token)
+        self.max_length = max_length
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of `layer` after the cached ones; return all of them."""
+        end = self.length + keys.shape[2]
+        self.keys[layer][:, :, self.length:end] = keys
+        self.values[layer][:, :, self.length:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, return_weights: bool = False):
+        batch, time, _ = x.shape
+        q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_index, k, v)
+        if past == 0:
+            mask, causal = None, True            # plain causal attention over the new tokens
+        elif time == 1:
+            mask, causal = None, False           # one new token attends to everything cached
+        else:                                    # several new tokens after a cached prefix
+            mask = torch.ones(time, past + time, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        if return_weights:
+            return self._explicit_attention(q, k, v, batch, time)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, time, -1))
+
+    def _explicit_attention(self, q, k, v, batch, time):
+        """The same attention written out, also returning the weights (for attention heatmaps)."""
+        repeat = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        future = torch.ones(time, k.shape[2], dtype=torch.bool, device=q.device).triu(1 + k.shape[2] - time)
+        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(batch, time, -1)
+        return self.o_proj(out), weights
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Scale the projections that write into the residual stream by depth (GPT-2 / nanoGPT).
+        for name, parameter in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if end > self.rope_cos.shape[0]:  # beyond the trained context: extend the tables
+            cos, sin = rotary_tables(self.config.head_dim, end, self.config.rope_theta, self.rope_cos.device)
+            return cos[start:end], sin[start:end]
+        return self.rope_cos[start:end], self.rope_sin[start:end]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, loss_reduction: str = "mean"):
+        """Logits for every position; with `targets`, also the cross-entropy loss.
+
+        Targets equal to IGNORE_INDEX are left out. `loss_reduction="sum"` returns the summed loss
+        (the training loop divides by the number of target tokens in the whole global batch).
+        With a `cache`, `tokens` continue the cached sequence and the cache is advanced.
+        """
+        start = cache.length if cache is not None else 0
+        cos, sin = self._rotary(start, tokens.shape[1])
+        x = self.embed_tokens(tokens)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=loss_reduction)
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_weights(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Attention weights of every layer, each (batch, n_head, time, time), for heatmaps."""
+        cos, sin = self._rotary(0, tokens.shape[1])
+        x = self.embed_tokens(tokens)
+        weights = []
+        for block in self.layers:
+            attended, layer_weights = block.self_attn(block.input_layernorm(x), cos, sin, return_weights=True)
+            x = x + attended
+            x = x + block.mlp(block.post_attention_layernorm(x))
+            weights.append(layer_weights)
+        return weights
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        parameter = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_length, parameter.device, parameter.dtype)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once each (a tied embedding is one matrix)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def training_flops_per_token(config: ModelConfig, parameters: int) -> float:
+    """Forward + backward FLOPs per token: 6 × parameters (without the input embedding lookup)
+    plus attention scores and mixing, 12 × layers × heads × head_dim × context (PaLM appendix B)."""
+    non_embedding = parameters - (0 if config.tie_embeddings else config.vocab_size * config.d_model)
+    attention = 12 * config.n_layer * config.n_head * config.head_dim * config.context_length
+    return 6 * non_embedding + attention

@@ -1,0 +1,93 @@
+"""Save and load model directories: `model.safetensors` + `config.json`. Never pickle.
+
+A model directory is what pretrain and finetune output and what generation, quantization and
+evaluation read. Loading checks every tensor's name and shape against the config, so a file that
+does not match (another preset, a truncated or corrupted file) is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmpipe import atomic
+from llmpipe.errors import InputDataError
+from llmpipe.model import ModelConfig, Transformer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    """Weights as contiguous CPU tensors; a tied output head is stored once (as embed_tokens)."""
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_model(directory: Path, model: Transformer, extra_config: dict | None = None) -> None:
+    """Write weights and config into an existing directory (callers make it atomic)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict_for_saving(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {"model": model.config.to_dict(), **(extra_config or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_model(directory: str | Path, model: Transformer, extra_config: dict | None = None) -> None:
+    with atomic.atomic_path(directory, directory=True) as temp:
+        write_model(temp, model, extra_config)
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise InputDataError(f"{path}: not found; is {directory} a model directory written by the pipeline?")
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputDataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def model_config_from_dict(values: dict, where: str) -> ModelConfig:
+    try:
+        return ModelConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise InputDataError(f"{where}: not a valid model config: {exc}") from None
+
+
+def load_state_into(model: Transformer, weights_path: Path) -> None:
+    """Load safetensors weights into `model`, checking names and shapes first."""
+    try:
+        state = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise InputDataError(f"{weights_path}: not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputDataError(f"{weights_path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
+    expected = state_dict_for_saving(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise InputDataError(f"{weights_path}: tensors do not match the model config "
+                             f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise InputDataError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, the config "
+                                 f"needs {tuple(expected[name].shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputDataError(f"{weights_path}: tensor {name} holds NaN or infinite values")
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(directory: str | Path, device: str = "cpu") -> tuple[Transformer, dict]:
+    """A model directory → (model in eval mode, its full config.json)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    model_config = model_config_from_dict(config.get("model", {}), str(directory / CONFIG_FILE))
+    model = Transformer(model_config)
+    load_state_into(model, directory / WEIGHTS_FILE)
+    return model.to(device).eval(), config
