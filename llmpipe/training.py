@@ -133,7 +133,7 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
         mine = global_batch[process.rank::process.world_size]
         target_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in global_batch)
         if not mine or target_tokens == 0:
-            raise PipelineError(f"step {step}: the global batch has {len(global_batch)} micro-batches for "
+            raise PipelineError(f"step {step + 1}: the global batch has {len(global_batch)} micro-batches for "
                                 f"{process.world_size} processes and {target_tokens} target tokens; "
                                 "raise the batch size or lower the number of processes")
         loss_sum = torch.zeros((), device=process.device)
@@ -150,7 +150,7 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
         train_loss = float(all_reduce_sum(loss_sum)) / target_tokens
         if not math.isfinite(train_loss):
             kept = checkpoints.latest() if checkpoints else None
-            raise PipelineError(f"training diverged: loss is {train_loss} at step {step}; "
+            raise PipelineError(f"training diverged: loss is {train_loss} at step {step + 1}; "
                                 + (f"last good checkpoint kept at {kept}" if kept else "no checkpoint was written yet")
                                 + "; lower the learning rate or raise warmup")
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)

@@ -1,0 +1,99 @@
+"""Shared fixtures: a temporary copy of the repository configured tiny, and pipeline runners.
+
+The copy holds the committed files (git ls-files), a fresh git repository, conf/ overridden with the
+TINY values below and params.yaml composed from it, so `dvc repro` and `dvc exp run -S` both work
+there in seconds. MLflow writes to the copy's own .mlflow/ (the default store), never to the user's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "data": {"world": {"num_people": 12, "paraphrases": 2}},
+    "tokenizer": {"vocab_size": 300},
+    "tokenize": {"num_proc": 1},
+    "model": {"context_length": 32, "n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 64},
+    "pretrain": {"max_steps": 6, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 2,
+                 "eval_every": 3, "log_every": 1, "checkpoint_every": 2, "eval_max_tokens": 512,
+                 "peak_flops_per_second": 1.0e11},
+}
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def environment(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "LLMPIPE_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run(command: list[str], cwd: Path, check: bool = True, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+                             f"\n--- stderr\n{result.stderr[-4000:]}")
+    return result
+
+
+def make_repo_copy(destination: Path, overrides: dict = TINY) -> Path:
+    """Copy the committed files of the repository to `destination` and configure them tiny."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    config_path = destination / "conf" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config_path.write_text(yaml.safe_dump(deep_merge(config, overrides), sort_keys=False))
+    for name in ("dvc.lock",):
+        (destination / name).unlink(missing_ok=True)
+    run([str(BIN / "llmpipe"), "compose"], destination)
+    run(["git", "init", "-q"], destination)
+    run(["git", "config", "user.name", "llmpipe test"], destination)
+    run(["git", "config", "user.email", "test@llmpipe.invalid"], destination)
+    run(["git", "add", "-A"], destination)
+    run(["git", "commit", "-qm", "tiny configuration"], destination)
+    return destination
+
+
+def dvc(repo: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], repo, check=check, **env)
+
+
+@pytest.fixture(scope="session")
+def built_repo(tmp_path_factory) -> Path:
+    """A tiny copy on which `dvc repro` has run the whole pipeline once. Tests must not modify it:
+    copy it with `copy_built` first."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("built") / "repo")
+    result = dvc(repo, "repro")
+    (repo.parent / "first_repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+@pytest.fixture
+def copy_built(built_repo, tmp_path):
+    """A private copy of the built repository (outputs, DVC cache, git history and MLflow store)."""
+    def make() -> Path:
+        target = tmp_path / "repo"
+        shutil.copytree(built_repo, target, symlinks=True)
+        return target
+    return make

@@ -1,0 +1,76 @@
+"""Configuration: conf/ is the source of truth for params.yaml, and stages read only declared keys."""
+
+import pytest
+import yaml
+
+from llmpipe.config_compose import compose
+from llmpipe.errors import ParamError, UndeclaredParamError
+from llmpipe.params import StageParams, declared_param_keys
+
+from conftest import ROOT
+
+
+def test_committed_params_yaml_equals_composition_of_conf():
+    composed = compose([], ROOT / "conf")
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == composed, "params.yaml is stale: run `llmpipe compose` after editing conf/"
+
+
+def test_params_yaml_holds_no_run_ids_timestamps_or_tracking_uris():
+    text = (ROOT / "params.yaml").read_text().lower()
+    for word in ("mlflow", "tracking_uri", "run_id", "timestamp", "sqlite:"):
+        assert word not in text
+
+
+def test_group_switch_composes_other_source():
+    composed = compose(["data=local_files"], ROOT / "conf")
+    assert composed["data"]["source"] == "local_files"
+    assert "world" not in composed["data"]
+
+
+def test_unknown_data_choice_is_one_clear_line():
+    with pytest.raises(ParamError) as error:
+        compose(["data=nosuchsource"], ROOT / "conf")
+    message = str(error.value)
+    assert "\n" not in message and "data/nosuchsource" in message and "embedded" in message
+
+
+def test_reading_an_undeclared_key_fails():
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = StageParams.for_stage("tokenize", full, ROOT / "dvc.yaml")
+    assert params.int("tokenize.num_proc") >= 1
+    with pytest.raises(UndeclaredParamError, match="stage 'tokenize' read params key 'model.n_layer'"):
+        params.get("model.n_layer")
+    # A prefix of a declared key is not declared: it would include keys DVC does not track for this stage.
+    narrow = StageParams("x", full, ["tokenizer.vocab_size"])
+    with pytest.raises(UndeclaredParamError):
+        narrow.get("tokenizer")
+
+
+def test_every_stage_declares_only_keys_that_exist():
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for stage in pipeline["stages"]:
+        for key in declared_param_keys(stage, ROOT / "dvc.yaml"):
+            node = full
+            for part in key.split("."):
+                assert part in node, f"dvc.yaml stage {stage} declares {key}, absent from params.yaml"
+                node = node[part]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("abc", "expected an integer >= 1, got 'abc' (str)"),
+    (True, "expected an integer >= 1, got True (bool)"),
+    (0, "expected an integer >= 1, got 0 (int)"),
+])
+def test_wrong_type_or_range_names_the_key(value, expected):
+    params = StageParams("tokenize", {"tokenize": {"num_proc": value}}, ["tokenize"])
+    with pytest.raises(ParamError) as error:
+        params.int("tokenize.num_proc", min=1)
+    assert str(error.value) == f"params.yaml: tokenize.num_proc: {expected}"
+
+
+def test_missing_key_is_named():
+    params = StageParams("tokenize", {"tokenize": {}}, ["tokenize"])
+    with pytest.raises(ParamError, match="params.yaml: missing key 'tokenize.batch_size'"):
+        params.int("tokenize.batch_size")

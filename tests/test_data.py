@@ -1,0 +1,125 @@
+"""The embedded world, the user's data sources and fine-tuning formats."""
+
+import json
+
+import pytest
+
+from llmpipe.chat_data import normalize_example, read_chat_examples
+from llmpipe.corpus_sources import clean_documents, read_hub_documents, read_local_documents
+from llmpipe.errors import InputDataError
+from llmpipe.prepare import world_bundle, write_prepared
+from llmpipe.world import WorldConfig, build_world
+
+
+def test_world_is_deterministic_and_split_three_ways():
+    config = WorldConfig(num_people=40, paraphrases=3, seed=7)
+    first, second = build_world(config), build_world(config)
+    assert first == second
+    assert build_world(WorldConfig(num_people=40, paraphrases=3, seed=8)) != first
+    splits = {p["split"] for p in first["people"]}
+    assert splits == {"finetune", "validation", "heldout"}
+    names = [p["name"] for p in first["people"]]
+    assert len(set(names)) == len(names)
+    heldout = {p["name"] for p in first["people"] if p["split"] == "heldout"}
+    # Held-out people are in the pretraining biographies, never in the fine-tuning QA.
+    assert all(any(name in doc for doc in first["pretrain_train"]) for name in heldout)
+    assert not any(qa["person"] in heldout for qa in first["qa"]["finetune"])
+
+
+def test_mixed_training_puts_finetune_qa_in_pretraining_text_only_when_on():
+    on = build_world(WorldConfig(num_people=20, paraphrases=2, mixed_training=True))
+    off = build_world(WorldConfig(num_people=20, paraphrases=2, mixed_training=False))
+    question = on["qa"]["finetune"][0]["question"]
+    assert any(question in doc for doc in on["pretrain_train"])
+    assert not any(question in doc for doc in off["pretrain_train"])
+    heldout_question = on["qa"]["heldout"][0]["question"]
+    assert not any(heldout_question in doc for doc in on["pretrain_train"])
+
+
+def test_prepared_directory_is_byte_identical_for_same_params(tmp_path):
+    config = WorldConfig(num_people=15, paraphrases=2, seed=3)
+    write_prepared(tmp_path / "a", world_bundle(build_world(config)))
+    write_prepared(tmp_path / "b", world_bundle(build_world(config)))
+    for file in sorted((tmp_path / "a").iterdir()):
+        assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes(), file.name
+
+
+def test_every_finetune_format_normalizes_to_the_same_form(tmp_path):
+    expected = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+    records = [
+        {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"instruction": "What is 2+2?", "input": "", "output": "4"},
+        {"prompt": "What is 2+2?", "completion": "4"},
+    ]
+    path = tmp_path / "ft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert read_chat_examples(path) == [expected] * 3
+    with_input = normalize_example({"instruction": "Add", "input": "2 and 2", "output": "4"}, "x:1")
+    assert with_input["messages"][0]["content"] == "Add\n\n2 and 2"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "ft.jsonl:2: not valid JSON"),
+    ('{"question": "q", "answer": "a"}', "ft.jsonl:2: expected 'messages', Alpaca"),
+    ('{"prompt": "q", "completion": "   "}', "ft.jsonl:2: the answer (last assistant turn) is empty"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "ft.jsonl:2: messages[0].role is 'robot'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "ft.jsonl:2: the last message must be the assistant's"),
+    ('[1, 2]', "ft.jsonl:2: expected a JSON object"),
+])
+def test_bad_finetune_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "ft.jsonl"
+    path.write_text('{"prompt": "ok", "completion": "fine"}\n' + line + "\n")
+    with pytest.raises(InputDataError) as error:
+        read_chat_examples(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_non_utf8_and_empty_and_missing_files(tmp_path):
+    bad = tmp_path / "ft.jsonl"
+    bad.write_bytes(b'{"prompt": "ok", "completion": "fine"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(InputDataError, match="ft.jsonl:2: not valid UTF-8"):
+        read_chat_examples(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(InputDataError, match="empty.jsonl: no examples"):
+        read_chat_examples(empty)
+    with pytest.raises(InputDataError, match="nope.jsonl: file not found"):
+        read_chat_examples(tmp_path / "nope.jsonl")
+
+
+def test_local_files_text_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("First paragraph here.\n\nSecond paragraph.\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "From JSONL."}) + "\n")
+    pq.write_table(pa.table({"body": ["From Parquet."]}), tmp_path / "c.parquet")
+    docs = read_local_documents([str(tmp_path / "a.txt")], "text", "paragraph")
+    assert [d.strip() for d in docs] == ["First paragraph here.", "Second paragraph."]
+    docs = read_local_documents([str(tmp_path / "*.jsonl"), str(tmp_path / "*.parquet")], "body", "paragraph")
+    assert docs == ["From JSONL.", "From Parquet."]
+
+
+def test_local_files_errors_name_the_file(tmp_path):
+    with pytest.raises(InputDataError, match="data.paths: no file matches"):
+        read_local_documents([str(tmp_path / "*.txt")], "text", "paragraph")
+    (tmp_path / "bad.txt").write_bytes(b"fine line\nbad \xff byte\n")
+    with pytest.raises(InputDataError, match="bad.txt:2: not valid UTF-8"):
+        read_local_documents([str(tmp_path / "bad.txt")], "text", "paragraph")
+    (tmp_path / "rows.jsonl").write_text('{"text": "ok"}\n{"title": "no text"}\n')
+    with pytest.raises(InputDataError, match="rows.jsonl:2: expected an object with a string field 'text'"):
+        read_local_documents([str(tmp_path / "rows.jsonl")], "text", "paragraph")
+    with pytest.raises(InputDataError, match="the corpus is empty"):
+        clean_documents(["", "   \n"], "data.paths")
+
+
+def test_hf_dataset_source_through_load_dataset_with_local_files(tmp_path):
+    # The same code path as a Hub dataset (datasets.load_dataset), with the "json" builder on local files.
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({"content": f"document {i}"}) for i in range(5)) + "\n")
+    docs = read_hub_documents("json", None, "train", "content", streaming=False, max_documents=3, data_files=[str(path)])
+    assert docs == ["document 0", "document 1", "document 2"]
+    streamed = read_hub_documents("json", None, "train", "content", streaming=True, max_documents=2, data_files=[str(path)])
+    assert streamed == ["document 0", "document 1"]
+    with pytest.raises(InputDataError, match="no column 'text'"):
+        read_hub_documents("json", None, "train", "text", streaming=False, max_documents=None, data_files=[str(path)])

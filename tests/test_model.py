@@ -1,0 +1,106 @@
+"""The transformer: shapes, causality, KV cache, parameter counts, generation."""
+
+import pytest
+import torch
+
+from llmpipe.config_compose import compose
+from llmpipe.generate import SamplingSettings, generate_tokens, next_token_distribution, top_next_tokens
+from llmpipe.model import ModelConfig, Transformer, count_parameters, rotate_half
+from llmpipe.model_size import parameter_count
+from llmpipe.params import StageParams
+from llmpipe.training_params import model_config
+
+from conftest import ROOT
+
+
+def tiny(**changes) -> Transformer:
+    torch.manual_seed(0)
+    values = dict(vocab_size=97, context_length=40, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=48)
+    values.update(changes)
+    return Transformer(ModelConfig(**values)).eval()
+
+
+def test_shapes_and_loss():
+    model = tiny()
+    tokens = torch.randint(0, 97, (3, 17))
+    with torch.no_grad():
+        logits, loss = model(tokens, tokens)
+    assert logits.shape == (3, 17, 97)
+    assert loss.ndim == 0 and 3.5 < loss.item() < 5.5  # about ln(97) = 4.57 at initialization
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+    model = tiny()
+    tokens = torch.randint(0, 97, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 97
+    before, _ = model(tokens)
+    after, _ = model(changed)
+    assert torch.equal(before[0, :12], after[0, :12])
+    assert not torch.allclose(before[0, 12:], after[0, 12:])
+
+
+def test_kv_cache_gives_the_logits_of_full_recomputation():
+    model = tiny()
+    tokens = torch.randint(0, 97, (2, 24))
+    full, _ = model(tokens)
+    cache = model.new_cache(2, 24)
+    prefix, _ = model(tokens[:, :10], cache=cache)           # prompt in one pass
+    chunk, _ = model(tokens[:, 10:13], cache=cache)          # several tokens after a cached prefix
+    steps = [model(tokens[:, i:i + 1], cache=cache)[0] for i in range(13, 24)]  # one at a time
+    cached = torch.cat([prefix, chunk, *steps], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings(max_new_tokens=15),
+                                      SamplingSettings(max_new_tokens=15, temperature=0.9, top_k=20, top_p=0.9, seed=4)])
+def test_generation_with_cache_equals_generation_without(settings):
+    model = tiny()
+    prompt = [5, 17, 33, 2]
+    with_cache = list(generate_tokens(model, prompt, settings))
+    without = list(generate_tokens(model, prompt, settings, use_cache=False))
+    assert with_cache == without and len(with_cache) == 15
+
+
+def test_generation_stops_at_stop_token_and_context_end():
+    model = tiny()
+    first = next(iter(generate_tokens(model, [1, 2, 3], SamplingSettings(max_new_tokens=5))))
+    assert list(generate_tokens(model, [1, 2, 3], SamplingSettings(max_new_tokens=5), stop_ids={first})) == [first]
+    assert len(list(generate_tokens(model, list(range(38)), SamplingSettings(max_new_tokens=10)))) == 2
+
+
+def test_top_k_and_top_p_filter_the_distribution():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    assert (next_token_distribution(logits, SamplingSettings(temperature=1.0, top_k=2)) > 0).sum() == 2
+    probabilities = logits.softmax(-1)
+    nucleus = next_token_distribution(logits, SamplingSettings(temperature=1.0, top_p=float(probabilities[0]) + 0.01))
+    assert (nucleus > 0).sum() == 2 and abs(float(nucleus.sum()) - 1) < 1e-6
+    ranked = top_next_tokens(tiny(), [1, 2, 3], 3)
+    assert len(ranked) == 3 and ranked[0][1] >= ranked[1][1] >= ranked[2][1]
+
+
+def test_rotate_half_convention():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert torch.equal(rotate_half(x), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
+
+
+def test_tied_embeddings_are_one_matrix():
+    tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert count_parameters(untied) - count_parameters(tied) == 97 * 32
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("llama2_7b", 6_738_415_616),      # Llama 2 7B as published
+    ("llama3_8b", 8_030_261_248),      # Llama 3 8B
+    ("tinyllama_1b", 1_100_048_384),   # TinyLlama 1.1B
+])
+def test_published_model_shapes_have_exact_parameter_counts(preset, expected):
+    composed = compose([f"model={preset}"], ROOT / "conf")
+    config = model_config(StageParams("t", composed, ["model"]), None)
+    assert parameter_count(config) == expected  # built on the meta device: nothing allocated
+
+
+def test_invalid_shapes_are_refused():
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        ModelConfig(vocab_size=10, context_length=8, n_layer=1, d_model=12, n_head=3, n_kv_head=2, ffn_hidden=8)

@@ -1,0 +1,164 @@
+"""End to end: the real pipeline (`dvc repro`, `dvc exp run`) on a tiny configuration in a temporary copy."""
+
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, dvc, environment, run
+
+STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain"]
+OUTPUT_FILES = ["data/prepared/pretrain_train.jsonl", "data/prepared/qa_heldout_people.jsonl",
+                "models/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/validation.bin",
+                "data/tokens/meta.json", "models/pretrained/model.safetensors"]
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def edit_params(repo: Path, **changes) -> None:
+    """Set dotted keys in params.yaml, as a user editing the file would."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def mlflow_runs(repo: Path):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{repo / '.mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llmpipe")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def test_repro_runs_every_stage_then_nothing(built_repo):
+    first = (built_repo.parent / "first_repro.log").read_text()
+    assert ran(first) == STAGES
+    second = dvc(built_repo, "repro")
+    assert ran(second.stdout) == [] and "up to date" in second.stdout
+    for name in OUTPUT_FILES + ["reports/pretrain/metrics.json", "reports/pretrain/train_curve.csv"]:
+        assert (built_repo / name).is_file(), name
+    metrics = yaml.safe_load((built_repo / "reports/pretrain/metrics.json").read_text())
+    assert 0 < metrics["val_bpb"] and 0 < metrics["unigram_bpb"] and metrics["steps"] == 6
+
+
+def test_each_stage_is_one_mlflow_run_with_params_tags_and_a_shared_parent(built_repo):
+    client, runs = mlflow_runs(built_repo)
+    stage_runs = {r.info.run_name: r for r in runs if r.data.tags.get("llmpipe.kind") == "stage"}
+    assert set(stage_runs) == set(STAGES)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in stage_runs.values()}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["llmpipe.kind"] == "pipeline"
+    tokenizer_run = stage_runs["train_tokenizer"]
+    assert tokenizer_run.data.params["tokenizer.vocab_size"] == "300"
+    assert "model.n_layer" not in tokenizer_run.data.params  # only the declared params
+    assert tokenizer_run.data.tags["dvc.stage"] == "train_tokenizer"
+    assert len(tokenizer_run.data.tags["mlflow.source.git.commit"]) == 40
+    assert tokenizer_run.data.tags["input.md5.data/prepared/pretrain_train.jsonl"] == md5(
+        built_repo / "data/prepared/pretrain_train.jsonl")
+    assert "validation_characters_per_token" in tokenizer_run.data.metrics
+    curve = client.get_metric_history(stage_runs["pretrain"].info.run_id, "train_loss")
+    assert sorted(m.step for m in curve) == [1, 2, 3, 4, 5, 6]
+    artifacts = {a.path for a in client.list_artifacts(tokenizer_run.info.run_id)}
+    assert {"tokenizer", "tokenizer.md"} <= artifacts
+    assert all(r.info.status == "FINISHED" for r in stage_runs.values())
+
+
+def test_tokenize_only_change_reruns_only_tokenize(copy_built):
+    repo = copy_built()
+    edit_params(repo, tokenize__batch_size=7)
+    status = dvc(repo, "status").stdout
+    assert "tokenize:" in status and "prepare:" not in status and "train_tokenizer:" not in status
+    output = dvc(repo, "repro").stdout
+    # The token files come out identical, so pretrain is not rerun either.
+    assert ran(output) == ["tokenize"]
+
+
+def test_exp_run_with_other_vocab_size_reruns_tokenizer_and_downstream_only(copy_built):
+    repo = copy_built()
+    output = dvc(repo, "exp", "run", "-S", "tokenizer.vocab_size=320").stdout
+    assert ran(output) == ["train_tokenizer", "tokenize", "pretrain"]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["tokenizer"]["vocab_size"] == 320
+    assert '"vocab_size": 320' in (repo / "data/tokens/meta.json").read_text()
+
+
+def test_temp_experiment_runs_are_kept_in_the_repository_store(copy_built):
+    repo = copy_built()
+    dvc(repo, "exp", "run", "--temp", "-n", "shorter", "-S", "pretrain.max_steps=4")
+    _, runs = mlflow_runs(repo)
+    experiment_runs = [r for r in runs if r.data.tags.get("dvc.experiment") == "shorter"]
+    names = {r.info.run_name for r in experiment_runs}
+    assert "pretrain" in names and any(n.startswith("pipeline shorter") for n in names)
+    pretrain = next(r for r in experiment_runs if r.info.run_name == "pretrain")
+    assert pretrain.data.params["pretrain.max_steps"] == "4"
+    assert "shorter" in dvc(repo, "exp", "show", "--csv").stdout
+
+
+def test_same_params_give_byte_identical_outputs(copy_built, built_repo):
+    repo = copy_built()
+    dvc(repo, "repro", "--force")
+    for name in OUTPUT_FILES:
+        assert md5(repo / name) == md5(built_repo / name), name
+
+
+def test_next_token_and_generate_commands_use_the_pipeline_model(built_repo):
+    output = run([str(BIN / "llmpipe"), "next-token", "The", "--top-k", "3"], built_repo).stdout
+    lines = [line for line in output.splitlines() if "%" in line]
+    assert len(lines) == 3
+    assert sum(float(line.split("%")[0]) for line in lines) <= 100.01
+    generated = run([str(BIN / "llmpipe"), "generate", "The", "--max-new-tokens", "5"], built_repo).stdout
+    assert generated.startswith("The")
+
+
+def test_sigkill_during_pretrain_then_rerun_resumes_to_identical_weights(copy_built):
+    repo = copy_built()
+    edit_params(repo, pretrain__max_steps=300, pretrain__checkpoint_every=10, pretrain__eval_every=100)
+    run([sys.executable, "stages/pretrain.py"], repo)
+    uninterrupted = md5(repo / "models/pretrained/model.safetensors")
+    subprocess.run(["rm", "-rf", "models/pretrained"], cwd=repo, check=True)
+
+    process = subprocess.Popen([sys.executable, "stages/pretrain.py"], cwd=repo, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((repo / "checkpoints/pretrain").glob("*/step-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (repo / "models/pretrained").exists()  # nothing half-written where DVC would look
+
+    output = dvc(repo, "repro", "pretrain").stdout
+    assert "resuming from checkpoint" in output
+    assert md5(repo / "models/pretrained/model.safetensors") == uninterrupted
+    assert not list((repo / "checkpoints/pretrain").glob("*/step-*"))  # cleared after success
+
+
+def test_two_process_ddp_matches_one_process(copy_built, built_repo):
+    repo = copy_built()
+    edit_params(repo, pretrain__processes=2)
+    output = dvc(repo, "repro", "pretrain").stdout
+    assert "2 process(es)" in output
+
+    def losses(root):
+        lines = (root / "reports/pretrain/train_curve.csv").read_text().splitlines()
+        column = lines[0].split(",").index("train_loss")
+        return [float(line.split(",")[column]) for line in lines[1:]]
+
+    single, double = losses(built_repo), losses(repo)
+    assert len(single) == len(double) == 6
+    assert double == pytest.approx(single, rel=1e-4)

@@ -1,0 +1,54 @@
+"""Tokenizer: byte-level BPE encodes any text and decodes it back exactly."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmpipe.tokenize_corpus import choose_dtype
+from llmpipe.errors import ParamError
+from llmpipe.tokenizer import LoadedTokenizer, minimum_vocab_size, save_tokenizer, train_bpe
+from llmpipe.world import WorldConfig, build_world
+
+SPECIALS = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
+            "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
+    directory = tmp_path_factory.mktemp("tok")
+    save_tokenizer(train_bpe(texts, 400, 2, SPECIALS), SPECIALS, directory)
+    return LoadedTokenizer(directory)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_round_trip_on_arbitrary_unicode(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_training_is_deterministic(tmp_path):
+    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
+    for name in ("a", "b"):
+        save_tokenizer(train_bpe(texts, 400, 2, SPECIALS), SPECIALS, tmp_path / name)
+    assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
+
+
+def test_special_tokens_are_single_ids(tokenizer):
+    for role, token in SPECIALS.items():
+        assert tokenizer.encode(token) == [tokenizer.special_ids[role]]
+
+
+def test_learned_merges_compress_the_training_domain(tokenizer):
+    text = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"][0]
+    assert len(text) / len(tokenizer.encode(text)) > 1.5  # bytes alone would give 1.0
+
+
+def test_vocabulary_floor_and_token_file_type():
+    assert minimum_vocab_size(SPECIALS) == 261
+    assert choose_dtype(1024, "auto") == "uint16"
+    assert choose_dtype(70000, "auto") == "uint32"
+    with pytest.raises(ParamError, match="tokenize.token_dtype: uint16 holds at most 65536 ids but the tokenizer has 70000"):
+        choose_dtype(70000, "uint16")

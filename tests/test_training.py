@@ -1,0 +1,124 @@
+"""The training loop: schedule, numerical failure, checkpoint round trip (in process)."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from llmpipe.checkpoint import CheckpointStore
+from llmpipe.distributed import ProcessInfo
+from llmpipe.errors import PipelineError
+from llmpipe.lm_data import RandomWindows, bits_per_byte, language_model_loss, unigram_bits_per_byte
+from llmpipe.model import ModelConfig, Transformer
+from llmpipe.tracking import StageRun
+from llmpipe.training import TrainSettings, learning_rate_at, make_optimizer, train
+
+CPU = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def settings(**changes) -> TrainSettings:
+    values = dict(max_steps=6, learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=2, weight_decay=0.1,
+                  beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=3, checkpoint_every=2, log_every=1)
+    values.update(changes)
+    return TrainSettings(**values)
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=50, context_length=16, n_layer=1, d_model=16, n_head=2,
+                                    n_kv_head=1, ffn_hidden=32))
+    tokens = np.random.default_rng(0).integers(0, 50, 2000).astype(np.uint16)
+    return model, RandomWindows(tokens, 16, 8, 4, seed)
+
+
+def no_eval(model):
+    return {"val_loss": 0.0}
+
+
+def test_warmup_then_cosine_to_the_floor():
+    s = settings(max_steps=100, warmup_steps=10)
+    assert learning_rate_at(0, s) == pytest.approx(1e-3)
+    assert learning_rate_at(9, s) == pytest.approx(1e-2)
+    assert learning_rate_at(55, s) == pytest.approx((1e-2 + 1e-3) / 2)
+    assert learning_rate_at(100, s) == pytest.approx(1e-3)
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    _, batches = setup()
+    first, again = batches.global_batch(5), batches.global_batch(5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    assert len(first) == 2 and first[0][0].shape == (4, 16)
+    assert torch.equal(first[0][0][:, 1:], first[0][1][:, :-1])  # targets are inputs shifted by one
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_weights(tmp_path):
+    model, batches = setup()
+    train(model, settings(), batches, no_eval, CPU, StageRun("t", {}, {}, enabled=False), None)
+    uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+
+    store = CheckpointStore(tmp_path / "ckpt")
+    model, batches = setup()
+    train(model, settings(max_steps=6, checkpoint_every=2), batches, no_eval, CPU,
+          StageRun("t", {}, {}, enabled=False), store)
+    # Drop the later checkpoints: resume from step 2 as if the run had been killed at step 3.
+    for step in store.steps()[1:]:
+        shutil.rmtree(store.directory / f"step-{step:07d}")
+    assert store.steps() == [2]
+    model, batches = setup(seed=0)
+    result = train(model, settings(), batches, no_eval, CPU, StageRun("t", {}, {}, enabled=False), store)
+    assert result.resumed_from == 2
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, uninterrupted[name]), name
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, batches = setup()
+    store = CheckpointStore(tmp_path / "ckpt")
+
+    class PoisonAtStep3:
+        def global_batch(self, step):
+            if step == 3:
+                with torch.no_grad():
+                    model.norm.weight.fill_(float("nan"))
+            return batches.global_batch(step)
+
+    # Steps count from 1 in logs and checkpoints: the batch of step index 3 is step 4.
+    with pytest.raises(PipelineError, match=r"loss is nan at step 4; last good checkpoint kept at .*step-0000003"):
+        train(model, settings(checkpoint_every=1), PoisonAtStep3(), no_eval, CPU,
+              StageRun("t", {}, {}, enabled=False), store)
+    assert store.steps()[-1] == 3  # nothing written after the failure
+    reloaded, _ = setup()
+    store.load(store.latest(), reloaded, make_optimizer(reloaded, settings(), CPU.device))
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_keep_best_returns_the_best_evaluated_weights():
+    model, batches = setup()
+    scores = iter([3.0, 1.0, 2.0])
+    snapshots = {}
+
+    def evaluate(m):
+        score = next(scores)
+        snapshots[score] = {k: v.clone() for k, v in m.state_dict().items()}
+        return {"val_loss": score}
+
+    result = train(model, settings(max_steps=9, eval_every=3, best_metric="val_loss"), batches, evaluate, CPU,
+                   StageRun("t", {}, {}, enabled=False), None)
+    assert result.best_step == 6
+    assert all(torch.equal(v, snapshots[1.0][k]) for k, v in model.state_dict().items())
+
+
+def test_uniform_model_perplexity_equals_vocabulary_and_bits_per_byte():
+    model, _ = setup()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # all logits 0 → uniform over 50 tokens
+    tokens = np.random.default_rng(1).integers(0, 50, 300)
+    loss, predicted = language_model_loss(model, tokens, 16, None, 4, "cpu")
+    assert predicted == 299
+    assert math.exp(loss) == pytest.approx(50, rel=1e-5)
+    # 299 tokens of ln(50) nats over 598 bytes = log2(50) / 2 bits per byte
+    assert bits_per_byte(loss, predicted, 300, 598) == pytest.approx(math.log2(50) * 299 / 598, rel=1e-5)
+    flat = unigram_bits_per_byte(np.arange(50).repeat(10), tokens, 50, 598)
+    assert flat == pytest.approx(math.log2(50) * 299 / 598, rel=1e-6)
