@@ -104,3 +104,16 @@ def test_published_model_shapes_have_exact_parameter_counts(preset, expected):
 def test_invalid_shapes_are_refused():
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
         ModelConfig(vocab_size=10, context_length=8, n_layer=1, d_model=12, n_head=3, n_kv_head=2, ffn_hidden=8)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_same_weights_in_transformers_llama_give_the_same_logits(tie):
+    pytest.importorskip("transformers")
+    from llmpipe.hf_format import hf_model
+
+    ours = tiny(tie_embeddings=tie)
+    tokens = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        expected, _ = ours(tokens)
+        actual = hf_model(ours)(input_ids=tokens).logits
+    assert (expected - actual).abs().max() < 1e-4
