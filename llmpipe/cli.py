@@ -4,8 +4,10 @@
     llmpipe next-token "TEXT"                the most likely next tokens and their probabilities
     llmpipe generate "TEXT"                  continue a text (streams tokens)
     llmpipe model-size model=llama2_7b       parameters and memory of a preset, without allocating it
+    llmpipe chat ["QUESTION"]                chat with the fine-tuned model (interactive without a question)
 
-Models default to the pretrain stage's output (models/pretrained) and the tokenizer to models/tokenizer.
+next-token and generate default to the pretrain stage's output (models/pretrained), chat to the
+finetune stage's (models/finetuned); the tokenizer to models/tokenizer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from llmpipe.errors import PipelineError
 
 DEFAULT_MODEL = "models/pretrained"
+DEFAULT_CHAT_MODEL = "models/finetuned"
 DEFAULT_TOKENIZER = "models/tokenizer"
 
 
@@ -71,6 +74,54 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def stream_answer(model, tokenizer, template, messages: list[dict], settings) -> str:
+    """Generate the assistant's turn for `messages`, printing it as it comes; returns its text."""
+    from llmpipe.generate import StreamingDecoder, generate_tokens
+
+    prompt = template.encode_prompt(messages)
+    while len(prompt) >= model.config.context_length and len(messages) > 1:  # forget the oldest turns
+        messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
+        prompt = template.encode_prompt(messages)
+    prompt = prompt[-(model.config.context_length - 1):]
+    decoder = StreamingDecoder(tokenizer)
+    pieces = []
+    for token in generate_tokens(model, prompt, settings, {template.end_of_turn, tokenizer.end_of_document_id}):
+        piece = decoder.push(token)
+        if not pieces:
+            piece = piece.lstrip()  # the template puts one space after the role token
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llmpipe.chat_template import ChatTemplate
+    from llmpipe.generate import SamplingSettings
+
+    model, tokenizer = _load(args)
+    template = ChatTemplate(tokenizer)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.text:
+        stream_answer(model, tokenizer, template, history + [{"role": "user", "content": args.text}], settings)
+        return
+    print(f"Chatting with {args.model} (empty line or Ctrl-D to quit).")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not question:
+            return
+        history.append({"role": "user", "content": question})
+        sys.stdout.write("model> ")
+        history.append({"role": "assistant", "content": stream_answer(model, tokenizer, template, history, settings)})
 
 
 def cmd_model_size(args: argparse.Namespace) -> None:
@@ -128,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="chat with the fine-tuned model")
+    chat.add_argument("text", nargs="?", help="a question to answer once (omit for an interactive session)")
+    chat.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"model directory (default {DEFAULT_CHAT_MODEL})")
+    chat.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer directory (default {DEFAULT_TOKENIZER})")
+    chat.add_argument("--system", help="a system message opening the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(handler=cmd_chat)
 
     size = commands.add_parser("model-size", help="parameter count and memory of a model preset")
     size.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama2_7b or model.n_layer=8")

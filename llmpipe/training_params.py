@@ -63,7 +63,7 @@ def train_settings(params: StageParams, section: str) -> TrainSettings:
 
 def global_batch_sequences(params: StageParams, section: str, context_length: int) -> int:
     """`global_batch_tokens` (when set) or `global_batch_sequences`, as a number of sequences."""
-    tokens = params.get(f"{section}.global_batch_tokens")
+    tokens = params.get(f"{section}.global_batch_tokens", None)
     if tokens is None:
         return params.int(f"{section}.global_batch_sequences", min=1)
     tokens = params.int(f"{section}.global_batch_tokens", min=1)

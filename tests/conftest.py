@@ -27,6 +27,8 @@ TINY = {
     "pretrain": {"max_steps": 6, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 2,
                  "eval_every": 3, "log_every": 1, "checkpoint_every": 2, "eval_max_tokens": 512,
                  "peak_flops_per_second": 1.0e11},
+    "finetune": {"max_steps": 4, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 1,
+                 "eval_every": 2, "log_every": 1, "checkpoint_every": 2, "max_new_tokens": 6, "sample_answers": 2},
 }
 
 
