@@ -119,9 +119,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
             return
         if not question:
             return
-        history.append({"role": "user", "content": question})
+        turn = history + [{"role": "user", "content": question}]
         sys.stdout.write("model> ")
-        history.append({"role": "assistant", "content": stream_answer(model, tokenizer, template, history, settings)})
+        answer = stream_answer(model, tokenizer, template, turn, settings)
+        if args.history:
+            history = turn + [{"role": "assistant", "content": answer}]
 
 
 def cmd_model_size(args: argparse.Namespace) -> None:
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"model directory (default {DEFAULT_CHAT_MODEL})")
     chat.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer directory (default {DEFAULT_TOKENIZER})")
     chat.add_argument("--system", help="a system message opening the conversation")
+    chat.add_argument("--history", action="store_true",
+                      help="keep earlier turns in the prompt (off by default: the default model is fine-tuned "
+                           "on single questions)")
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-k", type=int, default=0)

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import BIN, dvc, environment, run
 
-STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune"]
+STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize"]
 OUTPUT_FILES = ["data/prepared/pretrain_train.jsonl", "data/prepared/qa_heldout_people.jsonl",
                 "models/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/validation.bin",
                 "data/tokens/meta.json", "models/pretrained/model.safetensors", "models/finetuned/model.safetensors"]
@@ -93,16 +93,17 @@ def test_tokenize_only_change_reruns_only_tokenize(copy_built):
 def test_exp_run_with_other_vocab_size_reruns_tokenizer_and_downstream_only(copy_built):
     repo = copy_built()
     output = dvc(repo, "exp", "run", "-S", "tokenizer.vocab_size=320").stdout
-    assert ran(output) == ["train_tokenizer", "tokenize", "pretrain", "finetune"]
+    assert ran(output) == ["train_tokenizer", "tokenize", "pretrain", "finetune", "quantize"]
     assert yaml.safe_load((repo / "params.yaml").read_text())["tokenizer"]["vocab_size"] == 320
     assert '"vocab_size": 320' in (repo / "data/tokens/meta.json").read_text()
 
 
-def test_finetune_only_change_reruns_finetune_only_and_lora_writes_an_adapter(copy_built):
+def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
     repo = copy_built()
-    output = dvc(repo, "exp", "run", "-S", "finetune.method=lora").stdout
-    assert ran(output) == ["finetune"]
-    assert (repo / "models/finetuned/lora_adapter.safetensors").is_file()
+    assert (repo / "models/finetuned/lora_adapter.safetensors").is_file()  # LoRA is the default method
+    output = dvc(repo, "exp", "run", "-S", "finetune.method=full").stdout
+    assert ran(output) == ["finetune", "quantize"]
+    assert not (repo / "models/finetuned/lora_adapter.safetensors").exists()
     metrics = yaml.safe_load((repo / "reports/finetune/metrics.json").read_text())
     for key in ("qa_accuracy_finetuned_people", "qa_accuracy_heldout_people", "base_qa_accuracy_heldout_people",
                 "qa_accuracy_heldout_people_birth_city", "best_step", "duplicate_examples", "truncated_examples"):

@@ -218,7 +218,7 @@ def read_gguf_model(path: str | Path) -> Transformer:
             values = unpermute_from_interleaved_rope(values, heads)
         if not np.isfinite(values).all():
             raise InputDataError(f"{path}: tensor {gguf_name} holds NaN or infinite values")
-        state[source] = torch.from_numpy(np.ascontiguousarray(values))
+        state[source] = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state)

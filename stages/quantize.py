@@ -1,0 +1,79 @@
+"""Stage `quantize`: the fine-tuned model as GGUF files (F16, Q8_0, Q4_0, Q4_1, Q2_K) and a Hugging Face export.
+
+Each GGUF file loads in llama.cpp (`llama-cli -m models/gguf/llmpipe-Q4_0.gguf`), Ollama or LM Studio.
+Tensors whose rows are not whole blocks of a variant's format take `quantize.fallback` instead, as
+llama.cpp's own quantizer does (the default model's rows are 128 and 384 wide: Q2_K's 256-weight
+super-blocks fit none of them, so its Q2_K file is mostly the fallback; the size table shows it).
+Params: quantize.variants, quantize.fallback, quantize.embeddings, quantize.output, quantize.model_name.
+Output: models/gguf/ (one file per variant + manifest.json), models/hf/ (transformers),
+reports/quantize/sizes.json (metrics) and sizes.md (the table).
+Run: `dvc repro quantize`.
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from llmpipe import atomic
+from llmpipe.model import count_parameters
+from llmpipe.model_io import load_model
+from llmpipe.params import StageParams
+from llmpipe.quant.formats import FORMATS
+from llmpipe.quant.gguf_export import F16, encode_tensor, plan_tensors, write_gguf
+from llmpipe.quant.hf_export import write_hf_directory
+from llmpipe.quant.size_table import markdown_table, size_row
+from llmpipe.stage import stage
+from llmpipe.tokenizer import LoadedTokenizer
+from llmpipe.tracking import StageRun
+
+FINETUNED = Path("models/finetuned")
+TOKENIZER_DIR = Path("models/tokenizer")
+GGUF_DIR = Path("models/gguf")
+HF_DIR = Path("models/hf")
+REPORTS_DIR = Path("reports/quantize")
+VARIANTS = [F16, *FORMATS]
+
+
+@stage("quantize")
+def quantize(params: StageParams, run: StageRun) -> None:
+    variants = params.str_list("quantize.variants", choices=VARIANTS)
+    fallback = params.str("quantize.fallback", choices=["Q8_0", "Q4_0", "Q4_1", F16])
+    embeddings = params.str("quantize.embeddings", choices=VARIANTS, optional=True)
+    output = params.str("quantize.output", choices=VARIANTS, optional=True)
+    name = params.str("quantize.model_name")
+    model, _ = load_model(FINETUNED)
+    tokenizer = LoadedTokenizer(TOKENIZER_DIR)
+    parameters = count_parameters(model)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+
+    rows, manifest = [], {}
+    with atomic.atomic_path(GGUF_DIR, directory=True) as temp:
+        for variant in variants:
+            plans = plan_tensors(model, variant, fallback, embeddings, output)
+            file = temp / f"{name}-{variant}.gguf"
+            write_gguf(file, model, tokenizer, plans, variant, name)
+            tensor_bytes = sum(encode_tensor(state[p.source_name], p.type_name).nbytes for p in plans)
+            rows.append(size_row(variant, parameters, tensor_bytes, file.stat().st_size,
+                                 dict(Counter(p.type_name for p in plans))))
+            manifest[file.name] = {p.gguf_name: p.type_name for p in plans}
+            print(f"quantize: {file.name}: {rows[-1]['bits_per_weight']:.2f} bits/weight, {file.stat().st_size:,} bytes",
+                  flush=True)
+        (temp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic.atomic_path(HF_DIR, directory=True) as temp:
+        write_hf_directory(temp, model, tokenizer)
+
+    table = markdown_table(rows, parameters)
+    metrics = {"parameters": parameters, "variants": {row["format"]: {k: v for k, v in row.items() if k != "tensor_types"}
+                                                     for row in rows}}
+    atomic.write_json(REPORTS_DIR / "sizes.json", metrics)
+    atomic.write_text(REPORTS_DIR / "sizes.md", table)
+    for row in rows:
+        run.log_metrics({f"{row['format']}_bits_per_weight": row["bits_per_weight"],
+                         f"{row['format']}_file_bytes": row["file_bytes"],
+                         f"{row['format']}_ratio_to_fp32": row["ratio_to_fp32"]})
+    run.log_text(table, "sizes.md")
+    print(table)
+
+
+if __name__ == "__main__":
+    quantize()
