@@ -118,6 +118,12 @@ def pipeline_execution_key() -> str | None:
     return None
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
 class StageRun:
     """The MLflow run of one stage execution. Use as a context manager; a no-op when `enabled=False`
     (e.g. on DDP ranks other than 0)."""
@@ -247,6 +253,28 @@ class StageRun:
             self._client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_chat_model(self, model_dir: str | Path, tokenizer_dir: str | Path, registered_name: str) -> str | None:
+        """Log the model as an MLflow pyfunc model defined from code (llmpipe/serving.py: nothing
+        pickled), with its safetensors weights and tokenizer as artifacts, and register it.
+        Returns the registered version."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        import llmpipe
+        from llmpipe import serving
+
+        package_dir = Path(llmpipe.__file__).parent
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="chat_model", python_model=serving.__file__, code_paths=[str(package_dir)],
+                artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir)},
+                pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch_version()}",
+                                  "tokenizers==0.23.3", "safetensors==0.8.0", "numpy==2.4.6"],
+                registered_model_name=registered_name,
+            )
+        return str(info.registered_model_version) if info.registered_model_version else None
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:

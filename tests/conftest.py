@@ -29,6 +29,8 @@ TINY = {
                  "peak_flops_per_second": 1.0e11},
     "finetune": {"max_steps": 4, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 1,
                  "eval_every": 2, "log_every": 1, "checkpoint_every": 2, "max_new_tokens": 6, "sample_answers": 2},
+    "evaluate": {"eval_max_tokens": 512, "kl_max_tokens": 256, "max_questions_per_split": 10, "max_new_tokens": 6,
+                 "generation_tokens": 8, "sample_answers": 2},
 }
 
 

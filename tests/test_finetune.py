@@ -114,3 +114,17 @@ def test_lora_starts_as_an_exact_no_op_and_merging_equals_the_adapter():
         merged_logits, _ = merged_copy(adapted)(tokens)
     assert not torch.allclose(with_adapter, expected)
     torch.testing.assert_close(merged_logits, with_adapter, atol=1e-5, rtol=1e-5)
+
+
+def test_chat_streams_the_greedy_answer_until_end_of_turn(template, capsys):
+    from llmpipe.cli import stream_answer
+    from llmpipe.generate import SamplingSettings, generate_tokens
+
+    net = model(template.tokenizer.vocab_size).eval()
+    settings = SamplingSettings(max_new_tokens=12)
+    question = [{"role": "user", "content": "What is the birth city of Ada?"}]
+    answer = stream_answer(net, template.tokenizer, template, question, settings)
+    stop = {template.end_of_turn, template.tokenizer.end_of_document_id}
+    expected_ids = [t for t in generate_tokens(net, template.encode_prompt(question), settings, stop) if t not in stop]
+    assert answer == template.tokenizer.decode(expected_ids, skip_special_tokens=True).lstrip()
+    assert capsys.readouterr().out == answer + "\n"

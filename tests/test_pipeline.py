@@ -1,6 +1,7 @@
 """End to end: the real pipeline (`dvc repro`, `dvc exp run`) on a tiny configuration in a temporary copy."""
 
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 
 from conftest import BIN, dvc, environment, run
 
-STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize"]
+STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 OUTPUT_FILES = ["data/prepared/pretrain_train.jsonl", "data/prepared/qa_heldout_people.jsonl",
                 "models/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/validation.bin",
                 "data/tokens/meta.json", "models/pretrained/model.safetensors", "models/finetuned/model.safetensors"]
@@ -93,7 +94,7 @@ def test_tokenize_only_change_reruns_only_tokenize(copy_built):
 def test_exp_run_with_other_vocab_size_reruns_tokenizer_and_downstream_only(copy_built):
     repo = copy_built()
     output = dvc(repo, "exp", "run", "-S", "tokenizer.vocab_size=320").stdout
-    assert ran(output) == ["train_tokenizer", "tokenize", "pretrain", "finetune", "quantize"]
+    assert ran(output) == ["train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
     assert yaml.safe_load((repo / "params.yaml").read_text())["tokenizer"]["vocab_size"] == 320
     assert '"vocab_size": 320' in (repo / "data/tokens/meta.json").read_text()
 
@@ -102,7 +103,7 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
     repo = copy_built()
     assert (repo / "models/finetuned/lora_adapter.safetensors").is_file()  # LoRA is the default method
     output = dvc(repo, "exp", "run", "-S", "finetune.method=full").stdout
-    assert ran(output) == ["finetune", "quantize"]
+    assert ran(output) == ["finetune", "quantize", "evaluate"]
     assert not (repo / "models/finetuned/lora_adapter.safetensors").exists()
     metrics = yaml.safe_load((repo / "reports/finetune/metrics.json").read_text())
     for key in ("qa_accuracy_finetuned_people", "qa_accuracy_heldout_people", "base_qa_accuracy_heldout_people",
@@ -110,9 +111,48 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
         assert key in metrics, key
 
 
-def test_chat_answers_one_shot(built_repo):
-    output = run([str(BIN / "llmpipe"), "chat", "What is the birth city of Ada?", "--max-new-tokens", "4"], built_repo)
-    assert output.returncode == 0 and output.stdout.strip()
+def test_evaluate_only_change_reruns_only_evaluate(copy_built):
+    repo = copy_built()
+    output = dvc(repo, "exp", "run", "-S", "evaluate.sample_answers=1").stdout
+    assert ran(output) == ["evaluate"]
+    assert "evaluate.sample_answers" in dvc(repo, "params", "diff").stdout
+    diff = dvc(repo, "metrics", "diff", "--json").stdout
+    assert diff.strip().startswith("{")
+
+
+def test_report_has_every_section_filled_with_numbers(built_repo):
+    report = (built_repo / "reports/report.md").read_text()
+    for heading in ("## Training in numbers", "## Every variant", "## What quantization costs, measured", "## Plots",
+                    "## Tokenization", "## Attention", "## Sample answers"):
+        assert heading in report, heading
+    for variant in ("| base |", "| finetuned |", "| F16 |", "| Q8_0 |", "| Q4_0 |", "| Q4_1 |", "| Q2_K |"):
+        assert variant in report, variant
+    assert "nan" not in report.lower() and "| – |" not in report and "TODO" not in report
+    for image in ("loss_curves", "size_vs_quality", "tokenization", "attention"):
+        png = built_repo / "reports/figures" / f"{image}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    metrics = yaml.safe_load((built_repo / "reports/evaluate/metrics.json").read_text())
+    assert metrics["finetuned"]["kl_divergence"] == 0.0 and metrics["Q2_K"]["kl_divergence"] > 0
+    assert metrics["Q4_0"]["bits_per_weight"] == pytest.approx(4.5, abs=0.2)
+    plots = dvc(built_repo, "plots", "show", "--json").stdout
+    assert "variants.csv" in plots and "train_curve.csv" in plots
+
+
+def test_registered_model_loads_in_a_fresh_process_and_answers(built_repo):
+    code = ("import json, mlflow; mlflow.set_tracking_uri('sqlite:///.mlflow/mlflow.db'); "
+            "model = mlflow.pyfunc.load_model('models:/llmpipe-chat/latest'); "
+            "print(json.dumps(model.predict(['What is the birth city of Ada?', 'Who?'], params={'max_new_tokens': 4})))")
+    answers = json.loads(run([sys.executable, "-c", code], built_repo).stdout.strip().splitlines()[-1])
+    assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_chat_runs_one_shot_and_interactive(built_repo):
+    # The tiny test model may answer with nothing at all; what it answers is checked in test_finetune.py.
+    one_shot = run([str(BIN / "llmpipe"), "chat", "What is the birth city of Ada?", "--max-new-tokens", "4"], built_repo)
+    assert one_shot.stdout.endswith("\n")
+    session = subprocess.run([str(BIN / "llmpipe"), "chat", "--max-new-tokens", "4"], cwd=built_repo, env=environment(),
+                             input="Who?\nWhere?\n\n", capture_output=True, text=True, timeout=120)
+    assert session.returncode == 0 and session.stdout.count("model> ") == 2
 
 
 def test_temp_experiment_runs_are_kept_in_the_repository_store(copy_built):

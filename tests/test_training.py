@@ -122,3 +122,13 @@ def test_uniform_model_perplexity_equals_vocabulary_and_bits_per_byte():
     assert bits_per_byte(loss, predicted, 300, 598) == pytest.approx(math.log2(50) * 299 / 598, rel=1e-5)
     flat = unigram_bits_per_byte(np.arange(50).repeat(10), tokens, 50, 598)
     assert flat == pytest.approx(math.log2(50) * 299 / 598, rel=1e-6)
+
+
+def test_kl_divergence_is_zero_for_the_same_distribution_and_known_otherwise():
+    from llmpipe.evaluation import mean_kl_divergence
+
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]]).log()
+    q = torch.tensor([[0.5, 0.5], [0.5, 0.5]]).log()
+    assert mean_kl_divergence(p, p) == 0.0
+    expected = (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
+    assert mean_kl_divergence(p, q) == pytest.approx(expected, rel=1e-6)
