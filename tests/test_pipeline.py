@@ -134,8 +134,9 @@ def test_report_has_every_section_filled_with_numbers(built_repo):
     metrics = yaml.safe_load((built_repo / "reports/evaluate/metrics.json").read_text())
     assert metrics["finetuned"]["kl_divergence"] == 0.0 and metrics["Q2_K"]["kl_divergence"] > 0
     assert metrics["Q4_0"]["bits_per_weight"] == pytest.approx(4.5, abs=0.2)
-    plots = dvc(built_repo, "plots", "show", "--json").stdout
-    assert "variants.csv" in plots and "train_curve.csv" in plots
+    plots = json.loads(dvc(built_repo, "plots", "show", "--json").stdout)["data"]
+    for name in ("pretrain_loss", "finetune_validation", "size_vs_perplexity", "size_vs_heldout_accuracy"):
+        assert plots[name][0]["content"]["data"]["values"], name
 
 
 def test_registered_model_loads_in_a_fresh_process_and_answers(built_repo):
