@@ -40,8 +40,11 @@ def example_statistics(examples: list[dict]) -> dict[str, int]:
 
 
 def encode_examples(template: ChatTemplate, examples: list[dict], max_length: int) -> tuple[list[EncodedExample], int]:
+    """Encode for training; returns the examples that still have answer tokens after truncation to
+    `max_length`, and how many were truncated (those left without any answer token are dropped)."""
     encoded = [template.encode_example(e["messages"], max_length) for e in examples]
-    return encoded, sum(e.truncated for e in encoded)
+    kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels)]
+    return kept, sum(e.truncated for e in encoded)
 
 
 def pad(examples: list[EncodedExample], pad_id: int) -> MicroBatch:

@@ -132,10 +132,12 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
         global_batch = batches.global_batch(step)
         mine = global_batch[process.rank::process.world_size]
         target_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in global_batch)
-        if not mine or target_tokens == 0:
+        if not mine:
             raise PipelineError(f"step {step + 1}: the global batch has {len(global_batch)} micro-batches for "
-                                f"{process.world_size} processes and {target_tokens} target tokens; "
-                                "raise the batch size or lower the number of processes")
+                                f"{process.world_size} processes; raise the batch size or lower the number of processes")
+        if target_tokens == 0:
+            raise PipelineError(f"step {step + 1}: no token of the global batch has a training target (every "
+                                "label is masked); check the data and the context length")
         loss_sum = torch.zeros((), device=process.device)
         for index, (inputs, targets) in enumerate(mine):
             inputs, targets = inputs.to(process.device), targets.to(process.device)

@@ -97,9 +97,11 @@ def finetune(params: StageParams, run: StageRun) -> None:
         train_encoded, truncated = encode_examples(template, train_examples, context)
         validation_encoded, validation_truncated = encode_examples(
             template, read_examples(PREPARED / "finetune_validation.jsonl"), context)
+        dropped = len(train_examples) - len(train_encoded)
         if truncated + validation_truncated and process.is_main:
             print(f"warning: {truncated + validation_truncated} fine-tuning examples are longer than the "
-                  f"{context}-token context and were truncated", flush=True)
+                  f"{context}-token context and were truncated ({dropped} training examples lost their whole "
+                  "answer and were left out)", flush=True)
         qa_sets = {split: read_examples(PREPARED / name) for split, name in QA_SPLITS.items()}
         pad_id = tokenizer.end_of_document_id
 
@@ -139,7 +141,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
                 final_metrics["val_answer_loss"] = answer_loss(final_model, validation_encoded, pad_id, micro)
             metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.max_steps,
                        "train_examples": statistics["examples"], "duplicate_examples": statistics["duplicate_examples"],
-                       "empty_examples": statistics["empty_examples"], "truncated_examples": truncated + validation_truncated}
+                       "empty_examples": statistics["empty_examples"], "truncated_examples": truncated + validation_truncated,
+                       "examples_without_answer_after_truncation": dropped}
             with atomic.atomic_path(OUTPUT_DIR, directory=True) as temp:
                 write_model(temp, final_model, {"stage": "finetune", "method": method, "best_step": metrics["best_step"]})
                 if lora:

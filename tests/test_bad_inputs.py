@@ -91,3 +91,29 @@ def test_missing_upstream_output(repo):
     shutil.rmtree(repo / "data/tokens")
     assert fail(repo, "pretrain") == ("error: data/tokens/meta.json: not found; run the tokenize stage first "
                                       "(dvc repro tokenize)")
+
+
+def test_truncated_weights_file_is_refused(repo):
+    weights = repo / "models/pretrained/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    message = fail(repo, "finetune")
+    assert message.startswith("error: models/pretrained/model.safetensors: not a readable safetensors file")
+
+
+def test_weights_that_do_not_match_the_config_are_refused(repo):
+    import json
+
+    config_path = repo / "models/pretrained/config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["ffn_hidden"] += 8
+    config_path.write_text(json.dumps(config))
+    message = fail(repo, "finetune")
+    assert message.startswith("error: models/pretrained/model.safetensors: tensor layers.0.mlp.") and "the config needs" in message
+
+
+def test_tampered_gguf_file_is_refused_by_evaluate(repo):
+    gguf_file = next((repo / "models/gguf").glob("*-Q4_0.gguf"))
+    data = bytearray(gguf_file.read_bytes())
+    gguf_file.write_bytes(bytes(data[: len(data) - 5000]))
+    message = fail(repo, "evaluate")
+    assert message.startswith(f"error: models/gguf/{gguf_file.name}")

@@ -73,9 +73,12 @@ def test_right_padding_changes_no_example_loss(template):
 
 
 def test_long_examples_are_truncated_and_counted(template):
-    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "answer"}]
-    encoded, truncated = encode_examples(template, [{"messages": QA}, {"messages": long}], max_length=64)
-    assert truncated == 1 and len(encoded[1].ids) == 64
+    long_answer = [QA[0], {"role": "assistant", "content": "word " * 200}]
+    long_question = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "answer"}]
+    encoded, truncated = encode_examples(template, [{"messages": m} for m in (QA, long_answer, long_question)], 64)
+    assert truncated == 2
+    # The long answer is cut to the context; the long question leaves no answer token and is left out.
+    assert len(encoded) == 2 and len(encoded[1].ids) == 64
 
 
 def test_epochs_visit_every_example_once(template):

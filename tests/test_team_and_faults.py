@@ -1,0 +1,152 @@
+"""Team use and failure: a shared DVC remote and run-cache, a shared MLflow server, untrusted files."""
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, dvc, environment, run
+from test_pipeline import STAGES, md5, ran
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_teammate_clone_restores_every_output_from_the_remote_without_recomputing(copy_built, tmp_path):
+    repo = copy_built()
+    remote = tmp_path / "team-remote"
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "pipeline outputs"], repo)
+    dvc(repo, "remote", "add", "-d", "team", str(remote))
+    dvc(repo, "push", "--run-cache")
+    teammate = tmp_path / "teammate"
+    run(["git", "clone", "-q", str(repo), str(teammate)], tmp_path)
+    dvc(teammate, "remote", "add", "-d", "team", str(remote))  # config.local is not cloned; -d writes .dvc/config
+    output = dvc(teammate, "repro", "--pull").stdout
+    assert ran(output) == []
+    assert md5(teammate / "models/finetuned/model.safetensors") == md5(repo / "models/finetuned/model.safetensors")
+    assert dvc(teammate, "status").stdout.strip().endswith("up to date.")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def test_stage_runs_land_on_a_shared_tracking_server(copy_built, mlflow_server):
+    repo = copy_built()
+    run([sys.executable, "stages/train_tokenizer.py"], repo, MLFLOW_TRACKING_URI=mlflow_server)
+    request = urllib.request.Request(
+        mlflow_server + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=llmpipe")
+    experiment = json.load(urllib.request.urlopen(request, timeout=10))["experiment"]
+    body = json.dumps({"experiment_ids": [experiment["experiment_id"]],
+                       "filter": "attributes.run_name = 'train_tokenizer'"}).encode()
+    search = urllib.request.Request(mlflow_server + "/api/2.0/mlflow/runs/search", data=body,
+                                    headers={"Content-Type": "application/json"})
+    runs = json.load(urllib.request.urlopen(search, timeout=10))["runs"]
+    assert len(runs) == 1
+    params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
+    assert params["tokenizer.vocab_size"] == "300" and runs[0]["info"]["status"] == "FINISHED"
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_work(copy_built):
+    repo = copy_built()
+    before = md5(repo / "models/tokenizer/tokenizer.json")
+    address = f"http://127.0.0.1:{free_port()}"
+    start = time.time()
+    result = run([sys.executable, "stages/train_tokenizer.py"], repo, check=False, MLFLOW_TRACKING_URI=address)
+    assert time.time() - start < 20
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking server at {address}")
+    assert md5(repo / "models/tokenizer/tokenizer.json") == before
+
+
+class PlantMarker:
+    """Unpickling this would run code: it creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_never_unpickled(copy_built, tmp_path):
+    repo = copy_built()
+    marker = tmp_path / "code-ran"
+    code = ("import yaml, json; from llmpipe.params import StageParams, declared_dependencies; "
+            "from llmpipe.tracking import input_hashes; from llmpipe.checkpoint import checkpoint_key, default_directory; "
+            "p = StageParams.for_stage('pretrain', yaml.safe_load(open('params.yaml'))); "
+            "print(default_directory('pretrain', checkpoint_key(p.declared_values(), input_hashes(declared_dependencies('pretrain')))))")
+    checkpoint = Path(run([sys.executable, "-c", code], repo).stdout.strip()) / "step-0000002"
+    checkpoint.mkdir(parents=True)
+    poison = pickle.dumps(PlantMarker(marker))
+    for name in ("model.safetensors", "training.safetensors", "model.pt", "optimizer.pt"):
+        (checkpoint / name).write_bytes(poison)
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2, "history": {"train": [], "eval": []},
+                                                       "param_groups": []}))
+    result = run([sys.executable, "stages/pretrain.py"], repo, check=False)
+    assert result.returncode == 1 and "unreadable checkpoint" in result.stderr
+    assert not marker.exists()
+
+
+def test_no_code_loads_torch_files_with_pickle():
+    sources = [p for p in Path(__file__).resolve().parents[1].glob("**/*.py")
+               if ".venv" not in p.parts and "tests" not in p.parts]
+    for source in sources:
+        text = source.read_text()
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{source}: {line.strip()}"
+            assert "pickle.load" not in line, f"{source}: {line.strip()}"
+
+
+def test_sigkill_during_finetune_then_repro_resumes(copy_built):
+    import yaml
+
+    repo = copy_built()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"].update(max_steps=400, checkpoint_every=5, eval_every=200)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = md5(repo / "models/finetuned/model.safetensors")
+    process = subprocess.Popen([sys.executable, "stages/finetune.py"], cwd=repo, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((repo / "checkpoints/finetune").glob("*/step-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert md5(repo / "models/finetuned/model.safetensors") == before  # the old output, untouched
+    output = dvc(repo, "repro", "finetune").stdout
+    assert "resuming from checkpoint" in output
+    assert set(ran(output)) == {"finetune"}
