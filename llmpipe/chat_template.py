@@ -59,6 +59,13 @@ class ChatTemplate:
         ids = [token for piece, _ in self._turns(messages) for token in piece]
         return ids + [self.role_ids["assistant"]]
 
+    def jinja(self) -> str:
+        """The same template in Jinja, for tools that format chats themselves (llama.cpp, transformers)."""
+        specials = self.tokenizer.special_tokens
+        return ("{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + '"
+                + specials["end_of_turn"] + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
+                + specials["assistant"] + "' }}{% endif %}")
+
     def render(self, messages: list[dict]) -> str:
         specials = self.tokenizer.special_tokens
         return "".join(f"{specials[m['role']]} {m['content']}{specials['end_of_turn']}" for m in messages)

@@ -118,7 +118,7 @@ def tokenizer_report(tokenizer: LoadedTokenizer, validation_texts: list[str], lo
     special = set(tokenizer.special_ids.values())
     learned = [(token, i) for token, i in tokenizer.tokenizer.get_vocab().items() if i not in special]
     decoded = sorted(((tokenizer.decode([i]), i) for _, i in learned), key=lambda x: (-len(x[0]), x[1]))
-    lines += ["", f"Longest learned tokens: " + ", ".join(repr(t) for t, _ in decoded[:longest]), ""]
+    lines += ["", "Longest learned tokens: " + ", ".join(repr(t) for t, _ in decoded[:longest]), ""]
     return metrics, "\n".join(lines)
 
 

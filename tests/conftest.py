@@ -34,6 +34,34 @@ TINY = {
 }
 
 
+SPECIALS = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
+            "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
+
+
+def train_test_tokenizer(directory: Path, vocab_size: int):
+    """A byte-level BPE trained on a small embedded world, saved in `directory` and loaded."""
+    from llmpipe.tokenizer import LoadedTokenizer, save_tokenizer, train_bpe
+    from llmpipe.world import WorldConfig, build_world
+
+    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
+    save_tokenizer(train_bpe(texts, vocab_size, 2, SPECIALS), SPECIALS, directory)
+    return LoadedTokenizer(directory)
+
+
+def kill_at_first_checkpoint(repo: Path, stage: str) -> None:
+    """Start stages/<stage>.py, SIGKILL it as soon as its first checkpoint exists."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, f"stages/{stage}.py"], cwd=repo, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((repo / "checkpoints" / stage).glob("*/step-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the stage finished before it could be killed"
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():

@@ -7,20 +7,15 @@ from llmpipe.chat_template import ChatTemplate
 from llmpipe.finetune_data import EpochBatches, encode_examples, example_statistics, pad
 from llmpipe.lora import LoRASettings, add_lora, merged_copy
 from llmpipe.model import IGNORE_INDEX, ModelConfig, Transformer
-from llmpipe.tokenizer import LoadedTokenizer, save_tokenizer, train_bpe
-from llmpipe.world import WorldConfig, build_world
 
-SPECIALS = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
-            "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
+from conftest import train_test_tokenizer
+
 QA = [{"role": "user", "content": "What is the birth city of Ada?"}, {"role": "assistant", "content": "Lisbon"}]
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
-    directory = tmp_path_factory.mktemp("tok")
-    save_tokenizer(train_bpe(texts, 400, 2, SPECIALS), SPECIALS, directory)
-    return ChatTemplate(LoadedTokenizer(directory))
+    return ChatTemplate(train_test_tokenizer(tmp_path_factory.mktemp("tok"), 400))
 
 
 def model(vocab_size: int) -> Transformer:

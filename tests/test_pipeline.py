@@ -2,16 +2,14 @@
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import BIN, dvc, environment, run
+from conftest import BIN, dvc, environment, kill_at_first_checkpoint, run
 
 STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 OUTPUT_FILES = ["data/prepared/pretrain_train.jsonl", "data/prepared/qa_heldout_people.jsonl",
@@ -191,13 +189,7 @@ def test_sigkill_during_pretrain_then_rerun_resumes_to_identical_weights(copy_bu
     uninterrupted = md5(repo / "models/pretrained/model.safetensors")
     subprocess.run(["rm", "-rf", "models/pretrained"], cwd=repo, check=True)
 
-    process = subprocess.Popen([sys.executable, "stages/pretrain.py"], cwd=repo, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((repo / "checkpoints/pretrain").glob("*/step-*")) and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    kill_at_first_checkpoint(repo, "pretrain")
     assert not (repo / "models/pretrained").exists()  # nothing half-written where DVC would look
 
     output = dvc(repo, "repro", "pretrain").stdout

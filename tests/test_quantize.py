@@ -7,19 +7,13 @@ import torch
 from llmpipe.model import ModelConfig, Transformer
 from llmpipe.quant.gguf_export import (permute_for_interleaved_rope, plan_tensors, read_gguf_model,
                                        unpermute_from_interleaved_rope, write_gguf)
-from llmpipe.tokenizer import LoadedTokenizer, save_tokenizer, train_bpe
-from llmpipe.world import WorldConfig, build_world
 
-SPECIALS = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
-            "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
+from conftest import SPECIALS, train_test_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
-    directory = tmp_path_factory.mktemp("tok")
-    save_tokenizer(train_bpe(texts, 512, 2, SPECIALS), SPECIALS, directory)
-    return LoadedTokenizer(directory)
+    return train_test_tokenizer(tmp_path_factory.mktemp("tok"), 512)
 
 
 def model(vocab_size: int, tie: bool = True, d_model: int = 256) -> Transformer:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, dvc, environment, run
-from test_pipeline import STAGES, md5, ran
+from conftest import BIN, dvc, environment, kill_at_first_checkpoint, run
+from test_pipeline import md5, ran
 
 
 def free_port() -> int:
@@ -139,13 +139,7 @@ def test_sigkill_during_finetune_then_repro_resumes(copy_built):
     params["finetune"].update(max_steps=400, checkpoint_every=5, eval_every=200)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = md5(repo / "models/finetuned/model.safetensors")
-    process = subprocess.Popen([sys.executable, "stages/finetune.py"], cwd=repo, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((repo / "checkpoints/finetune").glob("*/step-*")) and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    kill_at_first_checkpoint(repo, "finetune")
     assert md5(repo / "models/finetuned/model.safetensors") == before  # the old output, untouched
     output = dvc(repo, "repro", "finetune").stdout
     assert "resuming from checkpoint" in output

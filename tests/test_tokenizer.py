@@ -6,19 +6,15 @@ from hypothesis import strategies as st
 
 from llmpipe.tokenize_corpus import choose_dtype
 from llmpipe.errors import ParamError
-from llmpipe.tokenizer import LoadedTokenizer, minimum_vocab_size, save_tokenizer, train_bpe
+from llmpipe.tokenizer import minimum_vocab_size, save_tokenizer, train_bpe
 from llmpipe.world import WorldConfig, build_world
 
-SPECIALS = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
-            "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
+from conftest import SPECIALS, train_test_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
-    directory = tmp_path_factory.mktemp("tok")
-    save_tokenizer(train_bpe(texts, 400, 2, SPECIALS), SPECIALS, directory)
-    return LoadedTokenizer(directory)
+    return train_test_tokenizer(tmp_path_factory.mktemp("tok"), 400)
 
 
 @settings(max_examples=300, deadline=None)

@@ -26,7 +26,8 @@ import torch
 from llmpipe import atomic
 from llmpipe.errors import InputDataError
 from llmpipe.model import ModelConfig, Transformer
-from llmpipe.quant.formats import FORMATS, BlockFormat
+from llmpipe.chat_template import ChatTemplate
+from llmpipe.quant.formats import FORMATS
 from llmpipe.tokenizer import LoadedTokenizer
 
 F32, F16 = "F32", "F16"
@@ -108,12 +109,6 @@ def decode_tensor(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> n
     return FORMATS[type_name].dequantize(np.asarray(data, dtype=np.uint8), shape)
 
 
-def chat_template_jinja(special: dict[str, str]) -> str:
-    return ("{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + '"
-            + special["end_of_turn"] + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
-            + special["assistant"] + "' }}{% endif %}")
-
-
 def _merges(tokenizer: LoadedTokenizer) -> list[str]:
     model = json.loads(tokenizer.tokenizer.to_str())["model"]
     return [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
@@ -156,7 +151,7 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
         writer.add_bos_token_id(tokenizer.end_of_document_id)
         writer.add_eos_token_id(tokenizer.special_ids["end_of_turn"])
         writer.add_add_bos_token(False)
-        writer.add_chat_template(chat_template_jinja(tokenizer.special_tokens))
+        writer.add_chat_template(ChatTemplate(tokenizer).jinja())
 
         for plan in plans:
             values = state[plan.source_name]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from llmpipe.chat_template import ChatTemplate
 from llmpipe.hf_format import hf_llama_config, hf_state_dict
 from llmpipe.model import Transformer
 from llmpipe.tokenizer import LoadedTokenizer
@@ -33,7 +34,5 @@ def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTok
         additional_special_tokens=[specials[r] for r in ("system", "user", "assistant")],
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = ("{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + '"
-                          + specials["end_of_turn"] + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
-                          + specials["assistant"] + "' }}{% endif %}")
+    fast.chat_template = ChatTemplate(tokenizer).jinja()
     fast.save_pretrained(str(directory))
