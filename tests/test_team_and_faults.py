@@ -144,3 +144,62 @@ def test_sigkill_during_finetune_then_repro_resumes(copy_built):
     output = dvc(repo, "repro", "finetune").stdout
     assert "resuming from checkpoint" in output
     assert set(ran(output)) == {"finetune"}
+
+
+def test_two_queued_experiments_run_together_and_keep_their_runs(copy_built):
+    repo = copy_built()
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "pipeline outputs"], repo)
+    dvc(repo, "exp", "run", "--queue", "-n", "steps-4", "-S", "pretrain.max_steps=4")
+    dvc(repo, "exp", "run", "--queue", "-n", "steps-5", "-S", "pretrain.max_steps=5")
+    dvc(repo, "queue", "start", "-j", "2")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    shown = dvc(repo, "exp", "show", "--csv").stdout
+    assert "steps-4" in shown and "steps-5" in shown
+    from test_pipeline import mlflow_runs
+
+    _, runs = mlflow_runs(repo)
+    for name, steps in (("steps-4", "4"), ("steps-5", "5")):
+        pretrain = [r for r in runs if r.data.tags.get("dvc.experiment") == name and r.info.run_name == "pretrain"]
+        assert len(pretrain) == 1 and pretrain[0].data.params["pretrain.max_steps"] == steps
+        assert pretrain[0].info.status == "FINISHED"
+
+
+OUTPUTS = {"prepare": ["data/prepared"], "train_tokenizer": ["models/tokenizer", "reports/tokenizer.md"],
+           "tokenize": ["data/tokens"], "quantize": ["models/gguf", "models/hf", "reports/quantize/sizes.json"],
+           "evaluate": ["reports/report.md", "reports/evaluate/metrics.json"]}
+
+
+def tree_md5(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    if path.is_file():
+        return md5(path)
+    return "".join(f"{p.relative_to(path)}:{md5(p)}" for p in sorted(path.rglob("*")) if p.is_file())
+
+
+@pytest.mark.parametrize("stage", list(OUTPUTS))
+def test_sigkill_during_a_stage_leaves_no_output_dvc_would_trust(copy_built, stage):
+    repo = copy_built()
+    complete = {out: tree_md5(repo / out) for out in OUTPUTS[stage]}
+    process = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item", stage], cwd=repo,
+                               env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    time.sleep(3.5)  # DVC has removed the outputs and the stage is at work
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for out, digest in complete.items():
+        assert tree_md5(repo / out) in (None, digest), f"{out} is partly written"
+    status = dvc(repo, "status", stage).stdout
+    if any(tree_md5(repo / out) is None for out in complete):
+        assert stage in status  # DVC knows the stage must run again
+    dvc(repo, "repro", stage)
+    for out, digest in complete.items():
+        if not out.startswith(("reports/report", "reports/evaluate", "models/hf")):  # speeds and registry versions vary
+            assert tree_md5(repo / out) == digest, out
