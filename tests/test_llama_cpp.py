@@ -1,0 +1,34 @@
+"""Optional: our GGUF files in llama.cpp itself (through llama-cpp-python, which builds llama.cpp from
+source: `pip install llama-cpp-python`, several minutes on 2 cores). Skipped when it is not installed."""
+
+import numpy as np
+import pytest
+import torch
+
+from llmpipe.model import ModelConfig, Transformer
+from llmpipe.quant.gguf_export import plan_tensors, read_gguf_model, write_gguf
+
+from conftest import train_test_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+@pytest.mark.parametrize("variant, tolerance", [("F16", 0.02), ("Q8_0", 0.5), ("Q4_0", 0.5), ("Q2_K", 0.5)])
+def test_llama_cpp_reads_our_gguf_with_our_tokens_logits_and_chat_template(tmp_path, variant, tolerance):
+    tokenizer = train_test_tokenizer(tmp_path / "tok", 512)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=2, d_model=256,
+                                    n_head=4, n_kv_head=2, ffn_hidden=512)).eval()
+    path = tmp_path / f"m-{variant}.gguf"
+    write_gguf(path, model, tokenizer, plan_tensors(model, variant, "Q4_0", None, None), variant, "test")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    text = "Xiomara Quintero was born in Kyoto."
+    ids = tokenizer.encode(text)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = read_gguf_model(path)(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(theirs - ours).max() < tolerance
+    prompt = llm.tokenize(b"<|user|> Hi<|end|><|assistant|>", add_bos=False, special=True)
+    assert prompt == tokenizer.encode("<|user|> Hi<|end|><|assistant|>")
