@@ -129,9 +129,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
         store = CheckpointStore(default_directory("finetune", checkpoint_key(params.declared_values(), run.input_hashes)))
         if process.is_main:
             print(f"finetune: {method}, {len(train_encoded)} examples, {settings.max_steps} steps of {global_batch}; "
-                  f"base model: " + ", ".join(f"{k} {v:.3f}" for k, v in base_metrics.items()
-                                              if "_" not in k.removeprefix("base_qa_accuracy_").replace("_people", "")
-                                              or k.endswith("_people") or "loss" in k), flush=True)
+                  "base model: " + ", ".join(f"{k} {v:.3f}" for k, v in base_metrics.items()
+                                             if k.endswith(("_people", "_loss"))), flush=True)
         result = train(model, settings, batches, evaluate, process, run, store)
 
         if process.is_main:
