@@ -45,7 +45,8 @@ class _BatchEncoder:
 
             self._tokenizer = Tokenizer.from_file(self.tokenizer_file)
         encodings = self._tokenizer.encode_batch(batch["text"])
-        return {"ids": [e.ids + [self.end_of_document_id] for e in encodings],
+        ids = [e.ids + [self.end_of_document_id] for e in encodings]
+        return {"ids": ids, "length": [len(i) for i in ids],
                 "utf8_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
 
 
@@ -64,8 +65,7 @@ def encode_split(jsonl_path: Path, tokenizer: LoadedTokenizer, output_path: Path
         encoded = dataset.map(encoder, batched=True, batch_size=batch_size,
                               num_proc=num_proc if num_proc > 1 and len(dataset) >= 2 * num_proc else None,
                               remove_columns=dataset.column_names, desc=f"tokenizing {jsonl_path.name}")
-        lengths = [len(ids) for ids in encoded["ids"]]
-        total = int(sum(lengths))
+        total = int(sum(encoded["length"]))  # a small column: the token ids stay on disk until written
         array = np.memmap(output_path, dtype=DTYPES[dtype], mode="w+", shape=(total,))
         position = 0
         for batch in encoded.iter(batch_size=batch_size):

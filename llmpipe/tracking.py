@@ -151,7 +151,7 @@ class StageRun:
             local_store_dir().mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
-        experiment_id = self._experiment_id(mlflow)
+        experiment_id = self._experiment_id()
         tags = self._tags()
         parent_id = self._pipeline_parent(experiment_id, tags.get("llmpipe.pipeline"))
         run = self._client.create_run(experiment_id, run_name=self.stage, tags={
@@ -166,7 +166,7 @@ class StageRun:
         self.flush()
         self._client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
 
-    def _experiment_id(self, mlflow) -> str:
+    def _experiment_id(self) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME_DEFAULT)
         experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:

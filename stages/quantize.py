@@ -19,7 +19,7 @@ from llmpipe.model import count_parameters
 from llmpipe.model_io import load_model
 from llmpipe.params import StageParams
 from llmpipe.quant.formats import FORMATS
-from llmpipe.quant.gguf_export import F16, encode_tensor, plan_tensors, write_gguf
+from llmpipe.quant.gguf_export import F16, plan_tensors, write_gguf
 from llmpipe.quant.hf_export import write_hf_directory
 from llmpipe.quant.size_table import markdown_table, size_row
 from llmpipe.stage import stage
@@ -44,15 +44,13 @@ def quantize(params: StageParams, run: StageRun) -> None:
     model, _ = load_model(FINETUNED)
     tokenizer = LoadedTokenizer(TOKENIZER_DIR)
     parameters = count_parameters(model)
-    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
 
     rows, manifest = [], {}
     with atomic.atomic_path(GGUF_DIR, directory=True) as temp:
         for variant in variants:
             plans = plan_tensors(model, variant, fallback, embeddings, output)
             file = temp / f"{name}-{variant}.gguf"
-            write_gguf(file, model, tokenizer, plans, variant, name)
-            tensor_bytes = sum(encode_tensor(state[p.source_name], p.type_name).nbytes for p in plans)
+            tensor_bytes = write_gguf(file, model, tokenizer, plans, variant, name)
             rows.append(size_row(variant, parameters, tensor_bytes, file.stat().st_size,
                                  dict(Counter(p.type_name for p in plans))))
             manifest[file.name] = {p.gguf_name: p.type_name for p in plans}

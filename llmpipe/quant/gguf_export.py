@@ -118,11 +118,13 @@ FILE_TYPES = {F32: 0, F16: 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10}
 
 
 def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer, plans: list[TensorPlan],
-               file_type: str, name: str) -> None:
+               file_type: str, name: str) -> int:
+    """Write the GGUF file; returns the bytes its weights take (without metadata)."""
     import gguf
 
     config = model.config
     state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    weight_bytes = 0
     with atomic.atomic_path(path) as temp:
         writer = gguf.GGUFWriter(str(temp), arch="llama")
         writer.add_name(name)
@@ -158,6 +160,7 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
             if plan.permute_heads:
                 values = permute_for_interleaved_rope(values, plan.permute_heads)
             encoded = encode_tensor(values, plan.type_name)
+            weight_bytes += encoded.nbytes
             if plan.type_name in FORMATS:
                 writer.add_tensor(plan.gguf_name, encoded, raw_dtype=gguf.GGMLQuantizationType(FORMATS[plan.type_name].ggml_type))
             else:
@@ -166,6 +169,7 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+    return weight_bytes
 
 
 def read_gguf_model(path: str | Path) -> Transformer:
