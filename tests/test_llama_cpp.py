@@ -32,3 +32,22 @@ def test_llama_cpp_reads_our_gguf_with_our_tokens_logits_and_chat_template(tmp_p
     assert np.abs(theirs - ours).max() < tolerance
     prompt = llm.tokenize(b"<|user|> Hi<|end|><|assistant|>", add_bos=False, special=True)
     assert prompt == tokenizer.encode("<|user|> Hi<|end|><|assistant|>")
+
+
+def test_q2_k_bytes_equal_llama_cpps_own_quantizer():
+    import ctypes
+    from pathlib import Path
+
+    from llmpipe.quant.formats import FORMATS
+
+    library = next(iter(sorted(Path(llama_cpp.__file__).parent.glob("lib/libggml-base.so*"))), None)
+    if library is None:
+        pytest.skip("llama-cpp-python ships no libggml-base here")
+    ggml = ctypes.CDLL(str(library))
+    ggml.quantize_row_q2_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_t(3, (512, 256)) * 0.02).astype(np.float32)
+    weights[::5] *= rng.random((103, 256)) < 0.2           # sparse rows
+    theirs = np.zeros((512, 84), dtype=np.uint8)
+    ggml.quantize_row_q2_K_ref(weights.ctypes.data, theirs.ctypes.data, weights.size)
+    assert np.array_equal(FORMATS["Q2_K"].quantize(weights), theirs)

@@ -1,12 +1,15 @@
-"""Block quantization formats: byte equality with the gguf package's reference quantizer, error bounds,
-and decoding by gguf's own dequantizer (the layout llama.cpp reads)."""
+"""Block quantization formats: byte equality with the gguf package's reference quantizer and with
+llama.cpp's own Q2_K quantizer, error bounds, and decoding by gguf's own dequantizer (the layout
+llama.cpp reads)."""
+
+import hashlib
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as reference
 
-from llmpipe.quant.formats import FORMATS, round_half_away_from_zero
+from llmpipe.quant.formats import FORMATS, fit_scale_and_min, round_half_away_from_zero
 
 
 def weights(rows: int, columns: int, seed: int = 0) -> np.ndarray:
@@ -40,10 +43,43 @@ def test_reference_dequantizer_reads_our_bytes_as_we_do(name):
 def test_round_trip_error_stays_within_the_format_bound(name):
     fmt = FORMATS[name]
     data = weights(16, 512, seed=5)
-    restored = fmt.dequantize(fmt.quantize(data), data.shape)
+    raw = fmt.quantize(data)
+    restored = fmt.dequantize(raw, data.shape)
     blocks, restored_blocks = data.reshape(-1, fmt.block_size), restored.reshape(-1, fmt.block_size)
-    error = np.abs(blocks - restored_blocks).max(axis=1)
-    assert np.all(error <= fmt.error_bound(blocks)), name
+    error = np.abs(blocks - restored_blocks)
+    assert np.all(error <= fmt.error_bound(blocks, raw.reshape(-1, fmt.block_bytes))), name
+
+
+def q2_k_golden_input() -> np.ndarray:
+    """Weights from integer arithmetic only (the same floats on every machine and numpy version)."""
+    index = np.arange(32 * 256, dtype=np.float64)
+    uniform = ((index * 2654435761) % 4294967296) / 4294967296 * 2 - 1
+    values = (uniform ** 3 * 0.1).reshape(32, 256)
+    values[1, :16] = 0.0                  # an all-zero sub-block
+    values[2] = -np.abs(values[2])        # a block with no positive weight
+    values[3, ::7] = 0.0                  # zeros the |x|-weighted fit ignores
+    values[4, 9] = 2.0                    # an outlier
+    return values.astype(np.float32)
+
+
+def test_q2_k_bytes_equal_llama_cpp():
+    # sha256 of what llama.cpp's quantize_row_q2_K_ref (libggml-base from llama-cpp-python 0.3.36)
+    # wrote for these weights; tests/test_llama_cpp.py compares with the library directly.
+    raw = FORMATS["Q2_K"].quantize(q2_k_golden_input())
+    assert hashlib.sha256(raw.tobytes()).hexdigest() == "487a1cc046c7a0a666046c0fb22ed4793e43fe37c4fc4cf4f3bd830cbf052f5b"
+
+
+def test_q2_k_scale_search_never_does_worse_than_min_max():
+    sub_blocks = weights(16, 512, seed=7).reshape(-1, 16)
+    scale, minimum, q = fit_scale_and_min(sub_blocks, levels=3, rmin=-0.5, rdelta=0.1, steps=15)
+    min_max_scale = (sub_blocks.max(axis=1) - np.minimum(sub_blocks.min(axis=1), 0)) / 3
+    _, min_max_min, min_max_q = fit_scale_and_min(sub_blocks, levels=3, rmin=-0.5, rdelta=0.1, steps=-1)
+    assert np.allclose(min_max_min, np.minimum(sub_blocks.min(axis=1), 0))
+    assert q.min() >= 0 and q.max() <= 3
+    weighted = lambda s, m, levels: (np.abs(sub_blocks) * np.abs(s[:, None] * levels + m[:, None] - sub_blocks)).sum(1)  # noqa: E731
+    searched, plain = weighted(scale, minimum, q), weighted(min_max_scale, min_max_min, min_max_q)
+    assert np.all(searched <= plain * (1 + 1e-5) + 1e-9)
+    assert searched.sum() < 0.95 * plain.sum()
 
 
 @pytest.mark.parametrize("name, bits", [("Q8_0", 8.5), ("Q4_0", 4.5), ("Q4_1", 5.0), ("Q2_K", 2.625)])
