@@ -142,16 +142,18 @@ class StageRun:
         if not self.enabled:
             return self
         uri = tracking_uri()
+        # Decided before mlflow.set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
+        local_store = not os.environ.get("MLFLOW_TRACKING_URI")
         check_server_answers(uri)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        if local_store:
             local_store_dir().mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
-        experiment_id = self._experiment_id()
+        experiment_id = self._experiment_id(local_store)
         tags = self._tags()
         parent_id = self._pipeline_parent(experiment_id, tags.get("llmpipe.pipeline"))
         run = self._client.create_run(experiment_id, run_name=self.stage, tags={
@@ -166,14 +168,14 @@ class StageRun:
         self.flush()
         self._client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
 
-    def _experiment_id(self) -> str:
+    def _experiment_id(self, local_store: bool) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME_DEFAULT)
         experiment = self._client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        artifact_location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            artifact_location = (local_store_dir() / "artifacts").as_uri()
+        # In our local store, artifacts go next to the database (MLflow's default is ./mlruns of the
+        # working directory, which for `dvc exp run --temp` is a temporary copy).
+        artifact_location = (local_store_dir() / "artifacts").as_uri() if local_store else None
         try:
             return self._client.create_experiment(name, artifact_location=artifact_location)
         except Exception:  # created concurrently by a parallel stage
