@@ -101,5 +101,14 @@ class CheckpointStore:
         torch.set_rng_state(tensors["rng.torch"])
         return state
 
+    def save_best(self, state: dict[str, torch.Tensor], step: int) -> None:
+        """Keep the weights of the best step so far, so a resumed run can still end on them."""
+        with atomic.atomic_path(self.directory / "best.safetensors") as temp:
+            save_file({k: v.cpu().contiguous() for k, v in state.items() if not k.startswith("rope_")},
+                      str(temp), metadata={"step": str(step)})
+
+    def load_best(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.directory / "best.safetensors"))
+
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -194,7 +194,7 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
                 checkpoints.save(done, model, optimizer, {"history": result.history, "best_step": result.best_step,
                                                           "best_score": best_score})
                 if best_state is not None:
-                    _save_best(checkpoints, best_state, result.best_step)
+                    checkpoints.save_best(best_state, result.best_step)
             barrier()
 
     if best_state is not None:
@@ -206,22 +206,10 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
     return result
 
 
-def _save_best(checkpoints: CheckpointStore, state: dict[str, torch.Tensor], step: int) -> None:
-    from safetensors.torch import save_file
-
-    from llmpipe import atomic
-
-    with atomic.atomic_path(checkpoints.directory / "best.safetensors") as temp:
-        save_file({k: v.cpu().contiguous() for k, v in state.items() if not k.startswith("rope_")},
-                  str(temp), metadata={"step": str(step)})
-
-
 def _load_best(checkpoints: CheckpointStore, model: Transformer, best_step: int, current_step: int):
-    from safetensors.torch import load_file
-
     if best_step == current_step:
         return _snapshot(model)
-    tensors = load_file(str(checkpoints.directory / "best.safetensors"))
+    tensors = checkpoints.load_best()
     snapshot = _snapshot(model)
     snapshot.update({k: v.to(snapshot[k].device) for k, v in tensors.items()})
     return snapshot
