@@ -2,8 +2,8 @@
 
 Each GGUF file loads in llama.cpp (`llama-cli -m models/gguf/llmpipe-Q4_0.gguf`), Ollama or LM Studio.
 Tensors whose rows are not whole blocks of a variant's format take `quantize.fallback` instead, as
-llama.cpp's own quantizer does (the default model's rows are 128 and 384 wide: Q2_K's 256-weight
-super-blocks fit none of them, so its Q2_K file is mostly the fallback; the size table shows it).
+llama.cpp's own quantizer does (Q2_K needs rows that are multiples of 256; every preset's rows are;
+the size table's tensor-type column shows what each file holds).
 Params: quantize.variants, quantize.fallback, quantize.embeddings, quantize.output, quantize.model_name.
 Output: models/gguf/ (one file per variant + manifest.json), models/hf/ (transformers),
 reports/quantize/sizes.json (metrics) and sizes.md (the table).

@@ -23,7 +23,7 @@ TINY = {
     "data": {"world": {"num_people": 12, "paraphrases": 2}},
     "tokenizer": {"vocab_size": 300},
     "tokenize": {"num_proc": 1},
-    "model": {"context_length": 32, "n_layer": 1, "d_model": 32, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 64},
+    "model": {"context_length": 32, "n_layer": 1, "d_model": 256, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 256},
     "pretrain": {"max_steps": 6, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 2,
                  "eval_every": 3, "log_every": 1, "checkpoint_every": 2, "eval_max_tokens": 512,
                  "peak_flops_per_second": 1.0e11},

@@ -137,6 +137,17 @@ def test_report_has_every_section_filled_with_numbers(built_repo):
         assert plots[name][0]["content"]["data"]["values"], name
 
 
+def test_quantize_writes_each_variant_in_its_own_format_with_its_bits_per_weight(built_repo):
+    # The test model's rows are 256 wide (like the default's), so every format applies to every matrix.
+    sizes = json.loads((built_repo / "reports/quantize/sizes.json").read_text())["variants"]
+    manifest = json.loads((built_repo / "models/gguf/manifest.json").read_text())
+    for variant, bits in {"F16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q2_K": 2.625}.items():
+        types = manifest[f"llmpipe-{variant}.gguf"]
+        assert {t for name, t in types.items() if not name.endswith("norm.weight")} == {variant}, variant
+        assert bits <= sizes[variant]["bits_per_weight"] < bits + 0.1, variant  # + the F32 norms
+        assert sizes[variant]["file_bytes"] == (built_repo / f"models/gguf/llmpipe-{variant}.gguf").stat().st_size
+
+
 def test_registered_model_loads_in_a_fresh_process_and_answers(built_repo):
     code = ("import json, mlflow; mlflow.set_tracking_uri('sqlite:///.mlflow/mlflow.db'); "
             "model = mlflow.pyfunc.load_model('models:/llmpipe-chat/latest'); "
@@ -157,12 +168,15 @@ def test_chat_runs_one_shot_and_interactive(built_repo):
 def test_temp_experiment_runs_are_kept_in_the_repository_store(copy_built):
     repo = copy_built()
     dvc(repo, "exp", "run", "--temp", "-n", "shorter", "-S", "pretrain.max_steps=4")
-    _, runs = mlflow_runs(repo)
+    client, runs = mlflow_runs(repo)
     experiment_runs = [r for r in runs if r.data.tags.get("dvc.experiment") == "shorter"]
     names = {r.info.run_name for r in experiment_runs}
     assert "pretrain" in names and any(n.startswith("pipeline shorter") for n in names)
     pretrain = next(r for r in experiment_runs if r.info.run_name == "pretrain")
     assert pretrain.data.params["pretrain.max_steps"] == "4"
+    # Artifacts too: next to the database, not in ./mlruns of DVC's temporary working copy.
+    assert "/.mlflow/artifacts/" in pretrain.info.artifact_uri and client.list_artifacts(pretrain.info.run_id)
+    assert not (repo / "mlruns").exists()
     assert "shorter" in dvc(repo, "exp", "show", "--csv").stdout
 
 
