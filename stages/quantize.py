@@ -1,8 +1,8 @@
-"""Stage `quantize`: the fine-tuned model as GGUF files (F16, Q8_0, Q4_0, Q4_1, Q2_K) and a Hugging Face export.
+"""Stage `quantize`: the fine-tuned model as GGUF files (F16, Q8_0, Q4_K, Q4_1, Q4_0, Q2_K) and a Hugging Face export.
 
 Each GGUF file loads in llama.cpp (`llama-cli -m models/gguf/llmpipe-Q4_0.gguf`), Ollama or LM Studio.
 Tensors whose rows are not whole blocks of a variant's format take `quantize.fallback` instead, as
-llama.cpp's own quantizer does (Q2_K needs rows that are multiples of 256; every preset's rows are;
+llama.cpp's own quantizer does (K-quants need rows that are multiples of 256; every preset's rows are;
 the size table's tensor-type column shows what each file holds).
 Params: quantize.variants, quantize.fallback, quantize.embeddings, quantize.output, quantize.model_name.
 Output: models/gguf/ (one file per variant + manifest.json), models/hf/ (transformers),

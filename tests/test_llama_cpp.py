@@ -13,7 +13,8 @@ from conftest import train_test_tokenizer
 llama_cpp = pytest.importorskip("llama_cpp")
 
 
-@pytest.mark.parametrize("variant, tolerance", [("F16", 0.02), ("Q8_0", 0.5), ("Q4_0", 0.5), ("Q2_K", 0.5)])
+@pytest.mark.parametrize("variant, tolerance", [("F16", 0.02), ("Q8_0", 0.5), ("Q4_0", 0.5), ("Q4_K", 0.5),
+                                                       ("Q2_K", 0.5)])
 def test_llama_cpp_reads_our_gguf_with_our_tokens_logits_and_chat_template(tmp_path, variant, tolerance):
     tokenizer = train_test_tokenizer(tmp_path / "tok", 512)
     torch.manual_seed(0)
@@ -34,7 +35,8 @@ def test_llama_cpp_reads_our_gguf_with_our_tokens_logits_and_chat_template(tmp_p
     assert prompt == tokenizer.encode("<|user|> Hi<|end|><|assistant|>")
 
 
-def test_q2_k_bytes_equal_llama_cpps_own_quantizer():
+@pytest.mark.parametrize("name, block_bytes", [("Q2_K", 84), ("Q4_K", 144)])
+def test_k_quant_bytes_equal_llama_cpps_own_quantizer(name, block_bytes):
     import ctypes
     from pathlib import Path
 
@@ -43,11 +45,11 @@ def test_q2_k_bytes_equal_llama_cpps_own_quantizer():
     library = next(iter(sorted(Path(llama_cpp.__file__).parent.glob("lib/libggml-base.so*"))), None)
     if library is None:
         pytest.skip("llama-cpp-python ships no libggml-base here")
-    ggml = ctypes.CDLL(str(library))
-    ggml.quantize_row_q2_K_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    quantize_row = getattr(ctypes.CDLL(str(library)), f"quantize_row_{name[:2].lower()}_K_ref")
+    quantize_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     rng = np.random.default_rng(0)
     weights = (rng.standard_t(3, (512, 256)) * 0.02).astype(np.float32)
     weights[::5] *= rng.random((103, 256)) < 0.2           # sparse rows
-    theirs = np.zeros((512, 84), dtype=np.uint8)
-    ggml.quantize_row_q2_K_ref(weights.ctypes.data, theirs.ctypes.data, weights.size)
-    assert np.array_equal(FORMATS["Q2_K"].quantize(weights), theirs)
+    theirs = np.zeros((512, block_bytes), dtype=np.uint8)
+    quantize_row(weights.ctypes.data, theirs.ctypes.data, weights.size)
+    assert np.array_equal(FORMATS[name].quantize(weights), theirs)

@@ -123,7 +123,7 @@ def test_report_has_every_section_filled_with_numbers(built_repo):
     for heading in ("## Training in numbers", "## Every variant", "## What quantization costs, measured", "## Plots",
                     "## Tokenization", "## Attention", "## Sample answers"):
         assert heading in report, heading
-    for variant in ("| base |", "| finetuned |", "| F16 |", "| Q8_0 |", "| Q4_0 |", "| Q4_1 |", "| Q2_K |"):
+    for variant in ("| base |", "| finetuned |", "| F16 |", "| Q8_0 |", "| Q4_0 |", "| Q4_1 |", "| Q4_K |", "| Q2_K |"):
         assert variant in report, variant
     assert "nan" not in report.lower() and "| – |" not in report and "TODO" not in report
     for image in ("loss_curves", "size_vs_quality", "tokenization", "attention"):
@@ -141,7 +141,7 @@ def test_quantize_writes_each_variant_in_its_own_format_with_its_bits_per_weight
     # The test model's rows are 256 wide (like the default's), so every format applies to every matrix.
     sizes = json.loads((built_repo / "reports/quantize/sizes.json").read_text())["variants"]
     manifest = json.loads((built_repo / "models/gguf/manifest.json").read_text())
-    for variant, bits in {"F16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q2_K": 2.625}.items():
+    for variant, bits in {"F16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5, "Q2_K": 2.625}.items():
         types = manifest[f"llmpipe-{variant}.gguf"]
         assert {t for name, t in types.items() if not name.endswith("norm.weight")} == {variant}, variant
         assert bits <= sizes[variant]["bits_per_weight"] < bits + 0.1, variant  # + the F32 norms

@@ -1,5 +1,5 @@
 """Block quantization formats: byte equality with the gguf package's reference quantizer and with
-llama.cpp's own Q2_K quantizer, error bounds, and decoding by gguf's own dequantizer (the layout
+llama.cpp's own K-quant quantizers, error bounds, and decoding by gguf's own dequantizer (the layout
 llama.cpp reads)."""
 
 import hashlib
@@ -50,7 +50,7 @@ def test_round_trip_error_stays_within_the_format_bound(name):
     assert np.all(error <= fmt.error_bound(blocks, raw.reshape(-1, fmt.block_bytes))), name
 
 
-def q2_k_golden_input() -> np.ndarray:
+def k_quant_golden_input() -> np.ndarray:
     """Weights from integer arithmetic only (the same floats on every machine and numpy version)."""
     index = np.arange(32 * 256, dtype=np.float64)
     uniform = ((index * 2654435761) % 4294967296) / 4294967296 * 2 - 1
@@ -62,18 +62,24 @@ def q2_k_golden_input() -> np.ndarray:
     return values.astype(np.float32)
 
 
-def test_q2_k_bytes_equal_llama_cpp():
-    # sha256 of what llama.cpp's quantize_row_q2_K_ref (libggml-base from llama-cpp-python 0.3.36)
-    # wrote for these weights; tests/test_llama_cpp.py compares with the library directly.
-    raw = FORMATS["Q2_K"].quantize(q2_k_golden_input())
-    assert hashlib.sha256(raw.tobytes()).hexdigest() == "487a1cc046c7a0a666046c0fb22ed4793e43fe37c4fc4cf4f3bd830cbf052f5b"
+@pytest.mark.parametrize("name, sha256", [
+    ("Q2_K", "487a1cc046c7a0a666046c0fb22ed4793e43fe37c4fc4cf4f3bd830cbf052f5b"),
+    ("Q4_K", "a3e043b9cde6d044e03572fee990eff340e77aee0f1ada46d28e434dcbae613c"),
+])
+def test_k_quant_bytes_equal_llama_cpp(name, sha256):
+    # sha256 of what llama.cpp's quantize_row_q2_K_ref / quantize_row_q4_K_ref (libggml-base from
+    # llama-cpp-python 0.3.36) wrote for these weights; tests/test_llama_cpp.py compares with the library.
+    raw = FORMATS[name].quantize(k_quant_golden_input())
+    assert hashlib.sha256(raw.tobytes()).hexdigest() == sha256
 
 
 def test_q2_k_scale_search_never_does_worse_than_min_max():
     sub_blocks = weights(16, 512, seed=7).reshape(-1, 16)
-    scale, minimum, q = fit_scale_and_min(sub_blocks, levels=3, rmin=-0.5, rdelta=0.1, steps=15)
+    fit = lambda steps: fit_scale_and_min(sub_blocks, np.abs(sub_blocks), levels=3, rmin=-0.5, rdelta=0.1,  # noqa: E731
+                                          steps=steps, absolute_error=True)
+    scale, minimum, q = fit(15)
     min_max_scale = (sub_blocks.max(axis=1) - np.minimum(sub_blocks.min(axis=1), 0)) / 3
-    _, min_max_min, min_max_q = fit_scale_and_min(sub_blocks, levels=3, rmin=-0.5, rdelta=0.1, steps=-1)
+    _, min_max_min, min_max_q = fit(-1)
     assert np.allclose(min_max_min, np.minimum(sub_blocks.min(axis=1), 0))
     assert q.min() >= 0 and q.max() <= 3
     weighted = lambda s, m, levels: (np.abs(sub_blocks) * np.abs(s[:, None] * levels + m[:, None] - sub_blocks)).sum(1)  # noqa: E731
@@ -82,7 +88,8 @@ def test_q2_k_scale_search_never_does_worse_than_min_max():
     assert searched.sum() < 0.95 * plain.sum()
 
 
-@pytest.mark.parametrize("name, bits", [("Q8_0", 8.5), ("Q4_0", 4.5), ("Q4_1", 5.0), ("Q2_K", 2.625)])
+@pytest.mark.parametrize("name, bits", [("Q8_0", 8.5), ("Q4_0", 4.5), ("Q4_1", 5.0), ("Q4_K", 4.5),
+                                        ("Q2_K", 2.625)])
 def test_bytes_per_weight(name, bits):
     fmt = FORMATS[name]
     data = weights(4, 1024)
@@ -98,3 +105,11 @@ def test_rows_must_be_whole_blocks():
 def test_rounding_is_half_away_from_zero():
     values = np.array([0.5, 1.5, -0.5, -2.5, 0.49999997, 2.4999998], dtype=np.float32)
     assert round_half_away_from_zero(values).tolist() == [1, 2, -1, -3, 0, 2]
+
+
+def test_q4_k_beats_q4_0_at_the_same_size():
+    data = weights(16, 512, seed=9)
+    squared_error = {name: float(((FORMATS[name].dequantize(FORMATS[name].quantize(data), data.shape) - data) ** 2).mean())
+                     for name in ("Q4_0", "Q4_K")}
+    assert FORMATS["Q4_K"].bits_per_weight == FORMATS["Q4_0"].bits_per_weight
+    assert squared_error["Q4_K"] < 0.85 * squared_error["Q4_0"]

@@ -114,7 +114,8 @@ def _merges(tokenizer: LoadedTokenizer) -> list[str]:
     return [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
 
 
-FILE_TYPES = {F32: 0, F16: 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10}
+# general.file_type (gguf.LlamaFileType): llama.cpp has no "all Q4_K" type; Q4_K_S is its nearest.
+FILE_TYPES = {F32: 0, F16: 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q4_K": 14}
 
 
 def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer, plans: list[TensorPlan],
