@@ -82,7 +82,7 @@ def pretrain(params: StageParams, run: StageRun) -> None:
                        "peak_flops_per_second": settings.peak_flops_per_second}
             if train_rows and "model_flops_utilization" in train_rows[-1]:
                 metrics["model_flops_utilization"] = sum(r["model_flops_utilization"] for r in train_rows) / len(train_rows)
-            save_model(OUTPUT_DIR, model.cpu(), {"stage": "pretrain", "metrics": metrics})
+            save_model(OUTPUT_DIR, model.cpu(), {"stage": "pretrain"})  # no timings: same weights, same files
             write_training_reports(REPORTS_DIR, result, metrics)
             run.log_metrics({k: v for k, v in metrics.items() if k not in result.final_metrics})
             run.log_artifact(OUTPUT_DIR / "config.json")
