@@ -147,6 +147,22 @@ class StageParams:
                 raise self._fail(key, "values among " + ", ".join(choices), unknown)
         return list(value)
 
+    def str_map(self, key: str, *, keys: list[str], values: list[str]) -> dict[str, str]:
+        """A mapping from some of `keys` to one of `values` each; null (the whole mapping or one value)
+        means not set."""
+        mapping = self.get(key)
+        if mapping is None:
+            return {}
+        if not isinstance(mapping, dict):
+            raise self._fail(key, "a mapping such as {" + f"{keys[-1]}: {values[0]}" + "}", mapping)
+        unknown = [k for k in mapping if k not in keys]
+        if unknown:
+            raise self._fail(key, "keys among " + ", ".join(keys), unknown)
+        for name, value in mapping.items():
+            if value is not None and value not in values:
+                raise self._fail(f"{key}.{name}", "one of " + ", ".join(values), value)
+        return {name: value for name, value in mapping.items() if value is not None}
+
     def declared_values(self) -> dict[str, Any]:
         """Every declared key and its value, flattened to dotted keys (for MLflow params)."""
         flat: dict[str, Any] = {}

@@ -38,8 +38,8 @@ VARIANTS = [F16, *FORMATS]
 def quantize(params: StageParams, run: StageRun) -> None:
     variants = params.str_list("quantize.variants", choices=VARIANTS)
     fallback = params.str("quantize.fallback", choices=["Q8_0", "Q4_0", "Q4_1", F16])
-    embeddings = params.str("quantize.embeddings", choices=VARIANTS, optional=True)
-    output = params.str("quantize.output", choices=VARIANTS, optional=True)
+    embeddings = params.str_map("quantize.embeddings", keys=variants, values=VARIANTS)
+    output = params.str_map("quantize.output", keys=variants, values=VARIANTS)
     name = params.str("quantize.model_name")
     model, _ = load_model(FINETUNED)
     tokenizer = LoadedTokenizer(TOKENIZER_DIR)
@@ -48,7 +48,7 @@ def quantize(params: StageParams, run: StageRun) -> None:
     rows, manifest = [], {}
     with atomic.atomic_path(GGUF_DIR, directory=True) as temp:
         for variant in variants:
-            plans = plan_tensors(model, variant, fallback, embeddings, output)
+            plans = plan_tensors(model, variant, fallback, embeddings.get(variant), output.get(variant))
             file = temp / f"{name}-{variant}.gguf"
             tensor_bytes = write_gguf(file, model, tokenizer, plans, variant, name)
             rows.append(size_row(variant, parameters, tensor_bytes, file.stat().st_size,

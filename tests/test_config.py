@@ -74,3 +74,22 @@ def test_missing_key_is_named():
     params = StageParams("tokenize", {"tokenize": {}}, ["tokenize"])
     with pytest.raises(ParamError, match="params.yaml: missing key 'tokenize.batch_size'"):
         params.int("tokenize.batch_size")
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"Q3_K": "Q8_0"}, "params.yaml: quantize.embeddings: expected keys among Q8_0, Q2_K, got ['Q3_K'] (list)"),
+    ({"Q2_K": "Q9"}, "params.yaml: quantize.embeddings.Q2_K: expected one of F16, Q8_0, Q4_K, got 'Q9' (str)"),
+    ("Q4_K", "params.yaml: quantize.embeddings: expected a mapping such as {Q2_K: F16}, got 'Q4_K' (str)"),
+])
+def test_per_variant_types_name_the_wrong_key_or_value(value, message):
+    params = StageParams("quantize", {"quantize": {"embeddings": value}}, ["quantize"])
+    with pytest.raises(ParamError) as error:
+        params.str_map("quantize.embeddings", keys=["Q8_0", "Q2_K"], values=["F16", "Q8_0", "Q4_K"])
+    assert str(error.value) == message
+
+
+def test_per_variant_types_read_as_a_mapping_without_unset_entries():
+    params = StageParams("quantize", {"quantize": {"embeddings": {"Q2_K": "Q4_K", "Q8_0": None}, "output": None}},
+                         ["quantize"])
+    assert params.str_map("quantize.embeddings", keys=["Q8_0", "Q2_K"], values=["Q4_K"]) == {"Q2_K": "Q4_K"}
+    assert params.str_map("quantize.output", keys=["Q8_0", "Q2_K"], values=["Q4_K"]) == {}
