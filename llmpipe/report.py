@@ -110,7 +110,9 @@ def markdown_report(rows: list[dict], reference: str, pretrain: dict, finetune: 
              "Every model variant on the same held-out data: the validation text (perplexity, bits per byte), "
              "questions about the fine-tuned people and about held-out people never seen in fine-tuning "
              "(greedy exact match in the chat format), KL divergence of next-token distributions from the "
-             f"full-precision fine-tuned model (`{reference}`), file size and generation speed on this machine.", "",
+             f"full-precision fine-tuned model (`{reference}`), file size and generation speed on this machine "
+             "(greedy, fastest of 5 runs; PyTorch runs every GGUF variant as its dequantized fp32 weights, so "
+             "speed differences between variants here are noise: llama.cpp is where quantized files run faster).", "",
              "## Training in numbers", "",
              f"- Pretraining: {int(pretrain['parameters']):,} parameters, {int(pretrain['tokens_trained']):,} tokens in "
              f"{int(pretrain['steps'])} steps at {pretrain['tokens_per_second']:,.0f} tokens/s; validation bits per byte "
