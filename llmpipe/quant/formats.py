@@ -173,14 +173,21 @@ def _to_unit_multiples(values: np.ndarray, largest_multiple: int) -> tuple[np.nd
     return q.astype(np.uint8), np.where(present, largest / np.float32(largest_multiple), np.float32(0)).astype(np.float32)
 
 
-def _round_to_grids(sub: np.ndarray, d: np.ndarray, scale_q: np.ndarray, dmin: np.ndarray, min_q: np.ndarray,
-                    fitted_q: np.ndarray, levels: int) -> np.ndarray:
-    """Each weight → the nearest level of its sub-block's stored grid (units rounded to fp16, as the
-    file holds them). A sub-block whose step rounds to 0 keeps the fit's levels, as llama.cpp does."""
+def _quantize_sub_blocks(sub: np.ndarray, fitted: tuple[np.ndarray, np.ndarray, np.ndarray], levels: int,
+                         largest_multiple: int):
+    """The second half of every K-quant quantizer: store each sub-block's fitted scale and −minimum as
+    multiples (0..largest_multiple) of the block's units d and dmin, then round each weight to the
+    nearest level of its sub-block's stored grid (units rounded to fp16, as the file holds them). A
+    sub-block whose step rounds to 0 keeps the fit's levels, as llama.cpp does.
+    Returns (scale multiples, min multiples, d, dmin, q as (n, 256) uint8)."""
+    scale, minimum, fitted_q = fitted
+    scale_q, d = _to_unit_multiples(scale, largest_multiple)
+    min_q, dmin = _to_unit_multiples(-minimum, largest_multiple)
     step = (d.astype(np.float16).astype(np.float32)[:, None] * scale_q)[:, :, None]
     offset = (dmin.astype(np.float16).astype(np.float32)[:, None] * min_q)[:, :, None]
     q = np.clip(np.rint((sub + offset) / np.where(step == 0, np.float32(1), step)), 0, levels)
-    return np.where(step == 0, fitted_q, q).astype(np.uint8).reshape(-1, SUPER_BLOCK)
+    q = np.where(step == 0, fitted_q, q).astype(np.uint8).reshape(-1, SUPER_BLOCK)
+    return scale_q, min_q, d, dmin, q
 
 
 def _grid_bound(sub_size: int, levels: int, decode_grids: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]):
@@ -209,11 +216,8 @@ def quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
     """llama.cpp's quantize_row_q2_K_ref: fit each 16-weight sub-block (errors weighted by |x|), store
     sc and mn as 4-bit multiples of d and dmin, then round every weight to its sub-block's grid."""
     sub = blocks.reshape(-1, 16, 16)
-    scale, minimum, fitted_q = fit_scale_and_min(sub, np.abs(sub), levels=3, rmin=-0.5, rdelta=0.1, steps=15,
-                                                 absolute_error=True)
-    scale_q, d = _to_unit_multiples(scale, 15)
-    min_q, dmin = _to_unit_multiples(-minimum, 15)
-    q = _round_to_grids(sub, d, scale_q, dmin, min_q, fitted_q, levels=3)
+    fitted = fit_scale_and_min(sub, np.abs(sub), levels=3, rmin=-0.5, rdelta=0.1, steps=15, absolute_error=True)
+    scale_q, min_q, d, dmin, q = _quantize_sub_blocks(sub, fitted, levels=3, largest_multiple=15)
     scales = (scale_q | (min_q << 4)).astype(np.uint8)
     return np.concatenate([scales, _q2_k_order(q), _fp16_bytes(d[:, None]), _fp16_bytes(dmin[:, None])], axis=1)
 
@@ -255,11 +259,10 @@ def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     rms + |x|), store sc and mn as 6-bit multiples of d and dmin, then round every weight to its grid."""
     sub = blocks.reshape(-1, 8, 32)
     rms = np.sqrt(_running_sum(sub * sub) / np.float32(32))
-    scale, minimum, fitted_q = fit_scale_and_min(sub, rms[..., None] + np.abs(sub), levels=15, rmin=-1.0,
-                                                 rdelta=0.1, steps=20, absolute_error=False)
-    scale_q, d = _to_unit_multiples(scale, 63)
-    min_q, dmin = _to_unit_multiples(-minimum, 63)
-    q = _round_to_grids(sub, d, scale_q, dmin, min_q, fitted_q, levels=15).reshape(-1, 4, 2, 32)
+    fitted = fit_scale_and_min(sub, rms[..., None] + np.abs(sub), levels=15, rmin=-1.0, rdelta=0.1, steps=20,
+                               absolute_error=False)
+    scale_q, min_q, d, dmin, q = _quantize_sub_blocks(sub, fitted, levels=15, largest_multiple=63)
+    q = q.reshape(-1, 4, 2, 32)
     packed = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128).astype(np.uint8)
     return np.concatenate([_fp16_bytes(d[:, None]), _fp16_bytes(dmin[:, None]),
                            _pack_6_bit_scales(scale_q, min_q), packed], axis=1)
@@ -313,7 +316,7 @@ def _half_step_bound(levels: int, spread: Callable[[np.ndarray], np.ndarray]):
     """Half a quantization step plus fp16 rounding of the scale(s), for every weight of a block."""
     def bound(blocks, raw):
         step = spread(blocks) / levels
-        return (step / 2 + np.abs(blocks).max(axis=1) * 2e-3 + 1e-7)[:, None] + np.zeros_like(blocks)
+        return np.broadcast_to((step / 2 + np.abs(blocks).max(axis=1) * 2e-3 + 1e-7)[:, None], blocks.shape)
     return bound
 
 
