@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from llmpipe.config_compose import compose
-from llmpipe.generate import SamplingSettings, generate_tokens
-from llmpipe.hf_format import hf_model
+from llmpipe.export.hf import hf_model
+from llmpipe.generate import Engine, SamplingSettings
 from llmpipe.model import Transformer
 from llmpipe.model_io import load_model
-from llmpipe.params import StageParams
-from llmpipe.training_params import model_config
+from llmpipe.pipeline.compose import compose
+from llmpipe.pipeline.params import StageParams
+from llmpipe.train.settings import model_config
 
 
 def timed(function):
@@ -52,8 +52,8 @@ def main() -> None:
     settings = SamplingSettings(max_new_tokens=new_tokens)
 
     runs = {
-        "llmpipe, KV cache": lambda: list(generate_tokens(ours, prompt, settings)),
-        "llmpipe, no cache": lambda: list(generate_tokens(ours, prompt, settings, use_cache=False)),
+        "llmpipe, KV cache": lambda: list(Engine(ours).stream(prompt, settings)),
+        "llmpipe, no cache": lambda: list(Engine(ours, use_cache=False).stream(prompt, settings)),
         "transformers generate": lambda: theirs.generate(
             torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             use_cache=True, pad_token_id=0)[0, len(prompt):].tolist(),

@@ -18,12 +18,15 @@ import time
 
 import torch
 
-from llmpipe.config_compose import compose
-from llmpipe.hf_format import hf_model
-from llmpipe.lm_data import measure_matmul_flops_per_second
-from llmpipe.model import Transformer, count_parameters, training_flops_per_token
-from llmpipe.params import StageParams
-from llmpipe.training_params import model_config
+from llmpipe.export.hf import hf_model
+from llmpipe.model import Transformer, count_parameters
+from llmpipe.pipeline.compose import compose
+from llmpipe.pipeline.params import StageParams
+from llmpipe.train.flops import (
+    measure_matmul_flops_per_second,
+    training_flops_per_token,
+)
+from llmpipe.train.settings import model_config
 
 
 def training_step_seconds(model, tokens, optimizer, autocast, hf: bool) -> float:

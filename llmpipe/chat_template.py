@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from llmpipe.model import IGNORE_INDEX
 from llmpipe.tokenizer import LoadedTokenizer
+
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -32,7 +36,7 @@ class EncodedExample:
 class ChatTemplate:
     def __init__(self, tokenizer: LoadedTokenizer):
         self.tokenizer = tokenizer
-        self.role_ids = {role: tokenizer.special_ids[role] for role in ("system", "user", "assistant")}
+        self.role_ids = {role: tokenizer.special_ids[role] for role in ROLES}
         self.end_of_turn = tokenizer.special_ids["end_of_turn"]
 
     def _turns(self, messages: list[dict]) -> list[tuple[list[int], bool]]:
@@ -59,13 +63,43 @@ class ChatTemplate:
         ids = [token for piece, _ in self._turns(messages) for token in piece]
         return ids + [self.role_ids["assistant"]]
 
+    def encode_examples(self, examples: list[dict], max_length: int) -> tuple[list[EncodedExample], int]:
+        """Encode `{"messages": [...]}` examples for training; returns those that still have answer tokens
+        after truncation to `max_length`, and how many were truncated (those left without any answer
+        token are dropped)."""
+        encoded = [self.encode_example(e["messages"], max_length) for e in examples]
+        kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels)]
+        return kept, sum(e.truncated for e in encoded)
+
     def jinja(self) -> str:
-        """The same template in Jinja, for tools that format chats themselves (llama.cpp, transformers)."""
-        specials = self.tokenizer.special_tokens
-        return ("{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + '"
-                + specials["end_of_turn"] + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
-                + specials["assistant"] + "' }}{% endif %}")
+        """The same template in Jinja, for tools that format chats themselves (llama.cpp, transformers).
+        Role and end-of-turn tokens are the configured special tokens (`tokenizer.special_tokens`)."""
+        specials = {role: _jinja_string(token) for role, token in self.tokenizer.special_tokens.items()}
+        role_token = "".join(f"{'{% if' if index == 0 else '{% elif'} message['role'] == '{role}' %}}{{{{ {specials[role]} }}}}"
+                             for index, role in enumerate(ROLES)) + "{% endif %}"
+        return ("{% for message in messages %}" + role_token + "{{ ' ' + message['content'] + "
+                + specials["end_of_turn"] + " }}{% endfor %}{% if add_generation_prompt %}{{ "
+                + specials["assistant"] + " }}{% endif %}")
 
     def render(self, messages: list[dict]) -> str:
+        """The conversation as text, as `jinja()` renders it."""
         specials = self.tokenizer.special_tokens
         return "".join(f"{specials[m['role']]} {m['content']}{specials['end_of_turn']}" for m in messages)
+
+
+def _jinja_string(text: str) -> str:
+    """A Jinja string literal holding `text` exactly."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def pad_batch(examples: list[EncodedExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) of shape (examples, longest): padded on the right, IGNORE_INDEX labels on the
+    padding. Right padding needs no attention mask under causal attention: a real token only attends to
+    earlier positions, never to the padding after it."""
+    length = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids[row, :len(example.ids)] = torch.tensor(example.ids)
+        labels[row, :len(example.labels)] = torch.tensor(example.labels)
+    return ids, labels

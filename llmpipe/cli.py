@@ -16,15 +16,16 @@ import argparse
 import json
 import sys
 
-from llmpipe.errors import PipelineError
+from llmpipe.pipeline import layout
+from llmpipe.pipeline.errors import PipelineError
 
-DEFAULT_MODEL = "models/pretrained"
-DEFAULT_CHAT_MODEL = "models/finetuned"
-DEFAULT_TOKENIZER = "models/tokenizer"
+DEFAULT_MODEL = str(layout.PRETRAINED)
+DEFAULT_CHAT_MODEL = str(layout.FINETUNED)
+DEFAULT_TOKENIZER = str(layout.TOKENIZER)
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    from llmpipe.config_compose import compose, write_params
+    from llmpipe.pipeline.compose import compose, write_params
 
     params = compose(args.overrides, args.config_dir)
     write_params(params, args.output)
@@ -61,16 +62,21 @@ def cmd_next_token(args: argparse.Namespace) -> None:
         print(f"  {probability * 100:6.2f}%  {piece!r}  (id {token_id})")
 
 
+def _sampling(args: argparse.Namespace):
+    from llmpipe.generate import SamplingSettings
+
+    return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llmpipe.generate import SamplingSettings, StreamingDecoder, generate_tokens
+    from llmpipe.generate import Engine, StreamingDecoder
 
     model, tokenizer = _load(args)
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    stop = {tokenizer.special_ids["end_of_document"], tokenizer.special_ids["end_of_turn"]}
+    engine = Engine(model, stop_ids={tokenizer.end_of_document_id, tokenizer.special_ids["end_of_turn"]})
     decoder = StreamingDecoder(tokenizer)
     sys.stdout.write(args.text)
-    for token in generate_tokens(model, _prompt_ids(tokenizer, args.text), settings, stop):
+    for token in engine.stream(_prompt_ids(tokenizer, args.text), _sampling(args)):
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -78,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def stream_answer(model, tokenizer, template, messages: list[dict], settings) -> str:
     """Generate the assistant's turn for `messages`, printing it as it comes; returns its text."""
-    from llmpipe.generate import StreamingDecoder, generate_tokens
+    from llmpipe.generate import Engine, StreamingDecoder
 
     prompt = template.encode_prompt(messages)
     while len(prompt) >= model.config.context_length and len(messages) > 1:  # forget the oldest turns
@@ -87,7 +93,8 @@ def stream_answer(model, tokenizer, template, messages: list[dict], settings) ->
     prompt = prompt[-(model.config.context_length - 1):]
     decoder = StreamingDecoder(tokenizer)
     pieces = []
-    for token in generate_tokens(model, prompt, settings, {template.end_of_turn, tokenizer.end_of_document_id}):
+    engine = Engine(model, stop_ids={template.end_of_turn, tokenizer.end_of_document_id})
+    for token in engine.stream(prompt, settings):
         piece = decoder.push(token)
         if not pieces:
             piece = piece.lstrip()  # the template puts one space after the role token
@@ -100,12 +107,10 @@ def stream_answer(model, tokenizer, template, messages: list[dict], settings) ->
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from llmpipe.chat_template import ChatTemplate
-    from llmpipe.generate import SamplingSettings
 
     model, tokenizer = _load(args)
     template = ChatTemplate(tokenizer)
-    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    settings = _sampling(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.text:
         stream_answer(model, tokenizer, template, history + [{"role": "user", "content": args.text}], settings)
@@ -127,10 +132,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_model_size(args: argparse.Namespace) -> None:
-    from llmpipe.config_compose import compose
     from llmpipe.model_size import human_bytes, size_report
-    from llmpipe.params import StageParams
-    from llmpipe.training_params import model_config
+    from llmpipe.pipeline.compose import compose
+    from llmpipe.pipeline.params import StageParams
+    from llmpipe.train.settings import model_config
 
     composed = compose(args.overrides, args.config_dir)
     params = StageParams("model-size", composed, ["model", "tokenizer.vocab_size"])

@@ -1,24 +1,31 @@
-"""Text generation: the autoregressive loop with a key/value cache, and next-token probabilities.
+"""Text generation: the one decoding engine of the project, batched, with a key/value cache.
 
-Each step feeds only the newest token (the cache holds the keys and values of everything before),
-turns the last position's logits into a distribution and picks a token:
+    engine = Engine(model, stop_ids={end_of_turn})
+    engine.generate(prompts, SamplingSettings(max_new_tokens=24))   # every prompt's continuation
+    for token in engine.stream(prompt, settings): ...                # one prompt, token by token
+
+The CLI (`llmpipe generate`, `llmpipe chat`), QA evaluation, the MLflow model and the benchmarks all
+decode through `Engine.decode`: prompts of equal length form one batch (no padding, positions line
+up); each step feeds only the newest tokens (the cache holds the keys and values of everything
+before), turns the last position's logits into a distribution and picks a token per row:
 - greedy (temperature 0): the most likely token;
 - sampling: logits / temperature, keep the `top_k` most likely and the smallest set whose probability
-  reaches `top_p` (nucleus), renormalize, draw with a seeded generator.
-It stops at a stop token (end of document / end of turn), at `max_new_tokens`, or at the context end.
+  reaches `top_p` (nucleus), renormalize, draw with a generator seeded by `seed`.
+A row ends at a stop token (not returned), after `max_new_tokens`, or at the end of the context.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 from llmpipe.model import Transformer
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingSettings:
     max_new_tokens: int = 64
     temperature: float = 0.0   # 0 = greedy
@@ -43,37 +50,77 @@ def next_token_distribution(logits: torch.Tensor, settings: SamplingSettings) ->
     return probabilities
 
 
-def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
+def pick_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+    """The next token of every row; logits shape (batch, vocab)."""
     if settings.temperature <= 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(next_token_distribution(logits, settings), 1, generator=generator))
+        return logits.argmax(-1)
+    return torch.cat([torch.multinomial(next_token_distribution(row.cpu(), settings), 1, generator=generator)
+                      for row in logits]).to(logits.device)
 
 
-@torch.no_grad()
-def generate_tokens(model: Transformer, prompt: list[int], settings: SamplingSettings,
-                    stop_ids: set[int] = frozenset(), use_cache: bool = True) -> Iterator[int]:
-    """Yield generated token ids one at a time (for streaming). `use_cache=False` recomputes the whole
-    sequence every step (slow; for checking and benchmarking the cache)."""
-    if not prompt:
-        raise ValueError("the prompt must contain at least one token")
-    device = model.embed_tokens.weight.device
-    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    limit = min(settings.max_new_tokens, model.config.context_length - len(prompt))
-    if limit <= 0:
-        return
-    tokens = torch.tensor([prompt], device=device)
-    cache = model.new_cache(1, len(prompt) + limit) if use_cache else None
-    logits, _ = model(tokens, cache=cache)
-    for _ in range(limit):
-        token = pick_token(logits[0, -1].cpu(), settings, generator)
-        yield token
-        if token in stop_ids:
+class Engine:
+    def __init__(self, model: Transformer, stop_ids: Iterable[int] = (), use_cache: bool = True):
+        self.model = model
+        self.stop_ids = frozenset(stop_ids)
+        self.use_cache = use_cache  # False recomputes the whole sequence every step (to check and time the cache)
+
+    @torch.no_grad()
+    def decode(self, prompts: list[list[int]], settings: SamplingSettings,
+               generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """The decoding loop: for prompts of one length, yield the next token of every row, step by step
+        (the caller decides when to stop listening)."""
+        length = len(prompts[0])
+        if length == 0 or any(len(p) != length for p in prompts):
+            raise ValueError("prompts decoded together must be non-empty and of one length")
+        device = self.model.embed_tokens.weight.device
+        steps = min(settings.max_new_tokens, self.model.config.context_length - length)
+        if steps <= 0:
             return
-        if use_cache:
-            logits, _ = model(torch.tensor([[token]], device=device), cache=cache)
-        else:
-            tokens = torch.cat([tokens, torch.tensor([[token]], device=device)], dim=1)
-            logits, _ = model(tokens)
+        tokens = torch.tensor(prompts, device=device)
+        cache = self.model.new_cache(len(prompts), length + steps) if self.use_cache else None
+        logits, _ = self.model(tokens, cache=cache)
+        for step in range(steps):
+            next_tokens = pick_tokens(logits[:, -1], settings, generator)
+            yield next_tokens
+            if step == steps - 1:
+                return
+            if cache is not None:
+                logits, _ = self.model(next_tokens[:, None], cache=cache)
+            else:
+                tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+                logits, _ = self.model(tokens)
+
+    def stream(self, prompt: list[int], settings: SamplingSettings) -> Iterator[int]:
+        """One prompt's continuation, token by token (for printing as it comes)."""
+        generator = torch.Generator().manual_seed(settings.seed)
+        for column in self.decode([prompt], settings, generator):
+            token = int(column[0])
+            if token in self.stop_ids:
+                return
+            yield token
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings, batch_size: int = 64) -> list[list[int]]:
+        """Every prompt's continuation; prompts of equal length are decoded together, `batch_size` at a time."""
+        answers: list[list[int]] = [[] for _ in prompts]
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for index, prompt in enumerate(prompts):
+            by_length[len(prompt)].append(index)
+        generator = torch.Generator().manual_seed(settings.seed)
+        for _, indices in sorted(by_length.items()):
+            for start in range(0, len(indices), batch_size):
+                group = indices[start:start + batch_size]
+                finished = [False] * len(group)
+                for column in self.decode([prompts[i] for i in group], settings, generator):
+                    for row, token in enumerate(column.tolist()):
+                        if finished[row]:
+                            continue
+                        if token in self.stop_ids:
+                            finished[row] = True
+                        else:
+                            answers[group[row]].append(token)
+                    if all(finished):
+                        break
+        return answers
 
 
 class StreamingDecoder:

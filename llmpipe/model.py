@@ -251,11 +251,3 @@ class Transformer(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Parameters counted once each (a tied embedding is one matrix)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def training_flops_per_token(config: ModelConfig, parameters: int) -> float:
-    """Forward + backward FLOPs per token: 6 × parameters (without the input embedding lookup)
-    plus attention scores and mixing, 12 × layers × heads × head_dim × context (PaLM appendix B)."""
-    non_embedding = parameters - (0 if config.tie_embeddings else config.vocab_size * config.d_model)
-    attention = 12 * config.n_layer * config.n_head * config.head_dim * config.context_length
-    return 6 * non_embedding + attention

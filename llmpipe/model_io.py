@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmpipe import atomic
-from llmpipe.errors import InputDataError
 from llmpipe.model import ModelConfig, Transformer
+from llmpipe.pipeline import atomic
+from llmpipe.pipeline.errors import InputDataError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

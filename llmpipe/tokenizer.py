@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmpipe.errors import InputDataError
+from llmpipe.pipeline.errors import InputDataError
 
 BYTE_ALPHABET_SIZE = 256
 SPECIAL_TOKEN_ROLES = ("end_of_document", "system", "user", "assistant", "end_of_turn")
@@ -94,35 +94,20 @@ class LoadedTokenizer:
         return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
 
-def tokenizer_report(tokenizer: LoadedTokenizer, validation_texts: list[str], longest: int = 15) -> tuple[dict, str]:
-    """Metrics (characters per token, tokens per 100 words) and a Markdown report."""
+def tokenizer_metrics(tokenizer: LoadedTokenizer, validation_texts: list[str]) -> dict[str, float]:
+    """Vocabulary size, characters per token and tokens per 100 words on the validation text."""
     characters = sum(len(t) for t in validation_texts)
     words = sum(len(t.split()) for t in validation_texts)
     tokens = sum(len(e.ids) for e in tokenizer.tokenizer.encode_batch(validation_texts))
-    metrics = {
+    return {
         "vocab_size": tokenizer.vocab_size,
         "validation_characters_per_token": characters / max(tokens, 1),
         "validation_tokens_per_100_words": 100 * tokens / max(words, 1),
     }
-    lines = ["# Tokenizer report", "",
-             f"Vocabulary: {tokenizer.vocab_size} tokens (256 bytes, {len(tokenizer.special_ids)} special, "
-             f"the rest learned merges).", "",
-             f"On the validation text: {metrics['validation_characters_per_token']:.2f} characters per token, "
-             f"{metrics['validation_tokens_per_100_words']:.1f} tokens per 100 words.", "",
-             "| text | tokens | pieces |", "|---|---:|---|"]
-    examples = EXAMPLE_STRINGS + ([validation_texts[0].split(". ")[0] + "."] if validation_texts else [])
-    for text in examples:
-        ids = tokenizer.encode(text)
-        pieces = " · ".join(repr(p)[1:-1].replace("|", "\\|") for p in tokenizer.token_strings(ids))
-        lines.append(f"| {text} | {len(ids)} | {pieces} |")
+
+
+def longest_learned_tokens(tokenizer: LoadedTokenizer, count: int) -> list[str]:
     special = set(tokenizer.special_ids.values())
-    learned = [(token, i) for token, i in tokenizer.tokenizer.get_vocab().items() if i not in special]
-    decoded = sorted(((tokenizer.decode([i]), i) for _, i in learned), key=lambda x: (-len(x[0]), x[1]))
-    lines += ["", "Longest learned tokens: " + ", ".join(repr(t) for t, _ in decoded[:longest]), ""]
-    return metrics, "\n".join(lines)
-
-
-def iterate_texts(jsonl_path: Path) -> Iterator[str]:
-    with open(jsonl_path, encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)["text"]
+    learned = [i for i in tokenizer.tokenizer.get_vocab().values() if i not in special]
+    decoded = sorted(((tokenizer.decode([i]), i) for i in learned), key=lambda x: (-len(x[0]), x[1]))
+    return [text for text, _ in decoded[:count]]

@@ -1,21 +1,26 @@
 """Stage `prepare`: build the pretraining text, fine-tuning examples and QA evaluation sets.
 
 Source (params `data`, a Hydra group: `dvc exp run -S data=local_files`):
-- embedded (default): a seeded world of fictional people (llmpipe.world); no network;
+- embedded (default): a seeded world of fictional people (llmpipe.data.world); no network;
 - local_files: text / JSONL / Parquet files by glob (`data.paths`, `data.text_column`);
 - hf_dataset: `datasets.load_dataset(data.name, data.config, split=data.split)`.
-Output: data/prepared/ (see llmpipe.prepare). Run: `dvc repro prepare` (or `python stages/prepare.py`).
+Output: data/prepared/ (see llmpipe.data.prepared). Run: `dvc repro prepare` (or `python stages/prepare.py`).
 """
 
-from llmpipe.corpus_sources import TXT_SAMPLE_BY, clean_documents, read_hub_documents, read_local_documents
-from llmpipe.errors import ParamError
-from llmpipe.params import StageParams
-from llmpipe.prepare import user_bundle, world_bundle, write_prepared
-from llmpipe.stage import stage
-from llmpipe.tracking import StageRun
-from llmpipe.world import ATTRIBUTES, WorldConfig, build_world, max_people
+from llmpipe.data.prepared import user_bundle, world_bundle, write_prepared
+from llmpipe.data.sources import (
+    TXT_SAMPLE_BY,
+    clean_documents,
+    read_hub_documents,
+    read_local_documents,
+)
+from llmpipe.data.world import ATTRIBUTES, WorldConfig, build_world, max_people
+from llmpipe.pipeline import layout
+from llmpipe.pipeline.errors import ParamError
+from llmpipe.pipeline.params import StageParams
+from llmpipe.pipeline.stage import stage
+from llmpipe.pipeline.tracking import StageRun
 
-OUTPUT_DIR = "data/prepared"
 SOURCES = ["embedded", "local_files", "hf_dataset"]
 
 
@@ -68,10 +73,10 @@ def prepare(params: StageParams, run: StageRun) -> None:
             finetune_validation=params.str("data.finetune_validation", optional=True),
             finetune_validation_fraction=params.float("data.finetune_validation_fraction", above=0, max=0.5),
         )
-    summary = write_prepared(OUTPUT_DIR, bundle)
+    summary = write_prepared(bundle)
     run.log_metrics(summary)
-    run.log_artifact(f"{OUTPUT_DIR}/summary.json")
-    print(f"prepare: wrote {OUTPUT_DIR}: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.items())))
+    run.log_artifact(layout.PREPARED_SUMMARY)
+    print(f"prepare: wrote {layout.PREPARED}: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.items())))
 
 
 if __name__ == "__main__":

@@ -5,87 +5,65 @@ Output: models/pretrained/ (model.safetensors + config.json), reports/pretrain/m
 val_loss, val_bpb, unigram_bpb, tokens_per_second, ...), reports/pretrain/{train,eval}_curve.csv (DVC plots).
 Checkpoints go to checkpoints/pretrain/<key>/; a killed run resumes from the last one.
 Run: `dvc repro pretrain`; data-parallel: `dvc exp run -S pretrain.processes=2` (the stage runs under
-llmpipe.launch, which is torchrun for N > 1), or by hand: `torchrun --nproc_per_node=2 stages/pretrain.py`.
+llmpipe.pipeline.launch, which is torchrun for N > 1), or by hand: `torchrun --nproc_per_node=2 stages/pretrain.py`.
 """
 
-import math
-from pathlib import Path
+import functools
 
 import torch
 
-from llmpipe import distributed
-from llmpipe.checkpoint import CheckpointStore, checkpoint_key, default_directory
-from llmpipe.errors import ParamError
-from llmpipe.lm_data import (RandomWindows, bits_per_byte, language_model_loss, measure_matmul_flops_per_second,
-                             unigram_bits_per_byte)
+from llmpipe.data.tokens import open_tokens, read_meta
+from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
 from llmpipe.model import Transformer, count_parameters
-from llmpipe.model_io import save_model
-from llmpipe.params import StageParams
-from llmpipe.stage import stage
-from llmpipe.tokenize_corpus import open_tokens, read_meta
-from llmpipe.training import train
-from llmpipe.training_params import global_batch_sequences, model_config, train_settings
-from llmpipe.training_reports import write_training_reports
-from llmpipe.tracking import StageRun
-
-TOKENS_DIR = Path("data/tokens")
-OUTPUT_DIR = Path("models/pretrained")
-REPORTS_DIR = Path("reports/pretrain")
+from llmpipe.model_io import CONFIG_FILE, save_model
+from llmpipe.pipeline import distributed, layout
+from llmpipe.pipeline.params import StageParams
+from llmpipe.pipeline.stage import stage
+from llmpipe.pipeline.tracking import StageRun
+from llmpipe.report.tables import write_training_reports
+from llmpipe.train.batches import RandomWindows
+from llmpipe.train.checkpoint import CheckpointStore
+from llmpipe.train.loop import train
+from llmpipe.train.settings import pretrain_settings
 
 
 @stage("pretrain")
 def pretrain(params: StageParams, run: StageRun) -> None:
-    meta = read_meta(TOKENS_DIR)
-    config = model_config(params, meta["vocab_size"])
-    settings = train_settings(params, "pretrain")
-    sequences = global_batch_sequences(params, "pretrain", config.context_length)
-    micro = params.int("pretrain.micro_batch_sequences", min=1)
-    eval_max_tokens = params.int("pretrain.eval_max_tokens", min=2)
-    seed = params.int("seed")
-    requested_device = params.str("pretrain.device", choices=["auto", "cpu", "cuda"])
-    params.int("pretrain.processes", min=1)  # used by the stage's torchrun command in dvc.yaml
-
-    process = distributed.start(requested_device)
+    meta = read_meta()
+    settings = pretrain_settings(params, meta["vocab_size"])
+    config, batch, process = settings.model, settings.batch, distributed.start(settings.process)
     try:
-        torch.manual_seed(seed)
-        model = Transformer(config)
-        train_tokens, validation_tokens = open_tokens(TOKENS_DIR, "train"), open_tokens(TOKENS_DIR, "validation")
+        train_tokens, validation_tokens = open_tokens("train"), open_tokens("validation")
         validation_counts = meta["splits"]["validation"]
-        batches = RandomWindows(train_tokens, config.context_length, sequences, micro, seed)
-        if sequences // micro < process.world_size:
-            raise ParamError(f"params.yaml: pretrain.global_batch_sequences / micro_batch_sequences = {sequences // micro} "
-                             f"micro-batches cannot be shared by {process.world_size} processes")
-        peak = params.get("pretrain.peak_flops_per_second")
-        settings.peak_flops_per_second = (params.float("pretrain.peak_flops_per_second", above=0) if peak is not None
-                                          else measure_matmul_flops_per_second(process.device,
-                                                                               torch.bfloat16 if settings.precision == "bf16" else torch.float32))
-
-        def evaluate(model: Transformer) -> dict[str, float]:
-            loss, predicted = language_model_loss(model, validation_tokens, config.context_length, eval_max_tokens,
-                                                  micro, process.device)
-            return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
-                    "val_bpb": bits_per_byte(loss, predicted, validation_counts["tokens"], validation_counts["utf8_bytes"])}
-
-        store = CheckpointStore(default_directory("pretrain", checkpoint_key(params.declared_values(), run.input_hashes)))
+        torch.manual_seed(settings.seed)
+        model = Transformer(config)
         parameters = count_parameters(model)
+        batches = RandomWindows(train_tokens, config.context_length, batch.global_sequences, batch.micro_sequences,
+                                settings.seed)
+        evaluate = functools.partial(perplexity_metrics, tokens=validation_tokens, split_counts=validation_counts,
+                                     max_tokens=settings.eval_max_tokens, batch_size=batch.micro_sequences,
+                                     device=process.device)
+        store = CheckpointStore.for_stage("pretrain", params.declared_values(), run.input_hashes)
         if process.is_main:
-            print(f"pretrain: {parameters:,} parameters, {sequences} sequences × {config.context_length} tokens per step, "
-                  f"{settings.max_steps} steps, {process.world_size} process(es) on {process.device}", flush=True)
-        result = train(model, settings, batches, evaluate, process, run, store)
+            print(f"pretrain: {parameters:,} parameters, {batch.global_sequences} sequences × {config.context_length} "
+                  f"tokens per step, {settings.loop.max_steps} steps, {process.world_size} process(es) on "
+                  f"{process.device}", flush=True)
+        result = train(model, settings.loop, batches, evaluate, process, run, store)
 
         if process.is_main:
-            unigram = unigram_bits_per_byte(train_tokens, validation_tokens, config.vocab_size, validation_counts["utf8_bytes"])
-            train_rows = result.history["train"]
-            metrics = {**result.final_metrics, "unigram_bpb": unigram, "parameters": parameters, "steps": settings.max_steps,
-                       "tokens_trained": settings.max_steps * sequences * config.context_length,
-                       "tokens_per_second": sum(r["tokens_per_second"] for r in train_rows) / max(len(train_rows), 1),
-                       "peak_flops_per_second": settings.peak_flops_per_second}
-            if train_rows and "model_flops_utilization" in train_rows[-1]:
-                metrics["model_flops_utilization"] = sum(r["model_flops_utilization"] for r in train_rows) / len(train_rows)
-            save_model(OUTPUT_DIR, model.cpu(), {"stage": "pretrain"})  # no timings: same weights, same files
-            write_training_reports(REPORTS_DIR, result, metrics)
+            unigram = unigram_bits_per_byte(train_tokens, validation_tokens, config.vocab_size,
+                                            validation_counts["utf8_bytes"])
+            metrics = {**result.final_metrics, "unigram_bpb": unigram, "parameters": parameters,
+                       "steps": settings.loop.max_steps,
+                       "tokens_trained": settings.loop.max_steps * batch.global_sequences * config.context_length,
+                       "tokens_per_second": result.mean_of("tokens_per_second") or 0.0,
+                       "peak_flops_per_second": settings.loop.peak_flops_per_second}
+            if result.mean_of("model_flops_utilization") is not None:
+                metrics["model_flops_utilization"] = result.mean_of("model_flops_utilization")
+            save_model(layout.PRETRAINED, model.cpu(), {"stage": "pretrain"})  # no timings: same weights, same files
+            write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics)
             run.log_metrics({k: v for k, v in metrics.items() if k not in result.final_metrics})
-            run.log_artifact(OUTPUT_DIR / "config.json")
+            run.log_artifact(layout.PRETRAINED / CONFIG_FILE)
             store.clear()
             print(f"pretrain: val_bpb {metrics['val_bpb']:.3f} (unigram baseline {unigram:.3f}), "
                   f"val_loss {metrics['val_loss']:.3f}, {metrics['tokens_per_second']:.0f} tokens/s", flush=True)

@@ -12,25 +12,19 @@ Run: `dvc repro quantize`.
 
 import json
 from collections import Counter
-from pathlib import Path
 
-from llmpipe import atomic
+from llmpipe.export.formats import FORMATS
+from llmpipe.export.gguf_file import F16, plan_tensors, size_row, write_gguf
+from llmpipe.export.hf import write_hf_directory
 from llmpipe.model import count_parameters
 from llmpipe.model_io import load_model
-from llmpipe.params import StageParams
-from llmpipe.quant.formats import FORMATS
-from llmpipe.quant.gguf_export import F16, plan_tensors, write_gguf
-from llmpipe.quant.hf_export import write_hf_directory
-from llmpipe.quant.size_table import markdown_table, size_row
-from llmpipe.stage import stage
+from llmpipe.pipeline import atomic, layout
+from llmpipe.pipeline.params import StageParams
+from llmpipe.pipeline.stage import stage
+from llmpipe.pipeline.tracking import StageRun
+from llmpipe.report.markdown import size_table
 from llmpipe.tokenizer import LoadedTokenizer
-from llmpipe.tracking import StageRun
 
-FINETUNED = Path("models/finetuned")
-TOKENIZER_DIR = Path("models/tokenizer")
-GGUF_DIR = Path("models/gguf")
-HF_DIR = Path("models/hf")
-REPORTS_DIR = Path("reports/quantize")
 VARIANTS = [F16, *FORMATS]
 
 
@@ -41,15 +35,15 @@ def quantize(params: StageParams, run: StageRun) -> None:
     embeddings = params.str_map("quantize.embeddings", keys=variants, values=VARIANTS)
     output = params.str_map("quantize.output", keys=variants, values=VARIANTS)
     name = params.str("quantize.model_name")
-    model, _ = load_model(FINETUNED)
-    tokenizer = LoadedTokenizer(TOKENIZER_DIR)
+    model, _ = load_model(layout.FINETUNED)
+    tokenizer = LoadedTokenizer(layout.TOKENIZER)
     parameters = count_parameters(model)
 
     rows, manifest = [], {}
-    with atomic.atomic_path(GGUF_DIR, directory=True) as temp:
+    with atomic.atomic_path(layout.GGUF, directory=True) as temp:
         for variant in variants:
             plans = plan_tensors(model, variant, fallback, embeddings.get(variant), output.get(variant))
-            file = temp / f"{name}-{variant}.gguf"
+            file = temp / layout.gguf_file_name(name, variant)
             tensor_bytes = write_gguf(file, model, tokenizer, plans, variant, name)
             rows.append(size_row(variant, parameters, tensor_bytes, file.stat().st_size,
                                  dict(Counter(p.type_name for p in plans))))
@@ -57,19 +51,19 @@ def quantize(params: StageParams, run: StageRun) -> None:
             print(f"quantize: {file.name}: {rows[-1]['bits_per_weight']:.2f} bits/weight, {file.stat().st_size:,} bytes",
                   flush=True)
         (temp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    with atomic.atomic_path(HF_DIR, directory=True) as temp:
+    with atomic.atomic_path(layout.HF_EXPORT, directory=True) as temp:
         write_hf_directory(temp, model, tokenizer)
 
-    table = markdown_table(rows, parameters)
+    table = size_table(rows, parameters)
     metrics = {"parameters": parameters, "variants": {row["format"]: {k: v for k, v in row.items() if k != "tensor_types"}
                                                      for row in rows}}
-    atomic.write_json(REPORTS_DIR / "sizes.json", metrics)
-    atomic.write_text(REPORTS_DIR / "sizes.md", table)
+    atomic.write_json(layout.SIZES_METRICS, metrics)
+    atomic.write_text(layout.SIZES_TABLE, table)
     for row in rows:
         run.log_metrics({f"{row['format']}_bits_per_weight": row["bits_per_weight"],
                          f"{row['format']}_file_bytes": row["file_bytes"],
                          f"{row['format']}_ratio_to_fp32": row["ratio_to_fp32"]})
-    run.log_text(table, "sizes.md")
+    run.log_text(table, layout.SIZES_TABLE.name)
     print(table)
 
 

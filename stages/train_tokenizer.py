@@ -6,18 +6,21 @@ and reports/tokenizer.md (token-count table, characters per token, longest token
 Run: `dvc repro train_tokenizer`, or try a size: `dvc exp run -S tokenizer.vocab_size=2048`.
 """
 
-from pathlib import Path
-
-from llmpipe import atomic
-from llmpipe.errors import InputDataError, ParamError
-from llmpipe.params import StageParams
-from llmpipe.stage import stage
-from llmpipe.tokenizer import (SPECIAL_TOKEN_ROLES, LoadedTokenizer, iterate_texts, minimum_vocab_size,
-                               save_tokenizer, tokenizer_report, train_bpe)
-from llmpipe.tracking import StageRun
-
-PREPARED = Path("data/prepared")
-OUTPUT_DIR = Path("models/tokenizer")
+from llmpipe.data.jsonl import iterate_rows
+from llmpipe.pipeline import atomic, layout
+from llmpipe.pipeline.errors import ParamError
+from llmpipe.pipeline.params import StageParams
+from llmpipe.pipeline.stage import stage
+from llmpipe.pipeline.tracking import StageRun
+from llmpipe.report.markdown import tokenizer_report
+from llmpipe.tokenizer import (
+    SPECIAL_TOKEN_ROLES,
+    LoadedTokenizer,
+    minimum_vocab_size,
+    save_tokenizer,
+    tokenizer_metrics,
+    train_bpe,
+)
 
 
 def special_tokens(params: StageParams) -> dict[str, str]:
@@ -25,6 +28,10 @@ def special_tokens(params: StageParams) -> dict[str, str]:
     if len(set(tokens.values())) != len(tokens):
         raise ParamError("params.yaml: tokenizer.special_tokens: each role needs a distinct token string")
     return tokens
+
+
+def texts(split: str):
+    return (row["text"] for row in iterate_rows(layout.PRETRAIN_TEXT[split]))
 
 
 @stage("train_tokenizer")
@@ -36,20 +43,18 @@ def train_tokenizer(params: StageParams, run: StageRun) -> None:
         raise ParamError(f"params.yaml: tokenizer.vocab_size: expected at least {minimum} (256 byte tokens + "
                          f"{minimum - 256} special tokens), got {vocab_size}")
     min_frequency = params.int("tokenizer.min_frequency", min=1)
-    train_file = PREPARED / "pretrain_train.jsonl"
-    if not train_file.is_file():
-        raise InputDataError(f"{train_file}: not found; run the prepare stage first (dvc repro prepare)")
 
-    tokenizer = train_bpe(iterate_texts(train_file), vocab_size, min_frequency, specials)
-    with atomic.atomic_path(OUTPUT_DIR, directory=True) as temp:
+    tokenizer = train_bpe(texts("train"), vocab_size, min_frequency, specials)
+    with atomic.atomic_path(layout.TOKENIZER, directory=True) as temp:
         save_tokenizer(tokenizer, specials, temp)
-    loaded = LoadedTokenizer(OUTPUT_DIR)
-    metrics, report = tokenizer_report(loaded, list(iterate_texts(PREPARED / "pretrain_validation.jsonl")))
-    atomic.write_json("reports/tokenizer.json", metrics)
-    atomic.write_text("reports/tokenizer.md", report)
+    loaded = LoadedTokenizer(layout.TOKENIZER)
+    validation_texts = list(texts("validation"))
+    metrics = tokenizer_metrics(loaded, validation_texts)
+    atomic.write_json(layout.TOKENIZER_METRICS, metrics)
+    atomic.write_text(layout.TOKENIZER_REPORT, tokenizer_report(loaded, metrics, validation_texts))
     run.log_metrics(metrics)
-    run.log_artifact(OUTPUT_DIR, "tokenizer")
-    run.log_artifact("reports/tokenizer.md")
+    run.log_artifact(layout.TOKENIZER, "tokenizer")
+    run.log_artifact(layout.TOKENIZER_REPORT)
     print(f"train_tokenizer: {loaded.vocab_size} tokens, "
           f"{metrics['validation_characters_per_token']:.2f} characters per token on validation text")
 

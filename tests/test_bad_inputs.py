@@ -5,7 +5,6 @@ import hashlib
 import sys
 
 import pytest
-
 from conftest import run
 from test_pipeline import edit_params
 

@@ -2,12 +2,11 @@
 
 import pytest
 import yaml
-
-from llmpipe.config_compose import compose
-from llmpipe.errors import ParamError, UndeclaredParamError
-from llmpipe.params import StageParams, declared_param_keys
-
 from conftest import ROOT
+
+from llmpipe.pipeline.compose import compose
+from llmpipe.pipeline.errors import ParamError, UndeclaredParamError
+from llmpipe.pipeline.params import StageParams, declared_param_keys
 
 
 def test_committed_params_yaml_equals_composition_of_conf():

@@ -4,11 +4,15 @@ import json
 
 import pytest
 
-from llmpipe.chat_data import normalize_example, read_chat_examples
-from llmpipe.corpus_sources import clean_documents, read_hub_documents, read_local_documents
-from llmpipe.errors import InputDataError
-from llmpipe.prepare import world_bundle, write_prepared
-from llmpipe.world import WorldConfig, build_world
+from llmpipe.data.chat_examples import normalize_example, read_chat_examples
+from llmpipe.data.prepared import world_bundle, write_prepared
+from llmpipe.data.sources import (
+    clean_documents,
+    read_hub_documents,
+    read_local_documents,
+)
+from llmpipe.data.world import WorldConfig, build_world
+from llmpipe.pipeline.errors import InputDataError
 
 
 def test_world_is_deterministic_and_split_three_ways():
@@ -17,29 +21,29 @@ def test_world_is_deterministic_and_split_three_ways():
     assert first == second
     assert build_world(WorldConfig(num_people=40, paraphrases=3, seed=8)) != first
     splits = {p["split"] for p in first["people"]}
-    assert splits == {"finetune", "validation", "heldout"}
+    assert splits == {"finetuned_people", "validation_people", "heldout_people"}
     names = [p["name"] for p in first["people"]]
     assert len(set(names)) == len(names)
-    heldout = {p["name"] for p in first["people"] if p["split"] == "heldout"}
+    heldout = {p["name"] for p in first["people"] if p["split"] == "heldout_people"}
     # Held-out people are in the pretraining biographies, never in the fine-tuning QA.
     assert all(any(name in doc for doc in first["pretrain_train"]) for name in heldout)
-    assert not any(qa["person"] in heldout for qa in first["qa"]["finetune"])
+    assert not any(qa["person"] in heldout for qa in first["qa"]["finetuned_people"])
 
 
 def test_mixed_training_puts_finetune_qa_in_pretraining_text_only_when_on():
     on = build_world(WorldConfig(num_people=20, paraphrases=2, mixed_training=True))
     off = build_world(WorldConfig(num_people=20, paraphrases=2, mixed_training=False))
-    question = on["qa"]["finetune"][0]["question"]
+    question = on["qa"]["finetuned_people"][0]["question"]
     assert any(question in doc for doc in on["pretrain_train"])
     assert not any(question in doc for doc in off["pretrain_train"])
-    heldout_question = on["qa"]["heldout"][0]["question"]
+    heldout_question = on["qa"]["heldout_people"][0]["question"]
     assert not any(heldout_question in doc for doc in on["pretrain_train"])
 
 
 def test_prepared_directory_is_byte_identical_for_same_params(tmp_path):
     config = WorldConfig(num_people=15, paraphrases=2, seed=3)
-    write_prepared(tmp_path / "a", world_bundle(build_world(config)))
-    write_prepared(tmp_path / "b", world_bundle(build_world(config)))
+    write_prepared(world_bundle(build_world(config)), tmp_path / "a")
+    write_prepared(world_bundle(build_world(config)), tmp_path / "b")
     for file in sorted((tmp_path / "a").iterdir()):
         assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes(), file.name
 

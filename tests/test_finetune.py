@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import train_test_tokenizer
 
-from llmpipe.chat_template import ChatTemplate
-from llmpipe.finetune_data import EpochBatches, encode_examples, example_statistics, pad
+from llmpipe.chat_template import ChatTemplate, pad_batch
+from llmpipe.data.chat_examples import example_statistics
 from llmpipe.lora import LoRASettings, add_lora, merged_copy
 from llmpipe.model import IGNORE_INDEX, ModelConfig, Transformer
-
-from conftest import train_test_tokenizer
+from llmpipe.train.batches import EpochBatches
 
 QA = [{"role": "user", "content": "What is the birth city of Ada?"}, {"role": "assistant", "content": "Lisbon"}]
 
@@ -59,7 +59,7 @@ def test_right_padding_changes_no_example_loss(template):
     short = template.encode_example(QA, 64)
     long = template.encode_example([{"role": "user", "content": "Which university did Ada Lovelace attend, please?"},
                                     {"role": "assistant", "content": "Westerly University"}], 64)
-    ids, labels = pad([short, long], pad_id=0)
+    ids, labels = pad_batch([short, long], pad_id=0)
     with torch.no_grad():
         _, batch_sum = net(ids, labels, loss_reduction="sum")
         singles = sum(float(net(torch.tensor([e.ids]), torch.tensor([e.labels]), loss_reduction="sum")[1])
@@ -70,15 +70,15 @@ def test_right_padding_changes_no_example_loss(template):
 def test_long_examples_are_truncated_and_counted(template):
     long_answer = [QA[0], {"role": "assistant", "content": "word " * 200}]
     long_question = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "answer"}]
-    encoded, truncated = encode_examples(template, [{"messages": m} for m in (QA, long_answer, long_question)], 64)
+    encoded, truncated = template.encode_examples([{"messages": m} for m in (QA, long_answer, long_question)], 64)
     assert truncated == 2
     # The long answer is cut to the context; the long question leaves no answer token and is left out.
     assert len(encoded) == 2 and len(encoded[1].ids) == 64
 
 
 def test_epochs_visit_every_example_once(template):
-    examples, _ = encode_examples(template, [{"messages": QA}] * 10, 64)
-    batches = EpochBatches(examples, global_batch=4, micro_batch=2, pad_id=0, seed=1)
+    examples, _ = template.encode_examples([{"messages": QA}] * 10, 64)
+    batches = EpochBatches(examples, global_examples=4, micro_examples=2, pad_id=0, seed=1)
     seen = batches.global_batch_indices(0) + batches.global_batch_indices(1) + batches.global_batch_indices(2)[:2]
     assert sorted(seen) == list(range(10))
     assert len(batches.global_batch(3)) == 2
@@ -116,13 +116,31 @@ def test_lora_starts_as_an_exact_no_op_and_merging_equals_the_adapter():
 
 def test_chat_streams_the_greedy_answer_until_end_of_turn(template, capsys):
     from llmpipe.cli import stream_answer
-    from llmpipe.generate import SamplingSettings, generate_tokens
+    from llmpipe.generate import Engine, SamplingSettings
 
     net = model(template.tokenizer.vocab_size).eval()
     settings = SamplingSettings(max_new_tokens=12)
     question = [{"role": "user", "content": "What is the birth city of Ada?"}]
     answer = stream_answer(net, template.tokenizer, template, question, settings)
     stop = {template.end_of_turn, template.tokenizer.end_of_document_id}
-    expected_ids = [t for t in generate_tokens(net, template.encode_prompt(question), settings, stop) if t not in stop]
+    expected_ids = Engine(net, stop).generate([template.encode_prompt(question)], settings)[0]  # the batched path
     assert answer == template.tokenizer.decode(expected_ids, skip_special_tokens=True).lstrip()
     assert capsys.readouterr().out == answer + "\n"
+
+
+def test_jinja_template_uses_the_configured_special_tokens(template):
+    import jinja2
+
+    messages = [{"role": "system", "content": "Be brief."}, QA[0], QA[1]]
+    rendered = jinja2.Template(template.jinja()).render(messages=messages, add_generation_prompt=False)
+    assert rendered == template.render(messages) == "<|system|> Be brief.<|end|><|user|> What is the birth city of Ada?<|end|><|assistant|> Lisbon<|end|>"
+
+    class CustomTokens:  # tokenizer.special_tokens set to other strings, one with a quote
+        special_tokens = {"end_of_document": "</s>", "system": "[SYS]", "user": "<it's you>", "assistant": "[A]",
+                          "end_of_turn": "</turn>"}
+        special_ids = {role: index for index, role in enumerate(special_tokens)}
+
+    custom = ChatTemplate(CustomTokens())
+    rendered = jinja2.Template(custom.jinja()).render(messages=messages, add_generation_prompt=True)
+    assert rendered == custom.render(messages) + "[A]"
+    assert rendered.startswith("[SYS] Be brief.</turn><it's you> What is")

@@ -4,11 +4,10 @@ source: `pip install llama-cpp-python`, several minutes on 2 cores). Skipped whe
 import numpy as np
 import pytest
 import torch
-
-from llmpipe.model import ModelConfig, Transformer
-from llmpipe.quant.gguf_export import plan_tensors, read_gguf_model, write_gguf
-
 from conftest import train_test_tokenizer
+
+from llmpipe.export.gguf_file import plan_tensors, read_gguf_model, write_gguf
+from llmpipe.model import ModelConfig, Transformer
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -40,7 +39,7 @@ def test_k_quant_bytes_equal_llama_cpps_own_quantizer(name, block_bytes):
     import ctypes
     from pathlib import Path
 
-    from llmpipe.quant.formats import FORMATS
+    from llmpipe.export.formats import FORMATS
 
     library = next(iter(sorted(Path(llama_cpp.__file__).parent.glob("lib/libggml-base.so*"))), None)
     if library is None:

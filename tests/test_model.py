@@ -2,15 +2,19 @@
 
 import pytest
 import torch
+from conftest import ROOT
 
-from llmpipe.config_compose import compose
-from llmpipe.generate import SamplingSettings, generate_tokens, next_token_distribution, top_next_tokens
+from llmpipe.generate import (
+    Engine,
+    SamplingSettings,
+    next_token_distribution,
+    top_next_tokens,
+)
 from llmpipe.model import ModelConfig, Transformer, count_parameters, rotate_half
 from llmpipe.model_size import parameter_count
-from llmpipe.params import StageParams
-from llmpipe.training_params import model_config
-
-from conftest import ROOT
+from llmpipe.pipeline.compose import compose
+from llmpipe.pipeline.params import StageParams
+from llmpipe.train.settings import model_config
 
 
 def tiny(**changes) -> Transformer:
@@ -57,16 +61,28 @@ def test_kv_cache_gives_the_logits_of_full_recomputation():
 def test_generation_with_cache_equals_generation_without(settings):
     model = tiny()
     prompt = [5, 17, 33, 2]
-    with_cache = list(generate_tokens(model, prompt, settings))
-    without = list(generate_tokens(model, prompt, settings, use_cache=False))
+    with_cache = list(Engine(model).stream(prompt, settings))
+    without = list(Engine(model, use_cache=False).stream(prompt, settings))
     assert with_cache == without and len(with_cache) == 15
 
 
 def test_generation_stops_at_stop_token_and_context_end():
     model = tiny()
-    first = next(iter(generate_tokens(model, [1, 2, 3], SamplingSettings(max_new_tokens=5))))
-    assert list(generate_tokens(model, [1, 2, 3], SamplingSettings(max_new_tokens=5), stop_ids={first})) == [first]
-    assert len(list(generate_tokens(model, list(range(38)), SamplingSettings(max_new_tokens=10)))) == 2
+    first = next(iter(Engine(model).stream([1, 2, 3], SamplingSettings(max_new_tokens=5))))
+    assert list(Engine(model, stop_ids={first}).stream([1, 2, 3], SamplingSettings(max_new_tokens=5))) == []
+    assert len(list(Engine(model).stream(list(range(38)), SamplingSettings(max_new_tokens=10)))) == 2
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    """Prompts of different lengths, decoded in batches of equal length, give each prompt's own greedy answer."""
+    model = tiny()
+    prompts = [[5, 17, 33, 2], [9, 1], [4, 4, 4, 4], [7, 3, 8], [9, 2]]
+    settings = SamplingSettings(max_new_tokens=12)
+    one_by_one = [list(Engine(model).stream(p, settings)) for p in prompts]
+    assert Engine(model).generate(prompts, settings, batch_size=2) == one_by_one
+    stop = one_by_one[0][-1]
+    stopped = Engine(model, stop_ids={stop}).generate(prompts, settings)
+    assert stopped == [answer[:answer.index(stop)] if stop in answer else answer for answer in one_by_one]
 
 
 def test_top_k_and_top_p_filter_the_distribution():
@@ -109,7 +125,7 @@ def test_invalid_shapes_are_refused():
 @pytest.mark.parametrize("tie", [True, False])
 def test_same_weights_in_transformers_llama_give_the_same_logits(tie):
     pytest.importorskip("transformers")
-    from llmpipe.hf_format import hf_model
+    from llmpipe.export.hf import hf_model
 
     ours = tiny(tie_embeddings=tie)
     tokens = torch.randint(0, 97, (2, 30))

@@ -3,12 +3,16 @@
 import numpy as np
 import pytest
 import torch
-
-from llmpipe.model import ModelConfig, Transformer
-from llmpipe.quant.gguf_export import (permute_for_interleaved_rope, plan_tensors, read_gguf_model,
-                                       unpermute_from_interleaved_rope, write_gguf)
-
 from conftest import SPECIALS, train_test_tokenizer
+
+from llmpipe.export.gguf_file import (
+    permute_for_interleaved_rope,
+    plan_tensors,
+    read_gguf_model,
+    unpermute_from_interleaved_rope,
+    write_gguf,
+)
+from llmpipe.model import ModelConfig, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,7 @@ def test_rows_that_are_not_whole_super_blocks_fall_back(tokenizer):
 
 
 def test_tampered_gguf_is_refused(tmp_path, tokenizer):
-    from llmpipe.errors import InputDataError
+    from llmpipe.pipeline.errors import InputDataError
 
     net = model(tokenizer.vocab_size)
     path = tmp_path / "m.gguf"
@@ -95,7 +99,7 @@ def test_tampered_gguf_is_refused(tmp_path, tokenizer):
 def test_hugging_face_export_loads_in_transformers_with_the_same_logits_and_ids(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmpipe.quant.hf_export import write_hf_directory
+    from llmpipe.export.hf import write_hf_directory
 
     net = model(tokenizer.vocab_size)
     write_hf_directory(tmp_path / "hf", net, tokenizer)

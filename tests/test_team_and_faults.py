@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, dvc, environment, kill_at_first_checkpoint, run
 from test_pipeline import md5, ran
 
@@ -104,10 +103,11 @@ class PlantMarker:
 def test_a_planted_pickle_in_a_checkpoint_is_never_unpickled(copy_built, tmp_path):
     repo = copy_built()
     marker = tmp_path / "code-ran"
-    code = ("import yaml, json; from llmpipe.params import StageParams, declared_dependencies; "
-            "from llmpipe.tracking import input_hashes; from llmpipe.checkpoint import checkpoint_key, default_directory; "
+    code = ("import yaml, json; from llmpipe.pipeline.params import StageParams, declared_dependencies; "
+            "from llmpipe.pipeline.provenance import input_hashes; from llmpipe.train.checkpoint import CheckpointStore; "
             "p = StageParams.for_stage('pretrain', yaml.safe_load(open('params.yaml'))); "
-            "print(default_directory('pretrain', checkpoint_key(p.declared_values(), input_hashes(declared_dependencies('pretrain')))))")
+            "print(CheckpointStore.for_stage('pretrain', p.declared_values(), "
+            "input_hashes(declared_dependencies('pretrain'))).directory)")
     checkpoint = Path(run([sys.executable, "-c", code], repo).stdout.strip()) / "step-0000002"
     checkpoint.mkdir(parents=True)
     poison = pickle.dumps(PlantMarker(marker))

@@ -1,15 +1,14 @@
 """Tokenizer: byte-level BPE encodes any text and decodes it back exactly."""
 
 import pytest
+from conftest import SPECIALS, train_test_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmpipe.tokenize_corpus import choose_dtype
-from llmpipe.errors import ParamError
+from llmpipe.data.tokens import choose_dtype
+from llmpipe.data.world import WorldConfig, build_world
+from llmpipe.pipeline.errors import ParamError
 from llmpipe.tokenizer import minimum_vocab_size, save_tokenizer, train_bpe
-from llmpipe.world import WorldConfig, build_world
-
-from conftest import SPECIALS, train_test_tokenizer
 
 
 @pytest.fixture(scope="module")

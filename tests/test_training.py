@@ -7,13 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from llmpipe.checkpoint import CheckpointStore
-from llmpipe.distributed import ProcessInfo
-from llmpipe.errors import PipelineError
-from llmpipe.lm_data import RandomWindows, bits_per_byte, language_model_loss, unigram_bits_per_byte
+from llmpipe.eval.metrics import (
+    bits_per_byte,
+    language_model_loss,
+    unigram_bits_per_byte,
+)
 from llmpipe.model import ModelConfig, Transformer
-from llmpipe.tracking import StageRun
-from llmpipe.training import TrainSettings, learning_rate_at, make_optimizer, train
+from llmpipe.pipeline.distributed import ProcessInfo
+from llmpipe.pipeline.errors import ParamError, PipelineError
+from llmpipe.pipeline.tracking import StageRun
+from llmpipe.train.batches import RandomWindows
+from llmpipe.train.checkpoint import CheckpointStore
+from llmpipe.train.loop import learning_rate_at, make_optimizer, train
+from llmpipe.train.settings import BatchGeometry, TrainSettings
 
 CPU = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -115,7 +121,7 @@ def test_uniform_model_perplexity_equals_vocabulary_and_bits_per_byte():
     with torch.no_grad():
         model.lm_head.weight.zero_()  # all logits 0 → uniform over 50 tokens
     tokens = np.random.default_rng(1).integers(0, 50, 300)
-    loss, predicted = language_model_loss(model, tokens, 16, None, 4, "cpu")
+    loss, predicted = language_model_loss(model, tokens, None, 4, "cpu")
     assert predicted == 299
     assert math.exp(loss) == pytest.approx(50, rel=1e-5)
     # 299 tokens of ln(50) nats over 598 bytes = log2(50) / 2 bits per byte
@@ -125,10 +131,20 @@ def test_uniform_model_perplexity_equals_vocabulary_and_bits_per_byte():
 
 
 def test_kl_divergence_is_zero_for_the_same_distribution_and_known_otherwise():
-    from llmpipe.evaluation import mean_kl_divergence
+    from llmpipe.eval.metrics import mean_kl_divergence
 
     p = torch.tensor([[0.5, 0.5], [0.9, 0.1]]).log()
     q = torch.tensor([[0.5, 0.5], [0.5, 0.5]]).log()
     assert mean_kl_divergence(p, p) == 0.0
     expected = (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
     assert mean_kl_divergence(p, q) == pytest.approx(expected, rel=1e-6)
+
+
+def test_settings_are_frozen_and_batch_geometry_is_checked_once():
+    with pytest.raises(Exception):
+        settings().learning_rate = 1.0  # frozen: nothing patches settings after they are built
+    assert BatchGeometry("pretrain", 32, 8, world_size=4).global_sequences == 32
+    with pytest.raises(ParamError, match="pretrain.global_batch_sequences .30. must be a multiple of pretrain.micro"):
+        BatchGeometry("pretrain", 30, 8, world_size=1)
+    with pytest.raises(ParamError, match="2 micro-batches cannot be shared by 4 processes"):
+        BatchGeometry("finetune", 16, 8, world_size=4)

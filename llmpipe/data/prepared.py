@@ -1,0 +1,107 @@
+"""The prepare stage's output: one directory of `datasets`-readable JSONL files.
+
+    data/prepared/
+      pretrain_train.jsonl        {"text": ...}        pretraining documents
+      pretrain_validation.jsonl   {"text": ...}        validation text (bits per byte, perplexity)
+      finetune_train.jsonl        {"messages": [...]}  fine-tuning examples (internal chat form)
+      finetune_validation.jsonl   {"messages": [...]}
+      qa_finetuned_people.jsonl   {"question", "answer", "person", "attribute", "split"}  QA of fine-tuned people
+      qa_validation_people.jsonl  ...                  QA that selects the best fine-tuning step
+      qa_heldout_people.jsonl     ...                  QA of people never seen in fine-tuning
+      summary.json                counts of everything above
+      world.json                  the fictional people (embedded source only)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from llmpipe.data.chat_examples import qa_to_messages, read_chat_examples
+from llmpipe.data.jsonl import write_rows
+from llmpipe.pipeline import atomic, layout
+
+
+def split_off(items: list, fraction: float, seed: int, label: str) -> tuple[list, list]:
+    """Deterministically split `items` into (train, validation); validation gets at least one item
+    when there are two or more."""
+    order = list(range(len(items)))
+    random.Random(f"{label}-{seed}").shuffle(order)
+    n_validation = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
+    chosen = set(order[:n_validation])
+    train = [item for i, item in enumerate(items) if i not in chosen]
+    validation = [item for i, item in enumerate(items) if i in chosen]
+    return train, validation
+
+
+def world_bundle(world: dict) -> dict:
+    """The embedded world → the files of the prepared directory."""
+    qa = world["qa"]
+    return {
+        "pretrain_train": world["pretrain_train"],
+        "pretrain_validation": world["pretrain_validation"],
+        "finetune_train": [qa_to_messages(p["question"], p["answer"]) for p in qa["finetuned_people"]],
+        "finetune_validation": [qa_to_messages(p["question"], p["answer"]) for p in qa["validation_people"]],
+        "qa": qa,
+        "world": world["people"],
+    }
+
+
+def user_bundle(documents: list[str], validation_fraction: float, seed: int,
+                finetune_train: str | None, finetune_validation: str | None,
+                finetune_validation_fraction: float) -> dict:
+    """The user's documents (and optional fine-tuning JSONL) → the files of the prepared directory.
+
+    Without a separate validation JSONL, a fraction of the fine-tuning file is held out. QA files are
+    derived from the fine-tuning examples (question = last user turn, answer = last assistant turn);
+    there are no held-out people outside the embedded world.
+    """
+    train_docs, validation_docs = split_off(documents, validation_fraction, seed, "documents")
+    ft_train, ft_validation = [], []
+    if finetune_train:
+        ft_train = read_chat_examples(finetune_train)
+        if finetune_validation:
+            ft_validation = read_chat_examples(finetune_validation)
+        else:
+            ft_train, ft_validation = split_off(ft_train, finetune_validation_fraction, seed, "finetune")
+
+    def as_qa(examples: list[dict], split: str) -> list[dict]:
+        return [{"question": next(m["content"] for m in reversed(e["messages"]) if m["role"] == "user"),
+                 "answer": e["messages"][-1]["content"], "person": "", "attribute": "answer", "split": split}
+                for e in examples]
+
+    return {
+        "pretrain_train": train_docs,
+        "pretrain_validation": validation_docs,
+        "finetune_train": ft_train,
+        "finetune_validation": ft_validation,
+        "qa": {"finetuned_people": as_qa(ft_train, "finetuned_people"),
+               "validation_people": as_qa(ft_validation, "validation_people"), "heldout_people": []},
+        "world": None,
+    }
+
+
+def write_prepared(bundle: dict, output_dir: str | Path = layout.PREPARED) -> dict:
+    """Write the bundle atomically as the prepared directory (names from llmpipe.pipeline.layout);
+    returns the summary counts."""
+    summary = {
+        "pretrain_train_documents": len(bundle["pretrain_train"]),
+        "pretrain_validation_documents": len(bundle["pretrain_validation"]),
+        "pretrain_train_characters": sum(len(d) for d in bundle["pretrain_train"]),
+        "finetune_train_examples": len(bundle["finetune_train"]),
+        "finetune_validation_examples": len(bundle["finetune_validation"]),
+        **{f"qa_{split}_pairs": len(pairs) for split, pairs in bundle["qa"].items()},
+    }
+    with atomic.atomic_path(output_dir, directory=True) as temp:
+        for split in layout.TEXT_SPLITS:
+            write_rows(temp / layout.PRETRAIN_TEXT[split].name, [{"text": d} for d in bundle[f"pretrain_{split}"]])
+            write_rows(temp / layout.FINETUNE_EXAMPLES[split].name, bundle[f"finetune_{split}"])
+        for split in layout.QA_SPLITS:
+            write_rows(temp / layout.QA_FILES[split].name, bundle["qa"][split])
+        if bundle["world"] is not None:
+            (temp / layout.WORLD.name).write_text(json.dumps(bundle["world"], indent=1, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+        (temp / layout.PREPARED_SUMMARY.name).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
+                                                         encoding="utf-8")
+    return summary

@@ -1,0 +1,122 @@
+"""The user's own pretraining text: local files by glob, or a Hugging Face dataset.
+
+Both go through `datasets.load_dataset` (builders "text", "json", "parquet" for local files; a dataset
+name for the Hub), so the code path the tests exercise with local files is the one a Hub dataset takes.
+Local files are checked first so that bad bytes or bad JSON get a `file:line` error.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import tempfile
+from pathlib import Path
+
+from llmpipe.data.jsonl import read_records
+from llmpipe.pipeline.errors import InputDataError
+
+BUILDER_BY_SUFFIX = {".txt": "text", ".md": "text", ".text": "text",
+                     ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TXT_SAMPLE_BY = ("document", "paragraph", "line")
+
+
+def expand_paths(patterns: list[str], key: str) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matched:
+            raise InputDataError(f"{key}: no file matches {pattern!r}")
+        files.extend(matched)
+    unique = list(dict.fromkeys(files))
+    for file in unique:
+        if file.suffix.lower() not in BUILDER_BY_SUFFIX:
+            raise InputDataError(f"{file}: unsupported file type {file.suffix!r}; expected one of "
+                                 + ", ".join(sorted(BUILDER_BY_SUFFIX)))
+    return unique
+
+
+def _check_text_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputDataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start} of the line)") from None
+
+
+def _check_jsonl_file(path: Path, text_column: str) -> None:
+    for where, record in read_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+            raise InputDataError(f"{where}: expected an object with a string field {text_column!r} "
+                                 f"(data.text_column)")
+
+
+def _column(dataset, text_column: str, source: str) -> list[str]:
+    names = dataset.column_names or []
+    if text_column not in names:
+        raise InputDataError(f"{source}: no column {text_column!r} (data.text_column); columns: {names}")
+    return dataset[text_column]
+
+
+def read_local_documents(patterns: list[str], text_column: str, txt_sample_by: str) -> list[str]:
+    """Documents from local text/JSONL/Parquet files; one document per file, paragraph or line for text."""
+    import datasets
+
+    files = expand_paths(patterns, "data.paths")
+    documents: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="llmpipe-datasets-") as cache_dir:
+        for builder, group in itertools.groupby(files, key=lambda f: BUILDER_BY_SUFFIX[f.suffix.lower()]):
+            group = list(group)
+            options = {}
+            if builder == "text":
+                for file in group:
+                    _check_text_file(file)
+                options["sample_by"] = txt_sample_by
+                column = "text"
+            else:
+                if builder == "json":
+                    for file in group:
+                        _check_jsonl_file(file, text_column)
+                column = text_column
+            try:
+                dataset = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
+                                                cache_dir=cache_dir, **options)
+            except Exception as exc:  # e.g. a corrupt Parquet file
+                raise InputDataError(f"{group[0]}: could not be read as {builder}: {exc}".splitlines()[0]) from None
+            documents.extend(_column(dataset, column, str(group[0])))
+    return documents
+
+
+def read_hub_documents(name: str, config: str | None, split: str, text_column: str, streaming: bool,
+                       max_documents: int | None, revision: str | None = None,
+                       data_files: list[str] | None = None) -> list[str]:
+    """Documents from `datasets.load_dataset(name, config, split=...)`; needs the network for Hub names."""
+    import datasets
+
+    source = f"data.name={name}"
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, streaming=streaming, revision=revision,
+                                        data_files=data_files)
+    except Exception as exc:
+        raise InputDataError(f"{source}: could not load dataset: {exc}".splitlines()[0]) from None
+    if streaming:
+        rows = itertools.islice(iter(dataset), max_documents)
+        documents = []
+        for row in rows:
+            if text_column not in row:
+                raise InputDataError(f"{source}: no column {text_column!r} (data.text_column); "
+                                     f"columns: {sorted(row)}")
+            documents.append(row[text_column])
+        return documents
+    if max_documents is not None:
+        dataset = dataset.select(range(min(max_documents, len(dataset))))
+    return _column(dataset, text_column, source)
+
+
+def clean_documents(documents: list, source: str) -> list[str]:
+    """Strip, drop empty documents; an empty corpus is an error."""
+    kept = [d.strip() for d in documents if isinstance(d, str) and d.strip()]
+    if not kept:
+        raise InputDataError(f"{source}: the corpus is empty (no non-blank document)")
+    return kept

@@ -1,0 +1,203 @@
+"""The embedded default dataset: a seeded "knowledge world" of fictional people.
+
+Each person has a unique name and a few attributes (birth date, birth city, university, field of
+study, employer). From them we write:
+- biographies for pretraining, several per person, each with a random paraphrase of every fact
+  and the sentences in random order (the augmentation that Allen-Zhu & Li, "Physics of Language
+  Models: Part 3.1", show lets knowledge be extracted by question answering later);
+- question/answer pairs for every attribute ("What is the birth city of NAME?" → "CITY").
+
+People are split three ways: fine-tuning people (their QA pairs are the fine-tuning set),
+validation people (their QA picks the best fine-tuning step) and held-out people (never seen in
+fine-tuning; their accuracy tells whether pretraining knowledge can be extracted). Biographies cover
+everyone. With `mixed_training`, the fine-tuning people's QA pairs also go into the pretraining text
+as plain "Question: ... Answer: ..." documents (not the chat template used in fine-tuning).
+
+Everything is a pure function of the parameters and the seed: no network, no clock.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llmpipe.pipeline.layout import QA_SPLITS
+
+FIRST_NAMES = [
+    "Amara", "Bastian", "Celeste", "Dorian", "Elowen", "Fabian", "Greta", "Hamish", "Ilse", "Jasper",
+    "Kalinda", "Leander", "Marisol", "Niall", "Odalys", "Percival", "Quilla", "Rosalind", "Soren",
+    "Tamsin", "Ulric", "Vesna", "Wendell", "Xiomara", "Yannick", "Zuzana", "Anselm", "Brielle",
+    "Cassius", "Delphine", "Emrys", "Faustine", "Gideon", "Honora", "Ignatius", "Juniper", "Kasimir",
+    "Lisette", "Magnus", "Noemi", "Osric", "Philippa", "Ravi", "Sabine", "Thaddeus", "Una", "Viggo",
+    "Wilhelmina", "Ximena", "Yorick", "Zephyrine", "Aurelio", "Blythe", "Cormac", "Daphne", "Evander",
+    "Fenella", "Gwendolyn", "Horatio", "Isolde",
+]
+LAST_NAMES = [
+    "Abernathy", "Blackwood", "Castellano", "Drummond", "Eberhardt", "Fairweather", "Galloway",
+    "Hargreaves", "Ingram", "Jablonski", "Kowalczyk", "Lindqvist", "Montgomery", "Nakamura",
+    "Okonkwo", "Pemberton", "Quintero", "Rasmussen", "Sinclair", "Thornbury", "Underhill",
+    "Valentini", "Whitcombe", "Xanthopoulos", "Yardley", "Zimmerman", "Ashcroft", "Bellamy",
+    "Carmichael", "Delacroix", "Ellsworth", "Fitzgerald", "Grimaldi", "Holloway", "Iverson",
+    "Jovanovic", "Kingsley", "Lockhart", "Mercado", "Northcott", "Oyelaran", "Prescott", "Ravenscroft",
+    "Saltonstall", "Tremaine", "Vasquez", "Wexley", "Yoshida", "Zeller", "Brightwater",
+]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+VALUES = {
+    "birth_city": [
+        "Lisbon", "Oslo", "Kyoto", "Nairobi", "Lima", "Hanoi", "Dublin", "Tbilisi", "Quito", "Perth",
+        "Krakow", "Seville", "Montreal", "Auckland", "Valparaiso", "Marrakesh", "Bergen", "Tallinn",
+        "Cordoba", "Adelaide",
+    ],
+    "university": [
+        "Ashford University", "Kellerman Institute", "Northvale College", "Riverton University",
+        "Saint Aldric College", "Brennmoor University", "Eastlake Polytechnic", "Harrowgate University",
+        "Linwood Institute of Technology", "Marchbank University", "Oakridge College",
+        "Pinecrest University", "Queensbury Institute", "Stonebridge University", "Thistledown College",
+        "Westerly University", "Calloway Institute", "Dunmore University", "Fernhill College",
+        "Glenrock University",
+    ],
+    "major": [
+        "astronomy", "botany", "chemistry", "economics", "geology", "history", "linguistics",
+        "mathematics", "philosophy", "physics", "psychology", "sociology", "statistics", "zoology",
+        "architecture", "music theory", "oceanography", "anthropology", "civil engineering",
+        "computer science",
+    ],
+    "employer": [
+        "Halcyon Robotics", "Bluefin Logistics", "Cobalt Pharmaceuticals", "Driftwood Media",
+        "Emberline Energy", "Foxglove Textiles", "Granite Peak Bank", "Horizon Aerospace",
+        "Ironleaf Foods", "Juniper Software", "Kestrel Shipping", "Lumen Optics", "Mistral Airlines",
+        "Northwind Insurance", "Orchid Biotech", "Pioneer Mining", "Quasar Telecom", "Redwood Publishing",
+        "Silverline Railways", "Tidewater Chemicals",
+    ],
+}
+ATTRIBUTES = ["birth_date", "birth_city", "university", "major", "employer"]
+
+# Several paraphrases per fact; {name} is the full name, {value} the attribute value.
+FACT_TEMPLATES = {
+    "birth_date": [
+        "{name} was born on {value}.",
+        "{name} came into the world on {value}.",
+        "The birthday of {name} is {value}.",
+        "{name} celebrates a birthday on {value}.",
+        "{name}'s date of birth is {value}.",
+    ],
+    "birth_city": [
+        "{name} was born in {value}.",
+        "{name} spent early years in {value}, the city of birth.",
+        "The birthplace of {name} is {value}.",
+        "{name} is a native of {value}.",
+        "{name} originally comes from {value}.",
+    ],
+    "university": [
+        "{name} studied at {value}.",
+        "{name} graduated from {value}.",
+        "{name} earned a degree at {value}.",
+        "{name} attended {value}.",
+        "{name} is an alumnus of {value}.",
+    ],
+    "major": [
+        "{name} majored in {value}.",
+        "{name}'s field of study was {value}.",
+        "{name} chose {value} as a field of study.",
+        "At university, {name} focused on {value}.",
+        "{name} completed a degree in {value}.",
+    ],
+    "employer": [
+        "{name} works for {value}.",
+        "{name} is employed by {value}.",
+        "{name} has a job at {value}.",
+        "{name} earns a living at {value}.",
+        "{name} is on the staff of {value}.",
+    ],
+}
+QUESTION_TEMPLATES = {
+    "birth_date": "What is the birth date of {name}?",
+    "birth_city": "What is the birth city of {name}?",
+    "university": "Which university did {name} attend?",
+    "major": "What did {name} study?",
+    "employer": "Which company does {name} work for?",
+}
+FINETUNED, VALIDATION, HELDOUT = QA_SPLITS  # the three groups of people
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    num_people: int = 200
+    attributes: tuple[str, ...] = tuple(ATTRIBUTES)
+    paraphrases: int = 5              # training biographies per person
+    validation_biography_fraction: float = 0.25  # share of people with one extra, unseen biography
+    finetune_fraction: float = 0.5    # share of people whose QA is the fine-tuning set
+    validation_fraction: float = 0.1  # share of people whose QA selects the best fine-tuning step
+    mixed_training: bool = True       # fine-tuning people's QA also in the pretraining text
+    seed: int = 0
+
+
+@dataclass
+class Person:
+    name: str
+    attributes: dict[str, str]
+    split: str
+
+
+def max_people() -> int:
+    return len(FIRST_NAMES) * len(LAST_NAMES)
+
+
+def make_people(config: WorldConfig) -> list[Person]:
+    """Draw unique names and attribute values; assign each person to a split."""
+    rng = random.Random(f"people-{config.seed}")
+    all_names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
+    names = rng.sample(all_names, config.num_people)
+    n_finetune = round(config.num_people * config.finetune_fraction)
+    n_validation = round(config.num_people * config.validation_fraction)
+    people = []
+    for index, name in enumerate(names):
+        split = (FINETUNED if index < n_finetune
+                 else VALIDATION if index < n_finetune + n_validation else HELDOUT)
+        attributes = {}
+        for attribute in config.attributes:
+            if attribute == "birth_date":
+                attributes[attribute] = (f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, "
+                                         f"{rng.randint(1940, 2005)}")
+            else:
+                attributes[attribute] = rng.choice(VALUES[attribute])
+        people.append(Person(name, attributes, split))
+    return people
+
+
+def biography(person: Person, rng: random.Random) -> str:
+    sentences = [rng.choice(FACT_TEMPLATES[a]).format(name=person.name, value=v)
+                 for a, v in person.attributes.items()]
+    rng.shuffle(sentences)
+    return " ".join(sentences)
+
+
+def qa_pairs(person: Person) -> list[dict]:
+    return [{"question": QUESTION_TEMPLATES[a].format(name=person.name), "answer": value,
+             "person": person.name, "attribute": a, "split": person.split}
+            for a, value in person.attributes.items()]
+
+
+def plain_qa_document(person: Person) -> str:
+    """QA in a plain form for mixed pretraining (deliberately not the fine-tuning chat template)."""
+    return "\n".join(f"Question: {qa['question']} Answer: {qa['answer']}" for qa in qa_pairs(person))
+
+
+def build_world(config: WorldConfig) -> dict:
+    """Everything the prepare stage writes for the embedded default, as plain Python objects."""
+    people = make_people(config)
+    rng = random.Random(f"text-{config.seed}")
+    train_docs = [biography(p, rng) for p in people for _ in range(config.paraphrases)]
+    if config.mixed_training:
+        train_docs += [plain_qa_document(p) for p in people if p.split == FINETUNED]
+    rng.shuffle(train_docs)
+    with_validation = rng.sample(people, round(len(people) * config.validation_biography_fraction))
+    validation_docs = [biography(p, rng) for p in with_validation]
+    qa = {split: [pair for p in people if p.split == split for pair in qa_pairs(p)] for split in QA_SPLITS}
+    return {
+        "people": [{"name": p.name, "split": p.split, **p.attributes} for p in people],
+        "pretrain_train": train_docs,
+        "pretrain_validation": validation_docs,
+        "qa": qa,
+    }

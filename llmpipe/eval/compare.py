@@ -1,0 +1,69 @@
+"""Every model variant side by side on the same data: the evaluate stage's measurements.
+
+Each variant (the base model, the fine-tuned reference, every GGUF file read back) gets validation
+perplexity and bits per byte, exact-match QA accuracy per split, KL divergence of its next-token
+distributions from the reference, file size and bits per weight, and greedy generation speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from llmpipe.chat_template import ChatTemplate
+from llmpipe.eval.metrics import (
+    generation_tokens_per_second,
+    mean_kl_divergence,
+    next_token_distributions,
+    perplexity_metrics,
+)
+from llmpipe.eval.qa import qa_metrics
+from llmpipe.model import Transformer
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    load: Callable[[], Transformer]
+    path: Path                     # the file whose size is reported
+    bits_per_weight: float
+
+
+@dataclass(frozen=True)
+class EvaluationLimits:
+    eval_max_tokens: int           # validation tokens for perplexity and bits per byte
+    kl_max_tokens: int             # validation tokens for the KL divergence
+    max_new_tokens: int            # longest generated answer
+    generation_tokens: int         # tokens generated when measuring speed
+    sample_answers: int            # sample answers kept per variant
+
+
+def compare_variants(variants: list[Variant], reference: str, template: ChatTemplate, validation_tokens: np.ndarray,
+                     validation_counts: dict, qa_sets: dict[str, list[dict]], limits: EvaluationLimits,
+                     ) -> tuple[list[dict], dict[str, list[dict]], Transformer]:
+    """(one row of measurements per variant, sample answers per variant, the reference model)."""
+    first_question = next((pairs[0]["question"] for pairs in qa_sets.values() if pairs), "Hello")
+    speed_prompt = template.encode_prompt([{"role": "user", "content": first_question}])
+    sample_split = "heldout_people" if qa_sets.get("heldout_people") else next(iter(qa_sets))
+    rows, samples, log_probs, reference_model = [], {}, {}, None
+    for variant in variants:
+        model = variant.load()
+        row = {"variant": variant.name, "bits_per_weight": variant.bits_per_weight,
+               "file_bytes": variant.path.stat().st_size,
+               **perplexity_metrics(model, validation_tokens, validation_counts, limits.eval_max_tokens)}
+        qa, answers = qa_metrics(model, template, qa_sets, limits.max_new_tokens)
+        row.update({f"qa_accuracy_{split}": qa.get(f"qa_accuracy_{split}", 0.0) for split in qa_sets})
+        samples[variant.name] = answers[sample_split][:limits.sample_answers]
+        log_probs[variant.name] = next_token_distributions(model, validation_tokens, limits.kl_max_tokens)
+        if variant.name == reference:
+            reference_model = model
+        row["tokens_per_second"] = generation_tokens_per_second(model, speed_prompt, limits.generation_tokens)
+        rows.append(row)
+        print(f"evaluate: {variant.name}: perplexity {row['val_perplexity']:.3f}, held-out accuracy "
+              f"{row.get('qa_accuracy_heldout_people', 0.0):.3f}, {row['tokens_per_second']:.0f} tokens/s", flush=True)
+    for row in rows:
+        row["kl_divergence"] = mean_kl_divergence(log_probs[reference], log_probs[row["variant"]])
+    return rows, samples, reference_model

@@ -1,0 +1,104 @@
+"""Measurements of a model on held-out data, shared by pretraining, fine-tuning and evaluation:
+- `language_model_loss`: mean next-token loss over token windows, and `perplexity_metrics` (loss,
+  perplexity, bits per UTF-8 byte of the original text, which does not depend on the tokenizer);
+- `unigram_bits_per_byte`: the baseline of a model that knows only token frequencies;
+- `answer_loss`: mean loss per answer token of chat examples (the fine-tuning validation loss);
+- `next_token_distributions` and `mean_kl_divergence`: how far a variant's predictions are from a reference;
+- `generation_tokens_per_second`: greedy generation speed through the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from llmpipe.chat_template import EncodedExample, pad_batch
+from llmpipe.generate import Engine, SamplingSettings
+from llmpipe.model import IGNORE_INDEX, Transformer
+
+
+@torch.no_grad()
+def language_model_loss(model: Transformer, tokens: np.ndarray, max_tokens: int | None, batch_size: int,
+                        device="cpu") -> tuple[float, int]:
+    """(mean loss in nats per predicted token, number of predicted tokens) over the first `max_tokens`,
+    in non-overlapping windows of the model's context."""
+    context_length = model.config.context_length
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    data = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+    windows = [data[start:start + context_length + 1] for start in range(0, len(data) - 1, context_length)]
+    total, count = 0.0, 0
+    for length in sorted({len(w) for w in windows}):  # the last window may be shorter
+        same = [w for w in windows if len(w) == length]
+        for i in range(0, len(same), batch_size):
+            batch = torch.stack(same[i:i + batch_size]).to(device)
+            _, loss = model(batch[:, :-1], batch[:, 1:], loss_reduction="sum")
+            total += float(loss)
+            count += batch[:, 1:].numel()
+    return total / max(count, 1), count
+
+
+def bits_per_byte(mean_loss: float, predicted_tokens: int, split_tokens: int, split_bytes: int) -> float:
+    """Nats per token → bits per UTF-8 byte, scaling the byte count when only part of the split was used."""
+    covered_bytes = split_bytes * predicted_tokens / max(split_tokens - 1, 1)
+    return mean_loss * predicted_tokens / (math.log(2) * covered_bytes)
+
+
+def perplexity_metrics(model: Transformer, tokens: np.ndarray, split_counts: dict, max_tokens: int,
+                       batch_size: int = 16, device="cpu") -> dict[str, float]:
+    """val_loss, val_perplexity and val_bpb on the first `max_tokens` of a split (counts from meta.json)."""
+    loss, predicted = language_model_loss(model, tokens, max_tokens, batch_size, device)
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+            "val_bpb": bits_per_byte(loss, predicted, split_counts["tokens"], split_counts["utf8_bytes"])}
+
+
+def unigram_bits_per_byte(train_tokens: np.ndarray, validation_tokens: np.ndarray, vocab_size: int,
+                          validation_bytes: int) -> float:
+    """Bits per byte of the add-one-smoothed unigram distribution of the training tokens."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    log_probabilities = np.log(counts / counts.sum())
+    nats = -log_probabilities[np.asarray(validation_tokens[1:])].sum()
+    return float(nats / (math.log(2) * validation_bytes))
+
+
+@torch.no_grad()
+def answer_loss(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int) -> float:
+    """Mean loss per answer token over `examples` (the fine-tuning validation loss)."""
+    device = model.embed_tokens.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids, labels = pad_batch(examples[start:start + batch_size], pad_id)
+        _, loss = model(ids.to(device), labels.to(device), loss_reduction="sum")
+        total += float(loss)
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def next_token_distributions(model: Transformer, tokens: np.ndarray, max_tokens: int) -> torch.Tensor:
+    """Log-probabilities of the next token at every position of non-overlapping windows."""
+    context = model.config.context_length
+    data = torch.from_numpy(np.asarray(tokens[:max_tokens]).astype(np.int64))
+    windows = [data[i:i + context] for i in range(0, len(data) - context + 1, context)] or [data]
+    return torch.cat([model(w[None])[0][0].log_softmax(-1) for w in windows])
+
+
+def mean_kl_divergence(reference_log_probs: torch.Tensor, log_probs: torch.Tensor) -> float:
+    """Mean over positions of KL(reference ‖ variant), in nats."""
+    return float((reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1).mean())
+
+
+def generation_tokens_per_second(model: Transformer, prompt: list[int], new_tokens: int, repeats: int = 5) -> float:
+    """Greedy generation speed: the fastest of `repeats` timed runs after a warm-up (the fastest run is
+    the one least slowed down by whatever else the machine was doing)."""
+    engine, settings = Engine(model), SamplingSettings(max_new_tokens=new_tokens)
+    list(engine.stream(prompt, settings))  # warm up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        produced = len(list(engine.stream(prompt, settings)))
+        best = max(best, produced / (time.perf_counter() - start))
+    return best

@@ -1,0 +1,51 @@
+"""Question answering accuracy: greedy answers in the chat format, exact match, overall and per attribute.
+
+Questions are answered through the generation engine in batches of prompts of equal token length;
+each answer ends at the end-of-turn token or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from llmpipe.chat_template import ChatTemplate
+from llmpipe.generate import Engine, SamplingSettings
+from llmpipe.model import Transformer
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().rstrip(".").split()).lower()
+
+
+def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], max_new_tokens: int,
+                name: str) -> tuple[dict[str, float], list[dict]]:
+    """Exact-match accuracy over `pairs` ({question, answer, attribute}), overall and per attribute.
+
+    Returns metrics `{name}` and `{name}_{attribute}`, and every (question, expected, answer, correct).
+    """
+    if not pairs:
+        return {}, []
+    prompts = [template.encode_prompt([{"role": "user", "content": p["question"]}]) for p in pairs]
+    engine = Engine(model, stop_ids={template.end_of_turn})
+    generated = engine.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens))
+    results, by_attribute = [], defaultdict(list)
+    for pair, ids in zip(pairs, generated):
+        answer = template.tokenizer.decode(ids, skip_special_tokens=True)
+        correct = normalize_answer(answer) == normalize_answer(pair["answer"])
+        results.append({"question": pair["question"], "expected": pair["answer"], "answer": answer, "correct": correct})
+        by_attribute[pair.get("attribute") or "answer"].append(correct)
+    metrics = {name: sum(r["correct"] for r in results) / len(results)}
+    if len(by_attribute) > 1:
+        for attribute, marks in sorted(by_attribute.items()):
+            metrics[f"{name}_{attribute}"] = sum(marks) / len(marks)
+    return metrics, results
+
+
+def qa_metrics(model: Transformer, template: ChatTemplate, qa_sets: dict[str, list[dict]], max_new_tokens: int,
+               prefix: str = "") -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """`qa_accuracy` of every QA split: metrics `{prefix}qa_accuracy_{split}[_{attribute}]`, answers by split."""
+    metrics, answers = {}, {}
+    for split, pairs in qa_sets.items():
+        split_metrics, answers[split] = qa_accuracy(model, template, pairs, max_new_tokens, f"{prefix}qa_accuracy_{split}")
+        metrics.update(split_metrics)
+    return metrics, answers

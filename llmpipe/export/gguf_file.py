@@ -1,0 +1,238 @@
+"""GGUF files for llama.cpp (and Ollama, LM Studio, ...), written with the `gguf` package's GGUFWriter.
+
+What goes in:
+- llama architecture metadata: context length, embedding length, block count, feed-forward length,
+  head counts, rope dimension and base, RMS epsilon, file type;
+- the tokenizer: byte-level BPE tokens and merges ("gpt2" model, "gpt-2" pre-tokenizer), token types
+  (control for our special tokens), bos/eos ids, and the chat template as Jinja;
+- the weights under llama.cpp's tensor names. llama.cpp's llama rope rotates interleaved pairs while
+  our model (like Hugging Face's) rotates halves, so the rows of attn_q and attn_k are permuted
+  within each head on export (and back on import).
+
+Each tensor is stored as the variant's block format when its rows are whole blocks, else as the
+fallback format (as llama.cpp's quantizer falls back); 1-D tensors (norms) stay F32.
+`read_gguf_model` turns a file back into a PyTorch model with exactly the (dequantized) weights it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmpipe.chat_template import ChatTemplate
+from llmpipe.export.formats import FORMATS
+from llmpipe.model import ModelConfig, Transformer
+from llmpipe.pipeline import atomic
+from llmpipe.pipeline.errors import InputDataError
+from llmpipe.tokenizer import LoadedTokenizer
+
+F32, F16 = "F32", "F16"
+
+
+@dataclass
+class TensorPlan:
+    """Where each weight goes in the file and in which type."""
+    gguf_name: str
+    source_name: str
+    type_name: str   # F32, F16 or a FORMATS key
+    permute_heads: int | None = None  # number of heads whose rows to permute (attn_q / attn_k)
+
+
+def gguf_tensor_names(config: ModelConfig) -> list[tuple[str, str, int | None]]:
+    names = [("token_embd.weight", "embed_tokens.weight", None)]
+    for i in range(config.n_layer):
+        prefix = f"layers.{i}."
+        names += [
+            (f"blk.{i}.attn_norm.weight", prefix + "input_layernorm.weight", None),
+            (f"blk.{i}.attn_q.weight", prefix + "self_attn.q_proj.weight", config.n_head),
+            (f"blk.{i}.attn_k.weight", prefix + "self_attn.k_proj.weight", config.n_kv_head),
+            (f"blk.{i}.attn_v.weight", prefix + "self_attn.v_proj.weight", None),
+            (f"blk.{i}.attn_output.weight", prefix + "self_attn.o_proj.weight", None),
+            (f"blk.{i}.ffn_norm.weight", prefix + "post_attention_layernorm.weight", None),
+            (f"blk.{i}.ffn_gate.weight", prefix + "mlp.gate_proj.weight", None),
+            (f"blk.{i}.ffn_up.weight", prefix + "mlp.up_proj.weight", None),
+            (f"blk.{i}.ffn_down.weight", prefix + "mlp.down_proj.weight", None),
+        ]
+    names.append(("output_norm.weight", "norm.weight", None))
+    if not config.tie_embeddings:
+        names.append(("output.weight", "lm_head.weight", None))
+    return names
+
+
+def plan_tensors(model: Transformer, type_name: str, fallback: str, keep_embeddings: str | None,
+                 keep_output: str | None) -> list[TensorPlan]:
+    """Choose each tensor's type: norms F32; embeddings/output as configured; the rest `type_name`,
+    or `fallback` when its rows are not whole blocks of the format."""
+    state = model.state_dict()
+    plans = []
+    for gguf_name, source, heads in gguf_tensor_names(model.config):
+        tensor = state[source]
+        chosen = type_name
+        if tensor.dim() == 1:
+            chosen = F32
+        elif gguf_name == "token_embd.weight" and keep_embeddings:
+            chosen = keep_embeddings
+        elif gguf_name == "output.weight" and keep_output:
+            chosen = keep_output
+        if chosen in FORMATS and not FORMATS[chosen].fits(tensor.shape[-1]):
+            chosen = fallback
+        plans.append(TensorPlan(gguf_name, source, chosen, heads))
+    return plans
+
+
+def permute_for_interleaved_rope(weight: np.ndarray, heads: int) -> np.ndarray:
+    """rotate_half layout (each head: first half, second half) → llama.cpp's interleaved pairs."""
+    rows, columns = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, columns).swapaxes(1, 2).reshape(rows, columns)
+
+
+def unpermute_from_interleaved_rope(weight: np.ndarray, heads: int) -> np.ndarray:
+    rows, columns = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, columns).swapaxes(1, 2).reshape(rows, columns)
+
+
+def encode_tensor(values: np.ndarray, type_name: str) -> np.ndarray:
+    if type_name == F32:
+        return values.astype(np.float32)
+    if type_name == F16:
+        return values.astype(np.float16)
+    return FORMATS[type_name].quantize(values)
+
+
+def decode_tensor(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if type_name in (F32, F16):
+        return np.asarray(data, dtype=np.float32).reshape(shape)
+    return FORMATS[type_name].dequantize(np.asarray(data, dtype=np.uint8), shape)
+
+
+def _merges(tokenizer: LoadedTokenizer) -> list[str]:
+    model = json.loads(tokenizer.tokenizer.to_str())["model"]
+    return [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
+
+
+# general.file_type (gguf.LlamaFileType): llama.cpp has no "all Q4_K" type; Q4_K_S is its nearest.
+FILE_TYPES = {F32: 0, F16: 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q4_K": 14}
+
+
+def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer, plans: list[TensorPlan],
+               file_type: str, name: str) -> int:
+    """Write the GGUF file; returns the bytes its weights take (without metadata)."""
+    import gguf
+
+    config = model.config
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    weight_bytes = 0
+    with atomic.atomic_path(path) as temp:
+        writer = gguf.GGUFWriter(str(temp), arch="llama")
+        writer.add_name(name)
+        writer.add_context_length(config.context_length)
+        writer.add_embedding_length(config.d_model)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.ffn_hidden)
+        writer.add_head_count(config.n_head)
+        writer.add_head_count_kv(config.n_kv_head)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(FILE_TYPES[file_type])
+
+        vocabulary = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        special_ids = set(tokenizer.special_ids.values())
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list([token for token, _ in vocabulary])
+        writer.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
+                                for _, i in vocabulary])
+        writer.add_token_merges(_merges(tokenizer))
+        writer.add_bos_token_id(tokenizer.end_of_document_id)
+        writer.add_eos_token_id(tokenizer.special_ids["end_of_turn"])
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(ChatTemplate(tokenizer).jinja())
+
+        for plan in plans:
+            values = state[plan.source_name]
+            if plan.permute_heads:
+                values = permute_for_interleaved_rope(values, plan.permute_heads)
+            encoded = encode_tensor(values, plan.type_name)
+            weight_bytes += encoded.nbytes
+            if plan.type_name in FORMATS:
+                writer.add_tensor(plan.gguf_name, encoded, raw_dtype=gguf.GGMLQuantizationType(FORMATS[plan.type_name].ggml_type))
+            else:
+                writer.add_tensor(plan.gguf_name, encoded)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return weight_bytes
+
+
+def read_gguf_model(path: str | Path) -> Transformer:
+    """A GGUF file written by `write_gguf` → a PyTorch model holding exactly its (dequantized) weights."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # truncated or not GGUF at all
+        raise InputDataError(f"{path}: not a readable GGUF file ({exc})".splitlines()[0]) from None
+
+    def field(key: str):
+        if key not in reader.fields:
+            raise InputDataError(f"{path}: GGUF metadata key {key} is missing")
+        return reader.fields[key].contents()
+
+    try:
+        config = ModelConfig(
+            vocab_size=int(field("llama.vocab_size")), context_length=int(field("llama.context_length")),
+            n_layer=int(field("llama.block_count")), d_model=int(field("llama.embedding_length")),
+            n_head=int(field("llama.attention.head_count")), n_kv_head=int(field("llama.attention.head_count_kv")),
+            ffn_hidden=int(field("llama.feed_forward_length")), head_dim=int(field("llama.attention.key_length")),
+            rope_theta=float(field("llama.rope.freq_base")),
+            rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+            tie_embeddings="output.weight" not in {t.name for t in reader.tensors})
+    except ValueError as exc:
+        raise InputDataError(f"{path}: inconsistent GGUF metadata ({exc})") from None
+    model = Transformer(config)
+    state = model.state_dict()
+    tensors = {t.name: t for t in reader.tensors}
+    type_names = {fmt.ggml_type: name for name, fmt in FORMATS.items()} | {0: F32, 1: F16}
+    for gguf_name, source, heads in gguf_tensor_names(config):
+        if gguf_name not in tensors:
+            raise InputDataError(f"{path}: tensor {gguf_name} is missing")
+        tensor = tensors[gguf_name]
+        shape = tuple(state[source].shape)
+        type_name = type_names.get(int(tensor.tensor_type))
+        if type_name is None:
+            raise InputDataError(f"{path}: tensor {gguf_name} has unsupported type {tensor.tensor_type.name}")
+        try:
+            values = decode_tensor(tensor.data, type_name, shape)
+        except ValueError as exc:
+            raise InputDataError(f"{path}: tensor {gguf_name} does not hold {shape} values of {type_name} ({exc})") from None
+        if heads:
+            values = unpermute_from_interleaved_rope(values, heads)
+        if not np.isfinite(values).all():
+            raise InputDataError(f"{path}: tensor {gguf_name} holds NaN or infinite values")
+        state[source] = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def size_row(variant: str, parameters: int, tensor_bytes: int, file_bytes: int, type_counts: dict[str, int]) -> dict:
+    """One row of the size table, measured on a written file: bits per weight count the weights' bytes."""
+    return {
+        "format": variant,
+        "bits_per_weight": 8 * tensor_bytes / parameters,
+        "tensor_bytes": tensor_bytes,
+        "file_bytes": file_bytes,
+        "ratio_to_fp32": tensor_bytes / (4 * parameters),
+        "ratio_to_fp16": tensor_bytes / (2 * parameters),
+        "tensor_types": type_counts,
+    }

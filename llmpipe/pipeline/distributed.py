@@ -1,0 +1,70 @@
+"""Data parallelism under torchrun: who am I, and the process group.
+
+`torchrun` (or `python -m llmpipe.pipeline.launch --processes N`) sets RANK / LOCAL_RANK / WORLD_SIZE;
+without it, this is rank 0 of 1. The backend is NCCL on CUDA and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def from_environment(cls, requested_device: str = "cpu") -> "ProcessInfo":
+        """This process as torchrun describes it, on its device (`auto`: CUDA when available)."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                   local_rank=local_rank, device=resolve_device(requested_device, local_rank))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """`auto` → CUDA when available, else CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def start(process: ProcessInfo) -> ProcessInfo:
+    """Select the process's GPU and join the process group (when there is more than one process)."""
+    if process.device.type == "cuda":
+        torch.cuda.set_device(process.device)
+    if process.distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if process.device.type == "cuda" else "gloo")
+    return process
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

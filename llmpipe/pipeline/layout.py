@@ -1,0 +1,74 @@
+"""Every artifact of the pipeline, named once: the paths stages read and write, relative to the
+repository root (DVC runs every stage there). dvc.yaml lists the same paths as deps and outs;
+tests/test_layout.py checks that the two agree.
+
+    prepare          → PREPARED: PRETRAIN_TEXT[split], FINETUNE_EXAMPLES[split], QA_FILES[qa split]
+    train_tokenizer  → TOKENIZER, TOKENIZER_REPORT, TOKENIZER_METRICS
+    tokenize         → TOKENS (TOKENS / "<split>.bin" + TOKENS_META)
+    pretrain         → PRETRAINED, PRETRAIN_REPORTS
+    finetune         → FINETUNED, FINETUNE_REPORTS
+    quantize         → GGUF, HF_EXPORT, QUANTIZE_REPORTS
+    evaluate         → EVALUATE_REPORTS, FIGURES, REPORT
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TEXT_SPLITS = ("train", "validation")
+# Question/answer sets, by whose facts they ask about: the fine-tuned people (their QA pairs are the
+# fine-tuning examples), the validation people (they pick the best fine-tuning step) and the held-out
+# people (known only from pretraining).
+QA_SPLITS = ("finetuned_people", "validation_people", "heldout_people")
+
+PREPARED = Path("data/prepared")
+PRETRAIN_TEXT = {split: PREPARED / f"pretrain_{split}.jsonl" for split in TEXT_SPLITS}
+FINETUNE_EXAMPLES = {split: PREPARED / f"finetune_{split}.jsonl" for split in TEXT_SPLITS}
+QA_FILES = {split: PREPARED / f"qa_{split}.jsonl" for split in QA_SPLITS}
+PREPARED_SUMMARY = PREPARED / "summary.json"
+WORLD = PREPARED / "world.json"
+
+TOKENIZER = Path("models/tokenizer")
+TOKENIZER_REPORT = Path("reports/tokenizer.md")
+TOKENIZER_METRICS = Path("reports/tokenizer.json")
+
+TOKENS = Path("data/tokens")
+TOKENS_META = TOKENS / "meta.json"
+
+PRETRAINED = Path("models/pretrained")
+PRETRAIN_REPORTS = Path("reports/pretrain")
+FINETUNED = Path("models/finetuned")
+FINETUNE_REPORTS = Path("reports/finetune")
+TRAIN_CURVE, EVAL_CURVE, METRICS, SAMPLES = "train_curve.csv", "eval_curve.csv", "metrics.json", "samples.md"
+
+GGUF = Path("models/gguf")
+HF_EXPORT = Path("models/hf")
+QUANTIZE_REPORTS = Path("reports/quantize")
+SIZES_METRICS = QUANTIZE_REPORTS / "sizes.json"
+SIZES_TABLE = QUANTIZE_REPORTS / "sizes.md"
+
+EVALUATE_REPORTS = Path("reports/evaluate")
+VARIANTS_TABLE = EVALUATE_REPORTS / "variants.csv"
+EVALUATE_METRICS = EVALUATE_REPORTS / "metrics.json"
+REPORT = Path("reports/report.md")
+FIGURES = Path("reports/figures")
+
+
+def gguf_file_name(model_name: str, variant: str) -> str:
+    return f"{model_name}-{variant}.gguf"
+
+
+def find_gguf_file(variant: str) -> Path | None:
+    """The GGUF file of a variant (evaluate does not read quantize.model_name, so it matches the suffix)."""
+    return next(iter(sorted(GGUF.glob(gguf_file_name("*", variant)))), None)
+
+
+def repository_root() -> Path:
+    """The user's repository: DVC_ROOT under DVC (also inside `dvc exp run --temp/--queue` copies), else cwd."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def checkpoints_dir(stage: str, key: str) -> Path:
+    """Resumable checkpoints of a stage run: outside the DVC outputs, shared by experiment copies."""
+    return repository_root() / "checkpoints" / stage / key

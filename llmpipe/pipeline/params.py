@@ -1,0 +1,192 @@
+"""A stage's view of params.yaml: only the keys dvc.yaml declares for it, with typed, checked reads.
+
+DVC reruns a stage when a key listed under its `params:` changes. A stage that read any other
+key would depend on something DVC does not track, and "rerun only what changed" would silently
+break. `StageParams` makes that impossible: reading an undeclared key raises.
+
+    params = StageParams.for_stage("train_tokenizer", full_config)
+    vocab_size = params.int("tokenizer.vocab_size", min=1)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmpipe.pipeline.errors import ParamError, PipelineError, UndeclaredParamError
+
+PARAMS_FILE = "params.yaml"
+_MISSING = object()
+
+
+def stage_definition(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
+    """The stage's entry in dvc.yaml."""
+    path = Path(dvc_yaml)
+    try:
+        pipeline = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run stages from the repository root") from None
+    stages = pipeline.get("stages") or {}
+    if stage not in stages:
+        raise PipelineError(f"{path}: no stage named '{stage}'")
+    return stages[stage]
+
+
+def declared_dependencies(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The paths dvc.yaml lists under `deps:` for `stage`."""
+    return [str(dep) for dep in stage_definition(stage, dvc_yaml).get("deps") or []]
+
+
+def declared_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The params.yaml keys (dotted) that dvc.yaml lists under `params:` for `stage`."""
+    keys: list[str] = []
+    for entry in stage_definition(stage, dvc_yaml).get("params") or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):
+            for file, file_keys in entry.items():
+                if Path(file).name == PARAMS_FILE:
+                    keys.extend(file_keys or [])
+    return keys
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+class StageParams:
+    """Read-only access to the declared part of params.yaml, with type and range checks."""
+
+    def __init__(self, stage: str, config: dict, declared: list[str]):
+        self.stage = stage
+        self._config = config
+        self._declared = list(declared)
+
+    @classmethod
+    def for_stage(cls, stage: str, config: dict, dvc_yaml: str | Path = "dvc.yaml") -> "StageParams":
+        return cls(stage, config, declared_param_keys(stage, dvc_yaml))
+
+    def is_declared(self, key: str) -> bool:
+        return any(key == d or key.startswith(d + ".") for d in self._declared)
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        """The raw value at a dotted key; raises if the key is undeclared or (without default) absent."""
+        if not self.is_declared(key):
+            raise UndeclaredParamError(
+                f"stage '{self.stage}' read params key '{key}', which dvc.yaml does not declare "
+                f"under its params (declared: {', '.join(self._declared) or 'none'})"
+            )
+        value = _lookup(self._config, key)
+        if value is _MISSING:
+            if default is not _MISSING:
+                return default
+            raise ParamError(f"{PARAMS_FILE}: missing key '{key}'")
+        return value
+
+    def _fail(self, key: str, expected: str, value: Any) -> ParamError:
+        return ParamError(f"{PARAMS_FILE}: {key}: expected {expected}, got {_describe(value)}")
+
+    def int(self, key: str, *, min: int | None = None, max: int | None = None) -> int:
+        value = self.get(key)
+        expected = "an integer" + _range_words(min, max)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(key, expected, value)
+        if (min is not None and value < min) or (max is not None and value > max):
+            raise self._fail(key, expected, value)
+        return value
+
+    def float(self, key: str, *, min: float | None = None, max: float | None = None,
+              above: float | None = None) -> float:
+        value = self.get(key)
+        expected = "a number" + _range_words(min, max, above)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(key, expected, value)
+        value = float(value)
+        if value != value or (min is not None and value < min) or (max is not None and value > max) \
+                or (above is not None and value <= above):
+            raise self._fail(key, expected, value)
+        return value
+
+    def bool(self, key: str) -> bool:
+        value = self.get(key)
+        if not isinstance(value, bool):
+            raise self._fail(key, "true or false", value)
+        return value
+
+    def str(self, key: str, *, choices: list[str] | None = None, optional: bool = False) -> str | None:
+        value = self.get(key)
+        if value is None and optional:
+            return None
+        if choices is not None and value not in choices:
+            raise self._fail(key, "one of " + ", ".join(choices), value)
+        if not isinstance(value, str) or not value:
+            raise self._fail(key, "a non-empty string", value)
+        return value
+
+    def str_list(self, key: str, *, choices: list[str] | None = None, non_empty: bool = True) -> list[str]:
+        value = self.get(key)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) \
+                or (non_empty and not value):
+            raise self._fail(key, "a list of strings", value)
+        if choices is not None:
+            unknown = [v for v in value if v not in choices]
+            if unknown:
+                raise self._fail(key, "values among " + ", ".join(choices), unknown)
+        return list(value)
+
+    def str_map(self, key: str, *, keys: list[str], values: list[str]) -> dict[str, str]:
+        """A mapping from some of `keys` to one of `values` each; null (the whole mapping or one value)
+        means not set."""
+        mapping = self.get(key)
+        if mapping is None:
+            return {}
+        if not isinstance(mapping, dict):
+            raise self._fail(key, "a mapping such as {" + f"{keys[-1]}: {values[0]}" + "}", mapping)
+        unknown = [k for k in mapping if k not in keys]
+        if unknown:
+            raise self._fail(key, "keys among " + ", ".join(keys), unknown)
+        for name, value in mapping.items():
+            if value is not None and value not in values:
+                raise self._fail(f"{key}.{name}", "one of " + ", ".join(values), value)
+        return {name: value for name, value in mapping.items() if value is not None}
+
+    def declared_values(self) -> dict[str, Any]:
+        """Every declared key and its value, flattened to dotted keys (for MLflow params)."""
+        flat: dict[str, Any] = {}
+        for key in self._declared:
+            value = _lookup(self._config, key)
+            if value is not _MISSING:
+                _flatten(key, value, flat)
+        return flat
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def _range_words(min=None, max=None, above=None) -> str:
+    words = []
+    if min is not None:
+        words.append(f">= {min}")
+    if above is not None:
+        words.append(f"> {above}")
+    if max is not None:
+        words.append(f"<= {max}")
+    return (" " + " and ".join(words)) if words else ""

@@ -1,0 +1,131 @@
+"""The MLflow run of one stage execution (`StageRun`), grouped under one parent run per pipeline execution.
+
+Each stage run carries: the stage's declared params, metrics (step metrics batched), small artifacts,
+and tags: git commit, DVC stage, DVC experiment name and baseline, md5 of each input (dependency)
+and the pipeline execution it belongs to (`llmpipe.pipeline`), which is also its parent run.
+Where runs are stored: llmpipe.pipeline.store; where a run came from: llmpipe.pipeline.provenance.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from llmpipe.pipeline import store
+from llmpipe.pipeline.provenance import git_commit, pipeline_execution_key
+
+_FLUSH_EVERY = 500
+
+
+class StageRun:
+    """The MLflow run of one stage execution. Use as a context manager; a no-op when `enabled=False`
+    (e.g. on DDP ranks other than 0)."""
+
+    def __init__(self, stage: str, params: dict[str, Any], input_hashes: dict[str, str], enabled: bool = True):
+        self.stage = stage
+        self.params = params
+        self.input_hashes = input_hashes  # md5 of each dependency, by path
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._pending: list = []
+        self._client = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "StageRun":
+        if not self.enabled:
+            return self
+        self._client, experiment_id = store.connect()
+        tags = self._tags()
+        parent_id = self._pipeline_parent(experiment_id, tags.get("llmpipe.pipeline"))
+        run = self._client.create_run(experiment_id, run_name=self.stage, tags={
+            **tags, **({"mlflow.parentRunId": parent_id} if parent_id else {})})
+        self.run_id = run.info.run_id
+        self._log_params()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        self.flush()
+        self._client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
+
+    def _tags(self) -> dict[str, str]:
+        tags = {"dvc.stage": self.stage, "llmpipe.kind": "stage"}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+        if os.environ.get("DVC_EXP_BASELINE_REV"):
+            tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+        key = pipeline_execution_key()
+        if key:
+            tags["llmpipe.pipeline"] = key
+        for path, digest in self.input_hashes.items():
+            tags[f"input.md5.{path}"] = digest
+        return tags
+
+    def _pipeline_parent(self, experiment_id: str, key: str | None) -> str | None:
+        if not key:
+            return None
+        found = self._client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`llmpipe.pipeline` = '{key}' and tags.`llmpipe.kind` = 'pipeline'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        label = os.environ.get("DVC_EXP_NAME") or "dvc repro"
+        name = f"pipeline {label} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        tags = {"llmpipe.pipeline": key, "llmpipe.kind": "pipeline"}
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+        parent = self._client.create_run(experiment_id, run_name=name, tags=tags)
+        self._client.set_terminated(parent.info.run_id, "FINISHED")
+        return parent.info.run_id
+
+    def _log_params(self) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(self.params.items())]
+        for start in range(0, len(params), 100):
+            self._client.log_batch(self.run_id, params=params[start:start + 100])
+
+    # -- logging -----------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record metrics (at `step` for curves); batched, flushed every few hundred points."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._pending.append(Metric(key, float(value), timestamp, step or 0))
+        if len(self._pending) >= _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self._pending:
+            for start in range(0, len(self._pending), 1000):
+                self._client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+            self._pending = []
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self._client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_text(self.run_id, text, artifact_file)

@@ -1,0 +1,1 @@
+"""Reports: CSV and JSON for DVC plots and metrics, Markdown for people, PNG plots."""

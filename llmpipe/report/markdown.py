@@ -1,0 +1,114 @@
+"""Every Markdown report of the pipeline, for a person to read: the tokenizer report, the quantization
+size table, sample answers (fine-tuning and evaluation), and the evaluation report."""
+
+from __future__ import annotations
+
+from llmpipe.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer, longest_learned_tokens
+
+
+def cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell (pipes escaped, line breaks as spaces)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def tokenizer_report(tokenizer: LoadedTokenizer, metrics: dict, validation_texts: list[str], longest: int = 15) -> str:
+    lines = ["# Tokenizer report", "",
+             f"Vocabulary: {tokenizer.vocab_size} tokens (256 bytes, {len(tokenizer.special_ids)} special, "
+             f"the rest learned merges).", "",
+             f"On the validation text: {metrics['validation_characters_per_token']:.2f} characters per token, "
+             f"{metrics['validation_tokens_per_100_words']:.1f} tokens per 100 words.", "",
+             "| text | tokens | pieces |", "|---|---:|---|"]
+    examples = EXAMPLE_STRINGS + ([validation_texts[0].split(". ")[0] + "."] if validation_texts else [])
+    for text in examples:
+        ids = tokenizer.encode(text)
+        pieces = " · ".join(repr(p)[1:-1].replace("|", "\\|") for p in tokenizer.token_strings(ids))
+        lines.append(f"| {text} | {len(ids)} | {pieces} |")
+    lines += ["", "Longest learned tokens: " + ", ".join(repr(t) for t in longest_learned_tokens(tokenizer, longest)), ""]
+    return "\n".join(lines)
+
+
+def _answer(result: dict) -> str:
+    return cell(result["answer"].strip()) or "(empty)"
+
+
+def finetune_samples(answers: dict[str, list[dict]], base_answers: dict[str, list[dict]], count: int) -> str:
+    """Greedy answers per QA split, before and after fine-tuning."""
+    lines = ["# Fine-tuning: sample answers", "", "Greedy answers in the chat format, before and after fine-tuning.", ""]
+    for split, results in answers.items():
+        if not results:
+            continue
+        lines += [f"## {split.replace('_', ' ')}", "", "| question | expected | base model | fine-tuned |", "|---|---|---|---|"]
+        for result, base in list(zip(results, base_answers[split]))[:count]:
+            mark = "✓" if result["correct"] else "✗"
+            lines.append(f"| {cell(result['question'])} | {cell(result['expected'])} | {_answer(base)} | "
+                         f"{mark} {_answer(result)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def size_table(rows: list[dict], parameters: int) -> str:
+    lines = [f"# Quantization: sizes of the fine-tuned model ({parameters:,} parameters)", "",
+             "Bits per weight and ratios count the weights' bytes; file bytes add the metadata and tokenizer "
+             "(about the same for every variant, large next to a model this small).", "",
+             "| format | bits/weight | weight bytes | file bytes | vs fp32 | vs fp16 | tensor types |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        types = ", ".join(f"{name}×{count}" for name, count in sorted(row["tensor_types"].items()))
+        lines.append(f"| {row['format']} | {row['bits_per_weight']:.3f} | {row['tensor_bytes']:,} | {row['file_bytes']:,} | "
+                     f"{row['ratio_to_fp32']:.3f} | {row['ratio_to_fp16']:.3f} | {types} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits=3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune: dict, samples: dict[str, list[dict]],
+                    images: dict[str, str]) -> str:
+    by_name = {row["variant"]: row for row in rows}
+    ref = by_name[reference]
+    lines = ["# llmpipe evaluation report", "",
+             "Every model variant on the same held-out data: the validation text (perplexity, bits per byte), "
+             "questions about the fine-tuned people and about held-out people never seen in fine-tuning "
+             "(greedy exact match in the chat format), KL divergence of next-token distributions from the "
+             f"full-precision fine-tuned model (`{reference}`), file size and generation speed on this machine "
+             "(greedy, fastest of 5 runs; PyTorch runs every GGUF variant as its dequantized fp32 weights, so "
+             "speed differences between variants here are noise: llama.cpp is where quantized files run faster).", "",
+             "## Training in numbers", "",
+             f"- Pretraining: {int(pretrain['parameters']):,} parameters, {int(pretrain['tokens_trained']):,} tokens in "
+             f"{int(pretrain['steps'])} steps at {pretrain['tokens_per_second']:,.0f} tokens/s; validation bits per byte "
+             f"{pretrain['val_bpb']:.3f} against {pretrain['unigram_bpb']:.3f} for a unigram model of the corpus.",
+             f"- Fine-tuning: best step {int(finetune['best_step'])} by the validation people's accuracy; exact match on "
+             f"fine-tuned people {finetune['base_qa_accuracy_finetuned_people']:.3f} → "
+             f"{finetune['qa_accuracy_finetuned_people']:.3f}, on held-out people "
+             f"{finetune['base_qa_accuracy_heldout_people']:.3f} → {finetune['qa_accuracy_heldout_people']:.3f} "
+             "(base model → fine-tuned).", "",
+             "## Every variant", "",
+             "| variant | bits/weight | file size | perplexity | bits/byte | QA fine-tuned people | QA held-out people | KL vs " + reference + " | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {_fmt(row['bits_per_weight'], 2)} | {row['file_bytes'] / 1e6:.2f} MB | "
+                     f"{_fmt(row['val_perplexity'])} | {_fmt(row['val_bpb'])} | {_fmt(row['qa_accuracy_finetuned_people'])} | "
+                     f"{_fmt(row['qa_accuracy_heldout_people'])} | {_fmt(row['kl_divergence'], 4)} | {row['tokens_per_second']:,.0f} |")
+    lines += ["", "## What quantization costs, measured", "",
+              f"Changes against `{reference}` (the tutorials' \"minimal / small / noticeable\", in numbers):", "",
+              "| format | bits/weight | size vs fp32 | perplexity change | held-out accuracy change | fine-tuned accuracy change |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if row["variant"] in ("base", reference):
+            continue
+        lines.append(
+            f"| {row['variant']} | {row['bits_per_weight']:.2f} | {row['bits_per_weight'] / 32:.1%} | "
+            f"{row['val_perplexity'] - ref['val_perplexity']:+.4f} ({(row['val_perplexity'] / ref['val_perplexity'] - 1):+.2%}) | "
+            f"{row['qa_accuracy_heldout_people'] - ref['qa_accuracy_heldout_people']:+.3f} | "
+            f"{row['qa_accuracy_finetuned_people'] - ref['qa_accuracy_finetuned_people']:+.3f} |")
+    lines += ["", "## Plots", "", f"![loss curves]({images['loss']})", "", f"![size against quality]({images['size']})", "",
+              "## Tokenization", "", f"![tokenization]({images['tokens']})", "",
+              "## Attention", "", f"![attention heads]({images['attention']})", "",
+              "## Sample answers", ""]
+    for variant, results in samples.items():
+        lines += [f"### {variant}", "", "| question | expected | answer |", "|---|---|---|"]
+        lines += [f"| {cell(r['question'])} | {cell(r['expected'])} | {'✓' if r['correct'] else '✗'} {_answer(r)} |"
+                  for r in results]
+        lines.append("")
+    return "\n".join(lines)

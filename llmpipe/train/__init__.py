@@ -1,0 +1,1 @@
+"""Training: settings from params, batch sources, the one training loop, checkpoints, FLOPs."""
