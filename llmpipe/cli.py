@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from llmpipe.pipeline import layout
 from llmpipe.pipeline.errors import PipelineError
@@ -32,30 +33,66 @@ def cmd_compose(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} from {args.config_dir}/" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
 
 
-def _load(args: argparse.Namespace):
-    from llmpipe.model_io import load_model
+def load_any_model(path: Path, tokenizer):
+    """A model in any form the pipeline writes: a model directory (config.json + model.safetensors), a
+    Hugging Face export (models/hf), or a GGUF file; checked to match the tokenizer."""
+    from llmpipe.export.gguf_file import read_gguf_model
+    from llmpipe.export.hf import read_hf_directory
+    from llmpipe.model_io import CONFIG_FILE, check_tokenizer, load_model
+
+    if path.is_file() and path.suffix == ".gguf":
+        return read_gguf_model(path, tokenizer)
+    config = path / CONFIG_FILE
+    if path.is_dir() and config.is_file():
+        try:
+            kind = json.loads(config.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PipelineError(f"{config}: not valid JSON ({exc})".splitlines()[0]) from None
+        if isinstance(kind, dict) and "model" in kind:
+            return load_model(path, tokenizer=tokenizer)[0]
+        if isinstance(kind, dict) and "model_type" in kind:
+            model = read_hf_directory(path)
+            check_tokenizer(model, None, path, tokenizer)
+            return model
+    raise PipelineError(f"{path}: not a model the pipeline writes (a directory with config.json and "
+                        "model.safetensors, a Hugging Face export such as models/hf, or a .gguf file)")
+
+
+def _existing(path: str, flag: str, default: str) -> Path:
+    if Path(path).exists():
+        return Path(path)
+    if path == default:
+        raise PipelineError(f"{flag} {path}: not found; run llmpipe from the repository root after `dvc repro`, "
+                            f"or pass {flag}")
+    raise PipelineError(f"{flag} {path}: no such file or directory")
+
+
+def _load(args: argparse.Namespace, default_model: str = DEFAULT_MODEL):
     from llmpipe.tokenizer import LoadedTokenizer
 
-    tokenizer = LoadedTokenizer(args.tokenizer)
-    model, _ = load_model(args.model)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise PipelineError(f"{args.model} has a {model.config.vocab_size}-token vocabulary but {args.tokenizer} "
-                            f"has {tokenizer.vocab_size}; pass the matching --tokenizer")
-    return model, tokenizer
+    tokenizer = LoadedTokenizer(_existing(args.tokenizer, "--tokenizer", DEFAULT_TOKENIZER))
+    return load_any_model(_existing(args.model, "--model", default_model), tokenizer), tokenizer
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
+def _prompt_ids(model, tokenizer, text: str, max_new_tokens: int = 1) -> list[int]:
+    """The prompt's token ids; a long prompt keeps its end, leaving room for the answer (said on stderr)."""
+    from llmpipe.generate import fit_prompt
+
+    if not text.strip():
+        raise PipelineError("the prompt is empty (or only white space)")
     ids = tokenizer.encode(text)
-    if not ids:
-        raise PipelineError("the prompt is empty")
-    return ids
+    fitted = fit_prompt(ids, model.config.context_length, max_new_tokens)
+    if len(fitted) < len(ids):
+        print(f"note: the prompt is {len(ids)} tokens; the model reads at most {model.config.context_length}, "
+              f"so only its last {len(fitted)} are used", file=sys.stderr)
+    return fitted
 
 
 def cmd_next_token(args: argparse.Namespace) -> None:
     from llmpipe.generate import top_next_tokens
 
     model, tokenizer = _load(args)
-    ranked = top_next_tokens(model, _prompt_ids(tokenizer, args.text), args.top_k)
+    ranked = top_next_tokens(model, _prompt_ids(model, tokenizer, args.text), args.top_k)
     print(f"{args.text!r} →")
     for token_id, probability in ranked:
         piece = tokenizer.decode([token_id])
@@ -76,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     engine = Engine(model, stop_ids={tokenizer.end_of_document_id, tokenizer.special_ids["end_of_turn"]})
     decoder = StreamingDecoder(tokenizer)
     sys.stdout.write(args.text)
-    for token in engine.stream(_prompt_ids(tokenizer, args.text), _sampling(args)):
+    for token in engine.stream(_prompt_ids(model, tokenizer, args.text, args.max_new_tokens), _sampling(args)):
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -84,13 +121,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def stream_answer(model, tokenizer, template, messages: list[dict], settings) -> str:
     """Generate the assistant's turn for `messages`, printing it as it comes; returns its text."""
-    from llmpipe.generate import Engine, StreamingDecoder
+    from llmpipe.generate import Engine, StreamingDecoder, prompt_limit
 
+    limit = prompt_limit(model.config.context_length, settings.max_new_tokens)
     prompt = template.encode_prompt(messages)
-    while len(prompt) >= model.config.context_length and len(messages) > 1:  # forget the oldest turns
+    while len(prompt) > limit and len(messages) > 1:  # forget the oldest turns
         messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
         prompt = template.encode_prompt(messages)
-    prompt = prompt[-(model.config.context_length - 1):]
+    if len(prompt) > limit:
+        print(f"note: the question is {len(prompt)} tokens; the model reads at most {model.config.context_length}, "
+              f"so only its last {limit} are used", file=sys.stderr)
     decoder = StreamingDecoder(tokenizer)
     pieces = []
     engine = Engine(model, stop_ids={template.end_of_turn, tokenizer.end_of_document_id})
@@ -108,11 +148,13 @@ def stream_answer(model, tokenizer, template, messages: list[dict], settings) ->
 def cmd_chat(args: argparse.Namespace) -> None:
     from llmpipe.chat_template import ChatTemplate
 
-    model, tokenizer = _load(args)
+    if args.text is not None and not args.text.strip():
+        raise PipelineError("the question is empty (or only white space); omit it for an interactive chat")
+    model, tokenizer = _load(args, DEFAULT_CHAT_MODEL)
     template = ChatTemplate(tokenizer)
     settings = _sampling(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    if args.text:
+    if args.text is not None:
         stream_answer(model, tokenizer, template, history + [{"role": "user", "content": args.text}], settings)
         return
     print(f"Chatting with {args.model} (empty line or Ctrl-D to quit).")
@@ -138,7 +180,8 @@ def cmd_model_size(args: argparse.Namespace) -> None:
     from llmpipe.train.settings import model_config
 
     composed = compose(args.overrides, args.config_dir)
-    params = StageParams("model-size", composed, ["model", "tokenizer.vocab_size"])
+    params = StageParams("model-size", composed, ["model", "tokenizer.vocab_size"],
+                         source=f"{args.config_dir}/ with {' '.join(args.overrides) or 'no overrides'}")
     vocab = params.get("model.vocab_size") or params.int("tokenizer.vocab_size", min=1)
     config = model_config(params, vocab)
     report = size_report(config)
@@ -157,9 +200,51 @@ def cmd_model_size(args: argparse.Namespace) -> None:
           f"{human_bytes(report['kv_cache_bf16_bytes_per_token'] * config.context_length)} for the full context")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: llmpipe generate: argument --top-p: expected ...`, exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind: type, minimum=None, maximum=None, above=None):
+    """An argparse type: an int or float within a range, with the range in the message."""
+    words = " and ".join(w for w in (f">= {minimum}" if minimum is not None else "", f"> {above}" if above is not None
+                                     else "", f"<= {maximum}" if maximum is not None else "") if w)
+    expected = ("an integer" if kind is int else "a number") + (f" {words}" if words else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value != value or (minimum is not None and value < minimum) or (above is not None and value <= above) \
+                or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
+
+
+def sampling_options(command: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    command.add_argument("--max-new-tokens", type=number(int, minimum=1), default=max_new_tokens)
+    command.add_argument("--temperature", type=number(float, minimum=0.0), default=0.0, help="0 = greedy (default)")
+    command.add_argument("--top-k", type=number(int, minimum=0), default=0,
+                         help="sample among the k most likely (0 = all)")
+    command.add_argument("--top-p", type=number(float, above=0.0, maximum=1.0), default=1.0,
+                         help="nucleus sampling mass (1 = off)")
+    command.add_argument("--seed", type=int, default=0)
+
+
+def model_options(command: argparse.ArgumentParser, default_model: str) -> None:
+    command.add_argument("--model", default=default_model,
+                         help=f"model directory, Hugging Face export or .gguf file (default {default_model})")
+    command.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer directory (default {DEFAULT_TOKENIZER})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmpipe", description="Tools around the llmpipe pipeline's models.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = Parser(prog="llmpipe", description="Tools around the llmpipe pipeline's models.",
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     compose = commands.add_parser("compose", help="compose conf/ into params.yaml")
@@ -168,38 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--output", default="params.yaml")
     compose.set_defaults(handler=cmd_compose)
 
-    def model_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("text", help="the prompt")
-        command.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory (default {DEFAULT_MODEL})")
-        command.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer directory (default {DEFAULT_TOKENIZER})")
-
     next_token = commands.add_parser("next-token", help="most likely next tokens with probabilities")
-    model_options(next_token)
-    next_token.add_argument("--top-k", type=int, default=10, help="how many tokens to show")
+    next_token.add_argument("text", help="the prompt")
+    model_options(next_token, DEFAULT_MODEL)
+    next_token.add_argument("--top-k", type=number(int, minimum=1), default=10, help="how many tokens to show")
     next_token.set_defaults(handler=cmd_next_token)
 
     generate = commands.add_parser("generate", help="continue a text")
-    model_options(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=60)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
-    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("text", help="the prompt")
+    model_options(generate, DEFAULT_MODEL)
+    sampling_options(generate, max_new_tokens=60)
     generate.set_defaults(handler=cmd_generate)
 
     chat = commands.add_parser("chat", help="chat with the fine-tuned model")
     chat.add_argument("text", nargs="?", help="a question to answer once (omit for an interactive session)")
-    chat.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"model directory (default {DEFAULT_CHAT_MODEL})")
-    chat.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer directory (default {DEFAULT_TOKENIZER})")
+    model_options(chat, DEFAULT_CHAT_MODEL)
     chat.add_argument("--system", help="a system message opening the conversation")
     chat.add_argument("--history", action="store_true",
                       help="keep earlier turns in the prompt (off by default: the default model is fine-tuned "
                            "on single questions)")
-    chat.add_argument("--max-new-tokens", type=int, default=64)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--seed", type=int, default=0)
+    sampling_options(chat, max_new_tokens=64)
     chat.set_defaults(handler=cmd_chat)
 
     size = commands.add_parser("model-size", help="parameter count and memory of a model preset")

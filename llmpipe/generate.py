@@ -12,6 +12,9 @@ before), turns the last position's logits into a distribution and picks a token 
 - sampling: logits / temperature, keep the `top_k` most likely and the smallest set whose probability
   reaches `top_p` (nucleus), renormalize, draw with a generator seeded by `seed`.
 A row ends at a stop token (not returned), after `max_new_tokens`, or at the end of the context.
+
+A prompt too long for the context keeps its last tokens, leaving room for the answer: at least
+min(max_new_tokens, context_length // 2) tokens (`fit_prompt`; callers count and report it).
 """
 
 from __future__ import annotations
@@ -58,6 +61,16 @@ def pick_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: tor
                       for row in logits]).to(logits.device)
 
 
+def prompt_limit(context_length: int, max_new_tokens: int) -> int:
+    """The longest prompt that still leaves room for min(max_new_tokens, context_length // 2) new tokens."""
+    return context_length - max(1, min(max_new_tokens, context_length // 2))
+
+
+def fit_prompt(prompt: list[int], context_length: int, max_new_tokens: int) -> list[int]:
+    """The prompt, or its last `prompt_limit` tokens when it is longer."""
+    return prompt[-prompt_limit(context_length, max_new_tokens):]
+
+
 class Engine:
     def __init__(self, model: Transformer, stop_ids: Iterable[int] = (), use_cache: bool = True):
         self.model = model
@@ -69,6 +82,7 @@ class Engine:
                generator: torch.Generator) -> Iterator[torch.Tensor]:
         """The decoding loop: for prompts of one length, yield the next token of every row, step by step
         (the caller decides when to stop listening)."""
+        prompts = [fit_prompt(p, self.model.config.context_length, settings.max_new_tokens) for p in prompts]
         length = len(prompts[0])
         if length == 0 or any(len(p) != length for p in prompts):
             raise ValueError("prompts decoded together must be non-empty and of one length")

@@ -44,9 +44,12 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the input embedding matrix with the output head
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.d_model // self.n_head
         problems = []
+        if self.head_dim is None:
+            if self.n_head > 0 and self.d_model % self.n_head:
+                problems.append(f"d_model ({self.d_model}) is not a multiple of n_head ({self.n_head}): choose "
+                                "n_head among its divisors, or set head_dim explicitly")
+            self.head_dim = self.d_model // max(self.n_head, 1)
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:

@@ -17,9 +17,11 @@ from safetensors.torch import load_file, save_file
 from llmpipe.model import ModelConfig, Transformer
 from llmpipe.pipeline import atomic
 from llmpipe.pipeline.errors import InputDataError
+from llmpipe.tokenizer import LoadedTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_KEY = "tokenizer_fingerprint"  # in config.json: the tokenizer the model was trained with
 
 
 def state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
@@ -83,11 +85,26 @@ def load_state_into(model: Transformer, weights_path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def load_model(directory: str | Path, device: str = "cpu") -> tuple[Transformer, dict]:
-    """A model directory → (model in eval mode, its full config.json)."""
+def check_tokenizer(model: Transformer, recorded: str | None, model_path: str | Path,
+                    tokenizer: LoadedTokenizer) -> None:
+    """Refuse a model and a tokenizer that do not belong together (another vocabulary, or the same size
+    with other merges), naming both paths."""
+    if model.config.vocab_size == tokenizer.vocab_size and recorded in (None, tokenizer.fingerprint):
+        return
+    was = f"tokenizer {recorded}, " if recorded else ""
+    raise InputDataError(f"{model_path} does not match {tokenizer.directory}: the model was trained with {was}"
+                         f"{model.config.vocab_size} tokens, {tokenizer.directory} is tokenizer {tokenizer.fingerprint}, "
+                         f"{tokenizer.vocab_size} tokens; rerun the pipeline (dvc repro) or use the matching tokenizer")
+
+
+def load_model(directory: str | Path, device: str = "cpu",
+               tokenizer: LoadedTokenizer | None = None) -> tuple[Transformer, dict]:
+    """A model directory → (model in eval mode, its full config.json); with `tokenizer`, checked to match it."""
     directory = Path(directory)
     config = read_config(directory)
     model_config = model_config_from_dict(config.get("model", {}), str(directory / CONFIG_FILE))
     model = Transformer(model_config)
+    if tokenizer is not None:
+        check_tokenizer(model, config.get(TOKENIZER_KEY), directory, tokenizer)
     load_state_into(model, directory / WEIGHTS_FILE)
     return model.to(device).eval(), config

@@ -7,6 +7,7 @@ llama.cpp exporters) and `special_tokens.json`, which maps each role of a specia
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable
@@ -78,6 +79,13 @@ class LoadedTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of what the tokenizer does (vocabulary, merges, pre-tokenizer, special tokens):
+        every model records the fingerprint of the tokenizer it was trained with."""
+        content = self.tokenizer.to_str() + json.dumps(self.special_tokens, sort_keys=True)
+        return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
     @property
     def end_of_document_id(self) -> int:

@@ -47,15 +47,18 @@ def read_json(path):
     return json.loads(path.read_text("utf-8"))
 
 
-def variants(quantize_sizes: dict) -> list[Variant]:
-    """The base and fine-tuned models, then every GGUF file from the most to the fewest bits per weight."""
-    found = [Variant("base", lambda: load_model(layout.PRETRAINED)[0], layout.PRETRAINED / WEIGHTS_FILE, 32.0),
-             Variant(REFERENCE, lambda: load_model(layout.FINETUNED)[0], layout.FINETUNED / WEIGHTS_FILE, 32.0)]
+def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer) -> list[Variant]:
+    """The base and fine-tuned models, then every GGUF file from the most to the fewest bits per weight
+    (each checked to match the tokenizer)."""
+    found = [Variant("base", lambda: load_model(layout.PRETRAINED, tokenizer=tokenizer)[0],
+                     layout.PRETRAINED / WEIGHTS_FILE, 32.0),
+             Variant(REFERENCE, lambda: load_model(layout.FINETUNED, tokenizer=tokenizer)[0],
+                     layout.FINETUNED / WEIGHTS_FILE, 32.0)]
     by_size = sorted(quantize_sizes["variants"].items(), key=lambda item: -item[1]["bits_per_weight"])
     for name, row in by_size:
         path = layout.find_gguf_file(name)
         if path is not None:
-            found.append(Variant(name, lambda p=path: read_gguf_model(p), path, row["bits_per_weight"]))
+            found.append(Variant(name, lambda p=path: read_gguf_model(p, tokenizer), path, row["bits_per_weight"]))
     return found
 
 
@@ -75,7 +78,7 @@ def evaluate(params: StageParams, run: StageRun) -> None:
     validation_tokens = open_tokens("validation")
     qa_sets = {split: read_rows(layout.QA_FILES[split])[:questions] for split in ("finetuned_people", "heldout_people")}
     rows, samples, reference_model = compare_variants(
-        variants(read_json(layout.SIZES_METRICS)), REFERENCE, template, validation_tokens,
+        variants(read_json(layout.SIZES_METRICS), tokenizer), REFERENCE, template, validation_tokens,
         read_meta()["splits"]["validation"], qa_sets, limits)
 
     with atomic.atomic_path(layout.FIGURES, directory=True) as temp:

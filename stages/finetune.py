@@ -21,7 +21,7 @@ from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.metrics import answer_loss
 from llmpipe.eval.qa import qa_metrics
 from llmpipe.lora import add_lora, merged_copy, save_adapter
-from llmpipe.model_io import CONFIG_FILE, load_model, write_model
+from llmpipe.model_io import CONFIG_FILE, TOKENIZER_KEY, load_model, write_model
 from llmpipe.pipeline import atomic, distributed, layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
@@ -55,7 +55,7 @@ def finetune(params: StageParams, run: StageRun) -> None:
                                  validation_examples=bool(examples["validation"]))
     process = distributed.start(settings.process)
     try:
-        model, _ = load_model(layout.PRETRAINED, device=str(process.device))
+        model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer)
         context = model.config.context_length
         train_encoded, truncated = template.encode_examples(examples["train"], context)
         validation, validation_truncated = template.encode_examples(examples["validation"], context)
@@ -95,7 +95,7 @@ def finetune(params: StageParams, run: StageRun) -> None:
                        "examples_without_answer_after_truncation": dropped}
             with atomic.atomic_path(layout.FINETUNED, directory=True) as temp:
                 write_model(temp, final_model, {"stage": "finetune", "method": settings.method,
-                                                "best_step": metrics["best_step"]})
+                                                "best_step": metrics["best_step"], TOKENIZER_KEY: tokenizer.fingerprint})
                 if settings.lora:
                     save_adapter(model, settings.lora, temp)
             write_training_reports(layout.FINETUNE_REPORTS, result.history, metrics)

@@ -15,7 +15,7 @@ import torch
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
 from llmpipe.model import Transformer, count_parameters
-from llmpipe.model_io import CONFIG_FILE, save_model
+from llmpipe.model_io import CONFIG_FILE, TOKENIZER_KEY, save_model
 from llmpipe.pipeline import distributed, layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
@@ -60,7 +60,8 @@ def pretrain(params: StageParams, run: StageRun) -> None:
                        "peak_flops_per_second": settings.loop.peak_flops_per_second}
             if result.mean_of("model_flops_utilization") is not None:
                 metrics["model_flops_utilization"] = result.mean_of("model_flops_utilization")
-            save_model(layout.PRETRAINED, model.cpu(), {"stage": "pretrain"})  # no timings: same weights, same files
+            # No timings in the model directory: same weights, same files.
+            save_model(layout.PRETRAINED, model.cpu(), {"stage": "pretrain", TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
             write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics)
             run.log_metrics({k: v for k, v in metrics.items() if k not in result.final_metrics})
             run.log_artifact(layout.PRETRAINED / CONFIG_FILE)

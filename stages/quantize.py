@@ -35,8 +35,8 @@ def quantize(params: StageParams, run: StageRun) -> None:
     embeddings = params.str_map("quantize.embeddings", keys=variants, values=VARIANTS)
     output = params.str_map("quantize.output", keys=variants, values=VARIANTS)
     name = params.str("quantize.model_name")
-    model, _ = load_model(layout.FINETUNED)
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
+    model, _ = load_model(layout.FINETUNED, tokenizer=tokenizer)
     parameters = count_parameters(model)
 
     rows, manifest = [], {}

@@ -2,10 +2,14 @@
 and the previous outputs left as they were."""
 
 import hashlib
+import io
+import json
+import shutil
+import struct
 import sys
 
 import pytest
-from conftest import run
+from conftest import BIN, run, train_test_tokenizer
 from test_pipeline import edit_params
 
 
@@ -39,7 +43,10 @@ def user_files(repo, name, content: bytes):
 @pytest.mark.parametrize("name, content, expected", [
     ("empty.txt", b"\n\n  \n", "error: data.paths: the corpus is empty"),
     ("bad.txt", b"good line\n\nbad \xff\xfe line\n", "error: user_data/bad.txt:3: not valid UTF-8"),
-    ("rows.jsonl", b'{"text": "fine"}\n{"text": \n', "error: user_data/rows.jsonl:2: not valid JSON"),
+    ("rows.jsonl", b'{"text": "fine"}\n{"text": \n',
+     "error: user_data/rows.jsonl:2: not valid JSON (Expecting value at column 9)"),
+    ("blank.jsonl", b"\n\n", "error: user_data/blank.jsonl: no JSON records"),
+    ("zero.txt", b"", "error: user_data/zero.txt: empty file (0 bytes)"),
     ("rows.jsonl", b'{"text": "fine"}\n{"body": "x"}\n', "error: user_data/rows.jsonl:2: expected an object with a string field 'text'"),
 ])
 def test_prepare_refuses_bad_user_data_and_keeps_the_old_output(repo, name, content, expected):
@@ -116,3 +123,135 @@ def test_tampered_gguf_file_is_refused_by_evaluate(repo):
     gguf_file.write_bytes(bytes(data[: len(data) - 5000]))
     message = fail(repo, "evaluate")
     assert message.startswith(f"error: models/gguf/{gguf_file.name}")
+
+
+def parquet_bytes(values) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": values}), buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["a document", None, "another"], "error: user_data/rows.parquet: row 2: 'text' (data.text_column) is null"),
+    ([1, 2, 3], "error: user_data/rows.parquet: column 'text' (data.text_column) holds int64, expected strings"),
+])
+def test_parquet_columns_are_checked_per_file_like_jsonl_lines(repo, values, expected):
+    before = tree_digest(repo / "data/prepared")
+    (repo / "user_data" / "good.parquet").write_bytes(parquet_bytes(["good text"]))
+    user_files(repo, "rows.parquet", parquet_bytes(values))
+    edit_params(repo, data__paths=["user_data/good.parquet", "user_data/rows.parquet"])
+    assert fail(repo, "prepare").startswith(expected)
+    assert tree_digest(repo / "data/prepared") == before
+
+
+def test_unknown_key_under_a_declared_section_names_the_closest_known_one(repo):
+    edit_params(repo, pretrain__learning_rat=0.001)
+    assert fail(repo, "pretrain") == ("error: params.yaml: pretrain.learning_rat: unknown key (conf/ declares no such "
+                                      "key); did you mean pretrain.learning_rate?")
+
+
+def test_head_count_that_does_not_divide_the_width_is_refused_where_the_model_is_read(repo):
+    before = tree_digest(repo / "models/pretrained")
+    edit_params(repo, model__n_head=6, model__n_kv_head=2)
+    assert fail(repo, "pretrain") == ("error: params.yaml: model: d_model (256) is not a multiple of n_head (6): "
+                                      "choose n_head among its divisors, or set head_dim explicitly")
+    assert tree_digest(repo / "models/pretrained") == before
+
+
+def other_tokenizer(repo, vocab_size):
+    """A tokenizer trained on other text, put where the pipeline's tokenizer was."""
+    shutil.rmtree(repo / "models/tokenizer")
+    train_test_tokenizer(repo / "models/tokenizer", vocab_size)
+
+
+@pytest.mark.parametrize("stage, vocab_size, model, output", [
+    ("finetune", 300, "models/pretrained", "models/finetuned"), ("finetune", 600, "models/pretrained", "models/finetuned"),
+    ("quantize", 300, "models/finetuned", "models/gguf"), ("evaluate", 300, "models/pretrained", "reports/figures"),
+])
+def test_a_tokenizer_that_does_not_belong_to_the_model_is_refused(repo, stage, vocab_size, model, output):
+    before = tree_digest(repo / output)
+    other_tokenizer(repo, vocab_size)  # 300 is the tiny pipeline's size: same size, other merges
+    message = fail(repo, stage)
+    assert message.startswith(f"error: {model} does not match models/tokenizer: the model was trained with tokenizer ")
+    assert tree_digest(repo / output) == before
+
+
+def test_a_gguf_file_whose_token_list_is_not_the_tokenizer_is_refused(repo):
+    other_tokenizer(repo, 300)
+    gguf_file = next(str(p.relative_to(repo)) for p in (repo / "models/gguf").glob("*-Q8_0.gguf"))
+    code, message = cli(repo, "chat", "Who?", "--model", gguf_file)
+    assert code == 1 and message.startswith(f"error: {gguf_file} does not match models/tokenizer: its token list")
+
+
+def test_a_misaligned_tensor_offset_in_a_gguf_file_is_refused(repo):
+    import gguf
+
+    path = next((repo / "models/gguf").glob("*-Q4_0.gguf"))
+    tensor = gguf.GGUFReader(str(path)).tensors[3]
+    position = tensor.field.offset + sum(part.nbytes for part in tensor.field.parts[:-1])  # its data offset
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<Q", data, position, struct.unpack_from("<Q", data, position)[0] + 144)
+    path.write_bytes(bytes(data))
+    before = tree_digest(repo / "reports/figures")
+    assert fail(repo, "evaluate") == (f"error: models/gguf/{path.name}: tensor {tensor.name} starts at byte "
+                                      f"{tensor.data_offset + 144}, not on the file's 32-byte alignment (a corrupted "
+                                      "or hand-edited file)")
+    assert tree_digest(repo / "reports/figures") == before
+
+
+def cli(repo, *args, cwd=None):
+    result = run([str(BIN / "llmpipe"), *args], cwd or repo, check=False, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.returncode, errors[0]
+
+
+def test_command_line_refuses_bad_options_and_prompts_in_one_line(repo, tmp_path):
+    assert cli(repo, "chat", "") == (1, "error: the question is empty (or only white space); omit it for an "
+                                        "interactive chat")
+    assert cli(repo, "generate", "   ") == (1, "error: the prompt is empty (or only white space)")
+    for option, value, expected in [("--top-p", "0", "a number > 0.0 and <= 1.0"), ("--top-k", "-1", "an integer >= 0"),
+                                    ("--max-new-tokens", "-1", "an integer >= 1"),
+                                    ("--temperature", "-1", "a number >= 0.0"), ("--top-p", "x", "a number > 0.0")]:
+        code, message = cli(repo, "generate", "Hello", option, value)
+        assert code == 2 and message.startswith(f"error: llmpipe generate: argument {option}: expected {expected}")
+    assert cli(repo, "model-size", "model.n_head=7")[1].startswith(
+        "error: conf/ with model.n_head=7: model: d_model (256) is not a multiple of n_head (7)")
+    assert cli(repo, "chat", "Who?", "--tokenizer", "elsewhere") == (
+        1, "error: --tokenizer elsewhere: no such file or directory")
+    assert cli(repo, "chat", "Who?", cwd=tmp_path) == (
+        1, "error: --tokenizer models/tokenizer: not found; run llmpipe from the repository root after `dvc repro`, "
+           "or pass --tokenizer")
+    assert cli(repo, "chat", "Who?", "--model", "params.yaml")[1].startswith("error: params.yaml: not a model the pipeline writes")
+
+
+def test_chat_reads_every_model_form_the_pipeline_writes_and_fits_long_prompts(repo):
+    question = json.loads((repo / "data/prepared/qa_finetuned_people.jsonl").read_text().splitlines()[0])["question"]
+    answers = [run([str(BIN / "llmpipe"), "chat", question, "--model", model, "--max-new-tokens", "6"], repo).stdout
+               for model in ("models/finetuned", "models/hf")]
+    assert answers[0] == answers[1]  # the Hugging Face export holds the same weights
+    gguf_file = next(str(p.relative_to(repo)) for p in (repo / "models/gguf").glob("*-F16.gguf"))
+    run([str(BIN / "llmpipe"), "chat", question, "--model", gguf_file, "--max-new-tokens", "6"], repo)
+    long = run([str(BIN / "llmpipe"), "chat", "word " * 3000 + question, "--max-new-tokens", "6"], repo)
+    assert "note: the question is" in long.stderr and "so only its last 26 are used" in long.stderr
+
+
+def test_a_fine_tuning_example_longer_than_the_context_is_cut_and_counted_never_a_crash(repo):
+    from conftest import dvc
+
+    (repo / "user_data" / "corpus.txt").write_text("\n\n".join(
+        f"Person {i} lives in city {i % 5} and works at company {i % 3}." for i in range(300)))
+    rows = [{"prompt": f"Where does person {i} live?", "completion": f"city {i % 5}"} for i in range(20)]
+    rows.append({"prompt": "word " * 40000 + "Where does person 1 live?", "completion": "city 1"})  # ~40,000 tokens
+    (repo / "user_data" / "ft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    edit_params(repo, data={"source": "local_files", "paths": ["user_data/corpus.txt"], "text_column": "text",
+                            "txt_sample_by": "paragraph", "validation_fraction": 0.1,
+                            "finetune_train": "user_data/ft.jsonl", "finetune_validation": None,
+                            "finetune_validation_fraction": 0.1})
+    dvc(repo, "repro", "finetune")
+    metrics = json.loads((repo / "reports/finetune/metrics.json").read_text())
+    assert metrics["truncated_examples"] == 1
+    assert sum(value for key, value in metrics.items() if key.endswith("_questions_cut_to_fit")) >= 1

@@ -5,10 +5,9 @@ import ast
 from pathlib import Path
 
 import yaml
+from conftest import ROOT
 
 from llmpipe.pipeline import layout
-
-from conftest import ROOT
 
 # Lowest first; a module may import from its own layer or any layer before it.
 LAYERS = [

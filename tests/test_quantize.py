@@ -115,3 +115,13 @@ def test_hugging_face_export_loads_in_transformers_with_the_same_logits_and_ids(
     chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True,
                                             tokenize=False)
     assert chat == "<|user|> Hi?<|end|><|assistant|>"
+
+
+def test_a_tensor_no_format_fits_is_named_with_the_formats_tried(tokenizer):
+    from llmpipe.pipeline.errors import InputDataError
+
+    net = model(tokenizer.vocab_size, d_model=48)
+    with pytest.raises(InputDataError, match=r"tensor token_embd.weight has rows of 48 weights, which fit neither "
+                                             r"Q4_K \(rows of multiples of 256\) and Q4_0 \(rows of multiples of 32\)"):
+        plan_tensors(net, "Q4_K", "Q4_0", None, None)
+    assert {p.type_name for p in plan_tensors(net, "Q4_K", "F16", None, None)} == {"Q4_K", "F16", "F32"}  # ffn_down rows of 512

@@ -148,3 +148,19 @@ def test_settings_are_frozen_and_batch_geometry_is_checked_once():
         BatchGeometry("pretrain", 30, 8, world_size=1)
     with pytest.raises(ParamError, match="2 micro-batches cannot be shared by 4 processes"):
         BatchGeometry("finetune", 16, 8, world_size=4)
+
+
+def test_every_checkpoint_tensor_file_is_read_without_unpickling(tmp_path):
+    import os
+    import pickle
+
+    class Plant:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'code-ran'}",))
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.directory.mkdir()
+    (store.directory / "best.safetensors").write_bytes(pickle.dumps(Plant()))
+    with pytest.raises(PipelineError, match=r"best.safetensors: unreadable checkpoint file .*delete the checkpoint"):
+        store.load_best()
+    assert not (tmp_path / "code-ran").exists()

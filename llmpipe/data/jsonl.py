@@ -31,7 +31,7 @@ def read_records(path: str | Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                records.append((where, json.loads(line)))
+                records.append((where, json.loads(line.rstrip())))  # columns count within the line
             except json.JSONDecodeError as exc:
                 raise InputDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     return records

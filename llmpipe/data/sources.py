@@ -46,10 +46,47 @@ def _check_text_file(path: Path) -> None:
 
 
 def _check_jsonl_file(path: Path, text_column: str) -> None:
-    for where, record in read_records(path):
+    records = read_records(path)
+    if not records:
+        raise InputDataError(f"{path}: no JSON records (only blank lines)")
+    for where, record in records:
         if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
             raise InputDataError(f"{where}: expected an object with a string field {text_column!r} "
                                  f"(data.text_column)")
+
+
+def _check_parquet_file(path: Path, text_column: str) -> None:
+    """The text column exists, holds strings, and has no nulls: the checks JSONL lines get."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        if text_column not in schema.names:
+            raise InputDataError(f"{path}: no column {text_column!r} (data.text_column); columns: {schema.names}")
+        column_type = schema.field(text_column).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise InputDataError(f"{path}: column {text_column!r} (data.text_column) holds {column_type}, "
+                                 "expected strings")
+        column = pq.read_table(path, columns=[text_column]).column(text_column)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputDataError(f"{path}: not a readable Parquet file ({exc})".splitlines()[0]) from None
+    if column.null_count:
+        first = column.is_null().to_pylist().index(True)
+        raise InputDataError(f"{path}: row {first + 1}: {text_column!r} (data.text_column) is null; expected a string "
+                             f"({column.null_count} null rows)")
+
+
+CHECKS = {"text": lambda path, column: _check_text_file(path), "json": _check_jsonl_file,
+          "parquet": _check_parquet_file}
+
+
+def check_file(path: Path, builder: str, text_column: str) -> None:
+    """Before `datasets` reads a file: it is not empty, and its bytes, records and text column are valid,
+    so an error names the file (and the line or row) instead of a builder's generic failure."""
+    if path.stat().st_size == 0:
+        raise InputDataError(f"{path}: empty file (0 bytes); remove it or leave it out of data.paths")
+    CHECKS[builder](path, text_column)
 
 
 def _column(dataset, text_column: str, source: str) -> list[str]:
@@ -68,17 +105,10 @@ def read_local_documents(patterns: list[str], text_column: str, txt_sample_by: s
     with tempfile.TemporaryDirectory(prefix="llmpipe-datasets-") as cache_dir:
         for builder, group in itertools.groupby(files, key=lambda f: BUILDER_BY_SUFFIX[f.suffix.lower()]):
             group = list(group)
-            options = {}
-            if builder == "text":
-                for file in group:
-                    _check_text_file(file)
-                options["sample_by"] = txt_sample_by
-                column = "text"
-            else:
-                if builder == "json":
-                    for file in group:
-                        _check_jsonl_file(file, text_column)
-                column = text_column
+            for file in group:
+                check_file(file, builder, text_column)
+            options = {"sample_by": txt_sample_by} if builder == "text" else {}
+            column = "text" if builder == "text" else text_column
             try:
                 dataset = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
                                                 cache_dir=cache_dir, **options)

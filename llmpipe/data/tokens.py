@@ -80,7 +80,7 @@ def encode_split(jsonl_path: Path, tokenizer: LoadedTokenizer, output_path: Path
 
 def tokenize_corpus(tokenizer: LoadedTokenizer, dtype: str, num_proc: int, batch_size: int) -> dict:
     """Encode every pretraining split into the token directory (atomically); returns meta.json's content."""
-    meta = {"dtype": dtype, "vocab_size": tokenizer.vocab_size,
+    meta = {"dtype": dtype, "vocab_size": tokenizer.vocab_size, "tokenizer_fingerprint": tokenizer.fingerprint,
             "end_of_document_id": tokenizer.end_of_document_id, "splits": {}}
     with atomic.atomic_path(layout.TOKENS, directory=True) as temp:
         for split, text_file in layout.PRETRAIN_TEXT.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from llmpipe.chat_template import ChatTemplate
-from llmpipe.generate import Engine, SamplingSettings
+from llmpipe.generate import Engine, SamplingSettings, prompt_limit
 from llmpipe.model import Transformer
 
 
@@ -22,6 +22,8 @@ def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], m
     """Exact-match accuracy over `pairs` ({question, answer, attribute}), overall and per attribute.
 
     Returns metrics `{name}` and `{name}_{attribute}`, and every (question, expected, answer, correct).
+    Questions too long for the context keep their end (llmpipe.generate.fit_prompt) and are counted in
+    `{name}_questions_cut_to_fit` (present only when there are some).
     """
     if not pairs:
         return {}, []
@@ -35,6 +37,9 @@ def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], m
         results.append({"question": pair["question"], "expected": pair["answer"], "answer": answer, "correct": correct})
         by_attribute[pair.get("attribute") or "answer"].append(correct)
     metrics = {name: sum(r["correct"] for r in results) / len(results)}
+    too_long = sum(len(p) > prompt_limit(model.config.context_length, max_new_tokens) for p in prompts)
+    if too_long:
+        metrics[f"{name}_questions_cut_to_fit"] = too_long
     if len(by_attribute) > 1:
         for attribute, marks in sorted(by_attribute.items()):
             metrics[f"{name}_{attribute}"] = sum(marks) / len(marks)

@@ -78,8 +78,16 @@ def plan_tensors(model: Transformer, type_name: str, fallback: str, keep_embeddi
             chosen = keep_embeddings
         elif gguf_name == "output.weight" and keep_output:
             chosen = keep_output
+        tried = [chosen]
         if chosen in FORMATS and not FORMATS[chosen].fits(tensor.shape[-1]):
             chosen = fallback
+            tried.append(chosen)
+        if chosen in FORMATS and not FORMATS[chosen].fits(tensor.shape[-1]):
+            formats = " and ".join(f"{name} (rows of multiples of {FORMATS[name].block_size})"
+                                   for name in dict.fromkeys(tried))
+            raise InputDataError(f"tensor {gguf_name} has rows of {tensor.shape[-1]} weights, which fit neither "
+                                 f"{formats}; set quantize.fallback to F16, or use a model width that is a "
+                                 f"multiple of {FORMATS[chosen].block_size}")
         plans.append(TensorPlan(gguf_name, source, chosen, heads))
     return plans
 
@@ -173,19 +181,57 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
     return weight_bytes
 
 
-def read_gguf_model(path: str | Path) -> Transformer:
-    """A GGUF file written by `write_gguf` → a PyTorch model holding exactly its (dequantized) weights."""
+def check_gguf_structure(reader, path: str | Path) -> None:
+    """What llama.cpp checks before it trusts a file: every tensor's data starts on the file's alignment,
+    tensors follow each other without gaps or overlaps, and each one's bytes lie inside the file."""
+    alignment = int(reader.alignment)
+    start, end = int(reader.data_offset), len(reader.data)
+    expected = start
+    for tensor in sorted(reader.tensors, key=lambda t: int(t.data_offset)):
+        offset, size = int(tensor.data_offset), int(tensor.n_bytes)
+        if (offset - start) % alignment:
+            raise InputDataError(f"{path}: tensor {tensor.name} starts at byte {offset}, not on the file's "
+                                 f"{alignment}-byte alignment (a corrupted or hand-edited file)")
+        if offset != expected:
+            raise InputDataError(f"{path}: tensor {tensor.name} starts at byte {offset}, expected {expected} right "
+                                 "after the previous tensor (a corrupted or hand-edited file)")
+        if offset + size > end:
+            raise InputDataError(f"{path}: tensor {tensor.name} ends at byte {offset + size}, past the end of the "
+                                 f"{end}-byte file (truncated?)")
+        expected = offset + -(-size // alignment) * alignment
+
+
+def check_gguf_tokenizer(reader, path: str | Path, tokenizer: LoadedTokenizer) -> None:
+    """The file's token list must be the tokenizer's vocabulary, id by id."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocabulary = [token for token, _ in sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(),
+                                               key=lambda item: item[1])]
+    if tokens is None or list(tokens.contents()) != vocabulary:
+        count = len(tokens.contents()) if tokens is not None else 0
+        raise InputDataError(f"{path} does not match {tokenizer.directory}: its token list ({count} tokens) is not "
+                             f"that tokenizer's vocabulary ({len(vocabulary)} tokens); rerun the quantize stage")
+
+
+def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) -> Transformer:
+    """A GGUF file written by `write_gguf` → a PyTorch model holding exactly its (dequantized) weights.
+    The file's structure is checked first; with `tokenizer`, its token list must match."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # truncated or not GGUF at all
         raise InputDataError(f"{path}: not a readable GGUF file ({exc})".splitlines()[0]) from None
+    check_gguf_structure(reader, path)
+    if tokenizer is not None:
+        check_gguf_tokenizer(reader, path, tokenizer)
 
     def field(key: str):
         if key not in reader.fields:
             raise InputDataError(f"{path}: GGUF metadata key {key} is missing")
         return reader.fields[key].contents()
+
+    if field("general.architecture") != "llama":
+        raise InputDataError(f"{path}: general.architecture is {field('general.architecture')!r}; expected 'llama'")
 
     try:
         config = ModelConfig(

@@ -14,10 +14,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from llmpipe.chat_template import ChatTemplate
 from llmpipe.model import ModelConfig, Transformer
+from llmpipe.pipeline.errors import InputDataError
 from llmpipe.tokenizer import LoadedTokenizer
 
 
@@ -94,3 +96,83 @@ def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTok
     )
     fast.chat_template = ChatTemplate(tokenizer).jinja()
     fast.save_pretrained(str(directory))
+
+
+# Reading a Hugging Face Llama-family directory (our own export, or a checkpoint a user has on disk).
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """A LlamaForCausalLM config.json → ModelConfig; what our model does not implement is refused by key."""
+    if hf.get("model_type") != "llama":
+        raise InputDataError(f"{where}: model_type is {hf.get('model_type')!r}; only Llama-architecture checkpoints "
+                             "(model_type 'llama') are supported")
+    unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_scaling": None,
+                   "sliding_window": None, "num_local_experts": None, "num_experts": None}
+    for key, supported in unsupported.items():
+        if hf.get(key, supported) != supported:
+            raise InputDataError(f"{where}: {key} = {hf[key]!r} is not supported (only {supported!r})")
+    try:
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]), context_length=int(hf["max_position_embeddings"]),
+            n_layer=int(hf["num_hidden_layers"]), d_model=int(hf["hidden_size"]),
+            n_head=int(hf["num_attention_heads"]),
+            n_kv_head=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            ffn_hidden=int(hf["intermediate_size"]), head_dim=hf.get("head_dim"),
+            rope_theta=float(hf.get("rope_theta", 10000.0)), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    except KeyError as missing:
+        raise InputDataError(f"{where}: key {missing} is missing") from None
+    except (TypeError, ValueError) as exc:
+        raise InputDataError(f"{where}: not a valid Llama config ({exc})") from None
+
+
+def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files (one file, or the shards its index lists).
+    Pickled weights (.bin, .pt) are refused: loading them could run code."""
+    index = directory / HF_WEIGHTS_INDEX
+    if index.is_file():
+        files = sorted({directory / name for name in json.loads(index.read_text("utf-8"))["weight_map"].values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for pattern in PICKLED_WEIGHTS for p in directory.glob(pattern)]
+        hint = (f"; {pickled[0]} is a pickle, which the pipeline never loads: convert it to safetensors first"
+                if pickled else "")
+        raise InputDataError(f"{directory}: no *.safetensors weights{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise InputDataError(f"{file}: not a readable safetensors file ({exc})".splitlines()[0]) from None
+    return tensors
+
+
+def read_hf_directory(directory: str | Path) -> Transformer:
+    """A Hugging Face LlamaForCausalLM directory → our Transformer with the same weights (float32)."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    try:
+        hf = json.loads(config_path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputDataError(f"{config_path}: not a readable config.json ({exc})".splitlines()[0]) from None
+    model = Transformer(model_config_from_hf(hf, str(config_path)))
+    expected = model.state_dict()
+    state = {}
+    for name, tensor in read_hf_tensors(directory).items():
+        ours = name.removeprefix("model.")
+        if ours not in expected:
+            raise InputDataError(f"{directory}: tensor {name} has no place in a Llama model")
+        if tuple(tensor.shape) != tuple(expected[ours].shape):
+            raise InputDataError(f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, the config needs "
+                                 f"{tuple(expected[ours].shape)}")
+        state[ours] = tensor.float()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if model.config.tie_embeddings else set()))
+    if missing:
+        raise InputDataError(f"{directory}: tensors missing for the config: {missing[:3]}")
+    model.load_state_dict(state, strict=False)
+    return model.eval()

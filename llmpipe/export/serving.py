@@ -21,7 +21,7 @@ class ChatModel(PythonModel):
 
         self.tokenizer = LoadedTokenizer(context.artifacts["tokenizer"])
         self.template = ChatTemplate(self.tokenizer)
-        self.model, _ = load_model(context.artifacts["model"])
+        self.model, _ = load_model(context.artifacts["model"], tokenizer=self.tokenizer)
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         """Questions → greedy answers, generated as one batch (params: max_new_tokens, default 32)."""

@@ -10,6 +10,7 @@ break. `StageParams` makes that impossible: reading an undeclared key raises.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,33 @@ import yaml
 from llmpipe.pipeline.errors import ParamError, PipelineError, UndeclaredParamError
 
 PARAMS_FILE = "params.yaml"
+CONF_DIR = "conf"
+# Mappings whose keys the user chooses (quantize variants), so any key below them is allowed.
+OPEN_MAPPINGS = ("quantize.embeddings", "quantize.output")
 _MISSING = object()
+
+
+def flat_keys(tree: Any, prefix: str = "") -> set[str]:
+    """Dotted keys of every leaf; an open mapping counts as one leaf."""
+    if not isinstance(tree, dict) or prefix in OPEN_MAPPINGS:
+        return {prefix} if prefix else set()
+    keys: set[str] = set()
+    for key, value in tree.items():
+        keys |= flat_keys(value, f"{prefix}.{key}" if prefix else str(key))
+    return keys
+
+
+def schema_keys(conf_dir: str | Path = CONF_DIR) -> set[str]:
+    """Every key conf/ knows: those of config.yaml and, for each config group (conf/<group>/), the keys of
+    every option, so `data.paths` is known even while `data: embedded` is selected."""
+    conf_dir = Path(conf_dir)
+    config = yaml.safe_load((conf_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    config.pop("defaults", None)
+    keys = flat_keys(config)
+    for group in sorted(p for p in conf_dir.iterdir() if p.is_dir()):
+        for option in sorted(group.glob("*.yaml")):
+            keys |= flat_keys({group.name: yaml.safe_load(option.read_text(encoding="utf-8")) or {}})
+    return keys
 
 
 def stage_definition(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict:
@@ -68,14 +95,26 @@ def _describe(value: Any) -> str:
 class StageParams:
     """Read-only access to the declared part of params.yaml, with type and range checks."""
 
-    def __init__(self, stage: str, config: dict, declared: list[str]):
+    def __init__(self, stage: str, config: dict, declared: list[str], source: str = PARAMS_FILE):
         self.stage = stage
+        self.source = source  # where the values came from, for messages: params.yaml, or the command line
         self._config = config
         self._declared = list(declared)
 
     @classmethod
     def for_stage(cls, stage: str, config: dict, dvc_yaml: str | Path = "dvc.yaml") -> "StageParams":
         return cls(stage, config, declared_param_keys(stage, dvc_yaml))
+
+    def check_known_keys(self, known: set[str]) -> None:
+        """Refuse a key under a declared section that conf/ does not know (a typo such as
+        `pretrain.learning_rat`, or a `-S +pretrain.learning_rat=...`), naming the closest known key."""
+        for section in self._declared:
+            value = _lookup(self._config, section)
+            for key in sorted(flat_keys(value, section)) if value is not _MISSING else []:
+                if key not in known and not any(key.startswith(k + ".") for k in known):
+                    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+                    hint = f"; did you mean {close[0]}?" if close else ""
+                    raise ParamError(f"{self.source}: {key}: unknown key (conf/ declares no such key){hint}")
 
     def is_declared(self, key: str) -> bool:
         return any(key == d or key.startswith(d + ".") for d in self._declared)
@@ -91,11 +130,11 @@ class StageParams:
         if value is _MISSING:
             if default is not _MISSING:
                 return default
-            raise ParamError(f"{PARAMS_FILE}: missing key '{key}'")
+            raise ParamError(f"{self.source}: missing key '{key}'")
         return value
 
     def _fail(self, key: str, expected: str, value: Any) -> ParamError:
-        return ParamError(f"{PARAMS_FILE}: {key}: expected {expected}, got {_describe(value)}")
+        return ParamError(f"{self.source}: {key}: expected {expected}, got {_describe(value)}")
 
     def int(self, key: str, *, min: int | None = None, max: int | None = None) -> int:
         value = self.get(key)

@@ -10,7 +10,8 @@ What the wrapper does:
 - Hydra composes params.yaml (the repository root's, config_name "params", version_base set) into
   the config. Hydra's own outputs are switched off: no outputs/ folder, no change of directory,
   no log files. Command-line overrides (`key=value`) work as in any Hydra app.
-- The stage sees only the keys its dvc.yaml entry declares (see llmpipe.pipeline.params).
+- The stage sees only the keys its dvc.yaml entry declares (see llmpipe.pipeline.params), and a key
+  under them that conf/ does not know (a typo) is refused, naming the closest known key.
 - It opens the stage's MLflow run (see llmpipe.pipeline.tracking) with those params, tagged with the md5 of
   each dependency dvc.yaml lists for the stage.
 - A `PipelineError` (bad input or params) becomes one line on stderr, `error: ...`, and exit status 1.
@@ -26,7 +27,12 @@ from typing import Callable
 
 from llmpipe.pipeline.distributed import ProcessInfo
 from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.params import StageParams, declared_dependencies
+from llmpipe.pipeline.params import (
+    CONF_DIR,
+    StageParams,
+    declared_dependencies,
+    schema_keys,
+)
 from llmpipe.pipeline.provenance import input_hashes
 from llmpipe.pipeline.tracking import StageRun
 
@@ -44,6 +50,8 @@ def run_stage(name: str, config: dict, body: StageFunction) -> None:
     """Run `body` with the stage's declared params and its MLflow run; map user errors to exit 1."""
     try:
         params = StageParams.for_stage(name, config)
+        if os.path.isdir(CONF_DIR):
+            params.check_known_keys(schema_keys())
         hashes = input_hashes(declared_dependencies(name))
         with StageRun(name, params.declared_values(), hashes, enabled=ProcessInfo.from_environment().is_main) as run:
             body(params, run)

@@ -97,12 +97,12 @@ def model_config(params: StageParams, tokenizer_vocab_size: int | None) -> Model
     vocab_size = params.get("model.vocab_size")
     if vocab_size is None:
         if tokenizer_vocab_size is None:
-            raise ParamError("params.yaml: model.vocab_size is null and there is no tokenizer to take it from")
+            raise ParamError(f"{params.source}: model.vocab_size is null and there is no tokenizer to take it from")
         vocab_size = tokenizer_vocab_size
     else:
         vocab_size = params.int("model.vocab_size", min=1)
         if tokenizer_vocab_size is not None and vocab_size != tokenizer_vocab_size:
-            raise ParamError(f"params.yaml: model.vocab_size is {vocab_size} but the tokenizer has "
+            raise ParamError(f"{params.source}: model.vocab_size is {vocab_size} but the tokenizer has "
                              f"{tokenizer_vocab_size} tokens; set model.vocab_size: null to follow the tokenizer")
     head_dim = params.get("model.head_dim")
     try:
@@ -114,7 +114,7 @@ def model_config(params: StageParams, tokenizer_vocab_size: int | None) -> Model
             tie_embeddings=params.bool("model.tie_embeddings"),
         )
     except ValueError as exc:
-        raise ParamError(f"params.yaml: model: {exc}") from None
+        raise ParamError(f"{params.source}: model: {exc}") from None
 
 
 def loop_settings(params: StageParams, section: str, **extra) -> TrainSettings:
@@ -137,7 +137,7 @@ def loop_settings(params: StageParams, section: str, **extra) -> TrainSettings:
         **extra,
     )
     if settings.min_learning_rate > settings.learning_rate:
-        raise ParamError(f"params.yaml: {key('min_learning_rate')} ({settings.min_learning_rate}) must not exceed "
+        raise ParamError(f"{params.source}: {key('min_learning_rate')} ({settings.min_learning_rate}) must not exceed "
                          f"{key('learning_rate')} ({settings.learning_rate})")
     return settings
 
@@ -155,7 +155,7 @@ def global_batch_sequences(params: StageParams, context_length: int) -> int:
         return params.int("pretrain.global_batch_sequences", min=1)
     tokens = params.int("pretrain.global_batch_tokens", min=1)
     if tokens % context_length:
-        raise ParamError(f"params.yaml: pretrain.global_batch_tokens ({tokens}) must be a multiple of "
+        raise ParamError(f"{params.source}: pretrain.global_batch_tokens ({tokens}) must be a multiple of "
                          f"model.context_length ({context_length})")
     return tokens // context_length
 
