@@ -4,6 +4,7 @@
     llmpipe next-token "TEXT"                the most likely next tokens and their probabilities
     llmpipe generate "TEXT"                  continue a text (streams tokens)
     llmpipe model-size model=llama2_7b       parameters and memory of a preset, without allocating it
+    llmpipe model-size --checkpoint DIR      the same for a Hugging Face checkpoint, from its config.json
     llmpipe chat ["QUESTION"]                chat with the fine-tuned model (interactive without a question)
 
 next-token and generate default to the pretrain stage's output (models/pretrained), chat to the
@@ -179,11 +180,21 @@ def cmd_model_size(args: argparse.Namespace) -> None:
     from llmpipe.pipeline.params import StageParams
     from llmpipe.train.settings import model_config
 
-    composed = compose(args.overrides, args.config_dir)
-    params = StageParams("model-size", composed, ["model", "tokenizer.vocab_size"],
-                         source=f"{args.config_dir}/ with {' '.join(args.overrides) or 'no overrides'}")
-    vocab = params.get("model.vocab_size") or params.int("tokenizer.vocab_size", min=1)
-    config = model_config(params, vocab)
+    if args.checkpoint:  # a Hugging Face checkpoint's config.json alone: no weights are read
+        from llmpipe.export.hf import model_config_from_hf
+
+        config_path = Path(args.checkpoint) / "config.json"
+        try:
+            hf_config = json.loads(config_path.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PipelineError(f"{config_path}: not a readable config.json ({exc})".splitlines()[0]) from None
+        config = model_config_from_hf(hf_config, str(config_path))
+    else:
+        composed = compose(args.overrides, args.config_dir)
+        params = StageParams("model-size", composed, ["model", "tokenizer.vocab_size"],
+                             source=f"{args.config_dir}/ with {' '.join(args.overrides) or 'no overrides'}")
+        vocab = params.get("model.vocab_size") or params.int("tokenizer.vocab_size", min=1)
+        config = model_config(params, vocab)
     report = size_report(config)
     if args.json:
         print(json.dumps({"model": config.to_dict(), **report}, indent=2))
@@ -278,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     size = commands.add_parser("model-size", help="parameter count and memory of a model preset")
     size.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama2_7b or model.n_layer=8")
     size.add_argument("--config-dir", default="conf")
+    size.add_argument("--checkpoint", help="a Hugging Face checkpoint directory: size from its config.json")
     size.add_argument("--json", action="store_true", help="print JSON")
     size.set_defaults(handler=cmd_model_size)
     return parser

@@ -6,7 +6,7 @@
 - RMSNorm instead of LayerNorm (no mean subtraction, no bias).
 - Rotary position embeddings in the Hugging Face `rotate_half` convention (the two halves of each head
   dimension form the rotated pairs), so a Hugging Face / GGUF export is a rename plus, for GGUF, a
-  known row permutation.
+  known row permutation; optionally with Llama 3.1's frequency scaling (for imported checkpoints).
 - Grouped-query attention: `n_kv_head` key/value heads shared by `n_head` query heads, computed by
   `torch.nn.functional.scaled_dot_product_attention` (causal).
 - SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
@@ -42,6 +42,8 @@ class ModelConfig:
     rope_theta: float = 10000.0  # base of the rotary frequencies
     rms_norm_eps: float = 1e-5   # epsilon inside RMSNorm
     tie_embeddings: bool = True  # share the input embedding matrix with the output head
+    rope_scaling: dict | None = None  # Llama 3.1 rotary scaling: factor, low_freq_factor, high_freq_factor,
+    #                                   original_max_position_embeddings (None: plain rotary embeddings)
 
     def __post_init__(self):
         problems = []
@@ -61,7 +63,10 @@ class ModelConfig:
             raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if self.rope_scaling is None:
+            values.pop("rope_scaling")
+        return values
 
 
 class RMSNorm(nn.Module):
@@ -76,9 +81,26 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rotary_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of each position × frequency, shape (length, head_dim), halves repeated (rotate_half)."""
+def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The inverse frequency of each rotated pair. Llama 3.1's scaling divides the low frequencies (wavelengths
+    longer than the original context / low_freq_factor) by `factor`, keeps the high ones, and blends between."""
     inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if not scaling:
+        return inverse_frequency
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inverse_frequency
+    scaled = torch.where(wavelength > original / low, inverse_frequency / factor, inverse_frequency)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    middle = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(middle, blended, scaled)
+
+
+def rotary_tables(head_dim: int, length: int, theta: float, device=None,
+                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position × frequency, shape (length, head_dim), halves repeated (rotate_half)."""
+    inverse_frequency = rotary_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inverse_frequency)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -190,7 +212,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta)
+        cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta, scaling=config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -207,7 +229,8 @@ class Transformer(nn.Module):
     def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length
         if end > self.rope_cos.shape[0]:  # beyond the trained context: extend the tables
-            cos, sin = rotary_tables(self.config.head_dim, end, self.config.rope_theta, self.rope_cos.device)
+            cos, sin = rotary_tables(self.config.head_dim, end, self.config.rope_theta, self.rope_cos.device,
+                                     self.config.rope_scaling)
             return cos[start:end], sin[start:end]
         return self.rope_cos[start:end], self.rope_sin[start:end]
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmpipe.pipeline.errors import InputDataError
 
@@ -47,6 +47,72 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
+
+
+# Pre-tokenizers llama.cpp recognizes by name (GGUF `tokenizer.ggml.pre`), as they appear in tokenizer.json.
+LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+                "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+SUPPORTED_KINDS = ("byte-level BPE with the GPT-2 pre-tokenizer (GPT-2, this pipeline's own) or Llama 3's "
+                   "(Llama 3.x)")
+
+
+def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str | None:
+    """llama.cpp's name for this byte-level BPE's pre-tokenizer ("gpt-2", "llama-bpe"), or None."""
+    spec = json.loads(tokenizer.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split" \
+            and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT and steps[1].get("type") == "ByteLevel" \
+            and not steps[1].get("use_regex", True):
+        return "llama-bpe"
+    return None
+
+
+def import_tokenizer(source: Path, special_tokens: dict[str, str]) -> tuple[Tokenizer, dict[str, str], list[str]]:
+    """A checkpoint's `tokenizer.json` as the pipeline's tokenizer: (tokenizer, special tokens by role, tokens added).
+
+    The end of a document is the checkpoint's own end-of-sequence token when it names one; the chat roles
+    use `special_tokens`, added to the vocabulary when the checkpoint lacks them (their embeddings start at
+    the mean of the others). Only byte-level BPE is supported (SentencePiece-style tokenizers are refused)."""
+    path = source / "tokenizer.json"
+    if not path.is_file():
+        raise InputDataError(f"{path}: not found; the checkpoint needs a `tokenizers` tokenizer.json "
+                             "(a SentencePiece tokenizer.model alone is not supported)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise InputDataError(f"{path}: not a readable tokenizer.json ({exc})".splitlines()[0]) from None
+    if gguf_pre_tokenizer(tokenizer) is None:
+        raise InputDataError(f"{path}: this tokenizer kind is not supported; supported: {SUPPORTED_KINDS}")
+    specials = dict(special_tokens)
+    eos = checkpoint_eos_token(source, tokenizer)
+    if eos is not None:
+        specials["end_of_document"] = eos
+    missing = [token for token in dict.fromkeys(specials.values()) if tokenizer.token_to_id(token) is None]
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
+    return tokenizer, specials, missing
+
+
+def checkpoint_eos_token(source: Path, tokenizer: Tokenizer) -> str | None:
+    """The end-of-sequence token a checkpoint declares (tokenizer_config.json, or config.json's id)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = source / name
+        if path.is_file():
+            eos = json.loads(path.read_text("utf-8")).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
+                return eos
+    config = source / "config.json"
+    if config.is_file():
+        eos_id = json.loads(config.read_text("utf-8")).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        if isinstance(eos_id, int):
+            return tokenizer.id_to_token(eos_id)
+    return None
 
 
 def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directory: Path) -> None:
@@ -92,7 +158,7 @@ class LoadedTokenizer:
         return self.special_ids["end_of_document"]
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids  # no post-processor BOS: ids are explicit
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -106,7 +172,7 @@ def tokenizer_metrics(tokenizer: LoadedTokenizer, validation_texts: list[str]) -
     """Vocabulary size, characters per token and tokens per 100 words on the validation text."""
     characters = sum(len(t) for t in validation_texts)
     words = sum(len(t.split()) for t in validation_texts)
-    tokens = sum(len(e.ids) for e in tokenizer.tokenizer.encode_batch(validation_texts))
+    tokens = sum(len(e.ids) for e in tokenizer.tokenizer.encode_batch(validation_texts, add_special_tokens=False))
     return {
         "vocab_size": tokenizer.vocab_size,
         "validation_characters_per_token": characters / max(tokens, 1),

@@ -1,6 +1,9 @@
-"""Stage `pretrain`: train the transformer from scratch on next-token prediction over the token files.
+"""Stage `pretrain`: train the transformer from scratch on next-token prediction over the token files,
+or, with `base_model=hf`, import a Hugging Face Llama checkpoint instead (no training).
 
-Params: model (the preset: `dvc exp run -S model=small`), pretrain (loop settings), seed.
+Params: model (the preset: `dvc exp run -S model=small`), pretrain (loop settings), seed, base_model
+(`dvc exp run -S base_model=hf -S base_model.path=base_models/<checkpoint>`: the checkpoint's config
+sets the model shape).
 Output: models/pretrained/ (model.safetensors + config.json), reports/pretrain/metrics.json (final
 val_loss, val_bpb, unigram_bpb, tokens_per_second, ...), reports/pretrain/{train,eval}_curve.csv (DVC plots).
 Checkpoints go to checkpoints/pretrain/<key>/; a killed run resumes from the last one.
@@ -14,6 +17,7 @@ import torch
 
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
+from llmpipe.export.hf import import_checkpoint
 from llmpipe.model import Transformer, count_parameters
 from llmpipe.model_io import CONFIG_FILE, TOKENIZER_KEY, save_model
 from llmpipe.pipeline import distributed, layout
@@ -27,9 +31,28 @@ from llmpipe.train.loop import train
 from llmpipe.train.settings import pretrain_settings
 
 
+def import_base_model(params: StageParams, run: StageRun, meta: dict) -> None:
+    """base_model=hf: the checkpoint's weights become models/pretrained, measured on the validation text."""
+    source = params.str("base_model.path")
+    model = import_checkpoint(source, meta["vocab_size"])
+    counts = meta["splits"]["validation"]
+    validation = perplexity_metrics(model, open_tokens("validation"), counts, params.int("pretrain.eval_max_tokens", min=2))
+    metrics = {**validation, "parameters": count_parameters(model), "steps": 0, "tokens_trained": 0,
+               "tokens_per_second": 0.0, "unigram_bpb": unigram_bits_per_byte(
+                   open_tokens("train"), open_tokens("validation"), model.config.vocab_size, counts["utf8_bytes"])}
+    save_model(layout.PRETRAINED, model, {"stage": "import", "source": source,
+                                          TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
+    write_training_reports(layout.PRETRAIN_REPORTS, {"train": [], "eval": [{"step": 0, **validation}]}, metrics)
+    run.log_metrics(metrics)
+    print(f"pretrain: imported {source} ({metrics['parameters']:,} parameters, context {model.config.context_length}); "
+          f"val_bpb {metrics['val_bpb']:.3f}", flush=True)
+
+
 @stage("pretrain")
 def pretrain(params: StageParams, run: StageRun) -> None:
     meta = read_meta()
+    if params.str("base_model.source", choices=["scratch", "hf"]) == "hf":
+        return import_base_model(params, run, meta)
     settings = pretrain_settings(params, meta["vocab_size"])
     config, batch, process = settings.model, settings.batch, distributed.start(settings.process)
     try:

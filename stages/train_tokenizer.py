@@ -1,10 +1,13 @@
-"""Stage `train_tokenizer`: train a byte-level BPE tokenizer on the pretraining text.
+"""Stage `train_tokenizer`: train a byte-level BPE tokenizer on the pretraining text, or, with
+`base_model=hf`, take the checkpoint's own tokenizer.json (plus the chat special tokens it lacks).
 
-Params: tokenizer.vocab_size, tokenizer.min_frequency, tokenizer.special_tokens.
+Params: tokenizer.vocab_size, tokenizer.min_frequency, tokenizer.special_tokens, base_model.
 Output: models/tokenizer/ (tokenizer.json, special_tokens.json); reports/tokenizer.json (metrics)
 and reports/tokenizer.md (token-count table, characters per token, longest tokens).
 Run: `dvc repro train_tokenizer`, or try a size: `dvc exp run -S tokenizer.vocab_size=2048`.
 """
+
+from pathlib import Path
 
 from llmpipe.data.jsonl import iterate_rows
 from llmpipe.pipeline import atomic, layout
@@ -16,6 +19,7 @@ from llmpipe.report.markdown import tokenizer_report
 from llmpipe.tokenizer import (
     SPECIAL_TOKEN_ROLES,
     LoadedTokenizer,
+    import_tokenizer,
     minimum_vocab_size,
     save_tokenizer,
     tokenizer_metrics,
@@ -37,14 +41,17 @@ def texts(split: str):
 @stage("train_tokenizer")
 def train_tokenizer(params: StageParams, run: StageRun) -> None:
     specials = special_tokens(params)
-    minimum = minimum_vocab_size(specials)
-    vocab_size = params.int("tokenizer.vocab_size", max=1 << 31)
-    if vocab_size < minimum:
-        raise ParamError(f"params.yaml: tokenizer.vocab_size: expected at least {minimum} (256 byte tokens + "
-                         f"{minimum - 256} special tokens), got {vocab_size}")
-    min_frequency = params.int("tokenizer.min_frequency", min=1)
-
-    tokenizer = train_bpe(texts("train"), vocab_size, min_frequency, specials)
+    if params.str("base_model.source", choices=["scratch", "hf"]) == "hf":
+        tokenizer, specials, added = import_tokenizer(Path(params.str("base_model.path")), specials)
+        print(f"train_tokenizer: took the tokenizer of {params.str('base_model.path')}"
+              + (f", adding {', '.join(added)}" if added else ""), flush=True)
+    else:
+        minimum = minimum_vocab_size(specials)
+        vocab_size = params.int("tokenizer.vocab_size", max=1 << 31)
+        if vocab_size < minimum:
+            raise ParamError(f"params.yaml: tokenizer.vocab_size: expected at least {minimum} (256 byte tokens + "
+                             f"{minimum - 256} special tokens), got {vocab_size}")
+        tokenizer = train_bpe(texts("train"), vocab_size, params.int("tokenizer.min_frequency", min=1), specials)
     with atomic.atomic_path(layout.TOKENIZER, directory=True) as temp:
         save_tokenizer(tokenizer, specials, temp)
     loaded = LoadedTokenizer(layout.TOKENIZER)

@@ -45,7 +45,7 @@ class _BatchEncoder:
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(self.tokenizer_file)
-        encodings = self._tokenizer.encode_batch(batch["text"])
+        encodings = self._tokenizer.encode_batch(batch["text"], add_special_tokens=False)
         ids = [e.ids + [self.end_of_document_id] for e in encodings]
         return {"ids": ids, "length": [len(i) for i in ids],
                 "utf8_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}

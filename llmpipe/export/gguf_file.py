@@ -25,12 +25,19 @@ import torch
 
 from llmpipe.chat_template import ChatTemplate
 from llmpipe.export.formats import FORMATS
-from llmpipe.model import ModelConfig, Transformer
+from llmpipe.model import ModelConfig, Transformer, rotary_frequencies
 from llmpipe.pipeline import atomic
 from llmpipe.pipeline.errors import InputDataError
-from llmpipe.tokenizer import LoadedTokenizer
+from llmpipe.tokenizer import LoadedTokenizer, gguf_pre_tokenizer
 
 F32, F16 = "F32", "F16"
+ROPE_SCALING_PREFIX = "llmpipe.rope_scaling."
+
+
+def rope_frequency_factors(config: ModelConfig) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor: how much Llama 3.1 scaling divides each rotary frequency."""
+    plain = rotary_frequencies(config.head_dim, config.rope_theta)
+    return (plain / rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)).numpy().astype(np.float32)
 
 
 @dataclass
@@ -154,7 +161,7 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
         vocabulary = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
         special_ids = set(tokenizer.special_ids.values())
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
+        writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer.tokenizer) or "gpt-2")
         writer.add_token_list([token for token, _ in vocabulary])
         writer.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
                                 for _, i in vocabulary])
@@ -174,6 +181,10 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
                 writer.add_tensor(plan.gguf_name, encoded, raw_dtype=gguf.GGMLQuantizationType(FORMATS[plan.type_name].ggml_type))
             else:
                 writer.add_tensor(plan.gguf_name, encoded)
+        if config.rope_scaling:  # Llama 3.1: llama.cpp reads the per-frequency factors; we read our keys back
+            for key, value in config.rope_scaling.items():
+                writer.add_float32(f"{ROPE_SCALING_PREFIX}{key}", float(value))
+            writer.add_tensor("rope_freqs.weight", rope_frequency_factors(config))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -241,7 +252,9 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) 
             ffn_hidden=int(field("llama.feed_forward_length")), head_dim=int(field("llama.attention.key_length")),
             rope_theta=float(field("llama.rope.freq_base")),
             rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
-            tie_embeddings="output.weight" not in {t.name for t in reader.tensors})
+            tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+            rope_scaling={key[len(ROPE_SCALING_PREFIX):]: float(reader.fields[key].contents())
+                          for key in reader.fields if key.startswith(ROPE_SCALING_PREFIX)} or None)
     except ValueError as exc:
         raise InputDataError(f"{path}: inconsistent GGUF metadata ({exc})") from None
     model = Transformer(config)

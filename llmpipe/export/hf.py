@@ -37,7 +37,7 @@ def hf_llama_config(config: ModelConfig, bos_token_id: int | None = None, eos_to
         "max_position_embeddings": config.context_length,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": {"rope_type": "llama3", **config.rope_scaling} if config.rope_scaling else None,
         "hidden_act": "silu",
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
@@ -103,25 +103,46 @@ HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, Llama 3.1 scaling or None) from either config.json form: transformers 4's `rope_theta` +
+    `rope_scaling`, or transformers 5's `rope_parameters`."""
+    parameters = hf.get("rope_parameters") or {}
+    theta = float(hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
+    scaling = hf.get("rope_scaling") or parameters
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise InputDataError(f"{where}: rope scaling {kind!r} is not supported (only Llama 3.1's 'llama3')")
+    missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
+    if missing:
+        raise InputDataError(f"{where}: llama3 rope scaling lacks {missing}")
+    return theta, {key: scaling[key] for key in ROPE_SCALING_KEYS}
+
+
 def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
     """A LlamaForCausalLM config.json → ModelConfig; what our model does not implement is refused by key."""
     if hf.get("model_type") != "llama":
         raise InputDataError(f"{where}: model_type is {hf.get('model_type')!r}; only Llama-architecture checkpoints "
                              "(model_type 'llama') are supported")
-    unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "rope_scaling": None,
-                   "sliding_window": None, "num_local_experts": None, "num_experts": None}
+    unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "sliding_window": None,
+                   "num_local_experts": None, "num_experts": None, "partial_rotary_factor": 1.0}
     for key, supported in unsupported.items():
-        if hf.get(key, supported) != supported:
+        if hf.get(key, supported) not in (supported, None):
             raise InputDataError(f"{where}: {key} = {hf[key]!r} is not supported (only {supported!r})")
+    theta, scaling = rope_from_hf(hf, where)
     try:
         return ModelConfig(
             vocab_size=int(hf["vocab_size"]), context_length=int(hf["max_position_embeddings"]),
             n_layer=int(hf["num_hidden_layers"]), d_model=int(hf["hidden_size"]),
             n_head=int(hf["num_attention_heads"]),
             n_kv_head=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            ffn_hidden=int(hf["intermediate_size"]), head_dim=hf.get("head_dim"),
-            rope_theta=float(hf.get("rope_theta", 10000.0)), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+            ffn_hidden=int(hf["intermediate_size"]), head_dim=hf.get("head_dim"), rope_theta=theta,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_scaling=scaling)
     except KeyError as missing:
         raise InputDataError(f"{where}: key {missing} is missing") from None
     except (TypeError, ValueError) as exc:
@@ -176,3 +197,29 @@ def read_hf_directory(directory: str | Path) -> Transformer:
         raise InputDataError(f"{directory}: tensors missing for the config: {missing[:3]}")
     model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+def fit_vocabulary(model: Transformer, vocab_size: int, known_tokens: int) -> Transformer:
+    """The model with exactly `vocab_size` embedding rows, for a tokenizer whose first `known_tokens` ids are
+    the checkpoint's own: padding rows beyond the tokenizer are dropped, and rows of tokens the import added
+    (the chat special tokens) start at the mean of the known rows."""
+    if model.config.vocab_size == vocab_size == known_tokens:
+        return model
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("rope_")}
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        known = state[name][:known_tokens]
+        state[name] = torch.cat([known, known.mean(0, keepdim=True).expand(vocab_size - known_tokens, -1)]).clone()
+    resized = Transformer(ModelConfig(**{**model.config.to_dict(), "vocab_size": vocab_size}))
+    if resized.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    resized.load_state_dict(state, strict=False)
+    return resized.eval()
+
+
+def import_checkpoint(directory: str | Path, vocab_size: int) -> Transformer:
+    """A Hugging Face Llama checkpoint as the pipeline's base model, for its tokenizer plus what the import
+    added (`vocab_size` tokens in all)."""
+    from tokenizers import Tokenizer
+
+    known = Tokenizer.from_file(str(Path(directory) / "tokenizer.json")).get_vocab_size()
+    return fit_vocabulary(read_hf_directory(directory), vocab_size, known)

@@ -75,9 +75,11 @@ def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune
              "(greedy, fastest of 5 runs; PyTorch runs every GGUF variant as its dequantized fp32 weights, so "
              "speed differences between variants here are noise: llama.cpp is where quantized files run faster).", "",
              "## Training in numbers", "",
-             f"- Pretraining: {int(pretrain['parameters']):,} parameters, {int(pretrain['tokens_trained']):,} tokens in "
-             f"{int(pretrain['steps'])} steps at {pretrain['tokens_per_second']:,.0f} tokens/s; validation bits per byte "
-             f"{pretrain['val_bpb']:.3f} against {pretrain['unigram_bpb']:.3f} for a unigram model of the corpus.",
+             (f"- Pretraining: {int(pretrain['parameters']):,} parameters, {int(pretrain['tokens_trained']):,} tokens in "
+              f"{int(pretrain['steps'])} steps at {pretrain['tokens_per_second']:,.0f} tokens/s" if pretrain["steps"] else
+              f"- Base model: an imported checkpoint (base_model=hf), {int(pretrain['parameters']):,} parameters")
+             + f"; validation bits per byte {pretrain['val_bpb']:.3f} against {pretrain['unigram_bpb']:.3f} for a "
+             "unigram model of the corpus.",
              f"- Fine-tuning: best step {int(finetune['best_step'])} by the validation people's accuracy; exact match on "
              f"fine-tuned people {finetune['base_qa_accuracy_finetuned_people']:.3f} → "
              f"{finetune['qa_accuracy_finetuned_people']:.3f}, on held-out people "

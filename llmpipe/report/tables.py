@@ -35,7 +35,7 @@ def write_training_reports(directory: str | Path, history: dict[str, list[dict]]
     """`train_curve.csv` (step, train_loss, learning_rate, ...), `eval_curve.csv` (step, validation
     metrics) and `metrics.json` (final metrics) under `directory`."""
     directory = Path(directory)
-    atomic.write_text(directory / layout.TRAIN_CURVE, csv_text(history["train"]))
+    atomic.write_text(directory / layout.TRAIN_CURVE, csv_text(history["train"]) or "step,train_loss\n")
     atomic.write_text(directory / layout.EVAL_CURVE, csv_text(history["eval"]))
     atomic.write_json(directory / layout.METRICS, metrics)
 

@@ -1,0 +1,148 @@
+"""Starting from an existing open model: Hugging Face Llama checkpoints (built here at random, no network)
+import with the same logits as transformers, export back to the same tensors, and refuse what our model
+does not implement; the whole pipeline runs on an imported checkpoint."""
+
+import json
+
+import pytest
+import torch
+from conftest import BIN, SPECIALS, dvc, make_repo_copy, run
+from safetensors.torch import load_file
+
+from llmpipe.export.hf import fit_vocabulary, read_hf_directory, write_hf_directory
+from llmpipe.pipeline.errors import InputDataError
+from llmpipe.tokenizer import LoadedTokenizer, import_tokenizer, save_tokenizer
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+SHAPES = {
+    "tied": dict(tie_word_embeddings=True, num_key_value_heads=4),
+    "untied_gqa": dict(tie_word_embeddings=False, num_key_value_heads=1),
+    "llama3_rope_scaling": dict(tie_word_embeddings=False, num_key_value_heads=2, rope_theta=50000.0,
+                                rope_scaling=LLAMA3_ROPE),
+}
+
+
+def foreign_tokenizer(directory, texts):
+    """A byte-level BPE as another project would ship it: its own end-of-sequence token, no chat tokens."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])  # as Llama 3's
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return tokenizer
+
+
+def make_checkpoint(directory, shape="untied_gqa", vocab_size=320, hidden=64, intermediate=96, layers=2, **changes):
+    """A random LlamaForCausalLM saved with save_pretrained (safetensors) plus a 300-token tokenizer
+    (the model's 320 rows are padded, as real checkpoints often are)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmpipe.data.world import WorldConfig, build_world
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
+                         rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, **{**SHAPES[shape], **changes})
+    model = LlamaForCausalLM(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    foreign_tokenizer(directory, build_world(WorldConfig(num_people=12, paraphrases=2))["pretrain_train"])
+    return model
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_imported_logits_equal_transformers_and_export_gives_back_the_tensors(tmp_path, shape):
+    reference = make_checkpoint(tmp_path / "ckpt", shape)
+    ours = read_hf_directory(tmp_path / "ckpt")
+    ids = torch.randint(0, 320, (2, 100))  # beyond the 32 original positions of the llama3 scaling
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], reference(ids).logits, atol=1e-4, rtol=0)
+    tokenizer_dir = tmp_path / "tok"
+    save_tokenizer(*import_tokenizer(tmp_path / "ckpt", SPECIALS)[:2], tokenizer_dir)
+    write_hf_directory(tmp_path / "export", ours, LoadedTokenizer(tokenizer_dir))
+    original, exported = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(
+        str(tmp_path / "export" / "model.safetensors"))
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[name], exported[name]) for name in original)
+
+
+def test_the_imported_tokenizer_keeps_its_end_of_sequence_and_gains_the_chat_tokens(tmp_path):
+    make_checkpoint(tmp_path / "ckpt")
+    tokenizer, specials, added = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    assert specials["end_of_document"] == "</s>"
+    save_tokenizer(tokenizer, specials, tmp_path / "tok")
+    assert LoadedTokenizer(tmp_path / "tok").encode("Hello")[0] != 0  # no automatic <s>: the pipeline places ids
+    assert added == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"] and tokenizer.get_vocab_size() == 304
+    model = fit_vocabulary(read_hf_directory(tmp_path / "ckpt"), 304, 300)  # 320 padded rows → 300 + 4 added
+    assert model.config.vocab_size == 304
+    assert torch.allclose(model.embed_tokens.weight[303], model.embed_tokens.weight[:300].mean(0))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mistral"}, "model_type is 'mistral'; only Llama-architecture checkpoints"),
+    ({"attention_bias": True}, "attention_bias = True is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}},
+     "rope scaling 'yarn' is not supported"),
+    ({"num_local_experts": 8}, "num_local_experts = 8 is not supported"),
+])
+def test_what_our_model_does_not_implement_is_refused_by_key(tmp_path, change, message):
+    make_checkpoint(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt/config.json").read_text())
+    (tmp_path / "ckpt/config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(InputDataError, match=message):
+        read_hf_directory(tmp_path / "ckpt")
+
+
+def test_pickled_weights_and_sentencepiece_tokenizers_are_refused(tmp_path):
+    make_checkpoint(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt/model.safetensors"
+    weights.rename(tmp_path / "ckpt/pytorch_model.bin")
+    with pytest.raises(InputDataError, match="pytorch_model.bin is a pickle, which the pipeline never loads"):
+        read_hf_directory(tmp_path / "ckpt")
+    spec = json.loads((tmp_path / "ckpt/tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True  # SentencePiece-style BPE (Llama 2, TinyLlama)
+    (tmp_path / "ckpt/tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(InputDataError, match="this tokenizer kind is not supported; supported: byte-level BPE"):
+        import_tokenizer(tmp_path / "ckpt", SPECIALS)
+
+
+@pytest.mark.slow
+def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_checkpoint(tmp_path):
+    from llmpipe.export.gguf_file import read_gguf_model
+    from llmpipe.model_io import load_model
+
+    repo = make_repo_copy(tmp_path / "repo")
+    reference = make_checkpoint(repo / "base_models/tiny-llama", "llama3_rope_scaling", hidden=256, intermediate=256,
+                                layers=1)
+    output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny-llama").stdout
+    assert "took the tokenizer of base_models/tiny-llama, adding <|system|>, <|user|>, <|assistant|>, <|end|>" in output
+    pretrained, config = load_model(repo / "models/pretrained")
+    assert config["stage"] == "import" and pretrained.config.rope_scaling is not None
+    ids = torch.randint(0, 300, (1, 60))
+    with torch.no_grad():
+        torch.testing.assert_close(pretrained(ids)[0][..., :300], reference(ids).logits[..., :300], atol=1e-4, rtol=0)
+    finetune = json.loads((repo / "reports/finetune/metrics.json").read_text())
+    assert "qa_accuracy_finetuned_people" in finetune and finetune["best_step"] >= 1
+    tokenizer = LoadedTokenizer(repo / "models/tokenizer")
+    for gguf_file in (repo / "models/gguf").glob("*.gguf"):  # the imported tokenizer and the rope scaling travel
+        assert read_gguf_model(gguf_file, tokenizer).config.rope_scaling == pytest.approx(
+            {k: float(v) for k, v in pretrained.config.rope_scaling.items()})
+    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert {"base", "finetuned", "Q8_0", "Q4_0"} <= set(evaluate)
+    assert "imported checkpoint" in (repo / "reports/report.md").read_text()
+    size = run([str(BIN / "llmpipe"), "model-size", "--checkpoint", "base_models/tiny-llama", "--json"], repo)
+    assert json.loads(size.stdout)["parameters"] == sum(p.numel() for p in reference.parameters())
