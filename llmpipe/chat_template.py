@@ -1,29 +1,38 @@
-"""The chat template, built from the tokenizer's special tokens, and its loss mask.
+"""The chat template and its loss mask: the pipeline's own format, or an imported checkpoint's.
+
+The pipeline's format, built from the tokenizer's special tokens (`tokenizer.special_tokens`):
 
     <|system|> SYSTEM<|end|>            (optional)
     <|user|> QUESTION<|end|>
     <|assistant|> ANSWER<|end|>
 
-Content follows its role token after one space, because a byte-level BPE learns words as they appear
-inside running text (" Paris", with the space): an answer encoded without it would use other tokens
-than the ones that carry the model's pretraining knowledge.
+A checkpoint imported with `base_model=hf` brings its own Jinja template (ChatML, Llama 3, ...), which
+the tokenizer directory keeps (chat_template.json); both are handled alike. The template is rendered in
+Jinja's sandbox with each message's content replaced by a marker: the text between markers is the
+template's (role headers and end-of-turn tokens, encoded with the tokenizer's special tokens), each
+content is encoded by itself. Spaces that end a piece of template text go with the content after them,
+because a byte-level BPE learns words as they appear inside running text (" Paris", with the space):
+an answer encoded without it would use other tokens than the ones that carry the pretraining knowledge.
 
-Token ids are assembled piece by piece (role token, encoded content, end-of-turn token), so text that
-happens to contain "<|end|>" is never read as a control token. Labels are IGNORE_INDEX everywhere
-except on the assistant's content and its closing end-of-turn token: the model learns to answer and to
-stop, never to predict the question.
+Labels are IGNORE_INDEX everywhere except on the assistant's content and the token that closes its
+turn: the model learns to answer and to stop, never to predict the question.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from llmpipe.model import IGNORE_INDEX
+from llmpipe.pipeline.errors import InputDataError
 from llmpipe.tokenizer import LoadedTokenizer
 
 ROLES = ("system", "user", "assistant")
+_MARK = "\ue000{}\ue001"  # private-use characters: never in real text
+_MARKER = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass
@@ -33,35 +42,87 @@ class EncodedExample:
     truncated: bool         # cut to the context length
 
 
+def pipeline_jinja(special_tokens: dict[str, str]) -> str:
+    """The pipeline's own format in Jinja, from the configured special tokens."""
+    specials = {role: _jinja_string(token) for role, token in special_tokens.items()}
+    role_token = "".join(f"{'{% if' if index == 0 else '{% elif'} message['role'] == '{role}' %}}{{{{ {specials[role]} }}}}"
+                         for index, role in enumerate(ROLES)) + "{% endif %}"
+    return ("{% for message in messages %}" + role_token + "{{ ' ' + message['content'] + "
+            + specials["end_of_turn"] + " }}{% endfor %}{% if add_generation_prompt %}{{ "
+            + specials["assistant"] + " }}{% endif %}")
+
+
+def _jinja_string(text: str) -> str:
+    """A Jinja string literal holding `text` exactly."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def compile_template(source: str):
+    """A Jinja chat template compiled in a sandbox (a checkpoint's template is untrusted code)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(source)
+
+
 class ChatTemplate:
     def __init__(self, tokenizer: LoadedTokenizer):
         self.tokenizer = tokenizer
-        self.role_ids = {role: tokenizer.special_ids[role] for role in ROLES}
+        imported = tokenizer.chat_template or {}
+        self.source = imported.get("template") or pipeline_jinja(tokenizer.special_tokens)
+        self.bos_token = imported.get("bos_token") or tokenizer.special_tokens["end_of_document"]
+        self.eos_token = imported.get("eos_token") or tokenizer.special_tokens["end_of_turn"]
         self.end_of_turn = tokenizer.special_ids["end_of_turn"]
 
-    def _turns(self, messages: list[dict]) -> list[tuple[list[int], bool]]:
-        """(ids, is_answer) pieces in order."""
-        pieces = []
-        for message in messages:
-            answer = message["role"] == "assistant"
-            pieces.append(([self.role_ids[message["role"]]], False))
-            pieces.append((self.tokenizer.encode(" " + message["content"]) + [self.end_of_turn], answer))
+    @cached_property
+    def _compiled(self):
+        return compile_template(self.source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, as tools that format chats themselves render it."""
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def _pieces(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[list[int], int | None]]:
+        """(ids, index of the message whose content they are, or None for template text), in order."""
+        marked = [{**message, "content": _MARK.format(index)} for index, message in enumerate(messages)]
+        parts = _MARKER.split(self.render(marked, add_generation_prompt))  # text, index, text, index, ..., text
+        pieces, spaces = [], ""
+        for position, part in enumerate(parts):
+            if position % 2:
+                index = int(part)
+                pieces.append((self.tokenizer.encode(spaces + messages[index]["content"]), index))
+                continue
+            text = part.rstrip(" ") if position < len(parts) - 1 else part
+            spaces = part[len(text):]
+            if text:
+                pieces.append((self.tokenizer.encode(text), None))
         return pieces
 
     def encode_example(self, messages: list[dict], max_length: int) -> EncodedExample:
-        ids, labels = [], []
-        for piece, is_answer in self._turns(messages):
+        ids, labels, closes_answer = [], [], False
+        for piece, index in self._pieces(messages, add_generation_prompt=False):
+            is_answer = index is not None and messages[index]["role"] == "assistant"
+            if is_answer:
+                labels += piece
+            else:  # template text: only the token that closes an answer (end of turn) is learned
+                labels += [piece[0] if closes_answer else IGNORE_INDEX] + [IGNORE_INDEX] * (len(piece) - 1)
             ids += piece
-            labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
+            closes_answer = is_answer
         # Position t predicts token t+1: the label of input t is the token that follows it.
         inputs, targets = ids[:-1], labels[1:]
         truncated = len(inputs) > max_length
         return EncodedExample(inputs[:max_length], targets[:max_length], truncated)
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
-        """The conversation so far, followed by the assistant's role token: where generation starts."""
-        ids = [token for piece, _ in self._turns(messages) for token in piece]
-        return ids + [self.role_ids["assistant"]]
+        """The conversation so far, followed by the assistant's header: where generation starts."""
+        return [token for piece, _ in self._pieces(messages, add_generation_prompt=True) for token in piece]
 
     def encode_examples(self, examples: list[dict], max_length: int) -> tuple[list[EncodedExample], int]:
         """Encode `{"messages": [...]}` examples for training; returns those that still have answer tokens
@@ -72,24 +133,8 @@ class ChatTemplate:
         return kept, sum(e.truncated for e in encoded)
 
     def jinja(self) -> str:
-        """The same template in Jinja, for tools that format chats themselves (llama.cpp, transformers).
-        Role and end-of-turn tokens are the configured special tokens (`tokenizer.special_tokens`)."""
-        specials = {role: _jinja_string(token) for role, token in self.tokenizer.special_tokens.items()}
-        role_token = "".join(f"{'{% if' if index == 0 else '{% elif'} message['role'] == '{role}' %}}{{{{ {specials[role]} }}}}"
-                             for index, role in enumerate(ROLES)) + "{% endif %}"
-        return ("{% for message in messages %}" + role_token + "{{ ' ' + message['content'] + "
-                + specials["end_of_turn"] + " }}{% endfor %}{% if add_generation_prompt %}{{ "
-                + specials["assistant"] + " }}{% endif %}")
-
-    def render(self, messages: list[dict]) -> str:
-        """The conversation as text, as `jinja()` renders it."""
-        specials = self.tokenizer.special_tokens
-        return "".join(f"{specials[m['role']]} {m['content']}{specials['end_of_turn']}" for m in messages)
-
-
-def _jinja_string(text: str) -> str:
-    """A Jinja string literal holding `text` exactly."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        """The template's Jinja source, for tools that format chats themselves (llama.cpp, transformers)."""
+        return self.source
 
 
 def pad_batch(examples: list[EncodedExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,3 +148,24 @@ def pad_batch(examples: list[EncodedExample], pad_id: int) -> tuple[torch.Tensor
         ids[row, :len(example.ids)] = torch.tensor(example.ids)
         labels[row, :len(example.labels)] = torch.tensor(example.labels)
     return ids, labels
+
+
+def end_of_turn_token(template: dict, tokenizer, where) -> str:
+    """The special token that closes an assistant turn in a Jinja chat template (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>): generation stops there, and fine-tuning learns to produce it."""
+    probe = [{"role": "user", "content": _MARK.format(0)}, {"role": "assistant", "content": _MARK.format(1)}]
+    try:
+        rendered = compile_template(template["template"]).render(
+            messages=probe, add_generation_prompt=False, bos_token=template.get("bos_token", ""),
+            eos_token=template.get("eos_token", ""))
+    except Exception as exc:  # a template error, or one that refuses the probe conversation
+        raise InputDataError(f"{where}: the chat template does not render a user/assistant exchange ({exc})"
+                             .splitlines()[0]) from None
+    after = _MARKER.split(rendered)[-1]
+    ids = tokenizer.encode(after, add_special_tokens=False).ids if after else []
+    specials = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    first = tokenizer.id_to_token(ids[0]) if ids else None
+    if first not in specials:
+        raise InputDataError(f"{where}: the chat template closes an assistant turn with {after[:20]!r}, not with a "
+                             "special token; such templates are not supported")
+    return first

@@ -38,7 +38,7 @@ def load_any_model(path: Path, tokenizer):
     """A model in any form the pipeline writes: a model directory (config.json + model.safetensors), a
     Hugging Face export (models/hf), or a GGUF file; checked to match the tokenizer."""
     from llmpipe.export.gguf_file import read_gguf_model
-    from llmpipe.export.hf import read_hf_directory
+    from llmpipe.export.hf_import import read_hf_directory
     from llmpipe.model_io import CONFIG_FILE, check_tokenizer, load_model
 
     if path.is_file() and path.suffix == ".gguf":
@@ -181,7 +181,7 @@ def cmd_model_size(args: argparse.Namespace) -> None:
     from llmpipe.train.settings import model_config
 
     if args.checkpoint:  # a Hugging Face checkpoint's config.json alone: no weights are read
-        from llmpipe.export.hf import model_config_from_hf
+        from llmpipe.export.hf_import import model_config_from_hf
 
         config_path = Path(args.checkpoint) / "config.json"
         try:

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmpipe.pipeline.errors import InputDataError
 
 BYTE_ALPHABET_SIZE = 256
+CHAT_TEMPLATE_FILE = "chat_template.json"
 SPECIAL_TOKEN_ROLES = ("end_of_document", "system", "user", "assistant", "end_of_turn")
 EXAMPLE_STRINGS = [
     "Hello world",
@@ -72,54 +73,15 @@ def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str | None:
     return None
 
 
-def import_tokenizer(source: Path, special_tokens: dict[str, str]) -> tuple[Tokenizer, dict[str, str], list[str]]:
-    """A checkpoint's `tokenizer.json` as the pipeline's tokenizer: (tokenizer, special tokens by role, tokens added).
-
-    The end of a document is the checkpoint's own end-of-sequence token when it names one; the chat roles
-    use `special_tokens`, added to the vocabulary when the checkpoint lacks them (their embeddings start at
-    the mean of the others). Only byte-level BPE is supported (SentencePiece-style tokenizers are refused)."""
-    path = source / "tokenizer.json"
-    if not path.is_file():
-        raise InputDataError(f"{path}: not found; the checkpoint needs a `tokenizers` tokenizer.json "
-                             "(a SentencePiece tokenizer.model alone is not supported)")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise InputDataError(f"{path}: not a readable tokenizer.json ({exc})".splitlines()[0]) from None
-    if gguf_pre_tokenizer(tokenizer) is None:
-        raise InputDataError(f"{path}: this tokenizer kind is not supported; supported: {SUPPORTED_KINDS}")
-    specials = dict(special_tokens)
-    eos = checkpoint_eos_token(source, tokenizer)
-    if eos is not None:
-        specials["end_of_document"] = eos
-    missing = [token for token in dict.fromkeys(specials.values()) if tokenizer.token_to_id(token) is None]
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
-    return tokenizer, specials, missing
-
-
-def checkpoint_eos_token(source: Path, tokenizer: Tokenizer) -> str | None:
-    """The end-of-sequence token a checkpoint declares (tokenizer_config.json, or config.json's id)."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = source / name
-        if path.is_file():
-            eos = json.loads(path.read_text("utf-8")).get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-            if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
-                return eos
-    config = source / "config.json"
-    if config.is_file():
-        eos_id = json.loads(config.read_text("utf-8")).get("eos_token_id")
-        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
-        if isinstance(eos_id, int):
-            return tokenizer.id_to_token(eos_id)
-    return None
-
-
-def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directory: Path) -> None:
+def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directory: Path,
+                   chat_template: dict | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "special_tokens.json").write_text(
         json.dumps(special_tokens, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if chat_template is not None:  # an imported checkpoint's own chat format
+        (directory / CHAT_TEMPLATE_FILE).write_text(json.dumps(chat_template, indent=2, sort_keys=True) + "\n",
+                                                    encoding="utf-8")
 
 
 class LoadedTokenizer:
@@ -137,6 +99,9 @@ class LoadedTokenizer:
         except Exception as exc:
             raise InputDataError(f"{directory}: not a valid tokenizer ({exc})".splitlines()[0]) from None
         self.directory = directory
+        template_path = directory / CHAT_TEMPLATE_FILE
+        self.chat_template: dict | None = (json.loads(template_path.read_text("utf-8"))
+                                           if template_path.is_file() else None)
         self.special_ids = {role: self.tokenizer.token_to_id(token) for role, token in self.special_tokens.items()}
         missing = [role for role, token_id in self.special_ids.items() if token_id is None]
         if missing:

@@ -17,7 +17,7 @@ import torch
 
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
-from llmpipe.export.hf import import_checkpoint
+from llmpipe.export.hf_import import import_checkpoint
 from llmpipe.model import Transformer, count_parameters
 from llmpipe.model_io import CONFIG_FILE, TOKENIZER_KEY, save_model
 from llmpipe.pipeline import distributed, layout

@@ -10,6 +10,7 @@ Run: `dvc repro train_tokenizer`, or try a size: `dvc exp run -S tokenizer.vocab
 from pathlib import Path
 
 from llmpipe.data.jsonl import iterate_rows
+from llmpipe.export.hf_import import import_tokenizer
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.errors import ParamError
 from llmpipe.pipeline.params import StageParams
@@ -19,7 +20,6 @@ from llmpipe.report.markdown import tokenizer_report
 from llmpipe.tokenizer import (
     SPECIAL_TOKEN_ROLES,
     LoadedTokenizer,
-    import_tokenizer,
     minimum_vocab_size,
     save_tokenizer,
     tokenizer_metrics,
@@ -42,9 +42,10 @@ def texts(split: str):
 def train_tokenizer(params: StageParams, run: StageRun) -> None:
     specials = special_tokens(params)
     if params.str("base_model.source", choices=["scratch", "hf"]) == "hf":
-        tokenizer, specials, added = import_tokenizer(Path(params.str("base_model.path")), specials)
+        tokenizer, specials, chat_template, added = import_tokenizer(Path(params.str("base_model.path")), specials)
         print(f"train_tokenizer: took the tokenizer of {params.str('base_model.path')}"
-              + (f", adding {', '.join(added)}" if added else ""), flush=True)
+              + (f", adding {', '.join(added)}" if added else "")
+              + (" and its chat template" if chat_template else ""), flush=True)
     else:
         minimum = minimum_vocab_size(specials)
         vocab_size = params.int("tokenizer.vocab_size", max=1 << 31)
@@ -52,8 +53,9 @@ def train_tokenizer(params: StageParams, run: StageRun) -> None:
             raise ParamError(f"params.yaml: tokenizer.vocab_size: expected at least {minimum} (256 byte tokens + "
                              f"{minimum - 256} special tokens), got {vocab_size}")
         tokenizer = train_bpe(texts("train"), vocab_size, params.int("tokenizer.min_frequency", min=1), specials)
+        chat_template = None
     with atomic.atomic_path(layout.TOKENIZER, directory=True) as temp:
-        save_tokenizer(tokenizer, specials, temp)
+        save_tokenizer(tokenizer, specials, temp, chat_template)
     loaded = LoadedTokenizer(layout.TOKENIZER)
     validation_texts = list(texts("validation"))
     metrics = tokenizer_metrics(loaded, validation_texts)

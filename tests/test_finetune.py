@@ -139,6 +139,7 @@ def test_jinja_template_uses_the_configured_special_tokens(template):
         special_tokens = {"end_of_document": "</s>", "system": "[SYS]", "user": "<it's you>", "assistant": "[A]",
                           "end_of_turn": "</turn>"}
         special_ids = {role: index for index, role in enumerate(special_tokens)}
+        chat_template = None
 
     custom = ChatTemplate(CustomTokens())
     rendered = jinja2.Template(custom.jinja()).render(messages=messages, add_generation_prompt=True)

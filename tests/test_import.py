@@ -9,9 +9,10 @@ import torch
 from conftest import BIN, SPECIALS, dvc, make_repo_copy, run
 from safetensors.torch import load_file
 
-from llmpipe.export.hf import fit_vocabulary, read_hf_directory, write_hf_directory
+from llmpipe.export.hf import write_hf_directory
+from llmpipe.export.hf_import import fit_vocabulary, import_tokenizer, read_hf_directory
 from llmpipe.pipeline.errors import InputDataError
-from llmpipe.tokenizer import LoadedTokenizer, import_tokenizer, save_tokenizer
+from llmpipe.tokenizer import LoadedTokenizer, save_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -23,8 +24,13 @@ SHAPES = {
 }
 
 
-def foreign_tokenizer(directory, texts):
-    """A byte-level BPE as another project would ship it: its own end-of-sequence token, no chat tokens."""
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+          " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def foreign_tokenizer(directory, texts, chat_template=None):
+    """A byte-level BPE as another project would ship it: its own end-of-sequence token, and either no chat
+    format at all or its own (ChatML, with its two special tokens)."""
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -37,16 +43,19 @@ def foreign_tokenizer(directory, texts):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+    specials = ["<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else [])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])  # as Llama 3's
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", **({"chat_template": chat_template} if chat_template else {})}))
     return tokenizer
 
 
-def make_checkpoint(directory, shape="untied_gqa", vocab_size=320, hidden=64, intermediate=96, layers=2, **changes):
+def make_checkpoint(directory, shape="untied_gqa", vocab_size=320, hidden=64, intermediate=96, layers=2,
+                    chat_template=None, **changes):
     """A random LlamaForCausalLM saved with save_pretrained (safetensors) plus a 300-token tokenizer
     (the model's 320 rows are padded, as real checkpoints often are)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -60,7 +69,7 @@ def make_checkpoint(directory, shape="untied_gqa", vocab_size=320, hidden=64, in
     model = LlamaForCausalLM(config).eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    foreign_tokenizer(directory, build_world(WorldConfig(num_people=12, paraphrases=2))["pretrain_train"])
+    foreign_tokenizer(directory, build_world(WorldConfig(num_people=12, paraphrases=2))["pretrain_train"], chat_template)
     return model
 
 
@@ -72,7 +81,8 @@ def test_imported_logits_equal_transformers_and_export_gives_back_the_tensors(tm
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], reference(ids).logits, atol=1e-4, rtol=0)
     tokenizer_dir = tmp_path / "tok"
-    save_tokenizer(*import_tokenizer(tmp_path / "ckpt", SPECIALS)[:2], tokenizer_dir)
+    tokenizer, specials, template, _ = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    save_tokenizer(tokenizer, specials, tokenizer_dir, template)
     write_hf_directory(tmp_path / "export", ours, LoadedTokenizer(tokenizer_dir))
     original, exported = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(
         str(tmp_path / "export" / "model.safetensors"))
@@ -82,7 +92,8 @@ def test_imported_logits_equal_transformers_and_export_gives_back_the_tensors(tm
 
 def test_the_imported_tokenizer_keeps_its_end_of_sequence_and_gains_the_chat_tokens(tmp_path):
     make_checkpoint(tmp_path / "ckpt")
-    tokenizer, specials, added = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    tokenizer, specials, template, added = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    assert template is None  # without a chat template of its own, the pipeline's chat tokens are added
     assert specials["end_of_document"] == "</s>"
     save_tokenizer(tokenizer, specials, tmp_path / "tok")
     assert LoadedTokenizer(tmp_path / "tok").encode("Hello")[0] != 0  # no automatic <s>: the pipeline places ids
@@ -90,6 +101,30 @@ def test_the_imported_tokenizer_keeps_its_end_of_sequence_and_gains_the_chat_tok
     model = fit_vocabulary(read_hf_directory(tmp_path / "ckpt"), 304, 300)  # 320 padded rows → 300 + 4 added
     assert model.config.vocab_size == 304
     assert torch.allclose(model.embed_tokens.weight[303], model.embed_tokens.weight[:300].mean(0))
+
+
+def test_a_checkpoint_with_its_own_chat_template_keeps_it_token_for_token(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from llmpipe.chat_template import ChatTemplate
+    from llmpipe.model import IGNORE_INDEX
+
+    make_checkpoint(tmp_path / "ckpt", chat_template=CHATML)
+    tokenizer, specials, template, added = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    assert added == [] and specials == {"end_of_document": "</s>", "end_of_turn": "<|im_end|>"}
+    save_tokenizer(tokenizer, specials, tmp_path / "tok", template)
+    chat = ChatTemplate(LoadedTokenizer(tmp_path / "tok"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Ada born?"},
+                {"role": "assistant", "content": "In Lisbon."}]
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "ckpt/tokenizer.json"), chat_template=CHATML)
+    expected = reference.apply_chat_template(messages, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    example = chat.encode_example(messages, 512)
+    assert example.ids + [expected[-1]] == expected  # transformers' ids for the same conversation
+    learned = [token for token in example.labels if token != IGNORE_INDEX]
+    assert chat.tokenizer.decode(learned) == "In Lisbon.<|im_end|>" and chat.jinja() == CHATML
+    prompt = reference.apply_chat_template(messages[:2], tokenize=True, add_generation_prompt=True)
+    assert chat.encode_prompt(messages[:2]) == list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -127,9 +162,9 @@ def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_checkpoint(
 
     repo = make_repo_copy(tmp_path / "repo")
     reference = make_checkpoint(repo / "base_models/tiny-llama", "llama3_rope_scaling", hidden=256, intermediate=256,
-                                layers=1)
+                                layers=1, chat_template=CHATML)
     output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny-llama").stdout
-    assert "took the tokenizer of base_models/tiny-llama, adding <|system|>, <|user|>, <|assistant|>, <|end|>" in output
+    assert "took the tokenizer of base_models/tiny-llama and its chat template" in output
     pretrained, config = load_model(repo / "models/pretrained")
     assert config["stage"] == "import" and pretrained.config.rope_scaling is not None
     ids = torch.randint(0, 300, (1, 60))
@@ -138,9 +173,14 @@ def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_checkpoint(
     finetune = json.loads((repo / "reports/finetune/metrics.json").read_text())
     assert "qa_accuracy_finetuned_people" in finetune and finetune["best_step"] >= 1
     tokenizer = LoadedTokenizer(repo / "models/tokenizer")
-    for gguf_file in (repo / "models/gguf").glob("*.gguf"):  # the imported tokenizer and the rope scaling travel
+    for gguf_file in (repo / "models/gguf").glob("*.gguf"):  # the tokenizer, template and rope scaling travel
         assert read_gguf_model(gguf_file, tokenizer).config.rope_scaling == pytest.approx(
             {k: float(v) for k, v in pretrained.config.rope_scaling.items()})
+    import gguf
+
+    reader = gguf.GGUFReader(str(next((repo / "models/gguf").glob("*-Q8_0.gguf"))))
+    assert reader.fields["tokenizer.chat_template"].contents() == CHATML
+    assert (repo / "models/hf/chat_template.jinja").read_text() == CHATML  # where transformers 5 keeps it
     evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert {"base", "finetuned", "Q8_0", "Q4_0"} <= set(evaluate)
     assert "imported checkpoint" in (repo / "reports/report.md").read_text()

@@ -159,7 +159,8 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
         writer.add_file_type(FILE_TYPES[file_type])
 
         vocabulary = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
-        special_ids = set(tokenizer.special_ids.values())
+        special_ids = set(tokenizer.special_ids.values()) | {  # and every special token an imported tokenizer has
+            token_id for token_id, token in tokenizer.tokenizer.get_added_tokens_decoder().items() if token.special}
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer.tokenizer) or "gpt-2")
         writer.add_token_list([token for token, _ in vocabulary])
