@@ -10,7 +10,7 @@ A checkpoint imported with `base_model=hf` brings its own Jinja template (ChatML
 the tokenizer directory keeps (chat_template.json); both are handled alike. The template is rendered in
 Jinja's sandbox with each message's content replaced by a marker: the text between markers is the
 template's (role headers and end-of-turn tokens, encoded with the tokenizer's special tokens), each
-content is encoded by itself. Spaces that end a piece of template text go with the content after them,
+content is encoded by itself, as plain text (a special token's string in it stays text). Spaces that end a piece of template text go with the content after them,
 because a byte-level BPE learns words as they appear inside running text (" Paris", with the space):
 an answer encoded without it would use other tokens than the ones that carry the pretraining knowledge.
 
@@ -102,7 +102,7 @@ class ChatTemplate:
             text = part.rstrip(" ") if position < len(parts) - 1 else part
             spaces = part[len(text):]
             if text:
-                pieces.append((self.tokenizer.encode(text), None))
+                pieces.append((self.tokenizer.encode_markup(text), None))
         return pieces
 
     def encode_example(self, messages: list[dict], max_length: int) -> EncodedExample:

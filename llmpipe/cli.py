@@ -54,6 +54,13 @@ def load_any_model(path: Path, tokenizer):
         if isinstance(kind, dict) and "model_type" in kind:
             model = read_hf_directory(path)
             check_tokenizer(model, None, path, tokenizer)
+            if (path / "tokenizer.json").is_file():  # an export carries its tokenizer: it must be this one
+                from tokenizers import Tokenizer
+
+                exported = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+                if exported != tokenizer.tokenizer.get_vocab(with_added_tokens=True):
+                    raise PipelineError(f"{path} does not match {tokenizer.directory}: its tokenizer.json has another "
+                                        "vocabulary; pass the matching --tokenizer")
             return model
     raise PipelineError(f"{path}: not a model the pipeline writes (a directory with config.json and "
                         "model.safetensors, a Hugging Face export such as models/hf, or a .gguf file)")

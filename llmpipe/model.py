@@ -46,6 +46,10 @@ class ModelConfig:
     #                                   original_max_position_embeddings (None: plain rotary embeddings)
 
     def __post_init__(self):
+        for name in ("vocab_size", "context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         problems = []
         if self.head_dim is None:
             if self.n_head > 0 and self.d_model % self.n_head:

@@ -50,9 +50,12 @@ def read_config(directory: str | Path) -> dict:
     if not path.is_file():
         raise InputDataError(f"{path}: not found; is {directory} a model directory written by the pipeline?")
     try:
-        return json.loads(path.read_text("utf-8"))
+        config = json.loads(path.read_text("utf-8"))
     except json.JSONDecodeError as exc:
         raise InputDataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise InputDataError(f"{path}: expected an object with a \"model\" object (the model's shape)")
+    return config
 
 
 def model_config_from_dict(values: dict, where: str) -> ModelConfig:

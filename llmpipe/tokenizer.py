@@ -98,6 +98,11 @@ class LoadedTokenizer:
             self.special_tokens: dict[str, str] = json.loads((directory / "special_tokens.json").read_text("utf-8"))
         except Exception as exc:
             raise InputDataError(f"{directory}: not a valid tokenizer ({exc})".splitlines()[0]) from None
+        if not isinstance(self.special_tokens, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.special_tokens.items()) \
+                or not {"end_of_document", "end_of_turn"} <= set(self.special_tokens):
+            raise InputDataError(f"{directory / 'special_tokens.json'}: expected an object mapping roles (at least "
+                                 "end_of_document and end_of_turn) to token strings; rerun the train_tokenizer stage")
         self.directory = directory
         template_path = directory / CHAT_TEMPLATE_FILE
         self.chat_template: dict | None = (json.loads(template_path.read_text("utf-8"))
@@ -123,7 +128,17 @@ class LoadedTokenizer:
         return self.special_ids["end_of_document"]
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids  # no post-processor BOS: ids are explicit
+        """Plain text → ids. A special token's string inside the text is just text (user data cannot inject
+        chat structure or end a document early), and no post-processor adds a BOS: ids are placed explicitly."""
+        self.tokenizer.encode_special_tokens = True
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = False
+
+    def encode_markup(self, text: str) -> list[int]:
+        """Template text (a chat template's headers) → ids, its special tokens' strings read as those tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -137,7 +152,7 @@ def tokenizer_metrics(tokenizer: LoadedTokenizer, validation_texts: list[str]) -
     """Vocabulary size, characters per token and tokens per 100 words on the validation text."""
     characters = sum(len(t) for t in validation_texts)
     words = sum(len(t.split()) for t in validation_texts)
-    tokens = sum(len(e.ids) for e in tokenizer.tokenizer.encode_batch(validation_texts, add_special_tokens=False))
+    tokens = sum(len(tokenizer.encode(text)) for text in validation_texts)
     return {
         "vocab_size": tokenizer.vocab_size,
         "validation_characters_per_token": characters / max(tokens, 1),

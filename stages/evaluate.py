@@ -70,7 +70,7 @@ def evaluate(params: StageParams, run: StageRun) -> None:
                               generation_tokens=params.int("evaluate.generation_tokens", min=1),
                               sample_answers=params.int("evaluate.sample_answers", min=0))
     questions = params.int("evaluate.max_questions_per_split", min=1)
-    registered_name = params.str("evaluate.registered_model_name")
+    registered_name = params.name("evaluate.registered_model_name")
     torch.manual_seed(0)
 
     tokenizer = LoadedTokenizer(layout.TOKENIZER)

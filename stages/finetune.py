@@ -16,7 +16,7 @@ Run: `dvc repro finetune`; full fine-tuning: `dvc exp run -S finetune.method=ful
 import torch
 
 from llmpipe.chat_template import ChatTemplate
-from llmpipe.data.chat_examples import example_statistics
+from llmpipe.data.chat_examples import example_statistics, read_prepared_examples
 from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.metrics import answer_loss
 from llmpipe.eval.qa import qa_metrics
@@ -49,7 +49,7 @@ def measure(model, template, qa_sets, validation, settings, prefix="") -> tuple[
 def finetune(params: StageParams, run: StageRun) -> None:
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     template = ChatTemplate(tokenizer)
-    examples = {split: read_rows(path) for split, path in layout.FINETUNE_EXAMPLES.items()}
+    examples = {split: read_prepared_examples(path) for split, path in layout.FINETUNE_EXAMPLES.items()}
     qa_sets = {split: read_rows(path) for split, path in layout.QA_FILES.items()}
     settings = finetune_settings(params, validation_people=bool(qa_sets["validation_people"]),
                                  validation_examples=bool(examples["validation"]))

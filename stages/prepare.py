@@ -33,7 +33,7 @@ def world_config(params: StageParams) -> WorldConfig:
         finetune_fraction=params.float("data.world.finetune_fraction", above=0, max=1),
         validation_fraction=params.float("data.world.validation_fraction", above=0, max=1),
         mixed_training=params.bool("data.world.mixed_training"),
-        seed=params.int("seed"),
+        seed=params.seed(),
     )
 
 
@@ -68,7 +68,7 @@ def prepare(params: StageParams, run: StageRun) -> None:
         bundle = user_bundle(
             user_documents(params, source),
             validation_fraction=params.float("data.validation_fraction", above=0, max=0.5),
-            seed=params.int("seed"),
+            seed=params.seed(),
             finetune_train=params.str("data.finetune_train", optional=True),
             finetune_validation=params.str("data.finetune_validation", optional=True),
             finetune_validation_fraction=params.float("data.finetune_validation_fraction", above=0, max=0.5),

@@ -34,7 +34,7 @@ def quantize(params: StageParams, run: StageRun) -> None:
     fallback = params.str("quantize.fallback", choices=["Q8_0", "Q4_0", "Q4_1", F16])
     embeddings = params.str_map("quantize.embeddings", keys=variants, values=VARIANTS)
     output = params.str_map("quantize.output", keys=variants, values=VARIANTS)
-    name = params.str("quantize.model_name")
+    name = params.name("quantize.model_name")
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     model, _ = load_model(layout.FINETUNED, tokenizer=tokenizer)
     parameters = count_parameters(model)

@@ -88,7 +88,8 @@ def test_wrong_type_in_params(repo):
     edit_params(repo, tokenize__num_proc="two")
     assert fail(repo, "tokenize_text") == "error: params.yaml: tokenize.num_proc: expected an integer >= 1, got 'two' (str)"
     edit_params(repo, tokenize__num_proc=1, pretrain__learning_rate=-1)
-    assert fail(repo, "pretrain") == "error: params.yaml: pretrain.learning_rate: expected a number > 0, got -1.0 (float)"
+    assert fail(repo, "pretrain") == ("error: params.yaml: pretrain.learning_rate: expected a number > 0 and <= 10.0, "
+                                      "got -1.0 (float)")
 
 
 def test_missing_upstream_output(repo):
@@ -251,7 +252,82 @@ def test_a_fine_tuning_example_longer_than_the_context_is_cut_and_counted_never_
                             "txt_sample_by": "paragraph", "validation_fraction": 0.1,
                             "finetune_train": "user_data/ft.jsonl", "finetune_validation": None,
                             "finetune_validation_fraction": 0.1})
-    dvc(repo, "repro", "finetune")
+    dvc(repo, "repro")  # to the end: evaluate and its report work on your own data (no held-out people)
     metrics = json.loads((repo / "reports/finetune/metrics.json").read_text())
-    assert metrics["truncated_examples"] == 1
+    assert metrics["truncated_examples"] == 1 and "– where there is no such set" in (repo / "reports/report.md").read_text()
     assert sum(value for key, value in metrics.items() if key.endswith("_questions_cut_to_fit")) >= 1
+
+
+def test_refused_input_under_dvc_repro_and_exp_run_keeps_every_previous_output(repo):
+    from conftest import dvc
+
+    outputs = ("data/prepared", "models/pretrained", "reports/pretrain")
+    before = {path: tree_digest(repo / path) for path in outputs}
+    user_files(repo, "bad.txt", b"good line\n\nbad \xff line\n")
+    result = dvc(repo, "repro", check=False)  # DVC deletes data/prepared before prepare refuses the file
+    assert result.returncode != 0 and "error: user_data/bad.txt:3: not valid UTF-8" in result.stderr + result.stdout
+    run(["git", "checkout", "params.yaml"], repo)
+    result = dvc(repo, "exp", "run", "-S", "pretrain.learning_rate=-1", check=False)
+    assert result.returncode != 0 and "pretrain.learning_rate: expected a number > 0" in result.stderr + result.stdout
+    assert {path: tree_digest(repo / path) for path in outputs} == before
+    run(["git", "checkout", "params.yaml"], repo)
+    assert "pretrain" not in dvc(repo, "status").stdout  # the restored outputs are the ones dvc.lock records
+
+
+@pytest.mark.parametrize("edit, script, expected", [
+    (lambda text: text + "pretrain:\n  max_steps: [1,\n", "pretrain", "error: params.yaml:"),
+    (lambda text: text.replace("seed: 1337", "seed: ${nope}"), "prepare",
+     "error: params.yaml: Interpolation key 'nope' not found"),
+    (lambda text: text + "pretrian:\n  max_steps: 5\n", "tokenize_text",
+     "error: params.yaml: pretrian: unknown section (conf/ declares no such key); did you mean pretrain?"),
+    (lambda text: text.replace("seed: 1337", "seed: -5"), "prepare",
+     "error: params.yaml: seed: expected an integer >= 0 and <= 4294967295, got -5 (int)"),
+    (lambda text: text.replace("learning_rate: 0.003", "learning_rate: 1.0e+300", 1), "pretrain",
+     "error: params.yaml: pretrain.learning_rate: expected a number > 0 and <= 10.0"),
+    (lambda text: text.replace("device: auto", "device: cuda", 1), "pretrain",
+     "error: params.yaml: pretrain.device: cuda, but this PyTorch sees no CUDA device"),
+    (lambda text: text.replace("model_name: llmpipe", "model_name: ../../escaped"), "quantize",
+     "error: params.yaml: quantize.model_name: expected a name of letters, digits"),
+    (lambda text: text.replace("registered_model_name: llmpipe-chat", "registered_model_name: bad/name:x"), "evaluate",
+     "error: params.yaml: evaluate.registered_model_name: expected a name of letters, digits"),
+])
+def test_params_file_errors_are_one_line_before_any_work(repo, edit, script, expected):
+    import torch
+
+    if "cuda" in expected and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    outputs = {path: tree_digest(repo / path) for path in ("models", "reports", "data")}
+    params = repo / "params.yaml"
+    params.write_text(edit(params.read_text()))
+    assert fail(repo, script).startswith(expected)
+    assert {path: tree_digest(repo / path) for path in ("models", "reports", "data")} == outputs
+
+
+@pytest.mark.parametrize("path, content, script, expected", [
+    ("data/tokens/meta.json", '{"dtype": "uint16"', "pretrain", "error: data/tokens/meta.json: not the token files' metadata"),
+    ("models/tokenizer/special_tokens.json", "[1, 2]", "finetune",
+     "error: models/tokenizer/special_tokens.json: expected an object mapping roles"),
+    ("models/finetuned/config.json", "[]", "quantize", 'error: models/finetuned/config.json: expected an object with a "model"'),
+    ("data/prepared/finetune_train.jsonl", '{"messages": 5}\n', "finetune",
+     "error: data/prepared/finetune_train.jsonl:1: 'messages' must be a non-empty list"),
+    ("data/prepared/qa_heldout_people.jsonl", '{"question": "Who?", "answ', "evaluate",
+     "error: data/prepared/qa_heldout_people.jsonl:1: not a JSON object as the prepare stage writes"),
+])
+def test_damaged_pipeline_artifacts_are_named_with_the_stage_to_rerun(repo, path, content, script, expected):
+    (repo / path).write_text(content)
+    assert fail(repo, script).startswith(expected)
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("array.json", b'[\n{"text": "a"},\n{"text": "b"}\n]\n', "error: user_data/array.json: a JSON array; local files must be JSON Lines"),
+    ("one.txt", b"Only one paragraph here.\n", "error: the corpus has 1 document; at least 2 are needed"),
+])
+def test_user_files_that_cannot_make_a_corpus_are_refused(repo, name, content, expected):
+    user_files(repo, name, content)
+    assert fail(repo, "prepare").startswith(expected)
+
+
+def test_an_export_whose_tokenizer_is_not_the_pipelines_is_refused_by_the_cli(repo):
+    other_tokenizer(repo, 300)  # same size as the export's own tokenizer.json, other tokens
+    code, message = cli(repo, "chat", "Who?", "--model", "models/hf")
+    assert code == 1 and message.startswith("error: models/hf does not match models/tokenizer")

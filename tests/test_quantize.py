@@ -107,7 +107,7 @@ def test_hugging_face_export_loads_in_transformers_with_the_same_logits_and_ids(
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Xiomara Quintero was born in Kyoto. <|user|> What? <|end|> Ünïcödé"
     ids = hf_tokenizer(text)["input_ids"]
-    assert ids == tokenizer.encode(text)
+    assert ids == tokenizer.encode_markup(text)  # transformers reads special tokens' strings as the tokens
     tokens_in = torch.tensor([ids])
     with torch.no_grad():
         difference = (hf(input_ids=tokens_in).logits - logits(net, tokens_in)).abs().max()

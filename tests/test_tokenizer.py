@@ -31,9 +31,10 @@ def test_training_is_deterministic(tmp_path):
     assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
 
 
-def test_special_tokens_are_single_ids(tokenizer):
+def test_special_tokens_are_single_ids_in_template_text_and_plain_text_in_data(tokenizer):
     for role, token in SPECIALS.items():
-        assert tokenizer.encode(token) == [tokenizer.special_ids[role]]
+        assert tokenizer.encode_markup(token) == [tokenizer.special_ids[role]]
+        assert tokenizer.special_ids[role] not in tokenizer.encode(token)
 
 
 def test_learned_merges_compress_the_training_domain(tokenizer):

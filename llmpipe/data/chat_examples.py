@@ -28,6 +28,10 @@ def normalize_example(record: object, where: str) -> dict:
     """One parsed JSON value → internal form; `where` ("file:line") prefixes every error."""
     if not isinstance(record, dict):
         raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    formats = [name for name, keys in (("messages", {"messages"}), ("Alpaca", {"instruction", "output"}),
+                                       ("prompt/completion", {"prompt", "completion"})) if keys & set(record)]
+    if len(formats) > 1:
+        raise InputDataError(f"{where}: mixes the {' and '.join(formats)} formats; use one per line")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -67,6 +71,13 @@ def normalize_example(record: object, where: str) -> dict:
     if not any(m["content"].strip() for m in normalized if m["role"] == "user"):
         raise InputDataError(f"{where}: the question (user turn) is empty")
     return {"messages": normalized}
+
+
+def read_prepared_examples(path: str | Path) -> list[dict]:
+    """The prepare stage's fine-tuning examples, checked again line by line (they are files anyone can edit)."""
+    if not Path(path).is_file():
+        raise InputDataError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+    return [normalize_example(record, where) for where, record in read_records(path)]
 
 
 def read_chat_examples(path: str | Path) -> list[dict]:

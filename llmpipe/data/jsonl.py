@@ -42,10 +42,18 @@ def iterate_rows(path: str | Path) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():
         raise InputDataError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise InputDataError(f"{path}:{number}: not a JSON object as the prepare stage writes; rerun it "
+                                     "(dvc repro prepare --force)")
+            yield row
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from llmpipe.data.chat_examples import qa_to_messages, read_chat_examples
 from llmpipe.data.jsonl import write_rows
 from llmpipe.pipeline import atomic, layout
+from llmpipe.pipeline.errors import InputDataError
 
 
 def split_off(items: list, fraction: float, seed: int, label: str) -> tuple[list, list]:
@@ -57,6 +58,9 @@ def user_bundle(documents: list[str], validation_fraction: float, seed: int,
     derived from the fine-tuning examples (question = last user turn, answer = last assistant turn);
     there are no held-out people outside the embedded world.
     """
+    if len(documents) < 2:
+        raise InputDataError(f"the corpus has {len(documents)} document; at least 2 are needed, one of them held out "
+                             "as validation text (data.validation_fraction): split it (data.txt_sample_by) or add text")
     train_docs, validation_docs = split_off(documents, validation_fraction, seed, "documents")
     ft_train, ft_validation = [], []
     if finetune_train:

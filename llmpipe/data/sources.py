@@ -46,6 +46,9 @@ def _check_text_file(path: Path) -> None:
 
 
 def _check_jsonl_file(path: Path, text_column: str) -> None:
+    with open(path, "rb") as handle:
+        if handle.read(4096).lstrip().startswith(b"["):
+            raise InputDataError(f"{path}: a JSON array; local files must be JSON Lines (one JSON object per line)")
     records = read_records(path)
     if not records:
         raise InputDataError(f"{path}: no JSON records (only blank lines)")
@@ -65,12 +68,17 @@ def _check_parquet_file(path: Path, text_column: str) -> None:
         if text_column not in schema.names:
             raise InputDataError(f"{path}: no column {text_column!r} (data.text_column); columns: {schema.names}")
         column_type = schema.field(text_column).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        if pa.types.is_dictionary(column_type):  # e.g. a pandas categorical: strings stored once each
+            column_type = column_type.value_type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+                or getattr(pa.types, "is_string_view", lambda t: False)(column_type)):
             raise InputDataError(f"{path}: column {text_column!r} (data.text_column) holds {column_type}, "
                                  "expected strings")
         column = pq.read_table(path, columns=[text_column]).column(text_column)
     except (pa.ArrowException, OSError) as exc:
         raise InputDataError(f"{path}: not a readable Parquet file ({exc})".splitlines()[0]) from None
+    if len(column) == 0:
+        raise InputDataError(f"{path}: no rows")
     if column.null_count:
         first = column.is_null().to_pylist().index(True)
         raise InputDataError(f"{path}: row {first + 1}: {text_column!r} (data.text_column) is null; expected a string "
@@ -87,6 +95,13 @@ def check_file(path: Path, builder: str, text_column: str) -> None:
     if path.stat().st_size == 0:
         raise InputDataError(f"{path}: empty file (0 bytes); remove it or leave it out of data.paths")
     CHECKS[builder](path, text_column)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost exception of a chain, as "Type: message"."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _column(dataset, text_column: str, source: str) -> list[str]:
@@ -112,8 +127,9 @@ def read_local_documents(patterns: list[str], text_column: str, txt_sample_by: s
             try:
                 dataset = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
                                                 cache_dir=cache_dir, **options)
-            except Exception as exc:  # e.g. a corrupt Parquet file
-                raise InputDataError(f"{group[0]}: could not be read as {builder}: {exc}".splitlines()[0]) from None
+            except Exception as exc:  # datasets wraps the cause ("An error occurred while generating the dataset")
+                names = ", ".join(str(f) for f in group)
+                raise InputDataError(f"{names}: could not be read as {builder}: {root_cause(exc)}".splitlines()[0]) from None
             documents.extend(_column(dataset, column, str(group[0])))
     return documents
 
@@ -146,7 +162,7 @@ def read_hub_documents(name: str, config: str | None, split: str, text_column: s
 
 def clean_documents(documents: list, source: str) -> list[str]:
     """Strip, drop empty documents; an empty corpus is an error."""
-    kept = [d.strip() for d in documents if isinstance(d, str) and d.strip()]
+    kept = [d.lstrip("\ufeff").strip() for d in documents if isinstance(d, str) and d.lstrip("\ufeff").strip()]
     if not kept:
         raise InputDataError(f"{source}: the corpus is empty (no non-blank document)")
     return kept

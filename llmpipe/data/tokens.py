@@ -45,6 +45,7 @@ class _BatchEncoder:
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(self.tokenizer_file)
+            self._tokenizer.encode_special_tokens = True  # a special token's string in the text is just text
         encodings = self._tokenizer.encode_batch(batch["text"], add_special_tokens=False)
         ids = [e.ids + [self.end_of_document_id] for e in encodings]
         return {"ids": ids, "length": [len(i) for i in ids],
@@ -93,7 +94,17 @@ def read_meta(tokens_dir: str | Path = layout.TOKENS) -> dict:
     path = Path(tokens_dir) / layout.TOKENS_META.name
     if not path.is_file():
         raise InputDataError(f"{path}: not found; run the tokenize stage first (dvc repro tokenize)")
-    return json.loads(path.read_text("utf-8"))
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+        valid = (meta["dtype"] in DTYPES and isinstance(meta["vocab_size"], int) and meta["vocab_size"] > 0
+                 and all(isinstance(meta["splits"][split][count], int) for split in layout.TEXT_SPLITS
+                         for count in ("documents", "tokens", "utf8_bytes")))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        valid, meta = False, exc
+    if not valid:
+        raise InputDataError(f"{path}: not the token files' metadata the tokenize stage writes (dtype uint16|uint32, "
+                             "vocab_size, per-split counts); rerun it (dvc repro tokenize --force)")
+    return meta
 
 
 def open_tokens(split: str, tokens_dir: str | Path = layout.TOKENS) -> np.ndarray:

@@ -11,6 +11,7 @@ break. `StageParams` makes that impossible: reading an undeclared key raises.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ CONF_DIR = "conf"
 # Mappings whose keys the user chooses (quantize variants), so any key below them is allowed.
 OPEN_MAPPINGS = ("quantize.embeddings", "quantize.output")
 _MISSING = object()
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
 
 
 def flat_keys(tree: Any, prefix: str = "") -> set[str]:
@@ -106,8 +108,14 @@ class StageParams:
         return cls(stage, config, declared_param_keys(stage, dvc_yaml))
 
     def check_known_keys(self, known: set[str]) -> None:
-        """Refuse a key under a declared section that conf/ does not know (a typo such as
-        `pretrain.learning_rat`, or a `-S +pretrain.learning_rat=...`), naming the closest known key."""
+        """Refuse a key under a declared section, or a top-level section, that conf/ does not know (a typo
+        such as `pretrain.learning_rat`, or a `-S +pretrain.learning_rat=...`), naming the closest known key."""
+        sections = {key.split(".")[0] for key in known}
+        for section in self._config:
+            if section not in sections:
+                close = difflib.get_close_matches(str(section), sorted(sections), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ParamError(f"{self.source}: {section}: unknown section (conf/ declares no such key){hint}")
         for section in self._declared:
             value = _lookup(self._config, section)
             for key in sorted(flat_keys(value, section)) if value is not _MISSING else []:
@@ -171,6 +179,17 @@ class StageParams:
             raise self._fail(key, "one of " + ", ".join(choices), value)
         if not isinstance(value, str) or not value:
             raise self._fail(key, "a non-empty string", value)
+        return value
+
+    def seed(self, key: str = "seed") -> int:
+        """A random seed: an integer from 0 to 2**32 - 1 (what numpy and torch accept)."""
+        return self.int(key, min=0, max=2**32 - 1)
+
+    def name(self, key: str) -> str:
+        """A name that is safe as a file name and as an MLflow model name: letters, digits, '.', '_', '-'."""
+        value = self.get(key)
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            raise self._fail(key, "a name of letters, digits, '.', '_' or '-' (no '/', no '..')", value)
         return value
 
     def str_list(self, key: str, *, choices: list[str] | None = None, non_empty: bool = True) -> list[str]:

@@ -14,7 +14,8 @@ What the wrapper does:
   under them that conf/ does not know (a typo) is refused, naming the closest known key.
 - It opens the stage's MLflow run (see llmpipe.pipeline.tracking) with those params, tagged with the md5 of
   each dependency dvc.yaml lists for the stage.
-- A `PipelineError` (bad input or params) becomes one line on stderr, `error: ...`, and exit status 1.
+- A `PipelineError` (bad input or params) becomes one line on stderr, `error: ...`, and exit status 1;
+  outputs DVC deleted before the run are put back from its cache (llmpipe.pipeline.restore).
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from llmpipe.pipeline.distributed import ProcessInfo
 from llmpipe.pipeline.errors import PipelineError
 from llmpipe.pipeline.params import (
     CONF_DIR,
+    PARAMS_FILE,
     StageParams,
     declared_dependencies,
     schema_keys,
 )
 from llmpipe.pipeline.provenance import input_hashes
+from llmpipe.pipeline.restore import restore_outputs
 from llmpipe.pipeline.tracking import StageRun
 
 HYDRA_QUIET_OVERRIDES = [
@@ -57,7 +60,33 @@ def run_stage(name: str, config: dict, body: StageFunction) -> None:
             body(params, run)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        if ProcessInfo.from_environment().is_main:
+            restored = restore_outputs(name)
+            if restored:
+                print(f"{name}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def check_params_file() -> None:
+    """params.yaml exists and is YAML, so a syntax error is one line with its position, not Hydra's traceback."""
+    import yaml
+
+    if not os.path.exists(PARAMS_FILE):
+        fail(f"{PARAMS_FILE} not found in the current directory; run stages from the repository root")
+    try:
+        with open(PARAMS_FILE, encoding="utf-8") as handle:
+            content = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        fail(f"{PARAMS_FILE}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})")
+    if not isinstance(content, dict):
+        fail(f"{PARAMS_FILE}: expected a mapping of sections (data, model, pretrain, ...)")
 
 
 def stage(name: str) -> Callable[[StageFunction], Callable[[], None]]:
@@ -70,15 +99,18 @@ def stage(name: str) -> Callable[[StageFunction], Callable[[], None]]:
         # The stage runs from the repository root (DVC's wdir), where params.yaml lives.
         @hydra.main(config_path=os.getcwd(), config_name="params", version_base="1.3")
         def hydra_app(config: DictConfig) -> None:
-            run_stage(name, OmegaConf.to_container(config, resolve=True), body)
+            from omegaconf.errors import OmegaConfBaseException
+
+            try:
+                values = OmegaConf.to_container(config, resolve=True)
+            except OmegaConfBaseException as exc:  # e.g. an ${interpolation} that points nowhere
+                fail(f"{PARAMS_FILE}: {' '.join(str(exc).split())}".split(" full_key:")[0])
+            run_stage(name, values, body)
 
         @functools.wraps(body)
         def main() -> None:
             logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-            if not os.path.exists("params.yaml"):
-                print("error: params.yaml not found in the current directory; run stages from the "
-                      "repository root", file=sys.stderr)
-                sys.exit(1)
+            check_params_file()
             sys.argv[1:1] = HYDRA_QUIET_OVERRIDES
             hydra_app()
 

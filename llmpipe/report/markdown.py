@@ -80,11 +80,11 @@ def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune
               f"- Base model: an imported checkpoint (base_model=hf), {int(pretrain['parameters']):,} parameters")
              + f"; validation bits per byte {pretrain['val_bpb']:.3f} against {pretrain['unigram_bpb']:.3f} for a "
              "unigram model of the corpus.",
-             f"- Fine-tuning: best step {int(finetune['best_step'])} by the validation people's accuracy; exact match on "
-             f"fine-tuned people {finetune['base_qa_accuracy_finetuned_people']:.3f} → "
-             f"{finetune['qa_accuracy_finetuned_people']:.3f}, on held-out people "
-             f"{finetune['base_qa_accuracy_heldout_people']:.3f} → {finetune['qa_accuracy_heldout_people']:.3f} "
-             "(base model → fine-tuned).", "",
+             f"- Fine-tuning: best step {int(finetune['best_step'])}; exact match on fine-tuned people (or your "
+             f"examples) {_fmt(finetune.get('base_qa_accuracy_finetuned_people'))} → "
+             f"{_fmt(finetune.get('qa_accuracy_finetuned_people'))}, on held-out people "
+             f"{_fmt(finetune.get('base_qa_accuracy_heldout_people'))} → {_fmt(finetune.get('qa_accuracy_heldout_people'))} "
+             "(base model → fine-tuned; – where there is no such set).", "",
              "## Every variant", "",
              "| variant | bits/weight | file size | perplexity | bits/byte | QA fine-tuned people | QA held-out people | KL vs " + reference + " | tokens/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -98,7 +98,12 @@ class CheckpointStore:
         """Restore weights, optimizer and RNG from `path`; returns state.json."""
         try:
             state = json.loads((path / "state.json").read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            history = state["history"]
+            if not (isinstance(state["step"], int) and isinstance(state["param_groups"], list)
+                    and all(isinstance(history[kind], list) and all(isinstance(row, dict) for row in history[kind])
+                            for kind in ("train", "eval"))):
+                raise ValueError("state.json does not hold step, history and param_groups as the loop writes them")
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InputDataError(f"{path}: unreadable checkpoint ({exc}); delete it to start over".splitlines()[0]) from None
         tensors = _read_tensors(path / "training.safetensors")
         load_state_into(model, path / "model.safetensors")

@@ -122,7 +122,7 @@ def loop_settings(params: StageParams, section: str, **extra) -> TrainSettings:
     key = lambda name: f"{section}.{name}"  # noqa: E731
     settings = TrainSettings(
         max_steps=params.int(key("max_steps"), min=1),
-        learning_rate=params.float(key("learning_rate"), above=0),
+        learning_rate=params.float(key("learning_rate"), above=0, max=10.0),
         min_learning_rate=params.float(key("min_learning_rate"), min=0),
         warmup_steps=params.int(key("warmup_steps"), min=0),
         weight_decay=params.float(key("weight_decay"), min=0),
@@ -145,7 +145,11 @@ def loop_settings(params: StageParams, section: str, **extra) -> TrainSettings:
 def process_of(params: StageParams, section: str) -> ProcessInfo:
     """This process (rank, world size from torchrun) on the device `{section}.device` asks for."""
     params.int(f"{section}.processes", min=1)  # read by the stage's launch command in dvc.yaml
-    return ProcessInfo.from_environment(params.str(f"{section}.device", choices=DEVICES))
+    requested = params.str(f"{section}.device", choices=DEVICES)
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ParamError(f"{params.source}: {section}.device: cuda, but this PyTorch sees no CUDA device "
+                         "(a CPU-only build, or no GPU); use auto or cpu")
+    return ProcessInfo.from_environment(requested)
 
 
 def global_batch_sequences(params: StageParams, context_length: int) -> int:
@@ -174,7 +178,7 @@ def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> Pretrai
         peak = measure_matmul_flops_per_second(process.device, torch.bfloat16 if precision == "bf16" else torch.float32)
     return PretrainSettings(model=model, loop=loop_settings(params, "pretrain", peak_flops_per_second=peak),
                             batch=batch, process=process,
-                            eval_max_tokens=params.int("pretrain.eval_max_tokens", min=2), seed=params.int("seed"))
+                            eval_max_tokens=params.int("pretrain.eval_max_tokens", min=2), seed=params.seed())
 
 
 def lora_settings(params: StageParams) -> LoRASettings:
@@ -199,4 +203,4 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
         loop=loop_settings(params, "finetune", best_metric=best_metric, best_mode=best_mode),
         batch=batch, process=process,
         max_new_tokens=params.int("finetune.max_new_tokens", min=1),
-        sample_answers=params.int("finetune.sample_answers", min=0), seed=params.int("seed"))
+        sample_answers=params.int("finetune.sample_answers", min=0), seed=params.seed())

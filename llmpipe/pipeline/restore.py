@@ -1,0 +1,54 @@
+"""Put a stage's previous outputs back when it refuses its input under DVC.
+
+DVC deletes a stage's outputs before it runs the stage's command (only `persist: true` prevents that,
+and it would switch off the run-cache a team shares results through). When the stage then refuses bad
+input, the outputs of its last successful run are copied back from DVC's cache, exactly as dvc.lock
+records them: the workspace is as it was, and `dvc status` shows only the changed input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from llmpipe.pipeline import atomic
+
+
+def _cache_path(cache: Path, md5: str) -> Path:
+    return cache / md5[:2] / md5[2:]
+
+
+def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]:
+    """Copy back every output of `stage` that is missing and whose content DVC has cached; returns their paths."""
+    lock_file = Path(lock_file)
+    if not lock_file.is_file():
+        return []
+    try:
+        outs = (yaml.safe_load(lock_file.read_text("utf-8")) or {})["stages"][stage].get("outs") or []
+        from dvc.repo import Repo
+
+        cache = Path(Repo(str(lock_file.parent.resolve())).cache.local.path)
+    except Exception:  # no lock entry for the stage yet, or not a DVC repository: nothing to restore
+        return []
+    restored = []
+    for out in outs:
+        path, md5 = Path(out["path"]), out.get("md5", "")
+        if path.exists() or not md5 or not _cache_path(cache, md5).is_file():
+            continue
+        if md5.endswith(".dir"):
+            entries = json.loads(_cache_path(cache, md5).read_text("utf-8"))
+            if not all(_cache_path(cache, entry["md5"]).is_file() for entry in entries):
+                continue
+            with atomic.atomic_path(path, directory=True) as temp:
+                for entry in entries:
+                    target = temp / entry["relpath"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(_cache_path(cache, entry["md5"]), target)
+        else:
+            with atomic.atomic_path(path) as temp:
+                shutil.copyfile(_cache_path(cache, md5), temp)
+        restored.append(str(path))
+    return restored
