@@ -97,12 +97,17 @@ def evaluate(params: StageParams, run: StageRun) -> None:
 
     for row in rows:
         run.log_metrics({f"{row['variant']}.{k}": v for k, v in row.items() if k != "variant"})
+        run.log_headline({f"{row['variant']}.{k}": row[k] for k in ("val_perplexity", "kl_divergence", "bits_per_weight",
+                                                                     "qa_accuracy_heldout_people") if k in row})
     run.log_artifact(layout.REPORT)
     run.log_artifact(layout.FIGURES, "figures")
     run.log_artifact(layout.VARIANTS_TABLE)
-    version = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, registered_name)
+    reference_row = next(row for row in rows if row["variant"] == REFERENCE)
+    version, new = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, registered_name, {
+        k: v for k, v in reference_row.items() if k.startswith("qa_accuracy") or k == "val_perplexity"})
     if version:
-        print(f"evaluate: registered the fine-tuned model as {registered_name} version {version}", flush=True)
+        print(f"evaluate: {'registered' if new else 'unchanged weights, kept'} {registered_name} version {version}",
+              flush=True)
     print(f"evaluate: wrote {layout.REPORT}", flush=True)
 
 

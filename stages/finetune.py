@@ -102,6 +102,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
             samples = finetune_samples(answers, base_answers, settings.sample_answers)
             atomic.write_text(layout.FINETUNE_REPORTS / layout.SAMPLES, samples)
             run.log_metrics(metrics)
+            run.log_headline({k: v for k, v in metrics.items() if k == "best_step" or k in (
+                f"{prefix}qa_accuracy_{split}" for prefix in ("", "base_") for split in layout.QA_SPLITS)})
             run.log_text(samples, layout.SAMPLES)
             run.log_artifact(layout.FINETUNED / CONFIG_FILE)
             store.clear()

@@ -44,6 +44,7 @@ def import_base_model(params: StageParams, run: StageRun, meta: dict) -> None:
                                           TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
     write_training_reports(layout.PRETRAIN_REPORTS, {"train": [], "eval": [{"step": 0, **validation}]}, metrics)
     run.log_metrics(metrics)
+    run.log_headline({k: metrics[k] for k in ("val_bpb", "val_loss", "unigram_bpb")})
     print(f"pretrain: imported {source} ({metrics['parameters']:,} parameters, context {model.config.context_length}); "
           f"val_bpb {metrics['val_bpb']:.3f}", flush=True)
 
@@ -87,6 +88,7 @@ def pretrain(params: StageParams, run: StageRun) -> None:
             save_model(layout.PRETRAINED, model.cpu(), {"stage": "pretrain", TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
             write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics)
             run.log_metrics({k: v for k, v in metrics.items() if k not in result.final_metrics})
+            run.log_headline({k: metrics[k] for k in ("val_bpb", "val_loss", "unigram_bpb")})
             run.log_artifact(layout.PRETRAINED / CONFIG_FILE)
             store.clear()
             print(f"pretrain: val_bpb {metrics['val_bpb']:.3f} (unigram baseline {unigram:.3f}), "

@@ -63,6 +63,14 @@ def test_each_stage_is_one_mlflow_run_with_params_tags_and_a_shared_parent(built
     assert len(parents) == 1
     parent = client.get_run(parents.pop())
     assert parent.data.tags["llmpipe.kind"] == "pipeline"
+    # The pipeline run is what two executions are compared by: the whole config, headline metrics, a real
+    # duration spanning the stages, and their final status.
+    assert parent.data.params["pretrain.learning_rate"] == "0.003" and parent.data.params["model.n_layer"] == "1"
+    assert {"pretrain.val_bpb", "finetune.qa_accuracy_heldout_people", "evaluate.Q4_0.qa_accuracy_heldout_people",
+            "evaluate.Q4_0.val_perplexity"} <= set(parent.data.metrics)
+    assert parent.data.metrics["pretrain.val_bpb"] == stage_runs["pretrain"].data.metrics["val_bpb"]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time >= max(r.info.end_time for r in stage_runs.values()) > parent.info.start_time
     tokenizer_run = stage_runs["train_tokenizer"]
     assert tokenizer_run.data.params["tokenizer.vocab_size"] == "300"
     assert "model.n_layer" not in tokenizer_run.data.params  # only the declared params
@@ -149,6 +157,17 @@ def test_quantize_writes_each_variant_in_its_own_format_with_its_bits_per_weight
         most = 4.5 if variant == "Q2_K" else bits
         assert bits < sizes[variant]["bits_per_weight"] < most + 0.1, variant  # + the F32 norms
         assert sizes[variant]["file_bytes"] == (built_repo / f"models/gguf/llmpipe-{variant}.gguf").stat().st_size
+
+
+def test_rerunning_evaluate_with_the_same_weights_registers_no_new_version(copy_built):
+    repo = copy_built()
+    client, _ = mlflow_runs(repo)
+    [version] = client.search_model_versions("name = 'llmpipe-chat'")
+    assert version.tags["weights_md5"] and float(version.tags["metric.qa_accuracy_heldout_people"]) >= 0
+    assert client.get_model_version_by_alias("llmpipe-chat", "current").version == version.version
+    output = dvc(repo, "exp", "run", "-S", "evaluate.sample_answers=1").stdout
+    assert ran(output) == ["evaluate"] and f"unchanged weights, kept llmpipe-chat version {version.version}" in output
+    assert len(client.search_model_versions("name = 'llmpipe-chat'")) == 1
 
 
 def test_registered_model_loads_in_a_fresh_process_and_answers(built_repo):

@@ -1,32 +1,52 @@
 """The fine-tuned model in MLflow's Model Registry: logged as a pyfunc model defined from code
 (llmpipe/export/serving.py, so nothing is pickled) with its safetensors weights and tokenizer as
 artifacts, and registered under a name. Its pip requirements are the versions installed here, which
-pyproject.toml pins."""
+pyproject.toml pins.
+
+A new version is registered only when the weights or the tokenizer changed (their md5 is the version's
+`weights_md5` tag): rerunning evaluate for a report setting adds none. Each version carries the commit, the
+DVC experiment and the headline metrics as tags, a description, and the alias `current`.
+"""
 
 from __future__ import annotations
 
 from importlib import metadata
 from pathlib import Path
 
+from llmpipe.pipeline.provenance import git_commit, input_hashes
 from llmpipe.pipeline.tracking import StageRun
 
 SERVING_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy")
+ALIAS = "current"
 
 
 def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
-def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str | Path,
-                        registered_name: str) -> str | None:
-    """Log the model into the stage's run and register it; returns the registered version."""
+def content_md5(model_dir: str | Path, tokenizer_dir: str | Path) -> str:
+    hashes = input_hashes([str(model_dir), str(tokenizer_dir)])
+    return "-".join(hashes[str(p)][:16] for p in (model_dir, tokenizer_dir))
+
+
+def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str | Path, registered_name: str,
+                        metrics: dict[str, float] | None = None) -> tuple[str | None, bool]:
+    """Log the model into the stage's run and register it, unless a version with the same weights and
+    tokenizer exists; returns (version, whether it is new)."""
     if not run.enabled:
-        return None
+        return None, False
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     import llmpipe
     from llmpipe.export import serving
 
+    client = MlflowClient()
+    digest = content_md5(model_dir, tokenizer_dir)
+    if client.search_registered_models(filter_string=f"name = '{registered_name}'"):
+        same = client.search_model_versions(f"name = '{registered_name}' and tags.weights_md5 = '{digest}'")
+        if same:
+            return str(max(int(v.version) for v in same)), False
     package_dir = Path(llmpipe.__file__).parent
     with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
@@ -34,4 +54,13 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
             artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir)},
             pip_requirements=pip_requirements(), registered_model_name=registered_name,
         )
-    return str(info.registered_model_version) if info.registered_model_version else None
+    version = str(info.registered_model_version)
+    tags = {"weights_md5": digest, "git_commit": git_commit() or "", "dvc.stage": run.stage,
+            **{f"metric.{k}": f"{v:.4g}" for k, v in (metrics or {}).items()}}
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    client.update_model_version(registered_name, version, description=(
+        f"Fine-tuned chat model from {model_dir} (tokenizer {tokenizer_dir}), registered by the evaluate stage; "
+        f"weights md5 {digest}."))
+    client.set_registered_model_alias(registered_name, ALIAS, version)
+    return version, True

@@ -231,6 +231,14 @@ class StageParams:
         return flat
 
 
+def flat_values(config: dict) -> dict[str, Any]:
+    """The whole configuration as dotted keys (the pipeline run's MLflow params)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        _flatten(str(key), value, flat)
+    return flat
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():

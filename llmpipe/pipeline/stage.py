@@ -33,6 +33,7 @@ from llmpipe.pipeline.params import (
     PARAMS_FILE,
     StageParams,
     declared_dependencies,
+    flat_values,
     schema_keys,
 )
 from llmpipe.pipeline.provenance import input_hashes
@@ -56,7 +57,8 @@ def run_stage(name: str, config: dict, body: StageFunction) -> None:
         if os.path.isdir(CONF_DIR):
             params.check_known_keys(schema_keys())
         hashes = input_hashes(declared_dependencies(name))
-        with StageRun(name, params.declared_values(), hashes, enabled=ProcessInfo.from_environment().is_main) as run:
+        with StageRun(name, params.declared_values(), hashes, enabled=ProcessInfo.from_environment().is_main,
+                      pipeline_params=flat_values(config)) as run:
             body(params, run)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

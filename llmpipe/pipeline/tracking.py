@@ -3,6 +3,11 @@
 Each stage run carries: the stage's declared params, metrics (step metrics batched), small artifacts,
 and tags: git commit, DVC stage, DVC experiment name and baseline, md5 of each input (dependency)
 and the pipeline execution it belongs to (`llmpipe.pipeline`), which is also its parent run.
+
+The parent "pipeline" run is what two executions are compared by in the MLflow UI: it holds the whole
+composed configuration as params, each stage's headline metrics (`pretrain.val_bpb`,
+`finetune.qa_accuracy_heldout_people`, `evaluate.Q4_0.qa_accuracy_heldout_people`, ...), and a status and
+duration that span its stages: RUNNING while a stage runs, FAILED as soon as one fails.
 Where runs are stored: llmpipe.pipeline.store; where a run came from: llmpipe.pipeline.provenance.
 """
 
@@ -23,12 +28,15 @@ class StageRun:
     """The MLflow run of one stage execution. Use as a context manager; a no-op when `enabled=False`
     (e.g. on DDP ranks other than 0)."""
 
-    def __init__(self, stage: str, params: dict[str, Any], input_hashes: dict[str, str], enabled: bool = True):
+    def __init__(self, stage: str, params: dict[str, Any], input_hashes: dict[str, str], enabled: bool = True,
+                 pipeline_params: dict[str, Any] | None = None):
         self.stage = stage
         self.params = params
+        self.pipeline_params = pipeline_params or {}  # the whole configuration, flattened: the parent's params
         self.input_hashes = input_hashes  # md5 of each dependency, by path
         self.enabled = enabled
         self.run_id: str | None = None
+        self.parent_id: str | None = None
         self._pending: list = []
         self._client = None
 
@@ -38,18 +46,22 @@ class StageRun:
             return self
         self._client, experiment_id = store.connect()
         tags = self._tags()
-        parent_id = self._pipeline_parent(experiment_id, tags.get("llmpipe.pipeline"))
+        self.parent_id = self._pipeline_parent(experiment_id, tags.get("llmpipe.pipeline"))
         run = self._client.create_run(experiment_id, run_name=self.stage, tags={
-            **tags, **({"mlflow.parentRunId": parent_id} if parent_id else {})})
+            **tags, **({"mlflow.parentRunId": self.parent_id} if self.parent_id else {})})
         self.run_id = run.info.run_id
-        self._log_params()
+        self._log_params(self.run_id, self.params)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.enabled or self.run_id is None:
             return
         self.flush()
-        self._client.set_terminated(self.run_id, "FINISHED" if exc_type is None else "FAILED")
+        status = "FINISHED" if exc_type is None else "FAILED"
+        self._client.set_terminated(self.run_id, status)
+        if self.parent_id:  # its end is this stage's end; once a stage failed, the pipeline failed
+            parent = self._client.get_run(self.parent_id)
+            self._client.set_terminated(self.parent_id, "FAILED" if parent.info.status == "FAILED" else status)
 
     def _tags(self) -> dict[str, str]:
         tags = {"dvc.stage": self.stage, "llmpipe.kind": "stage"}
@@ -76,22 +88,25 @@ class StageRun:
             max_results=1,
         )
         if found:
-            return found[0].info.run_id
+            parent_id = found[0].info.run_id
+            if found[0].info.status != "FAILED":
+                self._client.update_run(parent_id, status="RUNNING")
+            return parent_id
         label = os.environ.get("DVC_EXP_NAME") or "dvc repro"
         name = f"pipeline {label} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         tags = {"llmpipe.pipeline": key, "llmpipe.kind": "pipeline"}
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-        parent = self._client.create_run(experiment_id, run_name=name, tags=tags)
-        self._client.set_terminated(parent.info.run_id, "FINISHED")
+        parent = self._client.create_run(experiment_id, run_name=name, tags=tags)  # RUNNING
+        self._log_params(parent.info.run_id, self.pipeline_params)
         return parent.info.run_id
 
-    def _log_params(self) -> None:
+    def _log_params(self, run_id: str, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k, str(v)[:6000]) for k, v in sorted(self.params.items())]
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(values.items())]
         for start in range(0, len(params), 100):
-            self._client.log_batch(self.run_id, params=params[start:start + 100])
+            self._client.log_batch(run_id, params=params[start:start + 100])
 
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -105,6 +120,15 @@ class StageRun:
             self._pending.append(Metric(key, float(value), timestamp, step or 0))
         if len(self._pending) >= _FLUSH_EVERY:
             self.flush()
+
+    def log_headline(self, metrics: dict[str, float]) -> None:
+        """Final metrics worth comparing pipelines by (already in this run): into the parent, as `<stage>.<name>`."""
+        if self.enabled and self.parent_id:
+            from mlflow.entities import Metric
+
+            timestamp = int(time.time() * 1000)
+            self._client.log_batch(self.parent_id, metrics=[
+                Metric(f"{self.stage}.{key}", float(value), timestamp, 0) for key, value in metrics.items()])
 
     def flush(self) -> None:
         if self.enabled and self._pending:
