@@ -266,6 +266,11 @@ def test_refused_input_under_dvc_repro_and_exp_run_keeps_every_previous_output(r
     user_files(repo, "bad.txt", b"good line\n\nbad \xff line\n")
     result = dvc(repo, "repro", check=False)  # DVC deletes data/prepared before prepare refuses the file
     assert result.returncode != 0 and "error: user_data/bad.txt:3: not valid UTF-8" in result.stderr + result.stdout
+    from test_pipeline import mlflow_runs
+
+    _, runs = mlflow_runs(repo)
+    latest = max((r for r in runs if r.data.tags.get("llmpipe.kind") == "pipeline"), key=lambda r: r.info.start_time)
+    assert latest.info.status == "FAILED"  # the pipeline run shows its stage failed
     run(["git", "checkout", "params.yaml"], repo)
     result = dvc(repo, "exp", "run", "-S", "pretrain.learning_rate=-1", check=False)
     assert result.returncode != 0 and "pretrain.learning_rate: expected a number > 0" in result.stderr + result.stdout
