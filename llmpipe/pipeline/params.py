@@ -113,16 +113,17 @@ class StageParams:
         sections = {key.split(".")[0] for key in known}
         for section in self._config:
             if section not in sections:
-                close = difflib.get_close_matches(str(section), sorted(sections), n=1, cutoff=0.6)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                raise ParamError(f"{self.source}: {section}: unknown section (conf/ declares no such key){hint}")
+                raise self._unknown(str(section), "section", sections)
         for section in self._declared:
             value = _lookup(self._config, section)
             for key in sorted(flat_keys(value, section)) if value is not _MISSING else []:
                 if key not in known and not any(key.startswith(k + ".") for k in known):
-                    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-                    hint = f"; did you mean {close[0]}?" if close else ""
-                    raise ParamError(f"{self.source}: {key}: unknown key (conf/ declares no such key){hint}")
+                    raise self._unknown(key, "key", known)
+
+    def _unknown(self, key: str, kind: str, known: set[str]) -> ParamError:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return ParamError(f"{self.source}: {key}: unknown {kind} (conf/ declares no such key){hint}")
 
     def is_declared(self, key: str) -> bool:
         return any(key == d or key.startswith(d + ".") for d in self._declared)
