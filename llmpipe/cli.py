@@ -53,7 +53,7 @@ def load_any_model(path: Path, tokenizer):
             return load_model(path, tokenizer=tokenizer)[0]
         if isinstance(kind, dict) and "model_type" in kind:
             model = read_hf_directory(path)
-            check_tokenizer(model, None, path, tokenizer)
+            check_tokenizer(model, None, path, tokenizer)  # the vocabulary size, at least
             if (path / "tokenizer.json").is_file():  # an export carries its tokenizer: it must be this one
                 from tokenizers import Tokenizer
 
@@ -188,14 +188,9 @@ def cmd_model_size(args: argparse.Namespace) -> None:
     from llmpipe.train.settings import model_config
 
     if args.checkpoint:  # a Hugging Face checkpoint's config.json alone: no weights are read
-        from llmpipe.export.hf_import import model_config_from_hf
+        from llmpipe.export.hf_import import read_hf_config
 
-        config_path = Path(args.checkpoint) / "config.json"
-        try:
-            hf_config = json.loads(config_path.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PipelineError(f"{config_path}: not a readable config.json ({exc})".splitlines()[0]) from None
-        config = model_config_from_hf(hf_config, str(config_path))
+        config = read_hf_config(args.checkpoint)
     else:
         composed = compose(args.overrides, args.config_dir)
         params = StageParams("model-size", composed, ["model", "tokenizer.vocab_size"],

@@ -95,15 +95,20 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_hf_directory(directory: str | Path) -> Transformer:
-    """A Hugging Face LlamaForCausalLM directory → our Transformer with the same weights (float32)."""
-    directory = Path(directory)
-    config_path = directory / "config.json"
+def read_hf_config(directory: str | Path) -> ModelConfig:
+    """A checkpoint's config.json alone → ModelConfig (no weights are read)."""
+    config_path = Path(directory) / "config.json"
     try:
         hf = json.loads(config_path.read_text("utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise InputDataError(f"{config_path}: not a readable config.json ({exc})".splitlines()[0]) from None
-    model = Transformer(model_config_from_hf(hf, str(config_path)))
+    return model_config_from_hf(hf, str(config_path))
+
+
+def read_hf_directory(directory: str | Path) -> Transformer:
+    """A Hugging Face LlamaForCausalLM directory → our Transformer with the same weights (float32)."""
+    directory = Path(directory)
+    model = Transformer(read_hf_config(directory))
     expected = model.state_dict()
     state = {}
     for name, tensor in read_hf_tensors(directory).items():

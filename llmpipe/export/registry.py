@@ -10,6 +10,7 @@ DVC experiment and the headline metrics as tags, a description, and the alias `c
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
         )
     version = str(info.registered_model_version)
     tags = {"weights_md5": digest, "git_commit": git_commit() or "", "dvc.stage": run.stage,
+            "dvc.experiment": os.environ.get("DVC_EXP_NAME", ""),
             **{f"metric.{k}": f"{v:.4g}" for k, v in (metrics or {}).items()}}
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
