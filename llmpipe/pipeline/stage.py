@@ -52,21 +52,20 @@ StageFunction = Callable[[StageParams, StageRun], None]
 
 def run_stage(name: str, config: dict, body: StageFunction) -> None:
     """Run `body` with the stage's declared params and its MLflow run; map user errors to exit 1."""
+    is_main = ProcessInfo.from_environment().is_main
     try:
         params = StageParams.for_stage(name, config)
         if os.path.isdir(CONF_DIR):
             params.check_known_keys(schema_keys())
         hashes = input_hashes(declared_dependencies(name))
-        with StageRun(name, params.declared_values(), hashes, enabled=ProcessInfo.from_environment().is_main,
+        with StageRun(name, params.declared_values(), hashes, enabled=is_main,
                       pipeline_params=flat_values(config)) as run:
             body(params, run)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        if ProcessInfo.from_environment().is_main:
-            restored = restore_outputs(name)
-            if restored:
-                print(f"{name}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
-        sys.exit(1)
+        restored = restore_outputs(name) if is_main else []
+        if restored:
+            print(f"{name}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
+        fail(str(error))
 
 
 def fail(message: str) -> None:
