@@ -146,34 +146,37 @@ def test_sigkill_during_finetune_then_repro_resumes(copy_built):
     assert set(ran(output)) == {"finetune"}
 
 
-def test_two_queued_experiments_run_together_and_keep_their_runs(copy_built):
+def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_built):
+    """benchmarks/seeds.py: two seeds queued and run two at a time; each keeps its MLflow runs; the summary's
+    mean/min/max agree with the metrics each experiment logged; a second call runs nothing again."""
     repo = copy_built()
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline outputs"], repo)
-    dvc(repo, "exp", "run", "--queue", "-n", "steps-4", "-S", "pretrain.max_steps=4")
-    dvc(repo, "exp", "run", "--queue", "-n", "steps-5", "-S", "pretrain.max_steps=5")
-    # The workers outlive `dvc queue start` and inherit its stdout/stderr: capturing them would wait for the
-    # workers to end, so the start is run with its output discarded and the queue is polled instead.
-    starter = subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", "2"], cwd=repo, env=environment(),
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             timeout=120)
-    assert starter.returncode == 0
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = dvc(repo, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    assert status.count("Success") == 2, status
-    shown = dvc(repo, "exp", "show", "--csv").stdout
-    assert "steps-4" in shown and "steps-5" in shown
+    sweep = [sys.executable, "benchmarks/seeds.py", "run", "tiny", "--seeds", "3", "4", "--jobs", "2",
+             "-S", "pretrain.max_steps=5", "--poll-seconds", "1"]
+    output = run(sweep, repo).stdout
+    assert "queued tiny-seed3, tiny-seed4" in output
     from test_pipeline import mlflow_runs
 
-    _, runs = mlflow_runs(repo)
-    for name, steps in (("steps-4", "4"), ("steps-5", "5")):
+    client, runs = mlflow_runs(repo)
+    logged = {}
+    for name, seed in (("tiny-seed3", "3"), ("tiny-seed4", "4")):
         pretrain = [r for r in runs if r.data.tags.get("dvc.experiment") == name and r.info.run_name == "pretrain"]
-        assert len(pretrain) == 1 and pretrain[0].data.params["pretrain.max_steps"] == steps
-        assert pretrain[0].info.status == "FINISHED"
+        assert len(pretrain) == 1 and pretrain[0].info.status == "FINISHED"
+        assert pretrain[0].data.params["seed"] == seed and pretrain[0].data.params["pretrain.max_steps"] == "5"
+        logged[name] = pretrain[0].data.metrics["val_bpb"]
+    summary = json.loads((repo / "reports/seeds/tiny.json").read_text())
+    assert [e["name"] for e in summary["experiments"]] == ["tiny-seed3", "tiny-seed4"]
+    assert summary["overrides"] == ["pretrain.max_steps=5"]
+    spread = summary["metrics"]["pretrain.val_bpb"]
+    assert spread["count"] == 2 and logged["tiny-seed3"] != logged["tiny-seed4"]
+    assert spread["min"] == pytest.approx(min(logged.values())) and spread["max"] == pytest.approx(max(logged.values()))
+    assert spread["mean"] == pytest.approx(sum(logged.values()) / 2)
+    aggregate = [r for r in runs if r.data.tags.get("llmpipe.sweep") == "tiny"]
+    assert len(aggregate) == 1 and aggregate[0].data.tags["dvc.experiments"] == "tiny-seed3,tiny-seed4"
+    assert aggregate[0].data.metrics["pretrain.val_bpb.max"] == pytest.approx(spread["max"])
+    again = run(sweep, repo).stdout
+    assert "tiny-seed3: already run, kept" in again and "queued" not in again
 
 
 OUTPUTS = {"prepare": ["data/prepared"], "train_tokenizer": ["models/tokenizer", "reports/tokenizer.md"],

@@ -92,3 +92,22 @@ def plot_attention(model, tokenizer, sentence: str, output: Path, layer: int = -
     figure.tight_layout()
     figure.savefig(output, dpi=110)
     plt.close(figure)
+
+
+def plot_spread_against_param(points: dict[str, list[tuple[float, float, float, float]]], x_label: str,
+                              y_label: str, title: str, output: Path) -> None:
+    """One line per metric: its mean over seeds against a param's value, with a min-max band.
+    `points[label]` holds (x, mean, min, max) tuples."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for label, rows in points.items():
+        rows = sorted(rows)
+        xs = [row[0] for row in rows]
+        axis.plot(xs, [row[1] for row in rows], "o-", label=f"{label} (mean)")
+        axis.fill_between(xs, [row[2] for row in rows], [row[3] for row in rows], alpha=0.2,
+                          label=f"{label} (min-max over seeds)")
+    axis.set(title=title, xlabel=x_label, ylabel=y_label)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,146 @@
+"""Run the pipeline over several seeds and report each headline metric as mean / min / max.
+
+One "sweep" is a set of DVC experiments named `<sweep>-seed<N>`, queued with `dvc exp run --queue`
+(`-S seed=N` plus any overrides you give), run by `dvc queue start` and read back from `dvc exp show`.
+The summary goes to reports/seeds/<sweep>.md and .json and to one MLflow run named `seeds <sweep>`
+(tags: the experiments it covers). Experiments that already exist with metrics are not run again.
+
+    python benchmarks/seeds.py run default --seeds 1 2 3 4 5
+    python benchmarks/seeds.py run paraphrases-1 --seeds 1 2 3 4 5 -S data.world.paraphrases=1
+    python benchmarks/seeds.py summary default                 # summarise experiments already run
+    python benchmarks/seeds.py compare default paraphrases-1 paraphrases-20 \\
+        --param data.world.paraphrases                         # one table, and a plot against the param
+
+Run it from the repository root, with the pipeline's dependencies committed (each experiment starts
+from HEAD plus your workspace changes, as `dvc exp run --queue` does). On 2 CPU cores one default
+experiment takes about 5 minutes; `--jobs 2` runs two at once (for machines with more cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmpipe.eval.seeds import (
+    experiment_name,
+    log_summary_run,
+    summarise,
+    summary_markdown,
+    sweep_experiments,
+    write_summary,
+)
+
+OUTPUT = Path("reports/seeds")
+HEADLINES = ("finetune.qa_accuracy_heldout_people", "finetune.qa_accuracy_finetuned_people")
+
+
+def dvc(*args: str) -> str:
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"seeds: `dvc {' '.join(args)}` failed: {(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+    return result.stdout
+
+
+def experiments_of(sweep: str):
+    return sweep_experiments(json.loads(dvc("exp", "show", "--json")), sweep)
+
+
+def wait_for_queue(poll_seconds: float) -> str:
+    while True:
+        status = dvc("queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(poll_seconds)
+
+
+def run(args) -> None:
+    done = {experiment.seed for experiment in experiments_of(args.sweep)}
+    queued = []
+    for seed in args.seeds:
+        if seed in done:
+            print(f"{experiment_name(args.sweep, seed)}: already run, kept")
+            continue
+        overrides = [item for override in args.set for item in ("-S", override)]
+        dvc("exp", "run", "--queue", "-n", experiment_name(args.sweep, seed), "-S", f"seed={seed}", *overrides)
+        queued.append(experiment_name(args.sweep, seed))
+    if queued:
+        print(f"queued {', '.join(queued)}; running {args.jobs} at a time")
+        # The workers outlive `dvc queue start` and keep its output open: do not wait on it.
+        subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        status = wait_for_queue(args.poll_seconds)
+        failed = [name for name in queued if any(name in line and "Failed" in line for line in status.splitlines())]
+        if failed:
+            print(f"failed: {', '.join(failed)} (see `dvc queue logs <name>`)", file=sys.stderr)
+    summary(args)
+
+
+def summary(args) -> None:
+    experiments = experiments_of(args.sweep)
+    if not experiments:
+        sys.exit(f"seeds: no experiment named {experiment_name(args.sweep, 'N')} in `dvc exp show`")
+    spread = summarise(experiments)
+    overrides = getattr(args, "set", [])
+    json_path, markdown_path = write_summary(OUTPUT, args.sweep, experiments, spread, overrides)
+    print(summary_markdown(args.sweep, experiments, spread))
+    run_id = log_summary_run(args.sweep, experiments, spread, overrides, markdown_path)
+    print(f"wrote {markdown_path} and {json_path}; MLflow run {run_id} ('seeds {args.sweep}')")
+
+
+def compare(args) -> None:
+    from llmpipe.report.plots import plot_spread_against_param
+
+    lines = ["| sweep | " + (f"{args.param} | " if args.param else "") + "seeds | "
+             + " | ".join(f"{name} mean / min / max" for name in HEADLINES) + " |",
+             "|---|" + ("---:|" if args.param else "") + "---:|" + "---|" * len(HEADLINES)]
+    points: dict[str, list] = {name: [] for name in HEADLINES}
+    for sweep in args.sweeps:
+        experiments = experiments_of(sweep)
+        if not experiments:
+            sys.exit(f"seeds: no experiment named {experiment_name(sweep, 'N')} in `dvc exp show`")
+        spread = summarise(experiments)
+        x = experiments[0].param(args.param) if args.param else None
+        cells = []
+        for name in HEADLINES:
+            s = spread.get(name)
+            cells.append(f"{s.mean:.3f} / {s.min:.3f} / {s.max:.3f}" if s else "")
+            if s and isinstance(x, (int, float)):
+                points[name].append((x, s.mean, s.min, s.max))
+        lines.append(f"| {sweep} | " + (f"{x} | " if args.param else "") + f"{len(experiments)} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    name = "-vs-".join(args.sweeps) if len(args.sweeps) <= 3 else f"{args.sweeps[0]}-and-{len(args.sweeps) - 1}-more"
+    (OUTPUT / f"compare-{name}.md").write_text(table)
+    if args.param and any(points.values()):
+        figure = OUTPUT / f"compare-{name}.png"
+        plot_spread_against_param({k.split(".")[-1]: v for k, v in points.items() if v}, args.param,
+                                  "QA exact-match accuracy", "QA accuracy over seeds", figure)
+        print(f"wrote {figure}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="queue and run the missing seeds, then summarise")
+    run_parser.add_argument("sweep", help="the sweep's name; experiments are named <sweep>-seed<N>")
+    run_parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    run_parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="a param override for every seed, as in `dvc exp run -S`")
+    run_parser.add_argument("--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
+    run_parser.add_argument("--poll-seconds", type=float, default=5.0)
+    summary_parser = commands.add_parser("summary", help="summarise a sweep's experiments")
+    summary_parser.add_argument("sweep")
+    compare_parser = commands.add_parser("compare", help="one table over sweeps (and a plot against --param)")
+    compare_parser.add_argument("sweeps", nargs="+")
+    compare_parser.add_argument("--param", help="dotted param key the sweeps differ in, e.g. data.world.paraphrases")
+    args = parser.parse_args()
+    {"run": run, "summary": summary, "compare": compare}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""A metric as a distribution over seeds: gather the DVC experiments of one seed sweep, summarise each
+headline metric as mean / min / max, and record the summary where users look (a JSON and Markdown file,
+and one MLflow run tagged with the experiments it covers).
+
+A sweep is a set of DVC experiments named `<sweep>-seed<N>` (benchmarks/seeds.py queues them). Their
+metrics come from `dvc exp show --json`, so experiments run by a teammate and pulled (`dvc exp pull`)
+count the same as local ones.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from llmpipe.data.world import ATTRIBUTES
+
+# Headline metrics, as `<stage>.<key>` (the names the parent MLflow run uses too).
+HEADLINE_PATTERNS = (
+    r"pretrain\.val_bpb",
+    r"finetune\.qa_accuracy_(finetuned|validation|heldout)_people(_(" + "|".join(ATTRIBUTES) + "))?",
+    r"finetune\.best_step",
+    r"evaluate\.\w+\.qa_accuracy_heldout_people",
+    r"evaluate\.F16\.val_bpb",
+)
+_HEADLINE = re.compile("|".join(f"(?:{pattern})" for pattern in HEADLINE_PATTERNS))
+_STAGE_METRICS_FILE = re.compile(r"reports/(\w+)/metrics\.json")
+
+
+def experiment_name(sweep: str, seed: int) -> str:
+    return f"{sweep}-seed{seed}"
+
+
+def _flatten(prefix: str, value, into: dict[str, float]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}", inner, into)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        into[prefix] = float(value)
+
+
+def headline_metrics(metrics_by_file: dict) -> dict[str, float]:
+    """`{file: {"data": {...}}}` as `dvc exp show --json` gives it → the headline metrics, flat."""
+    flat: dict[str, float] = {}
+    for path, content in metrics_by_file.items():
+        stage = _STAGE_METRICS_FILE.fullmatch(path)
+        if stage and isinstance(content, dict):
+            _flatten(stage.group(1), content.get("data") or {}, flat)
+    return {name: value for name, value in flat.items() if _HEADLINE.fullmatch(name)}
+
+
+@dataclass(frozen=True)
+class SweepExperiment:
+    name: str
+    seed: int
+    metrics: dict[str, float]
+    params: dict  # params.yaml as the experiment ran it
+
+    def param(self, dotted_key: str):
+        value = self.params
+        for part in dotted_key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+
+def sweep_experiments(exp_show: list, sweep: str) -> list[SweepExperiment]:
+    """The experiments named `<sweep>-seed<N>` in `dvc exp show --json` output, ordered by seed."""
+    pattern = re.compile(re.escape(sweep) + r"-seed(\d+)")
+    found: dict[str, SweepExperiment] = {}
+    for baseline in exp_show:
+        for experiment in baseline.get("experiments") or []:
+            for revision in experiment.get("revs") or []:
+                match = pattern.fullmatch(revision.get("name") or "")
+                data = revision.get("data") or {}
+                if match and data.get("metrics"):
+                    params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+                    found[revision["name"]] = SweepExperiment(revision["name"], int(params.get("seed", match.group(1))),
+                                                              headline_metrics(data["metrics"]), params)
+    return sorted(found.values(), key=lambda experiment: experiment.seed)
+
+
+@dataclass(frozen=True)
+class Spread:
+    mean: float
+    min: float
+    max: float
+    count: int
+
+
+def summarise(experiments: list[SweepExperiment]) -> dict[str, Spread]:
+    """Per metric, its spread over the experiments that report it."""
+    names = sorted({name for experiment in experiments for name in experiment.metrics})
+    summary = {}
+    for name in names:
+        values = [experiment.metrics[name] for experiment in experiments if name in experiment.metrics]
+        summary[name] = Spread(statistics.fmean(values), min(values), max(values), len(values))
+    return summary
+
+
+def summary_markdown(sweep: str, experiments: list[SweepExperiment], summary: dict[str, Spread]) -> str:
+    seeds = ", ".join(str(experiment.seed) for experiment in experiments)
+    lines = [f"# Seed sweep `{sweep}`", "", f"Seeds: {seeds} ({len(experiments)} experiments)", "",
+             "| metric | mean | min | max | " + " | ".join(f"seed {e.seed}" for e in experiments) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(experiments)]
+    for name, spread in summary.items():
+        per_seed = " | ".join(f"{e.metrics[name]:.4g}" if name in e.metrics else "" for e in experiments)
+        lines.append(f"| {name} | {spread.mean:.4g} | {spread.min:.4g} | {spread.max:.4g} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(directory: Path, sweep: str, experiments: list[SweepExperiment], summary: dict[str, Spread],
+                  overrides: list[str]) -> tuple[Path, Path]:
+    from llmpipe.pipeline import atomic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {"sweep": sweep, "overrides": overrides,
+              "experiments": [{"name": e.name, "seed": e.seed} for e in experiments],
+              "metrics": {name: asdict(spread) for name, spread in summary.items()}}
+    json_path, markdown_path = directory / f"{sweep}.json", directory / f"{sweep}.md"
+    atomic.write_json(json_path, record)
+    atomic.write_text(markdown_path, summary_markdown(sweep, experiments, summary))
+    return json_path, markdown_path
+
+
+def log_summary_run(sweep: str, experiments: list[SweepExperiment], summary: dict[str, Spread],
+                    overrides: list[str], markdown_path: Path) -> str:
+    """One MLflow run holding the aggregate (`<metric>.mean/.min/.max`), tagged with the experiments it
+    covers; a rerun of the same sweep replaces its metrics in a new run. Returns the run id."""
+    from mlflow.entities import Metric, Param
+
+    from llmpipe.pipeline import store
+
+    client, experiment_id = store.connect()
+    names = ",".join(experiment.name for experiment in experiments)
+    run = client.create_run(experiment_id, run_name=f"seeds {sweep}", tags={
+        "llmpipe.kind": "seed_sweep", "llmpipe.sweep": sweep, "dvc.experiments": names[:5000]})
+    params = [Param("seeds", ",".join(str(e.seed) for e in experiments)), Param("seed_count", str(len(experiments)))]
+    params += [Param(f"override.{item.split('=', 1)[0]}", item.split("=", 1)[-1]) for item in overrides]
+    metrics = [Metric(f"{name}.{statistic}", getattr(spread, statistic), 0, 0)
+               for name, spread in summary.items() for statistic in ("mean", "min", "max")]
+    for start in range(0, max(len(metrics), 1), 500):
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + 500], params=params if start == 0 else [])
+    client.log_artifact(run.info.run_id, str(markdown_path))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
