@@ -164,3 +164,25 @@ def test_every_checkpoint_tensor_file_is_read_without_unpickling(tmp_path):
     with pytest.raises(PipelineError, match=r"best.safetensors: unreadable checkpoint file .*delete the checkpoint"):
         store.load_best()
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_progress_off_a_terminal_prints_plain_lines_with_eta_and_short_evaluation_lines():
+    import io
+
+    from llmpipe.train.progress import Progress
+
+    log = io.StringIO()  # not a terminal
+    progress = Progress("pretrain", total_steps=4, start_step=0, enabled=True, interval_seconds=0.0, stream=log)
+    for done in range(1, 5):
+        progress.step(done, train_loss=1.0 / done, tokens_per_second=1234.0)
+    metrics = {"val_loss": 0.5, "qa_accuracy_validation_people": 0.9,
+               **{f"qa_accuracy_validation_people_{a}": 0.9 for a in ("birth_city", "birth_date", "employer", "major")}}
+    progress.evaluation(4, metrics)
+    progress.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 5
+    assert lines[0].startswith("pretrain: step 1/4 loss 1.0000 1,234 tok/s elapsed 0:00 eta ")
+    assert lines[-1] == "pretrain: step 4/4 val_loss 0.5000 qa_accuracy_validation_people 0.9000"
+    silent = io.StringIO()
+    Progress("pretrain", 4, 0, enabled=False, stream=silent).step(1, 1.0, None)
+    assert silent.getvalue() == ""

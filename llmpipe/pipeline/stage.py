@@ -14,6 +14,8 @@ What the wrapper does:
   under them that conf/ does not know (a typo) is refused, naming the closest known key.
 - It opens the stage's MLflow run (see llmpipe.pipeline.tracking) with those params, tagged with the md5 of
   each dependency dvc.yaml lists for the stage.
+- When the output is not a terminal (CI, `dvc queue logs`, a log file), the libraries' progress bars
+  (datasets, MLflow artifact uploads) are switched off; the training loop prints plain lines instead.
 - A `PipelineError` (bad input or params) becomes one line on stderr, `error: ...`, and exit status 1;
   outputs DVC deleted before the run are put back from its cache (llmpipe.pipeline.restore).
 """
@@ -111,6 +113,10 @@ def stage(name: str) -> Callable[[StageFunction], Callable[[], None]]:
         @functools.wraps(body)
         def main() -> None:
             logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+            if not sys.stdout.isatty():
+                for variable in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+                    os.environ.setdefault(variable, "1")
+                os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             check_params_file()
             sys.argv[1:1] = HYDRA_QUIET_OVERRIDES
             hydra_app()

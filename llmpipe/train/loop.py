@@ -34,6 +34,7 @@ from llmpipe.pipeline.tracking import StageRun
 from llmpipe.train.batches import BatchSource
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.flops import training_flops_per_token
+from llmpipe.train.progress import Progress
 from llmpipe.train.settings import TrainSettings
 
 
@@ -107,6 +108,8 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
     flops_per_token = training_flops_per_token(model.config, count_parameters(model))
 
     window_start, window_tokens = time.perf_counter(), 0
+    progress = Progress(run.stage, settings.max_steps, start_step, enabled=process.is_main)
+    tokens_per_second = None
     model.train()
     for step in range(start_step, settings.max_steps):
         lr = learning_rate_at(step, settings)
@@ -152,6 +155,7 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
             result.history["train"].append(row)
             run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
             window_start, window_tokens = time.perf_counter(), 0
+        progress.step(done, train_loss, tokens_per_second)
 
         if done % settings.eval_every == 0 or done == settings.max_steps:
             model.eval()
@@ -160,9 +164,7 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
             model.train()
             result.history["eval"].append({"step": done, **metrics})
             run.log_metrics(metrics, step=done)
-            if process.is_main:
-                print(f"step {done}/{settings.max_steps}: train_loss {train_loss:.4f} "
-                      + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            progress.evaluation(done, metrics)
             if settings.best_metric:
                 score = metrics[settings.best_metric]
                 better = best_score is None or (score < best_score if settings.best_mode == "min" else score > best_score)
@@ -177,6 +179,7 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
                     checkpoints.save_best(best_state, result.best_step)
             barrier()
 
+    progress.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     result.final_metrics = dict(result.history["eval"][-1]) if result.history["eval"] else {}
