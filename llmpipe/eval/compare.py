@@ -20,7 +20,7 @@ from llmpipe.eval.metrics import (
     next_token_distributions,
     perplexity_metrics,
 )
-from llmpipe.eval.qa import qa_metrics
+from llmpipe.eval.qa import qa_metrics, spread_sample
 from llmpipe.model import Transformer
 
 
@@ -56,7 +56,7 @@ def compare_variants(variants: list[Variant], reference: str, template: ChatTemp
                **perplexity_metrics(model, validation_tokens, validation_counts, limits.eval_max_tokens)}
         qa, answers = qa_metrics(model, template, qa_sets, limits.max_new_tokens)
         row.update({f"qa_accuracy_{split}": qa.get(f"qa_accuracy_{split}", 0.0) for split in qa_sets})
-        samples[variant.name] = answers[sample_split][:limits.sample_answers]
+        samples[variant.name] = spread_sample(answers[sample_split], limits.sample_answers)
         log_probs[variant.name] = next_token_distributions(model, validation_tokens, limits.kl_max_tokens)
         if variant.name == reference:
             reference_model = model

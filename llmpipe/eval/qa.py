@@ -51,6 +51,17 @@ def qa_metrics(model: Transformer, template: ChatTemplate, qa_sets: dict[str, li
     """`qa_accuracy` of every QA split: metrics `{prefix}qa_accuracy_{split}[_{attribute}]`, answers by split."""
     metrics, answers = {}, {}
     for split, pairs in qa_sets.items():
-        split_metrics, answers[split] = qa_accuracy(model, template, pairs, max_new_tokens, f"{prefix}qa_accuracy_{split}")
+        split_metrics, results = qa_accuracy(model, template, pairs, max_new_tokens, f"{prefix}qa_accuracy_{split}")
+        answers[split] = [{**result, "split": split} for result in results]
         metrics.update(split_metrics)
     return metrics, answers
+
+
+def spread_sample(results: list, count: int) -> list:
+    """`count` items evenly spaced over `results` (QA pairs come five per person, so the first few
+    would all be about one person)."""
+    if count <= 0 or not results:
+        return []
+    if count >= len(results):
+        return list(results)
+    return [results[index * len(results) // count] for index in range(count)]

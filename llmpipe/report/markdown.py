@@ -3,7 +3,16 @@ size table, sample answers (fine-tuning and evaluation), and the evaluation repo
 
 from __future__ import annotations
 
+from llmpipe.eval.qa import spread_sample
 from llmpipe.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer, longest_learned_tokens
+
+SPLIT_TITLES = {"finetuned_people": "fine-tuned people (their questions were in the fine-tuning set)",
+                "validation_people": "validation people (their questions picked the best fine-tuning step)",
+                "heldout_people": "held-out people (known from pretraining only, never in fine-tuning)"}
+
+
+def split_title(split: str) -> str:
+    return SPLIT_TITLES.get(split, split.replace("_", " "))
 
 
 def cell(text: str) -> str:
@@ -32,13 +41,13 @@ def _answer(result: dict) -> str:
 
 
 def finetune_samples(answers: dict[str, list[dict]], base_answers: dict[str, list[dict]], count: int) -> str:
-    """Greedy answers per QA split, before and after fine-tuning."""
+    """Greedy answers per QA split, before and after fine-tuning, spread over the split's people."""
     lines = ["# Fine-tuning: sample answers", "", "Greedy answers in the chat format, before and after fine-tuning.", ""]
     for split, results in answers.items():
         if not results:
             continue
-        lines += [f"## {split.replace('_', ' ')}", "", "| question | expected | base model | fine-tuned |", "|---|---|---|---|"]
-        for result, base in list(zip(results, base_answers[split]))[:count]:
+        lines += [f"## {split_title(split)}", "", "| question | expected | base model | fine-tuned |", "|---|---|---|---|"]
+        for result, base in spread_sample(list(zip(results, base_answers[split])), count):
             mark = "✓" if result["correct"] else "✗"
             lines.append(f"| {cell(result['question'])} | {cell(result['expected'])} | {_answer(base)} | "
                          f"{mark} {_answer(result)} |")
@@ -63,8 +72,22 @@ def _fmt(value, digits=3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def best_pretrain_step_note(pretrain_eval_curve: list[dict]) -> str:
+    """Where validation loss was lowest, when that is not the end (the weights kept are the final ones)."""
+    rows = [row for row in pretrain_eval_curve if "val_loss" in row]
+    if len(rows) < 2:
+        return ""
+    best, last = min(rows, key=lambda row: row["val_loss"]), rows[-1]
+    if best["step"] == last["step"]:
+        return " Validation loss was lowest at the last step."
+    return (f" Validation loss was lowest at step {int(best['step'])} ({best['val_loss']:.3f}); the final weights "
+            f"(step {int(last['step'])}, {last['val_loss']:.3f}, {last['val_loss'] / best['val_loss'] - 1:+.0%}) are the "
+            "ones fine-tuned (pretraining keeps its last step, not its best).")
+
+
 def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune: dict, samples: dict[str, list[dict]],
-                    images: dict[str, str]) -> str:
+                      images: dict[str, str], pretrain_eval_curve: list[dict] | None = None,
+                      provenance: dict[str, str] | None = None) -> str:
     by_name = {row["variant"]: row for row in rows}
     ref = by_name[reference]
     lines = ["# llmpipe evaluation report", "",
@@ -79,7 +102,7 @@ def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune
               f"{int(pretrain['steps'])} steps at {pretrain['tokens_per_second']:,.0f} tokens/s" if pretrain["steps"] else
               f"- Base model: an imported checkpoint (base_model=hf), {int(pretrain['parameters']):,} parameters")
              + f"; validation bits per byte {pretrain['val_bpb']:.3f} against {pretrain['unigram_bpb']:.3f} for a "
-             "unigram model of the corpus.",
+             "unigram model of the corpus." + best_pretrain_step_note(pretrain_eval_curve or []),
              f"- Fine-tuning: best step {int(finetune['best_step'])}; exact match on fine-tuned people (or your "
              f"examples) {_fmt(finetune.get('base_qa_accuracy_finetuned_people'))} → "
              f"{_fmt(finetune.get('qa_accuracy_finetuned_people'))}, on held-out people "
@@ -108,9 +131,14 @@ def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune
               "## Tokenization", "", f"![tokenization]({images['tokens']})", "",
               "## Attention", "", f"![attention heads]({images['attention']})", "",
               "## Sample answers", ""]
+    sample_split = next((r.get("split") for results in samples.values() for r in results if r.get("split")), None)
+    if sample_split:
+        lines += [f"The same questions for every variant, about {split_title(sample_split)}.", ""]
     for variant, results in samples.items():
         lines += [f"### {variant}", "", "| question | expected | answer |", "|---|---|---|"]
         lines += [f"| {cell(r['question'])} | {cell(r['expected'])} | {'✓' if r['correct'] else '✗'} {_answer(r)} |"
                   for r in results]
         lines.append("")
+    if provenance:
+        lines += ["## Where this report came from", ""] + [f"- {key}: `{value}`" for key, value in provenance.items()] + [""]
     return "\n".join(lines)

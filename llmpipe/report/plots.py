@@ -34,19 +34,22 @@ def plot_loss_curves(output: Path, pretrain_dir: Path = layout.PRETRAIN_REPORTS,
 
 
 def plot_size_versus_quality(rows: list[dict], output: Path) -> None:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for row in rows:
+    """Perplexity and held-out accuracy against file size; one marker and colour per variant, named in a
+    legend (variants of nearly the same size would hide each other's text labels)."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    markers = "osD^vP*Xh<>"
+    for index, row in enumerate(rows):
         megabytes = row["file_bytes"] / 1e6
-        left.scatter(megabytes, row["val_perplexity"])
-        left.annotate(row["variant"], (megabytes, row["val_perplexity"]), textcoords="offset points", xytext=(4, 4))
-        right.scatter(megabytes, row["qa_accuracy_heldout_people"], marker="s")
-        right.annotate(row["variant"], (megabytes, row["qa_accuracy_heldout_people"]), textcoords="offset points",
-                       xytext=(4, 4))
+        style = {"marker": markers[index % len(markers)], "color": f"C{index % 10}", "s": 46, "alpha": 0.85}
+        left.scatter(megabytes, row["val_perplexity"], label=row["variant"], **style)
+        right.scatter(megabytes, row["qa_accuracy_heldout_people"], **style)
     left.set(title="Validation perplexity against file size", xlabel="file size (MB)", ylabel="perplexity")
-    right.set(title="Held-out people's QA accuracy against file size", xlabel="file size (MB)", ylabel="exact match")
+    right.set(title="Held-out people's QA accuracy against file size", xlabel="file size (MB)",
+              ylabel="exact-match accuracy")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
+    figure.legend(loc="lower center", ncol=min(len(rows), 8), title="variant", fontsize=8, title_fontsize=8)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
     figure.savefig(output, dpi=110)
     plt.close(figure)
 
@@ -83,14 +86,15 @@ def plot_attention(model, tokenizer, sentence: str, output: Path, layer: int = -
     heads = weights.shape[0]
     figure, axes = plt.subplots(1, heads, figsize=(4.2 * heads, 4.4))
     for head, axis in enumerate(axes if heads > 1 else [axes]):
-        axis.imshow(weights[head].numpy(), cmap="viridis", vmin=0, vmax=1)
+        image = axis.imshow(weights[head].numpy(), cmap="viridis", vmin=0, vmax=1)
         axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         axis.set_yticks(range(len(labels)), labels, fontsize=6)
         axis.set_title(f"head {head}")
     layer_number = layer if layer >= 0 else model.config.n_layer + layer
     figure.suptitle(f"Attention of layer {layer_number} (row: token attending, column: token attended to)")
     figure.tight_layout()
-    figure.savefig(output, dpi=110)
+    figure.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    figure.savefig(output, dpi=110, bbox_inches="tight")  # keeps the tick labels whole
     plt.close(figure)
 
 

@@ -1,0 +1,26 @@
+"""What the Markdown reports tell a reader: sample answers spread over people and labelled by split,
+and where pretraining's validation loss was lowest."""
+
+from llmpipe.eval.qa import spread_sample
+from llmpipe.report.markdown import best_pretrain_step_note, finetune_samples
+
+
+def test_samples_are_spread_over_the_split_not_the_first_person():
+    assert spread_sample(list(range(400)), 4) == [0, 100, 200, 300]
+    assert spread_sample([1, 2], 5) == [1, 2] and spread_sample([1, 2], 0) == []
+
+
+def test_finetune_samples_name_the_split_and_cover_several_people():
+    results = [{"question": f"Q about person {i // 5}?", "expected": "A", "answer": "A\nmore", "correct": True,
+                "split": "heldout_people"} for i in range(50)]
+    text = finetune_samples({"heldout_people": results}, {"heldout_people": results}, count=5)
+    assert "## held-out people (known from pretraining only, never in fine-tuning)" in text
+    assert {f"person {p}?" in text for p in (0, 2, 4, 6, 8)} == {True}
+    assert "A more" in text  # a line break inside an answer stays inside its table cell
+
+
+def test_report_says_when_validation_loss_was_lowest_before_the_end():
+    curve = [{"step": 100, "val_loss": 0.8}, {"step": 400, "val_loss": 0.5}, {"step": 800, "val_loss": 0.66}]
+    note = best_pretrain_step_note(curve)
+    assert "lowest at step 400 (0.500)" in note and "step 800, 0.660, +32%" in note
+    assert "lowest at the last step" in best_pretrain_step_note(curve[:2])
