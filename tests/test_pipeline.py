@@ -173,9 +173,12 @@ def test_rerunning_evaluate_with_the_same_weights_registers_no_new_version(copy_
 def test_registered_model_loads_in_a_fresh_process_and_answers(built_repo):
     code = ("import json, mlflow; mlflow.set_tracking_uri('sqlite:///.mlflow/mlflow.db'); "
             "model = mlflow.pyfunc.load_model('models:/llmpipe-chat/latest'); "
-            "print(json.dumps(model.predict(['What is the birth city of Ada?', 'Who?'], params={'max_new_tokens': 4})))")
-    answers = json.loads(run([sys.executable, "-c", code], built_repo).stdout.strip().splitlines()[-1])
-    assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+            "print(json.dumps(model.predict({'messages': [{'role': 'user', 'content': 'What is the birth city of Ada?'}], "
+            "'max_tokens': 4, 'temperature': 0.0})))")
+    answer = json.loads(run([sys.executable, "-c", code], built_repo).stdout.strip().splitlines()[-1])
+    [choice] = answer["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert answer["usage"]["completion_tokens"] <= 4
 
 
 def test_chat_runs_one_shot_and_interactive(built_repo):

@@ -1,7 +1,8 @@
-"""The fine-tuned model in MLflow's Model Registry: logged as a pyfunc model defined from code
+"""The fine-tuned model in MLflow's Model Registry: logged as a chat model defined from code
 (llmpipe/export/serving.py, so nothing is pickled) with its safetensors weights and tokenizer as
-artifacts, and registered under a name. Its pip requirements are the versions installed here, which
-pyproject.toml pins.
+artifacts, and registered under a name. Its signature is MLflow's chat-completions request and response
+(fixed by mlflow.pyfunc.ChatModel); MLflow runs the model once on serving.INPUT_EXAMPLE, which is saved
+with it. Its pip requirements are the versions installed here, which pyproject.toml pins.
 
 A new version is registered only when the weights or the tokenizer changed (their md5 is the version's
 `weights_md5` tag): rerunning evaluate for a report setting adds none. Each version carries the commit, the
@@ -53,7 +54,8 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
         info = mlflow.pyfunc.log_model(
             name="chat_model", python_model=serving.__file__, code_paths=[str(package_dir)],
             artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir)},
-            pip_requirements=pip_requirements(), registered_model_name=registered_name,
+            input_example=serving.INPUT_EXAMPLE, pip_requirements=pip_requirements(),
+            registered_model_name=registered_name,
         )
     version = str(info.registered_model_version)
     tags = {"weights_md5": digest, "git_commit": git_commit() or "", "dvc.stage": run.stage,
