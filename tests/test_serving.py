@@ -118,7 +118,7 @@ def test_served_chat_model_answers_chat_completions_and_honours_max_tokens(tmp_p
         assert [c["index"] for c in answer["choices"]] == [0, 1]
         assert all(c["message"]["role"] == "assistant" and isinstance(c["message"]["content"], str)
                    for c in answer["choices"])
-        assert answer["usage"]["completion_tokens"] == 8
+        assert answer["usage"]["completion_tokens"] <= 8  # sampling may draw a stop token, which no greedy step picks
         assert answer["usage"]["prompt_tokens"] > len(tokenizer.encode(QUESTION))  # the whole conversation
 
         status, answer = post(port, {"messages": [{"role": "tool", "content": "{}"}]})
