@@ -52,3 +52,26 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
                 shutil.copyfile(_cache_path(cache, md5), temp)
         restored.append(str(path))
     return restored
+
+
+def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str | Path = "conf") -> bool:
+    """Under `dvc exp run`, DVC writes the experiment's `-S` values into params.yaml before the stages run and
+    leaves them there when a stage fails. Put back params.yaml as conf/ composes it without them (the file
+    `dvc exp run` started from, when conf/ is the source of truth); returns whether it changed."""
+    from llmpipe.pipeline.compose import compose, write_params
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    params_file, config_dir = Path(params_file), Path(config_dir)
+    if not (config_dir / "config.yaml").is_file() or not params_file.is_file():
+        return False
+    GlobalHydra.instance().clear()  # a stage is a Hydra app: composing again needs Hydra's global state free
+    try:
+        composed = compose(config_dir=config_dir)
+        current = yaml.safe_load(params_file.read_text("utf-8"))
+    except Exception:  # conf/ itself is broken: leave everything as it is
+        return False
+    if current == composed:
+        return False
+    write_params(composed, params_file)
+    return True

@@ -17,7 +17,8 @@ What the wrapper does:
 - When the output is not a terminal (CI, `dvc queue logs`, a log file), the libraries' progress bars
   (datasets, MLflow artifact uploads) are switched off; the training loop prints plain lines instead.
 - A `PipelineError` (bad input or params) becomes one line on stderr, `error: ...`, and exit status 1;
-  outputs DVC deleted before the run are put back from its cache (llmpipe.pipeline.restore).
+  outputs DVC deleted before the run are put back from its cache, and under `dvc exp run` params.yaml
+  as conf/ composes it (llmpipe.pipeline.restore).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from llmpipe.pipeline.params import (
     schema_keys,
 )
 from llmpipe.pipeline.provenance import input_hashes
-from llmpipe.pipeline.restore import restore_outputs
+from llmpipe.pipeline.restore import restore_outputs, restore_params_file
 from llmpipe.pipeline.tracking import StageRun
 
 HYDRA_QUIET_OVERRIDES = [
@@ -67,6 +68,9 @@ def run_stage(name: str, config: dict, body: StageFunction) -> None:
         restored = restore_outputs(name) if is_main else []
         if restored:
             print(f"{name}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
+        if is_main and os.environ.get("DVC_EXP_BASELINE_REV") and restore_params_file():
+            print(f"{name}: put back {PARAMS_FILE} as conf/ composes it (the refused experiment's values are not kept)",
+                  file=sys.stderr, flush=True)
         fail(str(error))
 
 
