@@ -7,6 +7,7 @@ The summary goes to reports/seeds/<sweep>.md and .json and to one MLflow run nam
 
     python benchmarks/seeds.py run default --seeds 1 2 3 4 5
     python benchmarks/seeds.py run paraphrases-1 --seeds 1 2 3 4 5 -S data.world.paraphrases=1
+    python benchmarks/seeds.py run no-mixing -S data.world.mixed_training=false --target finetune
     python benchmarks/seeds.py summary default                 # summarise experiments already run
     python benchmarks/seeds.py compare default paraphrases-1 paraphrases-20 \\
         --param data.world.paraphrases                         # one table, and a plot against the param
@@ -65,7 +66,8 @@ def run(args) -> None:
             print(f"{experiment_name(args.sweep, seed)}: already run, kept")
             continue
         overrides = [item for override in args.set for item in ("-S", override)]
-        dvc("exp", "run", "--queue", "-n", experiment_name(args.sweep, seed), "-S", f"seed={seed}", *overrides)
+        dvc("exp", "run", "--queue", "-n", experiment_name(args.sweep, seed), "-S", f"seed={seed}", *overrides,
+            *args.targets)
         queued.append(experiment_name(args.sweep, seed))
     if queued:
         print(f"queued {', '.join(queued)}; running {args.jobs} at a time")
@@ -132,6 +134,8 @@ def main() -> None:
     run_parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                             help="a param override for every seed, as in `dvc exp run -S`")
     run_parser.add_argument("--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
+    run_parser.add_argument("--target", dest="targets", action="append", default=[], metavar="STAGE",
+                            help="run the pipeline up to this stage only (e.g. finetune: skips quantize and evaluate)")
     run_parser.add_argument("--poll-seconds", type=float, default=5.0)
     summary_parser = commands.add_parser("summary", help="summarise a sweep's experiments")
     summary_parser.add_argument("sweep")
