@@ -1,6 +1,7 @@
 """The MLflow run of one stage execution (`StageRun`), grouped under one parent run per pipeline execution.
 
 Each stage run carries: the stage's declared params, metrics (step metrics batched), small artifacts,
+the data and models it read as MLflow datasets (path and md5), system metrics (CPU, memory) while it runs,
 and tags: git commit, DVC stage, DVC experiment name and baseline, md5 of each input (dependency)
 and the pipeline execution it belongs to (`llmpipe.pipeline`), which is also its parent run.
 
@@ -39,6 +40,7 @@ class StageRun:
         self.parent_id: str | None = None
         self._pending: list = []
         self._client = None
+        self._monitor = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "StageRun":
@@ -51,17 +53,49 @@ class StageRun:
             **tags, **({"mlflow.parentRunId": self.parent_id} if self.parent_id else {})})
         self.run_id = run.info.run_id
         self._log_params(self.run_id, self.params)
+        self._log_inputs()
+        self._monitor = self._start_system_metrics()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.enabled or self.run_id is None:
             return
+        if self._monitor is not None:
+            self._monitor.finish()
         self.flush()
         status = "FINISHED" if exc_type is None else "FAILED"
         self._client.set_terminated(self.run_id, status)
         if self.parent_id:  # its end is this stage's end; once a stage failed, the pipeline failed
             parent = self._client.get_run(self.parent_id)
             self._client.set_terminated(self.parent_id, "FAILED" if parent.info.status == "FAILED" else status)
+
+    def _log_inputs(self) -> None:
+        """The data and models the stage read, as MLflow datasets: path and DVC's md5 (code files are tags only)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=path, digest=digest[:32], source_type="local",
+                                       source=json.dumps({"uri": path})),
+                               tags=[InputTag("mlflow.data.context", self.stage)])
+                  for path, digest in sorted(self.input_hashes.items()) if not path.endswith(".py")]
+        if inputs:
+            self._client.log_inputs(self.run_id, datasets=inputs)
+
+    def _start_system_metrics(self):
+        """CPU, memory (and GPU where there is one) every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while
+        the stage runs, as MLflow's `system/*` metrics; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false switches them off."""
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0"):
+            return None
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        monitor = SystemMetricsMonitor(self.run_id, tracking_uri=store.tracking_uri(), sampling_interval=float(
+            os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)))
+        monitor.start()
+        return monitor
 
     def _tags(self) -> dict[str, str]:
         tags = {"dvc.stage": self.stage, "llmpipe.kind": "stage"}
