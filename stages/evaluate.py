@@ -8,7 +8,8 @@ and generation speed (llmpipe.eval.compare). The fine-tuned model is logged as a
 and registered.
 
 Params: evaluate.* only (e.g. `dvc exp run -S evaluate.sample_answers=10` reruns this stage alone).
-Output: reports/evaluate/metrics.json (DVC metrics), reports/evaluate/variants.csv (DVC plots),
+Output: reports/evaluate/metrics.json (DVC metrics: each variant's held-out people's QA accuracy, and the
+F16 file's bits per byte), reports/evaluate/variants.csv (every measurement of every variant; DVC plots),
 reports/report.md with PNG plots in reports/figures/.
 Run: `dvc repro evaluate`.
 """
@@ -35,7 +36,7 @@ from llmpipe.report.plots import (
     plot_size_versus_quality,
     plot_tokenization,
 )
-from llmpipe.report.tables import write_variants_table
+from llmpipe.report.tables import read_training_reports, variant_headline, write_variants_table
 from llmpipe.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer
 
 REFERENCE = "finetuned"
@@ -78,7 +79,7 @@ def evaluate(params: StageParams, run: StageRun) -> None:
     validation_tokens = open_tokens("validation")
     qa_sets = {split: read_rows(layout.QA_FILES[split])[:questions] for split in ("finetuned_people", "heldout_people")}
     rows, samples, reference_model = compare_variants(
-        variants(read_json(layout.SIZES_METRICS), tokenizer), REFERENCE, template, validation_tokens,
+        variants(read_json(layout.SIZES_JSON), tokenizer), REFERENCE, template, validation_tokens,
         read_meta()["splits"]["validation"], qa_sets, limits)
 
     with atomic.atomic_path(layout.FIGURES, directory=True) as temp:
@@ -88,11 +89,10 @@ def evaluate(params: StageParams, run: StageRun) -> None:
         sentence = " ".join(read_rows(layout.PRETRAIN_TEXT["validation"])[0]["text"].split(". ")[:2]) + "."
         plot_attention(reference_model, tokenizer, sentence, temp / IMAGES["attention"])
     images = {key: f"{layout.FIGURES.name}/{name}" for key, name in IMAGES.items()}
-    report = evaluation_report(rows, REFERENCE, read_json(layout.PRETRAIN_REPORTS / layout.METRICS),
-                               read_json(layout.FINETUNE_REPORTS / layout.METRICS), samples, images)
+    report = evaluation_report(rows, REFERENCE, read_training_reports(layout.PRETRAIN_REPORTS),
+                               read_training_reports(layout.FINETUNE_REPORTS), samples, images)
     atomic.write_text(layout.REPORT, report)
-    atomic.write_json(layout.EVALUATE_METRICS, {row["variant"]: {k: v for k, v in row.items() if k != "variant"}
-                                                for row in rows})
+    atomic.write_json(layout.EVALUATE_METRICS, variant_headline(rows))
     write_variants_table(rows)
 
     for row in rows:

@@ -9,7 +9,8 @@ overall and per attribute, for the base model and the fine-tuned one.
 
 Params: finetune (method full|lora, LoRA rank/alpha/dropout/targets, loop settings), seed.
 Output: models/finetuned/ (merged model.safetensors + config.json; with LoRA also lora_adapter.*),
-reports/finetune/ (metrics.json, train/eval curves, samples.md).
+reports/finetune/: metrics.json (DVC metrics: QA accuracy per split, validation answer loss, best step),
+details.json (per attribute, the base model's numbers, example statistics), train/eval curves, samples.md.
 Run: `dvc repro finetune`; full fine-tuning: `dvc exp run -S finetune.method=full`. Chat: `llmpipe chat`.
 """
 
@@ -27,7 +28,7 @@ from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import finetune_samples
-from llmpipe.report.tables import write_training_reports
+from llmpipe.report.tables import FINETUNE_HEADLINE, write_training_reports
 from llmpipe.tokenizer import LoadedTokenizer
 from llmpipe.train.batches import EpochBatches
 from llmpipe.train.checkpoint import CheckpointStore
@@ -98,7 +99,7 @@ def finetune(params: StageParams, run: StageRun) -> None:
                                                 "best_step": metrics["best_step"], TOKENIZER_KEY: tokenizer.fingerprint})
                 if settings.lora:
                     save_adapter(model, settings.lora, temp)
-            write_training_reports(layout.FINETUNE_REPORTS, result.history, metrics)
+            write_training_reports(layout.FINETUNE_REPORTS, result.history, metrics, FINETUNE_HEADLINE)
             samples = finetune_samples(answers, base_answers, settings.sample_answers)
             atomic.write_text(layout.FINETUNE_REPORTS / layout.SAMPLES, samples)
             run.log_metrics(metrics)

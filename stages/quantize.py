@@ -6,7 +6,7 @@ llama.cpp's own quantizer does (K-quants need rows that are multiples of 256; ev
 the size table's tensor-type column shows what each file holds).
 Params: quantize.variants, quantize.fallback, quantize.embeddings, quantize.output, quantize.model_name.
 Output: models/gguf/ (one file per variant + manifest.json), models/hf/ (transformers),
-reports/quantize/sizes.json (metrics) and sizes.md (the table).
+reports/quantize/sizes.json (every variant's size; read by evaluate) and sizes.md (the table).
 Run: `dvc repro quantize`.
 """
 
@@ -55,9 +55,9 @@ def quantize(params: StageParams, run: StageRun) -> None:
         write_hf_directory(temp, model, tokenizer)
 
     table = size_table(rows, parameters)
-    metrics = {"parameters": parameters, "variants": {row["format"]: {k: v for k, v in row.items() if k != "tensor_types"}
-                                                     for row in rows}}
-    atomic.write_json(layout.SIZES_METRICS, metrics)
+    sizes = {"parameters": parameters, "variants": {row["format"]: {k: v for k, v in row.items() if k != "tensor_types"}
+                                                   for row in rows}}
+    atomic.write_json(layout.SIZES_JSON, sizes)
     atomic.write_text(layout.SIZES_TABLE, table)
     for row in rows:
         run.log_metrics({f"{row['format']}_bits_per_weight": row["bits_per_weight"],

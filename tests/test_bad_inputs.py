@@ -253,9 +253,9 @@ def test_a_fine_tuning_example_longer_than_the_context_is_cut_and_counted_never_
                             "finetune_train": "user_data/ft.jsonl", "finetune_validation": None,
                             "finetune_validation_fraction": 0.1})
     dvc(repo, "repro")  # to the end: evaluate and its report work on your own data (no held-out people)
-    metrics = json.loads((repo / "reports/finetune/metrics.json").read_text())
-    assert metrics["truncated_examples"] == 1 and "– where there is no such set" in (repo / "reports/report.md").read_text()
-    assert sum(value for key, value in metrics.items() if key.endswith("_questions_cut_to_fit")) >= 1
+    details = json.loads((repo / "reports/finetune/details.json").read_text())
+    assert details["truncated_examples"] == 1 and "– where there is no such set" in (repo / "reports/report.md").read_text()
+    assert sum(value for key, value in details.items() if key.endswith("_questions_cut_to_fit")) >= 1
 
 
 def test_refused_input_under_dvc_repro_and_exp_run_keeps_every_previous_output(repo):

@@ -75,19 +75,21 @@ def test_dvc_yaml_names_the_artifacts_of_the_layout_module():
         "train_tokenizer": {layout.TOKENIZER, layout.TOKENIZER_REPORT},
         "tokenize": {layout.TOKENS},
         "pretrain": {layout.PRETRAINED, layout.PRETRAIN_REPORTS / layout.TRAIN_CURVE,
-                     layout.PRETRAIN_REPORTS / layout.EVAL_CURVE},
+                     layout.PRETRAIN_REPORTS / layout.EVAL_CURVE, layout.PRETRAIN_REPORTS / layout.DETAILS,
+                     layout.PRETRAIN_REPORTS / layout.TIMINGS},
         "finetune": {layout.FINETUNED, layout.FINETUNE_REPORTS / layout.TRAIN_CURVE,
-                     layout.FINETUNE_REPORTS / layout.EVAL_CURVE, layout.FINETUNE_REPORTS / layout.SAMPLES},
-        "quantize": {layout.GGUF, layout.HF_EXPORT, layout.SIZES_TABLE},
+                     layout.FINETUNE_REPORTS / layout.EVAL_CURVE, layout.FINETUNE_REPORTS / layout.DETAILS,
+                     layout.FINETUNE_REPORTS / layout.SAMPLES},
+        "quantize": {layout.GGUF, layout.HF_EXPORT, layout.SIZES_TABLE, layout.SIZES_JSON},
         "evaluate": {layout.REPORT, layout.FIGURES, layout.VARIANTS_TABLE},
     }
     expected_metrics = {"train_tokenizer": layout.TOKENIZER_METRICS, "pretrain": layout.PRETRAIN_REPORTS / layout.METRICS,
-                        "finetune": layout.FINETUNE_REPORTS / layout.METRICS, "quantize": layout.SIZES_METRICS,
-                        "evaluate": layout.EVALUATE_METRICS}
+                        "finetune": layout.FINETUNE_REPORTS / layout.METRICS, "evaluate": layout.EVALUATE_METRICS}
     for stage, outs in expected_outs.items():
         assert paths(stage, "outs") == {str(p) for p in outs}, stage
-    for stage, metrics in expected_metrics.items():
-        assert paths(stage, "metrics") == {str(metrics)}, stage
+    for stage in stages:
+        expected = {str(expected_metrics[stage])} if stage in expected_metrics else set()
+        assert paths(stage, "metrics") == expected, stage
     prepared_files = {str(p) for p in [*layout.PRETRAIN_TEXT.values(), *layout.FINETUNE_EXAMPLES.values(),
                                       *layout.QA_FILES.values()]}
     for stage in stages:
@@ -96,3 +98,27 @@ def test_dvc_yaml_names_the_artifacts_of_the_layout_module():
         missing = [dep for dep in paths(stage, "deps") if dep.startswith(("llmpipe/", "stages/"))
                    and not (ROOT / dep).is_file()]
         assert not missing, (stage, missing)
+
+
+def test_small_reports_are_in_git_and_the_rest_in_the_dvc_cache():
+    """Metrics, timings, details and plot data are `cache: false` (a fresh clone has them: `dvc metrics diff`
+    compares against HEAD without anyone's DVC cache) and not git-ignored; every other output is cached, and
+    git-ignored (by /.gitignore, so DVC writes no .gitignore of its own in reports/)."""
+    import subprocess
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text("utf-8"))["stages"]
+    in_git = {str(layout.TOKENIZER_METRICS), str(layout.SIZES_JSON), str(layout.VARIANTS_TABLE),
+              str(layout.EVALUATE_METRICS)} | {str(directory / name) for directory, names in (
+                  (layout.PRETRAIN_REPORTS, (layout.TRAIN_CURVE, layout.EVAL_CURVE, layout.METRICS, layout.DETAILS,
+                                             layout.TIMINGS)),
+                  (layout.FINETUNE_REPORTS, (layout.TRAIN_CURVE, layout.EVAL_CURVE, layout.METRICS, layout.DETAILS)))
+                  for name in names}
+    uncached, cached = set(), set()
+    for stage in stages.values():
+        for entry in (stage.get("outs") or []) + (stage.get("metrics") or []):
+            path, options = (next(iter(entry.items())) if isinstance(entry, dict) else (entry, {}))
+            (uncached if options.get("cache", True) is False else cached).add(path)
+    assert uncached == in_git
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, capture_output=True, text=True,
+                             input="\n".join(sorted(uncached | cached))).stdout.split()
+    assert set(ignored) == cached

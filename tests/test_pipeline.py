@@ -1,5 +1,6 @@
 """End to end: the real pipeline (`dvc repro`, `dvc exp run`) on a tiny configuration in a temporary copy."""
 
+import csv
 import hashlib
 import json
 import subprocess
@@ -51,8 +52,13 @@ def test_repro_runs_every_stage_then_nothing(built_repo):
     assert ran(second.stdout) == [] and "up to date" in second.stdout
     for name in OUTPUT_FILES + ["reports/pretrain/metrics.json", "reports/pretrain/train_curve.csv"]:
         assert (built_repo / name).is_file(), name
-    metrics = yaml.safe_load((built_repo / "reports/pretrain/metrics.json").read_text())
-    assert 0 < metrics["val_bpb"] and 0 < metrics["unigram_bpb"] and metrics["steps"] == 6
+    metrics = yaml.safe_load((built_repo / "reports/pretrain/metrics.json").read_text())  # what DVC compares
+    assert set(metrics) == {"val_bpb", "val_loss", "unigram_bpb"}
+    assert 0 < metrics["val_bpb"] and 0 < metrics["unigram_bpb"]
+    details = yaml.safe_load((built_repo / "reports/pretrain/details.json").read_text())
+    assert details["steps"] == 6 and details["parameters"] > 0
+    timings = yaml.safe_load((built_repo / "reports/pretrain/timings.json").read_text())  # machine noise: no metric
+    assert timings["tokens_per_second"] > 0 and "model_flops_utilization" in timings
 
 
 def test_each_stage_is_one_mlflow_run_with_params_tags_and_a_shared_parent(built_repo):
@@ -111,9 +117,12 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
     assert ran(output) == ["finetune", "quantize", "evaluate"]
     assert not (repo / "models/finetuned/lora_adapter.safetensors").exists()
     metrics = yaml.safe_load((repo / "reports/finetune/metrics.json").read_text())
-    for key in ("qa_accuracy_finetuned_people", "qa_accuracy_heldout_people", "base_qa_accuracy_heldout_people",
-                "qa_accuracy_heldout_people_birth_city", "best_step", "duplicate_examples", "truncated_examples"):
-        assert key in metrics, key
+    details = yaml.safe_load((repo / "reports/finetune/details.json").read_text())
+    assert set(metrics) == {"qa_accuracy_finetuned_people", "qa_accuracy_validation_people",
+                            "qa_accuracy_heldout_people", "val_answer_loss", "best_step"}
+    for key in ("qa_accuracy_heldout_people_birth_city", "base_qa_accuracy_heldout_people", "duplicate_examples",
+                "truncated_examples"):
+        assert key in details, key
 
 
 def test_evaluate_only_change_reruns_only_evaluate(copy_built):
@@ -136,9 +145,13 @@ def test_report_has_every_section_filled_with_numbers(built_repo):
     for image in ("loss_curves", "size_vs_quality", "tokenization", "attention"):
         png = built_repo / "reports/figures" / f"{image}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    metrics = yaml.safe_load((built_repo / "reports/evaluate/metrics.json").read_text())
-    assert metrics["finetuned"]["kl_divergence"] == 0.0 and metrics["Q2_K"]["kl_divergence"] > 0
-    assert metrics["Q4_0"]["bits_per_weight"] == pytest.approx(4.5, abs=0.2)
+    with open(built_repo / "reports/evaluate/variants.csv") as handle:
+        variants = {row["variant"]: row for row in csv.DictReader(handle)}
+    assert float(variants["finetuned"]["kl_divergence"]) == 0.0 and float(variants["Q2_K"]["kl_divergence"]) > 0
+    assert float(variants["Q4_0"]["bits_per_weight"]) == pytest.approx(4.5, abs=0.2)
+    metrics = yaml.safe_load((built_repo / "reports/evaluate/metrics.json").read_text())  # the headline only
+    assert set(metrics) == set(variants) and set(metrics["Q4_0"]) == {"qa_accuracy_heldout_people"}
+    assert set(metrics["F16"]) == {"qa_accuracy_heldout_people", "val_bpb"}
     plots = json.loads(dvc(built_repo, "plots", "show", "--json").stdout)["data"]
     for name in ("pretrain_loss", "finetune_validation", "size_vs_perplexity", "size_vs_heldout_accuracy"):
         assert plots[name][0]["content"]["data"]["values"], name

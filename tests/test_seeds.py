@@ -1,16 +1,22 @@
 """The seed-sweep summary (llmpipe.eval.seeds) on `dvc exp show --json`-shaped input: which experiments
 belong to a sweep, which metrics are headline metrics, and their mean / min / max."""
 
+import subprocess
+
 import pytest
 
-from llmpipe.eval.seeds import headline_metrics, summarise, summary_markdown, sweep_experiments
+from llmpipe.eval.seeds import git_json, headline_metrics, summarise, summary_markdown, sweep_experiments
+
+DETAILS = "reports/finetune/details.json"  # not a DVC metric: read from the experiment's commit
+
+
+def details(heldout):
+    return {"qa_accuracy_heldout_people_major": heldout / 2, "qa_accuracy_heldout_people_questions_cut_to_fit": 3,
+            "base_qa_accuracy_heldout_people_major": 0.0, "train_examples": 500}
 
 
 def revision(name, seed, heldout, bpb=None, metrics=True):
-    files = {"reports/finetune/metrics.json": {"data": {"qa_accuracy_heldout_people": heldout,
-                                                        "qa_accuracy_heldout_people_major": heldout / 2,
-                                                        "qa_accuracy_heldout_people_questions_cut_to_fit": 3,
-                                                        "train_examples": 500}},
+    files = {"reports/finetune/metrics.json": {"data": {"qa_accuracy_heldout_people": heldout}},
              "reports/evaluate/metrics.json": {"data": {"Q4_0": {"qa_accuracy_heldout_people": heldout - 0.1,
                                                                   "file_bytes": 100}}},
              "reports/tokenizer.json": {"data": {"vocab_size": 1024}}}
@@ -18,6 +24,11 @@ def revision(name, seed, heldout, bpb=None, metrics=True):
         files["reports/pretrain/metrics.json"] = {"data": {"val_bpb": bpb, "steps": 800}}
     return {"rev": f"r{seed}", "name": name, "data": {"params": {"params.yaml": {"data": {"seed": seed}}},
                                                      "metrics": files if metrics else {}}}
+
+
+def committed_details(commits: dict):
+    """A stand-in for git: `{commit: heldout}` → read_json(commit, path)."""
+    return lambda commit, path: details(commits[commit]) if path == DETAILS and commit in commits else None
 
 
 def exp_show(*revisions):
@@ -29,19 +40,44 @@ def test_only_the_sweeps_experiments_with_metrics_count_ordered_by_seed():
     shown = exp_show(revision("default-seed3", 3, 0.9), revision("default-seed1", 1, 0.7),
                      revision("default-seed2", 2, 0.0, metrics=False),  # failed: no metrics
                      revision("other-seed1", 1, 0.1), revision("default-seed1-old", 1, 0.1))
-    experiments = sweep_experiments(shown, "default")
+    experiments = sweep_experiments(shown, "default", read_json=committed_details({}))
     assert [(e.name, e.seed) for e in experiments] == [("default-seed1", 1), ("default-seed3", 3)]
 
 
 def test_headline_metrics_are_named_by_stage_and_leave_out_counts():
-    metrics = headline_metrics(revision("x-seed1", 1, 0.8, bpb=0.2)["data"]["metrics"])
+    files = {**revision("x-seed1", 1, 0.8, bpb=0.2)["data"]["metrics"], DETAILS: {"data": details(0.8)}}
+    metrics = headline_metrics(files)
     assert metrics == {"finetune.qa_accuracy_heldout_people": 0.8, "finetune.qa_accuracy_heldout_people_major": 0.4,
                        "evaluate.Q4_0.qa_accuracy_heldout_people": pytest.approx(0.7), "pretrain.val_bpb": 0.2}
 
 
+def test_per_attribute_accuracies_come_from_each_experiments_committed_details():
+    [first, second] = sweep_experiments(exp_show(revision("s-seed1", 1, 0.6), revision("s-seed2", 2, 0.9)), "s",
+                                        read_json=committed_details({"r1": 0.6}))
+    assert first.metrics["finetune.qa_accuracy_heldout_people_major"] == 0.3
+    assert "finetune.qa_accuracy_heldout_people_major" not in second.metrics  # no details.json in its commit
+    assert "finetune.base_qa_accuracy_heldout_people_major" not in first.metrics
+
+
+def test_git_json_reads_a_file_as_committed(tmp_path, monkeypatch):
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.json").write_text('{"x": 1}')
+    git("add", "a.json")
+    git("-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "a")
+    (tmp_path / "a.json").write_text('{"x": 2}')  # the workspace is not what was committed
+    monkeypatch.chdir(tmp_path)
+    assert git_json(git("rev-parse", "HEAD"), "a.json") == {"x": 1}
+    assert git_json(git("rev-parse", "HEAD"), "missing.json") is None
+    assert git_json("0" * 40, "a.json") is None
+
+
 def test_summary_is_mean_min_max_over_the_experiments_that_report_each_metric():
     experiments = sweep_experiments(exp_show(revision("s-seed1", 1, 0.6, bpb=0.3), revision("s-seed2", 2, 0.9),
-                                             revision("s-seed3", 3, 0.9, bpb=0.1)), "s")
+                                             revision("s-seed3", 3, 0.9, bpb=0.1)), "s",
+                                     read_json=committed_details({}))
     summary = summarise(experiments)
     heldout = summary["finetune.qa_accuracy_heldout_people"]
     assert (heldout.mean, heldout.min, heldout.max, heldout.count) == (pytest.approx(0.8), 0.6, 0.9, 3)

@@ -3,18 +3,23 @@ headline metric as mean / min / max, and record the summary where users look (a 
 and one MLflow run tagged with the experiments it covers).
 
 A sweep is a set of DVC experiments named `<sweep>-seed<N>` (benchmarks/seeds.py queues them). Their
-metrics come from `dvc exp show --json`, so experiments run by a teammate and pulled (`dvc exp pull`)
-count the same as local ones.
+metrics come from `dvc exp show --json`, and the per-attribute accuracies, which are not DVC metrics (they
+would crowd `dvc exp show`), from reports/finetune/details.json in the experiment's git commit (DVC commits
+it there: `cache: false`). So experiments run by a teammate and pulled (`dvc exp pull`) count the same as
+local ones.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmpipe.data.world import ATTRIBUTES
+from llmpipe.pipeline import layout
 
 # Headline metrics, as `<stage>.<key>` (the names the parent MLflow run uses too).
 HEADLINE_PATTERNS = (
@@ -25,7 +30,9 @@ HEADLINE_PATTERNS = (
     r"evaluate\.F16\.val_bpb",
 )
 _HEADLINE = re.compile("|".join(f"(?:{pattern})" for pattern in HEADLINE_PATTERNS))
-_STAGE_METRICS_FILE = re.compile(r"reports/(\w+)/metrics\.json")
+_STAGE_METRICS_FILE = re.compile(r"reports/(\w+)/(?:metrics|details)\.json")
+# Read from each experiment's commit: the headline patterns above match some of their numbers.
+DETAIL_FILES = (layout.FINETUNE_REPORTS / layout.DETAILS,)
 
 
 def experiment_name(sweep: str, seed: int) -> str:
@@ -41,7 +48,8 @@ def _flatten(prefix: str, value, into: dict[str, float]) -> None:
 
 
 def headline_metrics(metrics_by_file: dict) -> dict[str, float]:
-    """`{file: {"data": {...}}}` as `dvc exp show --json` gives it → the headline metrics, flat."""
+    """`{file: {"data": {...}}}` as `dvc exp show --json` gives it (plus the DETAIL_FILES) → the headline
+    metrics, flat."""
     flat: dict[str, float] = {}
     for path, content in metrics_by_file.items():
         stage = _STAGE_METRICS_FILE.fullmatch(path)
@@ -64,8 +72,18 @@ class SweepExperiment:
         return value
 
 
-def sweep_experiments(exp_show: list, sweep: str) -> list[SweepExperiment]:
-    """The experiments named `<sweep>-seed<N>` in `dvc exp show --json` output, ordered by seed."""
+def git_json(revision: str, path: str) -> dict | None:
+    """A JSON file as committed in `revision` of the git repository here, or None."""
+    result = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+    try:
+        return json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def sweep_experiments(exp_show: list, sweep: str, read_json=git_json) -> list[SweepExperiment]:
+    """The experiments named `<sweep>-seed<N>` in `dvc exp show --json` output, ordered by seed; the
+    DETAIL_FILES of each are `read_json(commit, path)`."""
     pattern = re.compile(re.escape(sweep) + r"-seed(\d+)")
     found: dict[str, SweepExperiment] = {}
     for baseline in exp_show:
@@ -75,8 +93,13 @@ def sweep_experiments(exp_show: list, sweep: str) -> list[SweepExperiment]:
                 data = revision.get("data") or {}
                 if match and data.get("metrics"):
                     params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+                    files = dict(data["metrics"])
+                    for path in map(str, DETAIL_FILES):
+                        details = read_json(revision["rev"], path) if revision.get("rev") else None
+                        if isinstance(details, dict):
+                            files[path] = {"data": details}
                     found[revision["name"]] = SweepExperiment(revision["name"], int(params.get("seed", match.group(1))),
-                                                              headline_metrics(data["metrics"]), params)
+                                                              headline_metrics(files), params)
     return sorted(found.values(), key=lambda experiment: experiment.seed)
 
 

@@ -5,10 +5,17 @@ tests/test_layout.py checks that the two agree.
     prepare          → PREPARED: PRETRAIN_TEXT[split], FINETUNE_EXAMPLES[split], QA_FILES[qa split]
     train_tokenizer  → TOKENIZER, TOKENIZER_REPORT, TOKENIZER_METRICS
     tokenize         → TOKENS (TOKENS / "<split>.bin" + TOKENS_META)
-    pretrain         → PRETRAINED, PRETRAIN_REPORTS
-    finetune         → FINETUNED, FINETUNE_REPORTS
-    quantize         → GGUF, HF_EXPORT, QUANTIZE_REPORTS
-    evaluate         → EVALUATE_REPORTS, FIGURES, REPORT
+    pretrain         → PRETRAINED, PRETRAIN_REPORTS / (TRAIN_CURVE, EVAL_CURVE, METRICS, DETAILS, TIMINGS)
+    finetune         → FINETUNED, FINETUNE_REPORTS / (TRAIN_CURVE, EVAL_CURVE, METRICS, DETAILS, SAMPLES)
+    quantize         → GGUF, HF_EXPORT, SIZES_JSON, SIZES_TABLE
+    evaluate         → EVALUATE_METRICS, VARIANTS_TABLE, FIGURES, REPORT
+
+What DVC compares (`dvc metrics diff`, `dvc exp show`) is each stage's few headline metrics (TOKENIZER_METRICS,
+METRICS, EVALUATE_METRICS). Every other number goes to files that are outputs but not metrics: TIMINGS
+(tokens per second, FLOPs utilization: machine noise), DETAILS (the rest of a stage's measurements),
+SIZES_JSON and VARIANTS_TABLE. These, the metrics and the curves are small and committed to git (`cache: false`
+in dvc.yaml), so a fresh clone compares against them; models, tokens, figures and the Markdown reports are
+in the DVC cache.
 """
 
 from __future__ import annotations
@@ -41,11 +48,12 @@ PRETRAIN_REPORTS = Path("reports/pretrain")
 FINETUNED = Path("models/finetuned")
 FINETUNE_REPORTS = Path("reports/finetune")
 TRAIN_CURVE, EVAL_CURVE, METRICS, SAMPLES = "train_curve.csv", "eval_curve.csv", "metrics.json", "samples.md"
+TIMINGS, DETAILS = "timings.json", "details.json"
 
 GGUF = Path("models/gguf")
 HF_EXPORT = Path("models/hf")
 QUANTIZE_REPORTS = Path("reports/quantize")
-SIZES_METRICS = QUANTIZE_REPORTS / "sizes.json"
+SIZES_JSON = QUANTIZE_REPORTS / "sizes.json"
 SIZES_TABLE = QUANTIZE_REPORTS / "sizes.md"
 
 EVALUATE_REPORTS = Path("reports/evaluate")
