@@ -39,3 +39,16 @@ def test_fresh_clone_diffs_metrics_and_a_one_param_experiment_fits_120_columns(c
     assert "finetune.learning_rate" in table and "0.002" in table and "val_answer_loss" in table
     everything = dvc(repo, "exp", "show", "--only-changed", COLUMNS="120").stdout  # dependencies too: wider
     assert "finetune.learning_rate" in everything and not any(name in everything for name in TIMINGS)
+
+
+def test_plots_show_renders_offline_with_every_axis_labelled(copy_built):
+    import yaml
+
+    repo = copy_built()
+    dvc(repo, "plots", "show")
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "<script src=" not in page and "vegaEmbed(" in page  # vega inlined: nothing to fetch
+    plots = [next(iter(p.values())) for p in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]]
+    for plot in plots:
+        assert plot["title"] in page and f'"{plot["y_label"]}"' in page and f'"{plot["x_label"]}"' in page
+    assert page.count('"field": "variant"') >= 2  # the scatter plots say which point is which variant
