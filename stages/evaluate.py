@@ -15,6 +15,7 @@ Run: `dvc repro evaluate`.
 """
 
 import json
+import os
 
 import torch
 
@@ -27,6 +28,7 @@ from llmpipe.export.registry import register_chat_model
 from llmpipe.model_io import WEIGHTS_FILE, load_model
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.params import StageParams
+from llmpipe.pipeline.provenance import git_commit
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import evaluation_report
@@ -36,7 +38,7 @@ from llmpipe.report.plots import (
     plot_size_versus_quality,
     plot_tokenization,
 )
-from llmpipe.report.tables import read_training_reports, variant_headline, write_variants_table
+from llmpipe.report.tables import read_curve, read_training_reports, variant_headline, write_variants_table
 from llmpipe.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer
 
 REFERENCE = "finetuned"
@@ -89,8 +91,14 @@ def evaluate(params: StageParams, run: StageRun) -> None:
         sentence = " ".join(read_rows(layout.PRETRAIN_TEXT["validation"])[0]["text"].split(". ")[:2]) + "."
         plot_attention(reference_model, tokenizer, sentence, temp / IMAGES["attention"])
     images = {key: f"{layout.FIGURES.name}/{name}" for key, name in IMAGES.items()}
+    provenance = {"git commit": git_commit() or "not a git repository",
+                  "DVC experiment": os.environ.get("DVC_EXP_NAME", "none (dvc repro)"),
+                  "MLflow pipeline run (holds every param)": run.parent_id or "none",
+                  "fine-tuned weights (md5 of models/finetuned)": run.input_hashes.get(str(layout.FINETUNED), "unknown")}
     report = evaluation_report(rows, REFERENCE, read_training_reports(layout.PRETRAIN_REPORTS),
-                               read_training_reports(layout.FINETUNE_REPORTS), samples, images)
+                               read_training_reports(layout.FINETUNE_REPORTS), samples, images,
+                               pretrain_eval_curve=read_curve(layout.PRETRAIN_REPORTS / layout.EVAL_CURVE),
+                               provenance=provenance)
     atomic.write_text(layout.REPORT, report)
     atomic.write_json(layout.EVALUATE_METRICS, variant_headline(rows))
     write_variants_table(rows)

@@ -46,10 +46,15 @@ def import_base_model(params: StageParams, run: StageRun, meta: dict) -> None:
                                           TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
     write_training_reports(layout.PRETRAIN_REPORTS, {"train": [], "eval": [{"step": 0, **validation}]}, metrics,
                            PRETRAIN_HEADLINE, timings)
-    run.log_metrics({**metrics, **timings})
+    run.log_facts({key: metrics[key] for key in FACTS})
+    run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in FACTS})
     run.log_headline({k: metrics[k] for k in ("val_bpb", "val_loss", "unigram_bpb")})
+    run.log_artifact(layout.PRETRAIN_REPORTS, "reports")
     print(f"pretrain: imported {source} ({metrics['parameters']:,} parameters, context {model.config.context_length}); "
           f"val_bpb {metrics['val_bpb']:.3f}", flush=True)
+
+
+FACTS = ("parameters", "steps", "tokens_trained")  # single numbers: MLflow params of the run
 
 
 @stage("pretrain")
@@ -91,9 +96,11 @@ def pretrain(params: StageParams, run: StageRun) -> None:
             # No timings in the model directory: same weights, same files.
             save_model(layout.PRETRAINED, model.cpu(), {"stage": "pretrain", TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
             write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_HEADLINE, timings)
-            run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in result.final_metrics})
+            run.log_facts({key: metrics[key] for key in FACTS} | {"peak_flops_per_second": timings.pop("peak_flops_per_second")})
+            run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in result.final_metrics and k not in FACTS})
             run.log_headline({k: metrics[k] for k in ("val_bpb", "val_loss", "unigram_bpb")})
             run.log_artifact(layout.PRETRAINED / CONFIG_FILE)
+            run.log_artifact(layout.PRETRAIN_REPORTS, "reports")  # curves, metrics, details, timings
             store.clear()
             print(f"pretrain: val_bpb {metrics['val_bpb']:.3f} (unigram baseline {unigram:.3f}), "
                   f"val_loss {metrics['val_loss']:.3f}, {timings['tokens_per_second']:.0f} tokens/s", flush=True)

@@ -87,6 +87,12 @@ def test_each_stage_is_one_mlflow_run_with_params_tags_and_a_shared_parent(built
     assert "validation_characters_per_token" in tokenizer_run.data.metrics
     curve = client.get_metric_history(stage_runs["pretrain"].info.run_id, "train_loss")
     assert sorted(m.step for m in curve) == [1, 2, 3, 4, 5, 6]
+    pretrain_run = stage_runs["pretrain"]
+    assert pretrain_run.data.params["steps"] == "6" and int(pretrain_run.data.params["parameters"]) > 0  # not metrics
+    assert "parameters" not in pretrain_run.data.metrics
+    assert {"reports/train_curve.csv", "reports/metrics.json"} <= {
+        a.path for a in client.list_artifacts(pretrain_run.info.run_id, "reports")}
+    assert [d.dataset.name for d in pretrain_run.inputs.dataset_inputs] == ["data/tokens"]
     artifacts = {a.path for a in client.list_artifacts(tokenizer_run.info.run_id)}
     assert {"tokenizer", "tokenizer.md"} <= artifacts
     assert all(r.info.status == "FINISHED" for r in stage_runs.values())
@@ -142,6 +148,8 @@ def test_report_has_every_section_filled_with_numbers(built_repo):
     for variant in ("| base |", "| finetuned |", "| F16 |", "| Q8_0 |", "| Q4_0 |", "| Q4_1 |", "| Q4_K |", "| Q2_K |"):
         assert variant in report, variant
     assert "nan" not in report.lower() and "| – |" not in report and "TODO" not in report
+    assert "Validation loss was lowest" in report and "held-out people (known from pretraining only" in report
+    assert "## Where this report came from" in report and "- git commit: `" in report
     for image in ("loss_curves", "size_vs_quality", "tokenization", "attention"):
         png = built_repo / "reports/figures" / f"{image}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -153,7 +161,7 @@ def test_report_has_every_section_filled_with_numbers(built_repo):
     assert set(metrics) == set(variants) and set(metrics["Q4_0"]) == {"qa_accuracy_heldout_people"}
     assert set(metrics["F16"]) == {"qa_accuracy_heldout_people", "val_bpb"}
     plots = json.loads(dvc(built_repo, "plots", "show", "--json").stdout)["data"]
-    for name in ("pretrain_loss", "finetune_validation", "size_vs_perplexity", "size_vs_heldout_accuracy"):
+    for name in ("pretrain_loss", "finetune_validation_accuracy", "size_vs_perplexity", "size_vs_heldout_accuracy"):
         assert plots[name][0]["content"]["data"]["values"], name
 
 

@@ -58,9 +58,9 @@ def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str
     """Under `dvc exp run`, DVC writes the experiment's `-S` values into params.yaml before the stages run and
     leaves them there when a stage fails. Put back params.yaml as conf/ composes it without them (the file
     `dvc exp run` started from, when conf/ is the source of truth); returns whether it changed."""
-    from llmpipe.pipeline.compose import compose, write_params
-
     from hydra.core.global_hydra import GlobalHydra
+
+    from llmpipe.pipeline.compose import compose, write_params
 
     params_file, config_dir = Path(params_file), Path(config_dir)
     if not (config_dir / "config.yaml").is_file() or not params_file.is_file():

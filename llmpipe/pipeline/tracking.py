@@ -155,6 +155,12 @@ class StageRun:
         if len(self._pending) >= _FLUSH_EVERY:
             self.flush()
 
+    def log_facts(self, facts: dict[str, Any]) -> None:
+        """Single numbers that describe the run (parameter count, steps, tokens): params, not one-point metrics
+        (which MLflow draws as bar charts)."""
+        if self.enabled:
+            self._log_params(self.run_id, facts)
+
     def log_headline(self, metrics: dict[str, float]) -> None:
         """Final metrics worth comparing pipelines by (already in this run): into the parent, as `<stage>.<name>`."""
         if self.enabled and self.parent_id:
