@@ -40,9 +40,11 @@ def test_only_the_sweeps_experiments_with_metrics_count_ordered_by_seed():
     shown = exp_show(revision("default-seed3", 3, 0.9), revision("default-seed1", 1, 0.7),
                      revision("default-seed2", 2, 0.0, metrics=False),  # failed: no metrics
                      revision("other-seed1", 1, 0.1), revision("default-seed1-old", 1, 0.1))
-    shown[1]["experiments"].append({"executor": "dvc-task", "revs": [revision("default-seed4", 4, 0.5)]})  # running
+    for seed, state in ((4, "running"), (5, "queued"), (6, "success")):  # as `dvc exp show` marks queue tasks
+        shown[1]["experiments"].append({"executor": {"name": "dvc-task", "state": state},
+                                        "revs": [revision(f"default-seed{seed}", seed, 0.5)]})
     experiments = sweep_experiments(shown, "default", read_json=committed_details({}))
-    assert [(e.name, e.seed) for e in experiments] == [("default-seed1", 1), ("default-seed3", 3)]
+    assert [(e.name, e.seed) for e in experiments] == [("default-seed1", 1), ("default-seed3", 3), ("default-seed6", 6)]
 
 
 def test_headline_metrics_are_named_by_stage_and_leave_out_counts():

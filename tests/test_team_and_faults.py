@@ -153,7 +153,7 @@ def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_bu
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline outputs"], repo)
     sweep = [sys.executable, "benchmarks/seeds.py", "run", "tiny", "--seeds", "3", "4", "--jobs", "2",
-             "-S", "pretrain.max_steps=5", "--poll-seconds", "1"]
+             "-S", "pretrain.max_steps=5", "--target", "finetune", "--poll-seconds", "1"]
     output = run(sweep, repo).stdout
     assert "queued tiny-seed3, tiny-seed4" in output
     from test_pipeline import mlflow_runs

@@ -88,7 +88,8 @@ def sweep_experiments(exp_show: list, sweep: str, read_json=git_json) -> list[Sw
     found: dict[str, SweepExperiment] = {}
     for baseline in exp_show:
         for experiment in baseline.get("experiments") or []:
-            if experiment.get("executor"):  # queued or still running: no results of its own yet
+            executor = experiment.get("executor") or {}  # a queued task keeps one after it ran: state "success"
+            if executor.get("state") in ("queued", "running"):  # no results of its own yet
                 continue
             for revision in experiment.get("revs") or []:
                 match = pattern.fullmatch(revision.get("name") or "")
