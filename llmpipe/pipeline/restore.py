@@ -4,6 +4,10 @@ DVC deletes a stage's outputs before it runs the stage's command (only `persist:
 and it would switch off the run-cache a team shares results through). When the stage then refuses bad
 input, the outputs of its last successful run are copied back from DVC's cache, exactly as dvc.lock
 records them: the workspace is as it was, and `dvc status` shows only the changed input.
+
+Outputs declared `cache: false` (metrics, curves: they live in git) never reach DVC's cache, so a
+successful stage files a copy of each there itself (`stash_uncached_outputs`), under the md5 DVC
+records for it in dvc.lock; restoring then treats them like any other output.
 """
 
 from __future__ import annotations
@@ -19,6 +23,40 @@ from llmpipe.pipeline import atomic
 
 def _cache_path(cache: Path, md5: str) -> Path:
     return cache / md5[:2] / md5[2:]
+
+
+def _uncached_output_paths(stage: str, dvc_yaml: Path) -> list[Path]:
+    definition = ((yaml.safe_load(dvc_yaml.read_text("utf-8")) or {}).get("stages") or {}).get(stage) or {}
+    paths = []
+    for kind in ("outs", "metrics", "plots"):
+        for entry in definition.get(kind) or []:
+            if isinstance(entry, dict):
+                paths += [Path(path) for path, options in entry.items() if (options or {}).get("cache") is False]
+    return paths
+
+
+def stash_uncached_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> None:
+    """Copy each `cache: false` output file of `stage` into DVC's cache (content-addressed, read-only, as
+    DVC stores files), so `restore_outputs` can put it back after a later refused run."""
+    import hashlib
+
+    dvc_yaml = Path(dvc_yaml)
+    try:
+        paths = [path for path in _uncached_output_paths(stage, dvc_yaml) if path.is_file()]
+        if not paths:
+            return
+        from dvc.repo import Repo
+
+        cache = Path(Repo(str(dvc_yaml.parent.resolve())).cache.local.path)
+    except Exception:  # not a DVC repository, or no such stage: nothing to keep
+        return
+    for path in paths:
+        target = _cache_path(cache, hashlib.md5(path.read_bytes()).hexdigest())
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic.atomic_path(target) as temp:
+                shutil.copyfile(path, temp)
+            target.chmod(0o444)
 
 
 def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]:

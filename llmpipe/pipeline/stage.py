@@ -18,7 +18,8 @@ What the wrapper does:
   (datasets, MLflow artifact uploads) are switched off; the training loop prints plain lines instead.
 - A `PipelineError` (bad input or params) becomes one line on stderr, `error: ...`, and exit status 1;
   outputs DVC deleted before the run are put back from its cache, and under `dvc exp run` params.yaml
-  as conf/ composes it (llmpipe.pipeline.restore).
+  as conf/ composes it (llmpipe.pipeline.restore); a successful run files its `cache: false` outputs
+  in that cache, so they can be put back too.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from llmpipe.pipeline.params import (
     schema_keys,
 )
 from llmpipe.pipeline.provenance import input_hashes
-from llmpipe.pipeline.restore import restore_outputs, restore_params_file
+from llmpipe.pipeline.restore import restore_outputs, restore_params_file, stash_uncached_outputs
 from llmpipe.pipeline.tracking import StageRun
 
 HYDRA_QUIET_OVERRIDES = [
@@ -64,6 +65,8 @@ def run_stage(name: str, config: dict, body: StageFunction) -> None:
         with StageRun(name, params.declared_values(), hashes, enabled=is_main,
                       pipeline_params=flat_values(config)) as run:
             body(params, run)
+        if is_main:
+            stash_uncached_outputs(name)
     except PipelineError as error:
         restored = restore_outputs(name) if is_main else []
         if restored:
