@@ -13,8 +13,8 @@ The summary goes to reports/seeds/<sweep>.md and .json and to one MLflow run nam
         --param data.world.paraphrases                         # one table, and a plot against the param
 
 Run it from the repository root, with the pipeline's dependencies committed (each experiment starts
-from HEAD plus your workspace changes, as `dvc exp run --queue` does). On 2 CPU cores one default
-experiment takes about 5 minutes; `--jobs 2` runs two at once (for machines with more cores).
+from HEAD plus your workspace changes, as `dvc exp run --queue` does). On 2 idle CPU cores one default
+experiment takes 6-7 minutes; `--jobs 2` runs two at once (for machines with more cores).
 """
 
 from __future__ import annotations
