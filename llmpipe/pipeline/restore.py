@@ -19,14 +19,23 @@ from pathlib import Path
 import yaml
 
 from llmpipe.pipeline import atomic
+from llmpipe.pipeline.params import stage_definition
+from llmpipe.pipeline.provenance import file_md5
 
 
 def _cache_path(cache: Path, md5: str) -> Path:
     return cache / md5[:2] / md5[2:]
 
 
+def _dvc_cache(root: Path) -> Path:
+    """The local cache directory of the DVC repository at `root` (it may be configured elsewhere)."""
+    from dvc.repo import Repo
+
+    return Path(Repo(str(root.resolve())).cache.local.path)
+
+
 def _uncached_output_paths(stage: str, dvc_yaml: Path) -> list[Path]:
-    definition = ((yaml.safe_load(dvc_yaml.read_text("utf-8")) or {}).get("stages") or {}).get(stage) or {}
+    definition = stage_definition(stage, dvc_yaml)
     paths = []
     for kind in ("outs", "metrics", "plots"):
         for entry in definition.get(kind) or []:
@@ -38,20 +47,16 @@ def _uncached_output_paths(stage: str, dvc_yaml: Path) -> list[Path]:
 def stash_uncached_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> None:
     """Copy each `cache: false` output file of `stage` into DVC's cache (content-addressed, read-only, as
     DVC stores files), so `restore_outputs` can put it back after a later refused run."""
-    import hashlib
-
     dvc_yaml = Path(dvc_yaml)
     try:
         paths = [path for path in _uncached_output_paths(stage, dvc_yaml) if path.is_file()]
         if not paths:
             return
-        from dvc.repo import Repo
-
-        cache = Path(Repo(str(dvc_yaml.parent.resolve())).cache.local.path)
+        cache = _dvc_cache(dvc_yaml.parent)
     except Exception:  # not a DVC repository, or no such stage: nothing to keep
         return
     for path in paths:
-        target = _cache_path(cache, hashlib.md5(path.read_bytes()).hexdigest())
+        target = _cache_path(cache, file_md5(path))
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic.atomic_path(target) as temp:
@@ -66,9 +71,7 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
         return []
     try:
         outs = (yaml.safe_load(lock_file.read_text("utf-8")) or {})["stages"][stage].get("outs") or []
-        from dvc.repo import Repo
-
-        cache = Path(Repo(str(lock_file.parent.resolve())).cache.local.path)
+        cache = _dvc_cache(lock_file.parent)
     except Exception:  # no lock entry for the stage yet, or not a DVC repository: nothing to restore
         return []
     restored = []
