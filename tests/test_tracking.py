@@ -20,3 +20,27 @@ def test_a_stage_run_lists_its_data_inputs_and_samples_system_metrics(tmp_path, 
     assert stored.data.tags["input.md5.stages/pretrain.py"] == "f" * 32
     assert any(key.startswith("system/cpu_utilization") for key in stored.data.metrics), stored.data.metrics
     assert stored.info.status == "FINISHED"
+
+
+def test_a_moved_repository_keeps_its_runs_and_writes_artifacts_into_its_new_place(tmp_path, monkeypatch):
+    import mlflow
+
+    def stage_run_in(repo):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # no server: the repository's own store
+        monkeypatch.setenv("DVC_ROOT", str(repo))
+        repo.mkdir(exist_ok=True)
+        (repo / "notes.txt").write_text(f"written in {repo.name}\n")
+        with StageRun("prepare", {"seed": 1}, {}) as run:
+            run.log_artifact(repo / "notes.txt")
+        return run.run_id
+
+    first = stage_run_in(tmp_path / "old")
+    (tmp_path / "old").rename(tmp_path / "new")
+    second = stage_run_in(tmp_path / "new")
+
+    assert not (tmp_path / "old").exists(), "the moved repository wrote into the directory it was moved from"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'new/.mlflow/mlflow.db'}")
+    for run_id in (first, second):
+        assert client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "new/.mlflow/artifacts").as_uri())
+        downloaded = client.download_artifacts(run_id, "notes.txt", str(tmp_path))
+        assert open(downloaded).read().startswith("written in")

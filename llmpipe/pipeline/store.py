@@ -5,6 +5,9 @@
 - otherwise a SQLite database at `<repo>/.mlflow/mlflow.db` with artifacts in `<repo>/.mlflow/artifacts`,
   an absolute path. `<repo>` is DVC_ROOT, which DVC points at the user's repository even when an
   experiment runs in a temporary copy (`dvc exp run --temp` / `--queue`), so those runs are kept.
+  MLflow stores that absolute path in the database; when the repository has been moved or copied,
+  `relocate_local_store` rewrites it (and every run's and model's artifact address) to the new place
+  before a stage logs anything, so a copy never writes into the directory it was copied from.
 
 Open the UI:  mlflow ui --backend-store-uri sqlite:///$PWD/.mlflow/mlflow.db
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 from llmpipe.pipeline.errors import PipelineError
@@ -65,6 +69,7 @@ def connect():
 
     if local_store:
         local_store_dir().mkdir(parents=True, exist_ok=True)
+        relocate_local_store(local_store_dir())
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     return client, _experiment_id(client, local_store)
@@ -82,3 +87,46 @@ def _experiment_id(client, local_store: bool) -> str:
         return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created concurrently by a parallel stage
         return client.get_experiment_by_name(name).experiment_id
+
+
+# Where MLflow's SQLite schema keeps absolute artifact addresses (MLflow 3.x).
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                     ("model_versions", "source"))
+
+
+def _stored_store_dir(database: sqlite3.Connection) -> Path | None:
+    """The `.mlflow` directory the database was created in, from our experiment's artifact location."""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME_DEFAULT)
+    row = database.execute("SELECT artifact_location FROM experiments WHERE name = ?", (name,)).fetchone()
+    if not row or not str(row[0]).startswith("file://") or not str(row[0]).endswith("/artifacts"):
+        return None
+    return Path(str(row[0])[len("file://"):]).parent
+
+
+def relocate_local_store(store_dir: Path) -> Path | None:
+    """Point the local store's artifact addresses at `store_dir` when the repository was moved or copied.
+
+    Returns the directory the store was moved from, or None when nothing had to change.
+    """
+    path = store_dir / "mlflow.db"
+    if not path.is_file():
+        return None
+    with sqlite3.connect(path, timeout=30) as database:
+        try:
+            old_store = _stored_store_dir(database)
+        except sqlite3.DatabaseError:
+            return None  # not created yet, or not a store we know: MLflow itself reports that
+        if old_store is None or old_store == store_dir:
+            return None
+        old_repo, new_repo = str(old_store.parent), str(store_dir.parent)
+        tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, column in _ARTIFACT_COLUMNS:
+            if table not in tables:
+                continue
+            for old, new in ((f"file://{old_repo}/", f"file://{new_repo}/"), (f"{old_repo}/", f"{new_repo}/")):
+                database.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                                 (new, len(old) + 1, len(old), old))
+    print(f"MLflow store {path}: the repository moved from {old_repo}; artifact locations now point into {new_repo}",
+          flush=True)
+    return old_store
