@@ -3,9 +3,14 @@
 Source (params `data`, a Hydra group: `dvc exp run -S data=local_files`):
 - embedded (default): a seeded world of fictional people (llmpipe.data.world); no network;
 - local_files: text / JSONL / Parquet files by glob (`data.paths`, `data.text_column`);
-- hf_dataset: `datasets.load_dataset(data.name, data.config, split=data.split)`.
+- hf_dataset: `datasets.load_dataset(data.name, data.config, split=data.split)`; `data.streaming: true`
+  for a corpus larger than memory or disk.
+A user corpus streams from the source to the JSONL files (memory does not grow with its size); each
+document goes to the validation text with probability data.validation_fraction (seeded).
 Output: data/prepared/ (see llmpipe.data.prepared). Run: `dvc repro prepare` (or `python stages/prepare.py`).
 """
+
+from typing import Iterator
 
 from llmpipe.data.prepared import user_bundle, world_bundle, write_prepared
 from llmpipe.data.sources import (
@@ -37,7 +42,7 @@ def world_config(params: StageParams) -> WorldConfig:
     )
 
 
-def user_documents(params: StageParams, source: str) -> list[str]:
+def user_documents(params: StageParams, source: str) -> Iterator[str]:
     text_column = params.str("data.text_column")
     if source == "local_files":
         documents = read_local_documents(params.str_list("data.paths"), text_column,

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llmpipe.data.chat_examples import normalize_example, read_chat_examples
-from llmpipe.data.prepared import world_bundle, write_prepared
+from llmpipe.data.prepared import split_documents, world_bundle, write_prepared
 from llmpipe.data.sources import (
     clean_documents,
     read_hub_documents,
@@ -98,9 +98,9 @@ def test_local_files_text_jsonl_and_parquet(tmp_path):
     (tmp_path / "a.txt").write_text("First paragraph here.\n\nSecond paragraph.\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "From JSONL."}) + "\n")
     pq.write_table(pa.table({"body": ["From Parquet."]}), tmp_path / "c.parquet")
-    docs = read_local_documents([str(tmp_path / "a.txt")], "text", "paragraph")
+    docs = list(read_local_documents([str(tmp_path / "a.txt")], "text", "paragraph"))
     assert [d.strip() for d in docs] == ["First paragraph here.", "Second paragraph."]
-    docs = read_local_documents([str(tmp_path / "*.jsonl"), str(tmp_path / "*.parquet")], "body", "paragraph")
+    docs = list(read_local_documents([str(tmp_path / "*.jsonl"), str(tmp_path / "*.parquet")], "body", "paragraph"))
     assert docs == ["From JSONL.", "From Parquet."]
 
 
@@ -109,24 +109,27 @@ def test_local_files_errors_name_the_file(tmp_path):
         read_local_documents([str(tmp_path / "*.txt")], "text", "paragraph")
     (tmp_path / "bad.txt").write_bytes(b"fine line\nbad \xff byte\n")
     with pytest.raises(InputDataError, match="bad.txt:2: not valid UTF-8"):
-        read_local_documents([str(tmp_path / "bad.txt")], "text", "paragraph")
+        list(read_local_documents([str(tmp_path / "bad.txt")], "text", "paragraph"))
     (tmp_path / "rows.jsonl").write_text('{"text": "ok"}\n{"title": "no text"}\n')
     with pytest.raises(InputDataError, match="rows.jsonl:2: expected an object with a string field 'text'"):
-        read_local_documents([str(tmp_path / "rows.jsonl")], "text", "paragraph")
+        list(read_local_documents([str(tmp_path / "rows.jsonl")], "text", "paragraph"))
     with pytest.raises(InputDataError, match="the corpus is empty"):
-        clean_documents(["", "   \n"], "data.paths")
+        list(clean_documents(["", "   \n"], "data.paths"))
 
 
 def test_hf_dataset_source_through_load_dataset_with_local_files(tmp_path):
     # The same code path as a Hub dataset (datasets.load_dataset), with the "json" builder on local files.
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps({"content": f"document {i}"}) for i in range(5)) + "\n")
-    docs = read_hub_documents("json", None, "train", "content", streaming=False, max_documents=3, data_files=[str(path)])
+    docs = list(read_hub_documents("json", None, "train", "content", streaming=False, max_documents=3,
+                                   data_files=[str(path)]))
     assert docs == ["document 0", "document 1", "document 2"]
-    streamed = read_hub_documents("json", None, "train", "content", streaming=True, max_documents=2, data_files=[str(path)])
+    streamed = list(read_hub_documents("json", None, "train", "content", streaming=True, max_documents=2,
+                                       data_files=[str(path)]))
     assert streamed == ["document 0", "document 1"]
     with pytest.raises(InputDataError, match="no column 'text'"):
-        read_hub_documents("json", None, "train", "text", streaming=False, max_documents=None, data_files=[str(path)])
+        list(read_hub_documents("json", None, "train", "text", streaming=False, max_documents=None,
+                                data_files=[str(path)]))
 
 
 def test_text_files_lose_a_byte_order_mark_and_parquet_categoricals_are_strings(tmp_path):
@@ -134,13 +137,13 @@ def test_text_files_lose_a_byte_order_mark_and_parquet_categoricals_are_strings(
     import pyarrow.parquet as pq
 
     (tmp_path / "bom.txt").write_bytes("\ufeffFirst paragraph.\n\nSecond.\n".encode())
-    docs = clean_documents(read_local_documents([str(tmp_path / "bom.txt")], "text", "paragraph"), "data.paths")
+    docs = list(clean_documents(read_local_documents([str(tmp_path / "bom.txt")], "text", "paragraph"), "data.paths"))
     assert docs == ["First paragraph.", "Second."]
     pq.write_table(pa.table({"text": pa.array(["a", "b", "a"]).dictionary_encode()}), tmp_path / "cat.parquet")
-    assert read_local_documents([str(tmp_path / "cat.parquet")], "text", "paragraph") == ["a", "b", "a"]
+    assert list(read_local_documents([str(tmp_path / "cat.parquet")], "text", "paragraph")) == ["a", "b", "a"]
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     with pytest.raises(InputDataError, match="empty.parquet: no rows"):
-        read_local_documents([str(tmp_path / "empty.parquet")], "text", "paragraph")
+        list(read_local_documents([str(tmp_path / "empty.parquet")], "text", "paragraph"))
 
 
 def test_a_line_that_mixes_example_formats_is_refused(tmp_path):
@@ -158,3 +161,16 @@ def test_special_token_strings_in_data_stay_plain_text(tmp_path):
     assert tokenizer.special_ids["end_of_turn"] not in tokenizer.encode(injected)
     prompt = ChatTemplate(tokenizer).encode_prompt([{"role": "user", "content": injected}])
     assert prompt.count(tokenizer.special_ids["assistant"]) == 1  # only the template's own
+
+
+def test_user_documents_split_in_one_seeded_pass_with_both_splits_never_empty():
+    documents = [f"document {i}" for i in range(2000)]
+    pairs = list(split_documents(iter(documents), 0.1, seed=5))
+    assert [document for _, document in pairs] == documents  # order kept, nothing held
+    assert pairs == list(split_documents(iter(documents), 0.1, seed=5))
+    assert pairs != list(split_documents(iter(documents), 0.1, seed=6))
+    assert 150 < sum(split == "validation" for split, _ in pairs) < 250
+    for fraction in (1e-9, 0.5, 1.0):  # the last document goes where none went yet
+        assert {split for split, _ in split_documents(["a", "b"], fraction, seed=1)} == {"train", "validation"}
+    with pytest.raises(InputDataError, match="the corpus has 1 document; at least 2 are needed"):
+        list(split_documents(["only"], 0.1, seed=1))

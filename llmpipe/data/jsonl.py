@@ -1,26 +1,27 @@
 """JSONL, the pipeline's file format for text and examples: one JSON value per line.
 
-- `read_records(path)`: every value with its place ("file:line"), for user files, so each error names
-  the file and line (not valid UTF-8, not valid JSON, with the column inside the line);
-- `read_rows(path)`: the values alone, for files the prepare stage wrote;
-- `write_rows(path, rows)`: one compact JSON object per line, UTF-8 (callers make it atomic).
+- `iterate_records(path)` / `read_records(path)`: every value with its place ("file:line"), for user
+  files, so each error names the file and line (not valid UTF-8, not valid JSON, with the column inside
+  the line); the first streams them (constant memory, for corpora larger than memory);
+- `iterate_rows(path)` / `read_rows(path)`: the values alone, for files the prepare stage wrote;
+- `row_line(row)` / `write_rows(path, rows)`: one compact JSON object per line, UTF-8 (callers make it
+  atomic).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from llmpipe.pipeline.errors import InputDataError
 
 
-def read_records(path: str | Path) -> list[tuple[str, object]]:
-    """[("file:line", value)] for every non-blank line; errors name the file and line."""
+def iterate_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """("file:line", value) for every non-blank line, one by one; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise InputDataError(f"{path}: file not found")
-    records = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -31,14 +32,20 @@ def read_records(path: str | Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                records.append((where, json.loads(line.rstrip())))  # columns count within the line
+                value = json.loads(line.rstrip())  # columns count within the line
             except json.JSONDecodeError as exc:
                 raise InputDataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    return records
+            yield where, value
 
 
-def iterate_rows(path: str | Path) -> Iterator[dict]:
-    """The values of a file the pipeline wrote, one by one; a missing file names the stage to run."""
+def read_records(path: str | Path) -> list[tuple[str, object]]:
+    """[("file:line", value)] for every non-blank line (a small file: fine-tuning examples)."""
+    return list(iterate_records(path))
+
+
+def iterate_rows(path: str | Path, string_field: str | None = None) -> Iterator[dict]:
+    """The values of a file the pipeline wrote, one by one; a missing file names the stage to run. With
+    `string_field`, every row must hold a string there."""
     path = Path(path)
     if not path.is_file():
         raise InputDataError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
@@ -50,8 +57,9 @@ def iterate_rows(path: str | Path) -> Iterator[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            if not isinstance(row, dict):
-                raise InputDataError(f"{path}:{number}: not a JSON object as the prepare stage writes; rerun it "
+            if not isinstance(row, dict) or (string_field is not None and not isinstance(row.get(string_field), str)):
+                what = "a JSON object" + (f" with a string {string_field!r}" if string_field else "")
+                raise InputDataError(f"{path}:{number}: not {what} as the prepare stage writes; rerun it "
                                      "(dvc repro prepare --force)")
             yield row
 
@@ -60,7 +68,11 @@ def read_rows(path: str | Path) -> list[dict]:
     return list(iterate_rows(path))
 
 
-def write_rows(path: str | Path, rows: list[dict]) -> None:
+def row_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def write_rows(path: str | Path, rows: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.write(row_line(row))

@@ -10,18 +10,29 @@
       qa_heldout_people.jsonl     ...                  QA of people never seen in fine-tuning
       summary.json                counts of everything above
       world.json                  the fictional people (embedded source only)
+
+The pretraining text streams through: a bundle's `pretrain` is an iterable of (split, document) pairs,
+written line by line, so a user corpus larger than memory never is a list (`split_documents` assigns
+each document as it comes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from llmpipe.data.chat_examples import qa_to_messages, read_chat_examples
-from llmpipe.data.jsonl import write_rows
+from llmpipe.data.jsonl import iterate_rows, row_line, write_rows
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.errors import InputDataError
+
+
+def read_pretrain_text(path: str | Path) -> Iterator[str]:
+    """The documents of a pretraining text file prepare wrote (layout.PRETRAIN_TEXT[split]), streamed."""
+    return (row["text"] for row in iterate_rows(path, string_field="text"))
 
 
 def split_off(items: list, fraction: float, seed: int, label: str) -> tuple[list, list]:
@@ -36,12 +47,34 @@ def split_off(items: list, fraction: float, seed: int, label: str) -> tuple[list
     return train, validation
 
 
+def split_documents(documents: Iterable[str], fraction: float, seed: int) -> Iterator[tuple[str, str]]:
+    """(split, document) pairs in one pass with constant memory: each document is validation text with
+    probability `fraction`, drawn from a generator seeded by `seed`, so the choice is deterministic and
+    needs no count of the corpus. Both splits get at least one document: the last one (held back one
+    step) goes to a split that is still empty."""
+    rng = random.Random(f"documents-{seed}")
+    counts = {"train": 0, "validation": 0}
+    previous = None
+    for document in documents:
+        if previous is not None:
+            split = "validation" if rng.random() < fraction else "train"
+            counts[split] += 1
+            yield split, previous
+        previous = document
+    total = sum(counts.values()) + (previous is not None)
+    if total < 2:
+        raise InputDataError(f"the corpus has {total} document; at least 2 are needed, one of them held out "
+                             "as validation text (data.validation_fraction): split it (data.txt_sample_by) or add text")
+    empty = [split for split, count in counts.items() if count == 0]
+    yield (empty[0] if empty else "validation" if rng.random() < fraction else "train"), previous
+
+
 def world_bundle(world: dict) -> dict:
     """The embedded world → the files of the prepared directory."""
     qa = world["qa"]
     return {
-        "pretrain_train": world["pretrain_train"],
-        "pretrain_validation": world["pretrain_validation"],
+        "pretrain": [*(("train", d) for d in world["pretrain_train"]),
+                     *(("validation", d) for d in world["pretrain_validation"])],
         "finetune_train": [qa_to_messages(p["question"], p["answer"]) for p in qa["finetuned_people"]],
         "finetune_validation": [qa_to_messages(p["question"], p["answer"]) for p in qa["validation_people"]],
         "qa": qa,
@@ -49,19 +82,16 @@ def world_bundle(world: dict) -> dict:
     }
 
 
-def user_bundle(documents: list[str], validation_fraction: float, seed: int,
+def user_bundle(documents: Iterable[str], validation_fraction: float, seed: int,
                 finetune_train: str | None, finetune_validation: str | None,
                 finetune_validation_fraction: float) -> dict:
-    """The user's documents (and optional fine-tuning JSONL) → the files of the prepared directory.
+    """The user's documents (a stream) and optional fine-tuning JSONL → the files of the prepared directory.
 
-    Without a separate validation JSONL, a fraction of the fine-tuning file is held out. QA files are
-    derived from the fine-tuning examples (question = last user turn, answer = last assistant turn);
-    there are no held-out people outside the embedded world.
+    The documents are split as they are written (`split_documents`). Without a separate validation JSONL,
+    a fraction of the fine-tuning file is held out. QA files are derived from the fine-tuning examples
+    (question = last user turn, answer = last assistant turn); there are no held-out people outside the
+    embedded world.
     """
-    if len(documents) < 2:
-        raise InputDataError(f"the corpus has {len(documents)} document; at least 2 are needed, one of them held out "
-                             "as validation text (data.validation_fraction): split it (data.txt_sample_by) or add text")
-    train_docs, validation_docs = split_off(documents, validation_fraction, seed, "documents")
     ft_train, ft_validation = [], []
     if finetune_train:
         ft_train = read_chat_examples(finetune_train)
@@ -76,8 +106,7 @@ def user_bundle(documents: list[str], validation_fraction: float, seed: int,
                 for e in examples]
 
     return {
-        "pretrain_train": train_docs,
-        "pretrain_validation": validation_docs,
+        "pretrain": split_documents(documents, validation_fraction, seed),
         "finetune_train": ft_train,
         "finetune_validation": ft_validation,
         "qa": {"finetuned_people": as_qa(ft_train, "finetuned_people"),
@@ -86,20 +115,31 @@ def user_bundle(documents: list[str], validation_fraction: float, seed: int,
     }
 
 
+def write_pretrain_text(pairs: Iterable[tuple[str, str]], directory: Path) -> dict[str, int]:
+    """Write each (split, document) pair as a line of its split's JSONL file; returns the counts."""
+    counts = {f"pretrain_{split}_documents": 0 for split in layout.TEXT_SPLITS} | {"pretrain_train_characters": 0}
+    with contextlib.ExitStack() as stack:
+        handles = {split: stack.enter_context(open(directory / layout.PRETRAIN_TEXT[split].name, "w", encoding="utf-8"))
+                   for split in layout.TEXT_SPLITS}
+        for split, document in pairs:
+            handles[split].write(row_line({"text": document}))
+            counts[f"pretrain_{split}_documents"] += 1
+            if split == "train":
+                counts["pretrain_train_characters"] += len(document)
+    return counts
+
+
 def write_prepared(bundle: dict, output_dir: str | Path = layout.PREPARED) -> dict:
     """Write the bundle atomically as the prepared directory (names from llmpipe.pipeline.layout);
     returns the summary counts."""
-    summary = {
-        "pretrain_train_documents": len(bundle["pretrain_train"]),
-        "pretrain_validation_documents": len(bundle["pretrain_validation"]),
-        "pretrain_train_characters": sum(len(d) for d in bundle["pretrain_train"]),
-        "finetune_train_examples": len(bundle["finetune_train"]),
-        "finetune_validation_examples": len(bundle["finetune_validation"]),
-        **{f"qa_{split}_pairs": len(pairs) for split, pairs in bundle["qa"].items()},
-    }
     with atomic.atomic_path(output_dir, directory=True) as temp:
+        summary = {
+            **write_pretrain_text(bundle["pretrain"], temp),
+            "finetune_train_examples": len(bundle["finetune_train"]),
+            "finetune_validation_examples": len(bundle["finetune_validation"]),
+            **{f"qa_{split}_pairs": len(pairs) for split, pairs in bundle["qa"].items()},
+        }
         for split in layout.TEXT_SPLITS:
-            write_rows(temp / layout.PRETRAIN_TEXT[split].name, [{"text": d} for d in bundle[f"pretrain_{split}"]])
             write_rows(temp / layout.FINETUNE_EXAMPLES[split].name, bundle[f"finetune_{split}"])
         for split in layout.QA_SPLITS:
             write_rows(temp / layout.QA_FILES[split].name, bundle["qa"][split])

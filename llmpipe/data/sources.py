@@ -2,7 +2,11 @@
 
 Both go through `datasets.load_dataset` (builders "text", "json", "parquet" for local files; a dataset
 name for the Hub), so the code path the tests exercise with local files is the one a Hub dataset takes.
-Local files are checked first so that bad bytes or bad JSON get a `file:line` error.
+Documents are streamed, in batches of the text column, never held as a list: local files are read with
+`streaming=True` (no Arrow copy), a Hub dataset with `data.streaming` (true is the way for corpora larger
+than memory or disk; false downloads the split and reads its Arrow files batch by batch). Memory therefore
+does not grow with the corpus. Local files are checked first, also streamed, so that bad bytes or bad JSON
+get a `file:line` error.
 """
 
 from __future__ import annotations
@@ -10,15 +14,16 @@ from __future__ import annotations
 import glob
 import itertools
 import os
-import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator
 
-from llmpipe.data.jsonl import read_records
+from llmpipe.data.jsonl import iterate_records
 from llmpipe.pipeline.errors import InputDataError
 
 BUILDER_BY_SUFFIX = {".txt": "text", ".md": "text", ".text": "text",
                      ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
+BATCH_ROWS = 1000  # rows read at a time
 
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
@@ -49,13 +54,14 @@ def _check_jsonl_file(path: Path, text_column: str) -> None:
     with open(path, "rb") as handle:
         if handle.read(4096).lstrip().startswith(b"["):
             raise InputDataError(f"{path}: a JSON array; local files must be JSON Lines (one JSON object per line)")
-    records = read_records(path)
-    if not records:
-        raise InputDataError(f"{path}: no JSON records (only blank lines)")
-    for where, record in records:
+    records = 0
+    for where, record in iterate_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
             raise InputDataError(f"{where}: expected an object with a string field {text_column!r} "
                                  f"(data.text_column)")
+        records += 1
+    if not records:
+        raise InputDataError(f"{path}: no JSON records (only blank lines)")
 
 
 def _check_parquet_file(path: Path, text_column: str) -> None:
@@ -74,15 +80,18 @@ def _check_parquet_file(path: Path, text_column: str) -> None:
                 or getattr(pa.types, "is_string_view", lambda t: False)(column_type)):
             raise InputDataError(f"{path}: column {text_column!r} (data.text_column) holds {column_type}, "
                                  "expected strings")
-        column = pq.read_table(path, columns=[text_column]).column(text_column)
+        rows = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=[text_column]):  # a batch at a time
+            column = batch.column(0)
+            if column.null_count:
+                first = rows + column.is_null().to_pylist().index(True)
+                raise InputDataError(f"{path}: row {first + 1}: {text_column!r} (data.text_column) is null; "
+                                     "expected a string")
+            rows += len(column)
     except (pa.ArrowException, OSError) as exc:
         raise InputDataError(f"{path}: not a readable Parquet file ({exc})".splitlines()[0]) from None
-    if len(column) == 0:
+    if rows == 0:
         raise InputDataError(f"{path}: no rows")
-    if column.null_count:
-        first = column.is_null().to_pylist().index(True)
-        raise InputDataError(f"{path}: row {first + 1}: {text_column!r} (data.text_column) is null; expected a string "
-                             f"({column.null_count} null rows)")
 
 
 CHECKS = {"text": lambda path, column: _check_text_file(path), "json": _check_jsonl_file,
@@ -104,40 +113,52 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _column(dataset, text_column: str, source: str) -> list[str]:
-    names = dataset.column_names or []
-    if text_column not in names:
-        raise InputDataError(f"{source}: no column {text_column!r} (data.text_column); columns: {names}")
-    return dataset[text_column]
+def stream_column(dataset, text_column: str, source: str, read_error: str) -> Iterator[str]:
+    """The text column of a `datasets` Dataset or IterableDataset, batch by batch. `read_error` starts the
+    message when reading fails (a streamed builder only reads its files while it is iterated)."""
+    batches = dataset.iter(batch_size=BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # datasets wraps the cause ("An error occurred while generating the dataset")
+            raise InputDataError(f"{read_error}: {root_cause(exc)}".splitlines()[0]) from None
+        if text_column not in batch:
+            raise InputDataError(f"{source}: no column {text_column!r} (data.text_column); columns: {sorted(batch)}")
+        yield from batch[text_column]
 
 
-def read_local_documents(patterns: list[str], text_column: str, txt_sample_by: str) -> list[str]:
-    """Documents from local text/JSONL/Parquet files; one document per file, paragraph or line for text."""
+def read_local_documents(patterns: list[str], text_column: str, txt_sample_by: str) -> Iterator[str]:
+    """Documents from local text/JSONL/Parquet files, streamed; one document per file, paragraph or line
+    for text. The paths are expanded now (an unmatched glob fails at once), the files read as iterated."""
+    files = expand_paths(patterns, "data.paths")
+    return _stream_local_documents(files, text_column, txt_sample_by)
+
+
+def _stream_local_documents(files: list[Path], text_column: str, txt_sample_by: str) -> Iterator[str]:
     import datasets
 
-    files = expand_paths(patterns, "data.paths")
-    documents: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="llmpipe-datasets-") as cache_dir:
-        for builder, group in itertools.groupby(files, key=lambda f: BUILDER_BY_SUFFIX[f.suffix.lower()]):
-            group = list(group)
-            for file in group:
-                check_file(file, builder, text_column)
-            options = {"sample_by": txt_sample_by} if builder == "text" else {}
-            column = "text" if builder == "text" else text_column
-            try:
-                dataset = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
-                                                cache_dir=cache_dir, **options)
-            except Exception as exc:  # datasets wraps the cause ("An error occurred while generating the dataset")
-                names = ", ".join(str(f) for f in group)
-                raise InputDataError(f"{names}: could not be read as {builder}: {root_cause(exc)}".splitlines()[0]) from None
-            documents.extend(_column(dataset, column, str(group[0])))
-    return documents
+    for builder, group in itertools.groupby(files, key=lambda f: BUILDER_BY_SUFFIX[f.suffix.lower()]):
+        group = list(group)
+        for file in group:
+            check_file(file, builder, text_column)
+        options = {"sample_by": txt_sample_by} if builder == "text" else {}
+        names = ", ".join(str(f) for f in group)
+        try:
+            dataset = datasets.load_dataset(builder, data_files=[str(f) for f in group], split="train",
+                                            streaming=True, **options)
+        except Exception as exc:
+            raise InputDataError(f"{names}: could not be read as {builder}: {root_cause(exc)}".splitlines()[0]) from None
+        yield from stream_column(dataset, "text" if builder == "text" else text_column, str(group[0]),
+                                 f"{names}: could not be read as {builder}")
 
 
 def read_hub_documents(name: str, config: str | None, split: str, text_column: str, streaming: bool,
                        max_documents: int | None, revision: str | None = None,
-                       data_files: list[str] | None = None) -> list[str]:
-    """Documents from `datasets.load_dataset(name, config, split=...)`; needs the network for Hub names."""
+                       data_files: list[str] | None = None) -> Iterator[str]:
+    """Documents from `datasets.load_dataset(name, config, split=...)`, streamed (at most `max_documents`);
+    needs the network for Hub names. Without `streaming` the split is downloaded (and prepared) now."""
     import datasets
 
     source = f"data.name={name}"
@@ -146,23 +167,17 @@ def read_hub_documents(name: str, config: str | None, split: str, text_column: s
                                         data_files=data_files)
     except Exception as exc:
         raise InputDataError(f"{source}: could not load dataset: {exc}".splitlines()[0]) from None
-    if streaming:
-        rows = itertools.islice(iter(dataset), max_documents)
-        documents = []
-        for row in rows:
-            if text_column not in row:
-                raise InputDataError(f"{source}: no column {text_column!r} (data.text_column); "
-                                     f"columns: {sorted(row)}")
-            documents.append(row[text_column])
-        return documents
-    if max_documents is not None:
-        dataset = dataset.select(range(min(max_documents, len(dataset))))
-    return _column(dataset, text_column, source)
+    return itertools.islice(stream_column(dataset, text_column, source, f"{source}: could not read dataset"),
+                            max_documents)
 
 
-def clean_documents(documents: list, source: str) -> list[str]:
-    """Strip, drop empty documents; an empty corpus is an error."""
-    kept = [d.lstrip("\ufeff").strip() for d in documents if isinstance(d, str) and d.lstrip("\ufeff").strip()]
+def clean_documents(documents: Iterable, source: str) -> Iterator[str]:
+    """Strip, drop empty documents, as they stream by; an empty corpus is an error (once it has streamed)."""
+    kept = 0
+    for document in documents:
+        text = document.lstrip("\ufeff").strip() if isinstance(document, str) else ""
+        if text:
+            kept += 1
+            yield text
     if not kept:
         raise InputDataError(f"{source}: the corpus is empty (no non-blank document)")
-    return kept
