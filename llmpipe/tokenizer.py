@@ -3,14 +3,17 @@
 The tokenizer directory holds `tokenizer.json` (the `tokenizers` file, readable by transformers and
 llama.cpp exporters) and `special_tokens.json`, which maps each role of a special token
 (end_of_document, user, assistant, system, end_of_turn) to its string, for the chat template.
+Training reads a bounded sample of the text (`TextSample`: the first documents up to a number of UTF-8
+bytes, streamed), so a corpus larger than memory trains in bounded time and memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -31,6 +34,34 @@ EXAMPLE_STRINGS = [
 
 def minimum_vocab_size(special_tokens: dict[str, str]) -> int:
     return BYTE_ALPHABET_SIZE + len(set(special_tokens.values()))
+
+
+class TextSample:
+    """The first documents of `texts` whose UTF-8 size adds up to at most `max_bytes` (None: every document;
+    the first document is always taken), streamed once into the BPE trainer. A prefix, not a random sample:
+    it is deterministic, reads only what it uses and holds nothing (a reservoir sample would read the whole
+    corpus and hold the sample); shuffled sources (the embedded world, a mixed corpus) make a prefix
+    representative, and a corpus sorted by topic should be shuffled first. After iteration: `documents`,
+    `utf8_bytes`, and `whole_corpus` (no document was left out)."""
+
+    def __init__(self, texts: Iterable[str], max_bytes: int | None):
+        self.texts, self.max_bytes = texts, max_bytes
+        self.documents = self.utf8_bytes = 0
+        self.whole_corpus = True
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            size = len(text.encode("utf-8"))
+            if self.max_bytes is not None and self.documents and self.utf8_bytes + size > self.max_bytes:
+                self.whole_corpus = False
+                return
+            self.documents += 1
+            self.utf8_bytes += size
+            yield text
+
+    def report(self) -> dict[str, int | bool]:
+        return {"train_sample_documents": self.documents, "train_sample_bytes": self.utf8_bytes,
+                "train_sample_whole_corpus": self.whole_corpus}
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
@@ -136,6 +167,14 @@ class LoadedTokenizer:
         finally:
             self.tokenizer.encode_special_tokens = False
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for many texts at once, on the tokenizers library's threads."""
+        self.tokenizer.encode_special_tokens = True
+        try:
+            return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.tokenizer.encode_special_tokens = False
+
     def encode_markup(self, text: str) -> list[int]:
         """Template text (a chat template's headers) → ids, its special tokens' strings read as those tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -148,11 +187,15 @@ class LoadedTokenizer:
         return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
 
-def tokenizer_metrics(tokenizer: LoadedTokenizer, validation_texts: list[str]) -> dict[str, float]:
-    """Vocabulary size, characters per token and tokens per 100 words on the validation text."""
-    characters = sum(len(t) for t in validation_texts)
-    words = sum(len(t.split()) for t in validation_texts)
-    tokens = sum(len(tokenizer.encode(text)) for text in validation_texts)
+def tokenizer_metrics(tokenizer: LoadedTokenizer, validation_texts: Iterable[str],
+                      batch_size: int = 1000) -> dict[str, float]:
+    """Vocabulary size, characters per token and tokens per 100 words on the validation text (streamed)."""
+    characters = words = tokens = 0
+    texts = iter(validation_texts)
+    while batch := list(itertools.islice(texts, batch_size)):
+        characters += sum(len(t) for t in batch)
+        words += sum(len(t.split()) for t in batch)
+        tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch))
     return {
         "vocab_size": tokenizer.vocab_size,
         "validation_characters_per_token": characters / max(tokens, 1),

@@ -20,14 +20,22 @@ def cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def tokenizer_report(tokenizer: LoadedTokenizer, metrics: dict, validation_texts: list[str], longest: int = 15) -> str:
+def tokenizer_report(tokenizer: LoadedTokenizer, metrics: dict, validation_example: str | None,
+                     longest: int = 15) -> str:
+    """The vocabulary, characters per token, the sample BPE learned from (when trained here), and how example
+    strings and the first sentence of `validation_example` (the first validation document) split."""
     lines = ["# Tokenizer report", "",
              f"Vocabulary: {tokenizer.vocab_size} tokens (256 bytes, {len(tokenizer.special_ids)} special, "
-             f"the rest learned merges).", "",
-             f"On the validation text: {metrics['validation_characters_per_token']:.2f} characters per token, "
-             f"{metrics['validation_tokens_per_100_words']:.1f} tokens per 100 words.", "",
-             "| text | tokens | pieces |", "|---|---:|---|"]
-    examples = EXAMPLE_STRINGS + ([validation_texts[0].split(". ")[0] + "."] if validation_texts else [])
+             f"the rest learned merges).", ""]
+    if "train_sample_bytes" in metrics:
+        lines += [f"Learned from {metrics['train_sample_documents']:,} documents, {metrics['train_sample_bytes']:,} "
+                  "UTF-8 bytes of the training text: "
+                  + ("the whole corpus." if metrics["train_sample_whole_corpus"] else
+                     "its first documents, up to tokenizer.train_sample_bytes (the corpus is larger)."), ""]
+    lines += [f"On the validation text: {metrics['validation_characters_per_token']:.2f} characters per token, "
+              f"{metrics['validation_tokens_per_100_words']:.1f} tokens per 100 words.", "",
+              "| text | tokens | pieces |", "|---|---:|---|"]
+    examples = EXAMPLE_STRINGS + ([validation_example.split(". ")[0] + "."] if validation_example else [])
     for text in examples:
         ids = tokenizer.encode(text)
         pieces = " · ".join(repr(p)[1:-1].replace("|", "\\|") for p in tokenizer.token_strings(ids))
