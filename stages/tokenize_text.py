@@ -1,8 +1,10 @@
-"""Stage `tokenize`: encode the prepared pretraining text into flat token files.
+"""Stage `tokenize`: encode the prepared pretraining text into sharded token files, streamed.
 
-Params: tokenize.num_proc (worker processes), tokenize.batch_size, tokenize.token_dtype (auto|uint16|uint32).
-Output: data/tokens/ with train.bin, validation.bin (numpy memmap) and meta.json (documents, tokens,
-UTF-8 bytes per split). Run: `dvc repro tokenize`.
+Params: tokenize.num_proc (encoding threads of the tokenizers library), tokenize.batch_size (documents
+per encode_batch), tokenize.token_dtype (auto|uint16|uint32), tokenize.shard_tokens (tokens per shard file).
+Output: data/tokens/ with <split>/shard-NNNNN.bin (raw arrays, read through numpy memmap) and meta.json
+(documents, tokens, UTF-8 bytes and shards per split); see llmpipe.data.tokens. Memory holds one batch of
+documents whatever the corpus size. Run: `dvc repro tokenize`.
 """
 
 from llmpipe.data.tokens import choose_dtype, tokenize_corpus
@@ -20,11 +22,14 @@ def tokenize(params: StageParams, run: StageRun) -> None:
     requested = params.str("tokenize.token_dtype", choices=["auto", "uint16", "uint32"])
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     dtype = choose_dtype(tokenizer.vocab_size, requested)
-    meta = tokenize_corpus(tokenizer, dtype, num_proc, batch_size)
+    shard_tokens = params.int("tokenize.shard_tokens", min=1)
+    meta = tokenize_corpus(tokenizer, dtype, num_proc, batch_size, shard_tokens)
     for split, counts in meta["splits"].items():
-        run.log_metrics({f"{split}_{key}": value for key, value in counts.items()})
+        run.log_metrics({f"{split}_{key}": counts[key] for key in ("documents", "tokens", "utf8_bytes")}
+                        | {f"{split}_shards": len(counts["shards"])})
     print("tokenize: " + "; ".join(f"{split}: {c['documents']} documents, {c['tokens']} tokens, "
-                                   f"{c['utf8_bytes']} bytes" for split, c in meta["splits"].items()))
+                                   f"{c['utf8_bytes']} bytes, {len(c['shards'])} shard(s)"
+                                   for split, c in meta["splits"].items()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from conftest import BIN, dvc, environment, kill_at_first_checkpoint, run
 
 STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 OUTPUT_FILES = ["data/prepared/pretrain_train.jsonl", "data/prepared/qa_heldout_people.jsonl",
-                "models/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/validation.bin",
+                "models/tokenizer/tokenizer.json", "data/tokens/train/shard-00000.bin",
+                "data/tokens/validation/shard-00000.bin",
                 "data/tokens/meta.json", "models/pretrained/model.safetensors", "models/finetuned/model.safetensors"]
 
 

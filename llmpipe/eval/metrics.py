@@ -1,7 +1,8 @@
 """Measurements of a model on held-out data, shared by pretraining, fine-tuning and evaluation:
 - `language_model_loss`: mean next-token loss over token windows, and `perplexity_metrics` (loss,
   perplexity, bits per UTF-8 byte of the original text, which does not depend on the tokenizer);
-- `unigram_bits_per_byte`: the baseline of a model that knows only token frequencies;
+- `unigram_bits_per_byte`: the baseline of a model that knows only token frequencies (counted shard by
+  shard, in chunks);
 - `answer_loss`: mean loss per answer token of chat examples (the fine-tuning validation loss);
 - `next_token_distributions` and `mean_kl_divergence`: how far a variant's predictions are from a reference;
 - `generation_tokens_per_second`: greedy generation speed through the engine.
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from llmpipe.chat_template import EncodedExample, pad_batch
+from llmpipe.data.tokens import token_chunks
 from llmpipe.generate import Engine, SamplingSettings
 from llmpipe.model import IGNORE_INDEX, Transformer
 
@@ -26,9 +28,7 @@ def language_model_loss(model: Transformer, tokens: np.ndarray, max_tokens: int 
     """(mean loss in nats per predicted token, number of predicted tokens) over the first `max_tokens`,
     in non-overlapping windows of the model's context."""
     context_length = model.config.context_length
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-    data = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+    data = torch.from_numpy(np.asarray(tokens[:max_tokens]).astype(np.int64))  # a slice of TokenShards: an array
     windows = [data[start:start + context_length + 1] for start in range(0, len(data) - 1, context_length)]
     total, count = 0.0, 0
     for length in sorted({len(w) for w in windows}):  # the last window may be shorter
@@ -55,12 +55,15 @@ def perplexity_metrics(model: Transformer, tokens: np.ndarray, split_counts: dic
             "val_bpb": bits_per_byte(loss, predicted, split_counts["tokens"], split_counts["utf8_bytes"])}
 
 
-def unigram_bits_per_byte(train_tokens: np.ndarray, validation_tokens: np.ndarray, vocab_size: int,
-                          validation_bytes: int) -> float:
-    """Bits per byte of the add-one-smoothed unigram distribution of the training tokens."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
-    log_probabilities = np.log(counts / counts.sum())
-    nats = -log_probabilities[np.asarray(validation_tokens[1:])].sum()
+def unigram_bits_per_byte(train_tokens, validation_tokens, vocab_size: int, validation_bytes: int) -> float:
+    """Bits per byte of the add-one-smoothed unigram distribution of the training tokens, counted and
+    scored in chunks (memory does not grow with the splits; one chunk, one sum, for splits that fit in it)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for chunk in token_chunks(train_tokens):
+        counts += np.bincount(chunk, minlength=vocab_size)
+    smoothed = counts.astype(np.float64) + 1.0
+    log_probabilities = np.log(smoothed / smoothed.sum())
+    nats = sum(-log_probabilities[chunk].sum() for chunk in token_chunks(validation_tokens, start=1))
     return float(nats / (math.log(2) * validation_bytes))
 
 

@@ -4,7 +4,7 @@ tests/test_layout.py checks that the two agree.
 
     prepare          → PREPARED: PRETRAIN_TEXT[split], FINETUNE_EXAMPLES[split], QA_FILES[qa split]
     train_tokenizer  → TOKENIZER, TOKENIZER_REPORT, TOKENIZER_METRICS
-    tokenize         → TOKENS (TOKENS / "<split>.bin" + TOKENS_META)
+    tokenize         → TOKENS (TOKENS / token_shard(split, i) + TOKENS_META)
     pretrain         → PRETRAINED, PRETRAIN_REPORTS / (TRAIN_CURVE, EVAL_CURVE, METRICS, DETAILS, TIMINGS)
     finetune         → FINETUNED, FINETUNE_REPORTS / (TRAIN_CURVE, EVAL_CURVE, METRICS, DETAILS, SAMPLES)
     quantize         → GGUF, HF_EXPORT, SIZES_JSON, SIZES_TABLE
@@ -42,6 +42,12 @@ TOKENIZER_METRICS = Path("reports/tokenizer.json")
 
 TOKENS = Path("data/tokens")
 TOKENS_META = TOKENS / "meta.json"
+
+
+def token_shard(split: str, index: int) -> Path:
+    """A split's index-th token shard, relative to TOKENS (as meta.json lists it)."""
+    return Path(split) / f"shard-{index:05d}.bin"
+
 
 PRETRAINED = Path("models/pretrained")
 PRETRAIN_REPORTS = Path("reports/pretrain")
