@@ -1,56 +1,84 @@
-"""Training checkpoints for resuming a killed run, in safetensors + JSON (never pickle).
+"""Training checkpoints for resuming a killed run: torch.distributed.checkpoint (DCP) shards in
+safetensors, plus JSON (never pickle).
 
 A checkpoint is a directory `step-NNNNNNN/` with
-- model.safetensors     the weights (tied embeddings stored once),
-- training.safetensors  AdamW moments and step counts, and the torch random-number-generator state,
-- state.json            step, optimizer hyperparameters, the metric history so far, anything else the
-                        loop needs (e.g. the best validation score).
-It is written to a temporary directory and renamed, so a kill never leaves a partial checkpoint.
+- sharded/shard-RRRRR-model-00001-of-00001.safetensors
+                        what each process held: model weights ("model.<name>") and AdamW moments and step
+                        counts ("optimizer.state.<name>.<moment>"), written by `dcp.save` through DCP's
+                        HuggingFaceStorageWriter; each file's header records the offsets of its pieces, so
+                        `dcp.load` can reassemble them for any number of processes (save with 2 FSDP
+                        processes, resume with 1, or with DDP);
+- rng.safetensors       the torch random-number-generator state of process 0;
+- state.json            step, the metric history so far, anything else the loop needs (e.g. the best
+                        validation score), and the number of processes that wrote it.
+DCP's default FileSystemWriter/Reader keep the index of the shards in a `.metadata` file that
+FileSystemReader.read_metadata reads with plain `pickle.load` (torch 2.13): loading someone's checkpoint
+could run their code. The safetensors storage writes no such file; HuggingFaceStorageReader builds the
+index from the safetensors headers (JSON), so nothing here is unpickled. Every file is checked to be
+readable safetensors before `dcp.load` starts.
+The processes write into `.step-NNNNNNN.tmp-dcp/`, and process 0 renames it once every process has
+written (barriers on both sides), so a kill never leaves a partial checkpoint under a `step-` name.
+Saving and loading are collective: every process calls them.
 
 Checkpoints live outside the stage's DVC outputs, under `<repo>/checkpoints/<stage>/<key>/`, where
 `key` hashes the stage's params and input hashes: a changed param or input starts fresh, a rerun of
-the same stage resumes. `<repo>` is DVC_ROOT, so experiments in temporary copies share them too.
+the same stage resumes. Params that do not change the arithmetic (processes, nodes, parallelism, device,
+log_every) are left out of the key, so `dvc exp run -S pretrain.processes=1` resumes a killed 2-process
+run. `<repo>` is DVC_ROOT, so experiments in temporary copies share them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from llmpipe.model_io import load_state_into, write_model
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.errors import InputDataError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
+FORMAT = "llmpipe dcp-safetensors 1"   # state.json "format": the layout above
+SHARDS = "sharded"
+# Keys of a training section that do not change the arithmetic: a checkpoint written under one value
+# resumes under another (the data order and the gradients are the same for any number of processes).
+RUNTIME_KEYS = frozenset({"processes", "nodes", "parallelism", "device", "log_every"})
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def checkpoint_key(params: dict, inputs: dict[str, str]) -> str:
-    blob = json.dumps({"params": params, "inputs": inputs}, sort_keys=True, default=str)
+    """Hash of the declared params (dotted keys) and input hashes, without the `RUNTIME_KEYS` of a section."""
+    kept = {key: value for key, value in params.items()
+            if not ("." in key and key.split(".", 1)[1] in RUNTIME_KEYS)}
+    blob = json.dumps({"params": kept, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    state = optimizer.state_dict()
-    tensors = {f"optimizer.{index}.{name}": value.detach().cpu().contiguous()
-               for index, entries in state["state"].items() for name, value in entries.items()
-               if isinstance(value, torch.Tensor)}
-    return tensors, state["param_groups"]
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            per_parameter.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+@contextlib.contextmanager
+def _single_process_quiet():
+    """Without a process group DCP warns that it assumes one process, which is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -60,6 +88,44 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except (OSError, SafetensorError, ValueError) as exc:
         raise InputDataError(f"{path}: unreadable checkpoint file ({exc}); delete the checkpoint directory "
                              f"{path.parent} to start over".splitlines()[0]) from None
+
+
+def _check_shards(path: Path) -> None:
+    """The shard files are safetensors (their headers readable); else one line naming the file."""
+    shards = sorted((path / SHARDS).glob("*.safetensors"))
+    if not shards:
+        raise InputDataError(f"{path / SHARDS}: unreadable checkpoint (no shard files); delete {path} to start over")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                handle.keys()
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise InputDataError(f"{shard}: unreadable checkpoint file ({exc}); delete the checkpoint directory "
+                                 f"{path} to start over".splitlines()[0]) from None
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Parameter name → the name it is tied to (the tied output head → embed_tokens.weight)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return tied
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    """(model state, flat optimizer state, the tensors DCP saves or loads in place). The tensors are
+    DTensors under FSDP (each process its shard), plain tensors otherwise; tied weights go in once;
+    the optimizer's hyperparameters stay out (they come from the settings, which are in the key)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=FLAT)
+    tied = _tied_names(model)
+    tensors = {"model": {k: v for k, v in model_state.items() if k not in tied},
+               "optimizer": {k: v for k, v in optimizer_state.items()
+                             if k.startswith("state.") and isinstance(v, torch.Tensor)}}
+    return model_state, optimizer_state, tensors
 
 
 class CheckpointStore:
@@ -81,38 +147,60 @@ class CheckpointStore:
         steps = self.steps()
         return self.directory / f"step-{steps[-1]:07d}" if steps else None
 
-    def save(self, step: int, model, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+        """Write `step-NNNNNNN/` (every process calls this; each writes its own shard)."""
         path = self.directory / f"step-{step:07d}"
-        tensors, groups = optimizer_to_tensors(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        with atomic.atomic_path(path, directory=True) as temp:
-            write_model(temp, model)
-            save_file(tensors, str(temp / "training.safetensors"))
-            (temp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups},
+        temp = path.with_name(f".{path.name}{atomic.TEMP_MARKER}dcp")
+        if _rank() == 0:
+            atomic.remove_stale_temporaries(path)
+            (temp / SHARDS).mkdir(parents=True)
+        _barrier()
+        tensors = _dcp_state(model, optimizer)[2]
+        with _single_process_quiet():
+            dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(temp / SHARDS), save_distributed=True),
+                     no_dist=not dist.is_initialized())
+        _barrier()  # every process has written its shard
+        if _rank() == 0:
+            save_file({"torch": torch.get_rng_state()}, str(temp / "rng.safetensors"))
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            (temp / "state.json").write_text(json.dumps({**state, "step": step, "format": FORMAT, "processes": world},
                                                         indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        for old in self.steps()[:-self.keep]:
-            shutil.rmtree(self.directory / f"step-{old:07d}", ignore_errors=True)
+            atomic._fsync_tree(temp)
+            atomic._replace(temp, path)
+            for old in self.steps()[:-self.keep]:
+                shutil.rmtree(self.directory / f"step-{old:07d}", ignore_errors=True)
+        _barrier()
         return path
 
-    def load(self, path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore weights, optimizer and RNG from `path`; returns state.json."""
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore weights, optimizer and RNG from `path` (every process calls this); returns state.json."""
         try:
             state = json.loads((path / "state.json").read_text("utf-8"))
             history = state["history"]
-            if not (isinstance(state["step"], int) and isinstance(state["param_groups"], list)
+            if state.get("format") != FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {FORMAT!r} (an older layout?)")
+            if not (isinstance(state["step"], int)
                     and all(isinstance(history[kind], list) and all(isinstance(row, dict) for row in history[kind])
                             for kind in ("train", "eval"))):
-                raise ValueError("state.json does not hold step, history and param_groups as the loop writes them")
+                raise ValueError("state.json does not hold step and history as the loop writes them")
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InputDataError(f"{path}: unreadable checkpoint ({exc}); delete it to start over".splitlines()[0]) from None
-        tensors = _read_tensors(path / "training.safetensors")
-        load_state_into(model, path / "model.safetensors")
+        rng = _read_tensors(path / "rng.safetensors").get("torch")
+        _check_shards(path)
+        model_state, optimizer_state, tensors = _dcp_state(model, optimizer)
         try:
-            optimizer_from_tensors(optimizer, tensors, state["param_groups"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise InputDataError(f"{path}: optimizer state does not match the model ({exc}); "
-                                 "delete the checkpoint to start over".splitlines()[0]) from None
-        torch.set_rng_state(tensors["rng.torch"])
+            with _single_process_quiet():
+                dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDS)),
+                         no_dist=not dist.is_initialized())
+            for name, target in _tied_names(model).items():
+                model_state[name] = model_state[target]
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=FLAT)
+        except (KeyError, ValueError, RuntimeError, AssertionError, dcp.api.CheckpointException) as exc:
+            raise InputDataError(f"{path}: the checkpoint does not match the model and optimizer ({exc}); "
+                                 "delete it to start over".splitlines()[0]) from None
+        if rng is None:
+            raise InputDataError(f"{path / 'rng.safetensors'}: no \"torch\" tensor; delete the checkpoint to start over")
+        torch.set_rng_state(rng)
         return state
 
     def save_best(self, state: dict[str, torch.Tensor], step: int) -> None:
