@@ -11,7 +11,9 @@ Params: finetune (method full|lora, LoRA rank/alpha/dropout/targets, loop settin
 Output: models/finetuned/ (merged model.safetensors + config.json; with LoRA also lora_adapter.*),
 reports/finetune/: metrics.json (DVC metrics: QA accuracy per split, validation answer loss, best step),
 details.json (per attribute, the base model's numbers, example statistics), train/eval curves, samples.md.
-Run: `dvc repro finetune`; full fine-tuning: `dvc exp run -S finetune.method=full`. Chat: `llmpipe chat`.
+Run: `dvc repro finetune`; full fine-tuning: `dvc exp run -S finetune.method=full`; sharded over processes
+(FSDP2, frozen base weights and adapters in the same units): `-S finetune.processes=2 -S finetune.parallelism=fsdp`.
+Chat: `llmpipe chat`.
 """
 
 import torch
@@ -32,7 +34,7 @@ from llmpipe.report.tables import FINETUNE_HEADLINE, write_training_reports
 from llmpipe.tokenizer import LoadedTokenizer
 from llmpipe.train.batches import EpochBatches
 from llmpipe.train.checkpoint import CheckpointStore
-from llmpipe.train.loop import train
+from llmpipe.train.loop import shards, train
 from llmpipe.train.settings import finetune_settings
 
 
@@ -81,13 +83,15 @@ def finetune(params: StageParams, run: StageRun) -> None:
                                tokenizer.end_of_document_id, settings.seed)
         store = CheckpointStore.for_stage("finetune", params.declared_values(), run.input_hashes)
         if process.is_main:
+            sharding = " (FSDP2, sharded)" if shards(settings.loop, process) else ""
             print(f"finetune: {settings.method}, {len(train_encoded)} examples, {settings.loop.max_steps} steps of "
-                  f"{settings.batch.global_sequences}; base model: " + ", ".join(
+                  f"{settings.batch.global_sequences}{sharding}; base model: " + ", ".join(
                       f"{k} {v:.3f}" for k, v in base_metrics.items() if k.endswith(("_people", "_loss"))), flush=True)
         result = train(model, settings.loop, batches, evaluate, process, run, store)
 
         if process.is_main:
-            final_model = merged_copy(model.cpu()) if settings.lora else model.cpu().eval()
+            trained = result.model.cpu()  # whole (gathered from the shards under FSDP)
+            final_model = merged_copy(trained) if settings.lora else trained.eval()
             final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
             statistics = example_statistics(examples["train"])
             metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.loop.max_steps,
@@ -98,7 +102,7 @@ def finetune(params: StageParams, run: StageRun) -> None:
                 write_model(temp, final_model, {"stage": "finetune", "method": settings.method,
                                                 "best_step": metrics["best_step"], TOKENIZER_KEY: tokenizer.fingerprint})
                 if settings.lora:
-                    save_adapter(model, settings.lora, temp)
+                    save_adapter(trained, settings.lora, temp)
             write_training_reports(layout.FINETUNE_REPORTS, result.history, metrics, FINETUNE_HEADLINE)
             samples = finetune_samples(answers, base_answers, settings.sample_answers)
             atomic.write_text(layout.FINETUNE_REPORTS / layout.SAMPLES, samples)

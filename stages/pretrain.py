@@ -9,7 +9,9 @@ final val_bpb, val_loss, unigram_bpb), details.json (parameters, steps, ...), ti
 model FLOPs utilization), {train,eval}_curve.csv (DVC plots).
 Checkpoints go to checkpoints/pretrain/<key>/; a killed run resumes from the last one.
 Run: `dvc repro pretrain`; data-parallel: `dvc exp run -S pretrain.processes=2` (the stage runs under
-llmpipe.pipeline.launch, which is torchrun for N > 1), or by hand: `torchrun --nproc_per_node=2 stages/pretrain.py`.
+llmpipe.pipeline.launch, which is torchrun for N > 1), or by hand: `torchrun --nproc_per_node=2 stages/pretrain.py`;
+sharded (FSDP2, for a model too large for one device): `dvc exp run -S pretrain.processes=2 -S pretrain.parallelism=fsdp`
+(checkpoints are then resumable with any number of processes; the output is the same whole model).
 """
 
 import functools
@@ -28,7 +30,7 @@ from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.tables import PRETRAIN_HEADLINE, write_training_reports
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
-from llmpipe.train.loop import train
+from llmpipe.train.loop import shards, train
 from llmpipe.train.settings import pretrain_settings
 
 
@@ -78,8 +80,8 @@ def pretrain(params: StageParams, run: StageRun) -> None:
         store = CheckpointStore.for_stage("pretrain", params.declared_values(), run.input_hashes)
         if process.is_main:
             print(f"pretrain: {parameters:,} parameters, {batch.global_sequences} sequences × {config.context_length} "
-                  f"tokens per step, {settings.loop.max_steps} steps, {process.world_size} process(es) on "
-                  f"{process.device}", flush=True)
+                  f"tokens per step, {settings.loop.max_steps} steps, {process.world_size} process(es) "
+                  f"{'(FSDP2, sharded) ' if shards(settings.loop, process) else ''}on {process.device}", flush=True)
         result = train(model, settings.loop, batches, evaluate, process, run, store)
 
         if process.is_main:
@@ -94,7 +96,9 @@ def pretrain(params: StageParams, run: StageRun) -> None:
             if result.mean_of("model_flops_utilization") is not None:
                 timings["model_flops_utilization"] = result.mean_of("model_flops_utilization")
             # No timings in the model directory: same weights, same files.
-            save_model(layout.PRETRAINED, model.cpu(), {"stage": "pretrain", TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
+            # result.model: the trained weights, whole (gathered from the shards under FSDP).
+            save_model(layout.PRETRAINED, result.model.cpu(), {"stage": "pretrain",
+                                                               TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
             write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_HEADLINE, timings)
             run.log_facts({key: metrics[key] for key in FACTS} | {"peak_flops_per_second": timings.pop("peak_flops_per_second")})
             run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in result.final_metrics and k not in FACTS})

@@ -24,6 +24,7 @@ from llmpipe.train.flops import measure_matmul_flops_per_second
 
 MODEL_KEYS = ("context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden")
 DEVICES = ["auto", "cpu", "cuda"]
+PARALLELISMS = ["ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class TrainSettings:
     best_metric: str | None = None     # keep the weights of the best evaluation by this metric ...
     best_mode: str = "min"             # ... lower (min) or higher (max) is better
     peak_flops_per_second: float | None = None  # for model FLOPs utilization; None: not reported
+    parallelism: str = "ddp"       # ddp (replicated weights) | fsdp (FSDP2 fully_shard per block); 1 process: plain
 
     def __post_init__(self):
         if self.best_mode not in ("min", "max"):
@@ -57,6 +59,7 @@ class BatchGeometry:
     global_sequences: int
     micro_sequences: int
     world_size: int
+    parallelism: str = "ddp"       # fsdp needs the same number of micro-batches in every process
 
     def __post_init__(self):
         if self.global_sequences % self.micro_sequences:
@@ -66,6 +69,11 @@ class BatchGeometry:
             raise ParamError(f"params.yaml: {self.section}.global_batch_sequences / micro_batch_sequences = "
                              f"{self.global_sequences // self.micro_sequences} micro-batches cannot be shared by "
                              f"{self.world_size} processes")
+        if self.parallelism == "fsdp" and (self.global_sequences // self.micro_sequences) % self.world_size:
+            # Every FSDP forward and backward is a collective: the processes must run as many of them.
+            raise ParamError(f"params.yaml: {self.section}.parallelism: fsdp needs global_batch_sequences / "
+                             f"micro_batch_sequences = {self.global_sequences // self.micro_sequences} micro-batches "
+                             f"to be a multiple of the {self.world_size} processes")
 
 
 @dataclass(frozen=True)
@@ -134,12 +142,18 @@ def loop_settings(params: StageParams, section: str, **extra) -> TrainSettings:
         log_every=params.int(key("log_every"), min=1),
         precision=params.str(key("precision"), choices=["fp32", "bf16"]),
         compile=params.bool(key("compile")),
+        parallelism=parallelism_of(params, section),
         **extra,
     )
     if settings.min_learning_rate > settings.learning_rate:
         raise ParamError(f"{params.source}: {key('min_learning_rate')} ({settings.min_learning_rate}) must not exceed "
                          f"{key('learning_rate')} ({settings.learning_rate})")
     return settings
+
+
+def parallelism_of(params: StageParams, section: str) -> str:
+    """`{section}.parallelism`: ddp (DistributedDataParallel) | fsdp (FSDP2, weights sharded over processes)."""
+    return params.str(f"{section}.parallelism", choices=PARALLELISMS)
 
 
 def process_of(params: StageParams, section: str) -> ProcessInfo:
@@ -170,7 +184,8 @@ def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> Pretrai
     model = model_config(params, tokenizer_vocab_size)
     process = process_of(params, "pretrain")
     batch = BatchGeometry("pretrain", global_batch_sequences(params, model.context_length),
-                          params.int("pretrain.micro_batch_sequences", min=1), process.world_size)
+                          params.int("pretrain.micro_batch_sequences", min=1), process.world_size,
+                          parallelism_of(params, "pretrain"))
     precision = params.str("pretrain.precision", choices=["fp32", "bf16"])
     if params.get("pretrain.peak_flops_per_second") is not None:
         peak = params.float("pretrain.peak_flops_per_second", above=0)
@@ -195,7 +210,8 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
     method = params.str("finetune.method", choices=["full", "lora"])
     process = process_of(params, "finetune")
     batch = BatchGeometry("finetune", params.int("finetune.global_batch_sequences", min=1),
-                          params.int("finetune.micro_batch_sequences", min=1), process.world_size)
+                          params.int("finetune.micro_batch_sequences", min=1), process.world_size,
+                          parallelism_of(params, "finetune"))
     best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
                               else ("val_answer_loss", "min") if validation_examples else (None, "min"))
     return FinetuneSettings(
