@@ -159,6 +159,7 @@ def parallelism_of(params: StageParams, section: str) -> str:
 def process_of(params: StageParams, section: str) -> ProcessInfo:
     """This process (rank, world size from torchrun) on the device `{section}.device` asks for."""
     params.int(f"{section}.processes", min=1)  # read by the stage's launch command in dvc.yaml
+    params.int(f"{section}.nodes", min=1)  # read by the launch command too
     requested = params.str(f"{section}.device", choices=DEVICES)
     if requested == "cuda" and not torch.cuda.is_available():
         raise ParamError(f"{params.source}: {section}.device: cuda, but this PyTorch sees no CUDA device "
