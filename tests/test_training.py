@@ -186,3 +186,18 @@ def test_progress_off_a_terminal_prints_plain_lines_with_eta_and_short_evaluatio
     silent = io.StringIO()
     Progress("pretrain", 4, 0, enabled=False, stream=silent).step(1, 1.0, None)
     assert silent.getvalue() == ""
+
+
+def test_fsdp_needs_as_many_micro_batches_in_every_process_and_the_key_ignores_runtime_params():
+    from llmpipe.train.checkpoint import checkpoint_key
+
+    assert BatchGeometry("pretrain", 8, 2, world_size=2, parallelism="fsdp").world_size == 2
+    BatchGeometry("pretrain", 6, 2, world_size=2)  # DDP: 2 and 1 micro-batches are fine
+    with pytest.raises(ParamError, match=r"pretrain.parallelism: fsdp needs .* = 3 micro-batches to be a multiple "
+                                         r"of the 2 processes"):
+        BatchGeometry("pretrain", 6, 2, world_size=2, parallelism="fsdp")
+    params = {"pretrain.max_steps": 6, "pretrain.processes": 2, "pretrain.parallelism": "fsdp", "seed": 1}
+    same = {**params, "pretrain.processes": 1, "pretrain.parallelism": "ddp", "pretrain.nodes": 2,
+            "pretrain.device": "cpu", "pretrain.log_every": 5}
+    assert checkpoint_key(params, {"a": "1"}) == checkpoint_key(same, {"a": "1"})
+    assert checkpoint_key(params, {"a": "1"}) != checkpoint_key({**params, "pretrain.max_steps": 7}, {"a": "1"})
