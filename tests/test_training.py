@@ -201,3 +201,26 @@ def test_fsdp_needs_as_many_micro_batches_in_every_process_and_the_key_ignores_r
             "pretrain.device": "cpu", "pretrain.log_every": 5}
     assert checkpoint_key(params, {"a": "1"}) == checkpoint_key(same, {"a": "1"})
     assert checkpoint_key(params, {"a": "1"}) != checkpoint_key({**params, "pretrain.max_steps": 7}, {"a": "1"})
+
+
+def test_lora_training_resumes_from_its_checkpoint(tmp_path):
+    """LoRA trains matrices only (no parameter without weight decay): the sharded checkpoint still restores."""
+    from llmpipe.lora import LoRASettings, add_lora
+
+    def lora_setup():
+        model, batches = setup()
+        add_lora(model, LoRASettings(rank=2, alpha=4.0))
+        return model, batches
+
+    model, batches = lora_setup()
+    train(model, settings(), batches, no_eval, CPU, StageRun("t", {}, {}, enabled=False), None)
+    uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+    store = CheckpointStore(tmp_path / "ckpt")
+    model, batches = lora_setup()
+    train(model, settings(), batches, no_eval, CPU, StageRun("t", {}, {}, enabled=False), store)
+    for step in store.steps()[1:]:
+        shutil.rmtree(store.directory / f"step-{step:07d}")
+    model, batches = lora_setup()
+    result = train(model, settings(), batches, no_eval, CPU, StageRun("t", {}, {}, enabled=False), store)
+    assert result.resumed_from == 2
+    assert all(torch.equal(v, uninterrupted[k]) for k, v in model.state_dict().items())

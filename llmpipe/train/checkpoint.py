@@ -12,7 +12,7 @@ A checkpoint is a directory `step-NNNNNNN/` with
 - state.json            step, the metric history so far, anything else the loop needs (e.g. the best
                         validation score), and the number of processes that wrote it.
 DCP's default FileSystemWriter/Reader keep the index of the shards in a `.metadata` file that
-FileSystemReader.read_metadata reads with plain `pickle.load` (torch 2.13): loading someone's checkpoint
+FileSystemReader.read_metadata unpickles with the plain pickle module (torch 2.13): loading someone's checkpoint
 could run their code. The safetensors storage writes no such file; HuggingFaceStorageReader builds the
 index from the safetensors headers (JSON), so nothing here is unpickled. Every file is checked to be
 readable safetensors before `dcp.load` starts.

@@ -83,6 +83,8 @@ def make_optimizer(model: torch.nn.Module, s: TrainSettings, device: torch.devic
     decay = [p for n, p in trainable if p.dim() >= 2]
     no_decay = [p for n, p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (LoRA trains matrices only): torch.distributed.checkpoint cannot restore one.
+    groups = [group for group in groups if group["params"]]
     return torch.optim.AdamW(groups, lr=s.learning_rate, betas=(s.beta1, s.beta2), foreach=False,
                              fused=device.type == "cuda")
 
