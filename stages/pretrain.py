@@ -50,7 +50,7 @@ def import_base_model(params: StageParams, run: StageRun, meta: dict) -> None:
                            PRETRAIN_HEADLINE, timings)
     run.log_facts({key: metrics[key] for key in FACTS})
     run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in FACTS})
-    run.log_headline({k: metrics[k] for k in ("val_bpb", "val_loss", "unigram_bpb")})
+    run.log_headline({k: metrics[k] for k in PRETRAIN_HEADLINE})
     run.log_artifact(layout.PRETRAIN_REPORTS, "reports")
     print(f"pretrain: imported {source} ({metrics['parameters']:,} parameters, context {model.config.context_length}); "
           f"val_bpb {metrics['val_bpb']:.3f}", flush=True)
@@ -102,7 +102,7 @@ def pretrain(params: StageParams, run: StageRun) -> None:
             write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_HEADLINE, timings)
             run.log_facts({key: metrics[key] for key in FACTS} | {"peak_flops_per_second": timings.pop("peak_flops_per_second")})
             run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in result.final_metrics and k not in FACTS})
-            run.log_headline({k: metrics[k] for k in ("val_bpb", "val_loss", "unigram_bpb")})
+            run.log_headline({k: metrics[k] for k in PRETRAIN_HEADLINE})
             run.log_artifact(layout.PRETRAINED / CONFIG_FILE)
             run.log_artifact(layout.PRETRAIN_REPORTS, "reports")  # curves, metrics, details, timings
             store.clear()
