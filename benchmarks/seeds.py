@@ -26,12 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from llmpipe.eval.seeds import (
     experiment_name,
     log_summary_run,
     summarise,
     summary_markdown,
     sweep_experiments,
+    up_to_stage,
     write_summary,
 )
 
@@ -81,10 +84,20 @@ def run(args) -> None:
     summary(args)
 
 
+def pipeline_stages() -> list[str]:
+    return list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
+
+
 def summary(args) -> None:
     experiments = experiments_of(args.sweep)
     if not experiments:
         sys.exit(f"seeds: no experiment named {experiment_name(args.sweep, 'N')} in `dvc exp show`")
+    stages = pipeline_stages()
+    for target in args.targets:
+        if target not in stages:
+            sys.exit(f"seeds: --target {target}: not a stage of dvc.yaml ({', '.join(stages)})")
+    last_stage = max(args.targets, key=stages.index) if args.targets else None
+    experiments = up_to_stage(experiments, last_stage, stages)
     spread = summarise(experiments)
     overrides = getattr(args, "set", [])
     json_path, markdown_path = write_summary(OUTPUT, args.sweep, experiments, spread, overrides)
@@ -139,6 +152,8 @@ def main() -> None:
     run_parser.add_argument("--poll-seconds", type=float, default=5.0)
     summary_parser = commands.add_parser("summary", help="summarise a sweep's experiments")
     summary_parser.add_argument("sweep")
+    summary_parser.add_argument("--target", dest="targets", action="append", default=[], metavar="STAGE",
+                                help="the sweep ran up to this stage: later stages' metrics are the baseline's, left out")
     compare_parser = commands.add_parser("compare", help="one table over sweeps (and a plot against --param)")
     compare_parser.add_argument("sweeps", nargs="+")
     compare_parser.add_argument("--param", help="dotted param key the sweeps differ in, e.g. data.world.paraphrases")

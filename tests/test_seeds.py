@@ -2,10 +2,18 @@
 belong to a sweep, which metrics are headline metrics, and their mean / min / max."""
 
 import subprocess
+from dataclasses import replace
 
 import pytest
 
-from llmpipe.eval.seeds import git_json, headline_metrics, summarise, summary_markdown, sweep_experiments
+from llmpipe.eval.seeds import (
+    git_json,
+    headline_metrics,
+    summarise,
+    summary_markdown,
+    sweep_experiments,
+    up_to_stage,
+)
 
 DETAILS = "reports/finetune/details.json"  # not a DVC metric: read from the experiment's commit
 
@@ -88,3 +96,13 @@ def test_summary_is_mean_min_max_over_the_experiments_that_report_each_metric():
     assert (bpb.mean, bpb.min, bpb.max, bpb.count) == (pytest.approx(0.2), 0.1, 0.3, 2)
     table = summary_markdown("s", experiments, summary)
     assert "| finetune.qa_accuracy_heldout_people | 0.8 | 0.6 | 0.9 | 0.6 | 0.9 | 0.9 |" in table
+
+
+def test_a_sweep_run_up_to_finetune_leaves_out_the_later_stages_metrics():
+    experiments = sweep_experiments(exp_show(revision("s-seed1", 1, 0.6, bpb=0.3)), "s", read_json=committed_details({}))
+    experiments = [replace(experiments[0], metrics={**experiments[0].metrics, "evaluate.F16.val_bpb": 0.5})]
+    stages = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
+    kept = up_to_stage(experiments, "finetune", stages)[0].metrics
+    assert "finetune.qa_accuracy_heldout_people" in kept and "pretrain.val_bpb" in kept
+    assert "evaluate.F16.val_bpb" not in kept  # the baseline's file, not this experiment's
+    assert up_to_stage(experiments, None, stages) == experiments

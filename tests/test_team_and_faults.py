@@ -172,6 +172,7 @@ def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_bu
     assert spread["count"] == 2 and logged["tiny-seed3"] != logged["tiny-seed4"]
     assert spread["min"] == pytest.approx(min(logged.values())) and spread["max"] == pytest.approx(max(logged.values()))
     assert spread["mean"] == pytest.approx(sum(logged.values()) / 2)
+    assert not any(name.startswith("evaluate.") for name in summary["metrics"])  # not run: the baseline's files
     aggregate = [r for r in runs if r.data.tags.get("llmpipe.sweep") == "tiny"]
     assert len(aggregate) == 1 and aggregate[0].data.tags["dvc.experiments"] == "tiny-seed3,tiny-seed4"
     assert aggregate[0].data.metrics["pretrain.val_bpb.max"] == pytest.approx(spread["max"])

@@ -15,7 +15,7 @@ import json
 import re
 import statistics
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from llmpipe.data.world import ATTRIBUTES
@@ -112,6 +112,18 @@ class Spread:
     min: float
     max: float
     count: int
+
+
+def up_to_stage(experiments: list[SweepExperiment], last_stage: str | None,
+                stage_order: list[str]) -> list[SweepExperiment]:
+    """Leave out the metrics of stages after `last_stage` (experiments run with `--target`): their files
+    are the baseline's, not the experiment's. `stage_order` is dvc.yaml's stage order."""
+    if last_stage is None:
+        return experiments
+    later = set(stage_order[stage_order.index(last_stage) + 1:])
+    return [replace(experiment, metrics={name: value for name, value in experiment.metrics.items()
+                                         if name.split(".", 1)[0] not in later})
+            for experiment in experiments]
 
 
 def summarise(experiments: list[SweepExperiment]) -> dict[str, Spread]:
