@@ -81,7 +81,17 @@ def run(args) -> None:
         failed = [name for name in queued if any(name in line and "Failed" in line for line in status.splitlines())]
         if failed:
             print(f"failed: {', '.join(failed)} (see `dvc queue logs <name>`)", file=sys.stderr)
+        wait_for_results([name for name in queued if name not in failed], args.sweep, args.poll_seconds)
     summary(args)
+
+
+def wait_for_results(names: list[str], sweep: str, poll_seconds: float, timeout_seconds: float = 120) -> None:
+    """`dvc queue status` says Success a moment before `dvc exp show` lists the experiment's results."""
+    deadline = time.time() + timeout_seconds
+    while time.time() < deadline:
+        if set(names) <= {experiment.name for experiment in experiments_of(sweep)}:
+            return
+        time.sleep(poll_seconds)
 
 
 def pipeline_stages() -> list[str]:
