@@ -49,8 +49,11 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def experiments_of(sweep: str):
-    return sweep_experiments(json.loads(dvc("exp", "show", "--json")), sweep)
+def experiments_of(sweep: str, all_commits: bool = False):
+    """The sweep's experiments on HEAD (DVC lists experiments under the commit they started from), or on
+    every commit: for a sweep queued before a later commit."""
+    return sweep_experiments(json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []))),
+                             sweep)
 
 
 def wait_for_queue(poll_seconds: float) -> str:
@@ -99,9 +102,10 @@ def pipeline_stages() -> list[str]:
 
 
 def summary(args) -> None:
-    experiments = experiments_of(args.sweep)
+    experiments = experiments_of(args.sweep, getattr(args, "all_commits", False))
     if not experiments:
-        sys.exit(f"seeds: no experiment named {experiment_name(args.sweep, 'N')} in `dvc exp show`")
+        sys.exit(f"seeds: no experiment named {experiment_name(args.sweep, 'N')} in `dvc exp show` "
+                 "(queued before the last commit? add --all-commits)")
     stages = pipeline_stages()
     for target in args.targets:
         if target not in stages:
@@ -124,7 +128,7 @@ def compare(args) -> None:
              "|---|" + ("---:|" if args.param else "") + "---:|" + "---|" * len(HEADLINES)]
     points: dict[str, list] = {name: [] for name in HEADLINES}
     for sweep in args.sweeps:
-        experiments = experiments_of(sweep)
+        experiments = experiments_of(sweep, args.all_commits)
         if not experiments:
             sys.exit(f"seeds: no experiment named {experiment_name(sweep, 'N')} in `dvc exp show`")
         spread = summarise(experiments)
@@ -164,7 +168,9 @@ def main() -> None:
     summary_parser.add_argument("sweep")
     summary_parser.add_argument("--target", dest="targets", action="append", default=[], metavar="STAGE",
                                 help="the sweep ran up to this stage: later stages' metrics are the baseline's, left out")
+    summary_parser.add_argument("--all-commits", action="store_true", help="look for the experiments under every commit")
     compare_parser = commands.add_parser("compare", help="one table over sweeps (and a plot against --param)")
+    compare_parser.add_argument("--all-commits", action="store_true", help="look for the experiments under every commit")
     compare_parser.add_argument("sweeps", nargs="+")
     compare_parser.add_argument("--param", help="dotted param key the sweeps differ in, e.g. data.world.paraphrases")
     args = parser.parse_args()
