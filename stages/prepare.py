@@ -38,6 +38,7 @@ def world_config(params: StageParams) -> WorldConfig:
         finetune_fraction=params.float("data.world.finetune_fraction", above=0, max=1),
         validation_fraction=params.float("data.world.validation_fraction", above=0, max=1),
         mixed_training=params.bool("data.world.mixed_training"),
+        mixed_training_copies=params.int("data.world.mixed_training_copies", min=1),
         seed=params.seed(),
     )
 

@@ -40,6 +40,17 @@ def test_mixed_training_puts_finetune_qa_in_pretraining_text_only_when_on():
     assert not any(heldout_question in doc for doc in on["pretrain_train"])
 
 
+def test_mixed_training_copies_sets_the_share_of_qa_text_and_leaves_biographies_alone():
+    def split(world):
+        qa = [doc for doc in world["pretrain_train"] if doc.startswith("Question:")]
+        return sorted(qa), sorted(doc for doc in world["pretrain_train"] if doc not in qa)
+
+    one_qa, one_bios = split(build_world(WorldConfig(num_people=20, paraphrases=2, mixed_training_copies=1)))
+    three_qa, three_bios = split(build_world(WorldConfig(num_people=20, paraphrases=2, mixed_training_copies=3)))
+    assert len(one_qa) == 10 and sorted(one_qa * 3) == three_qa
+    assert one_bios == three_bios
+
+
 def test_prepared_directory_is_byte_identical_for_same_params(tmp_path):
     config = WorldConfig(num_people=15, paraphrases=2, seed=3)
     write_prepared(world_bundle(build_world(config)), tmp_path / "a")

@@ -11,7 +11,8 @@ People are split three ways: fine-tuning people (their QA pairs are the fine-tun
 validation people (their QA picks the best fine-tuning step) and held-out people (never seen in
 fine-tuning; their accuracy tells whether pretraining knowledge can be extracted). Biographies cover
 everyone. With `mixed_training`, the fine-tuning people's QA pairs also go into the pretraining text
-as plain "Question: ... Answer: ..." documents (not the chat template used in fine-tuning).
+as plain "Question: ... Answer: ..." documents (not the chat template used in fine-tuning),
+`mixed_training_copies` times each: their share of the pretraining text.
 
 Everything is a pure function of the parameters and the seed: no network, no clock.
 """
@@ -130,6 +131,7 @@ class WorldConfig:
     finetune_fraction: float = 0.5    # share of people whose QA is the fine-tuning set
     validation_fraction: float = 0.1  # share of people whose QA selects the best fine-tuning step
     mixed_training: bool = True       # fine-tuning people's QA also in the pretraining text
+    mixed_training_copies: int = 1    # copies of each fine-tuning person's QA document in that text
     seed: int = 0
 
 
@@ -190,7 +192,8 @@ def build_world(config: WorldConfig) -> dict:
     rng = random.Random(f"text-{config.seed}")
     train_docs = [biography(p, rng) for p in people for _ in range(config.paraphrases)]
     if config.mixed_training:
-        train_docs += [plain_qa_document(p) for p in people if p.split == FINETUNED]
+        train_docs += [plain_qa_document(p) for p in people if p.split == FINETUNED
+                       for _ in range(config.mixed_training_copies)]
     rng.shuffle(train_docs)
     with_validation = rng.sample(people, round(len(people) * config.validation_biography_fraction))
     validation_docs = [biography(p, rng) for p in with_validation]
