@@ -163,7 +163,9 @@ def main() -> None:
     run_parser.add_argument("--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
     run_parser.add_argument("--target", dest="targets", action="append", default=[], metavar="STAGE",
                             help="run the pipeline up to this stage only (e.g. finetune: skips quantize and evaluate)")
-    run_parser.add_argument("--poll-seconds", type=float, default=5.0)
+    run_parser.add_argument("--poll-seconds", type=float, default=30.0,
+                            help="how often to ask `dvc queue status` (each call costs about a CPU-second: "
+                                 "every 5 s took 10-20%% of 2 cores from the experiments)")
     summary_parser = commands.add_parser("summary", help="summarise a sweep's experiments")
     summary_parser.add_argument("sweep")
     summary_parser.add_argument("--target", dest="targets", action="append", default=[], metavar="STAGE",
