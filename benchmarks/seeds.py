@@ -49,11 +49,12 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def experiments_of(sweep: str, all_commits: bool = False):
+def experiments_of(sweep: str, all_commits: bool = False, seeds: list[int] | None = None):
     """The sweep's experiments on HEAD (DVC lists experiments under the commit they started from), or on
-    every commit: for a sweep queued before a later commit."""
-    return sweep_experiments(json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []))),
-                             sweep)
+    every commit: for a sweep queued before a later commit. With `seeds`, only those seeds' experiments."""
+    experiments = sweep_experiments(
+        json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []))), sweep)
+    return [experiment for experiment in experiments if seeds is None or experiment.seed in seeds]
 
 
 def wait_for_queue(poll_seconds: float) -> str:
@@ -102,7 +103,7 @@ def pipeline_stages() -> list[str]:
 
 
 def summary(args) -> None:
-    experiments = experiments_of(args.sweep, getattr(args, "all_commits", False))
+    experiments = experiments_of(args.sweep, getattr(args, "all_commits", False), getattr(args, "only_seeds", None))
     if not experiments:
         sys.exit(f"seeds: no experiment named {experiment_name(args.sweep, 'N')} in `dvc exp show` "
                  "(queued before the last commit? add --all-commits)")
@@ -128,7 +129,7 @@ def compare(args) -> None:
              "|---|" + ("---:|" if args.param else "") + "---:|" + "---|" * len(HEADLINES)]
     points: dict[str, list] = {name: [] for name in HEADLINES}
     for sweep in args.sweeps:
-        experiments = experiments_of(sweep, args.all_commits)
+        experiments = experiments_of(sweep, args.all_commits, args.only_seeds)
         if not experiments:
             sys.exit(f"seeds: no experiment named {experiment_name(sweep, 'N')} in `dvc exp show`")
         spread = summarise(experiments)
@@ -175,6 +176,9 @@ def main() -> None:
     compare_parser.add_argument("--all-commits", action="store_true", help="look for the experiments under every commit")
     compare_parser.add_argument("sweeps", nargs="+")
     compare_parser.add_argument("--param", help="dotted param key the sweeps differ in, e.g. data.world.paraphrases")
+    for subcommand in (summary_parser, compare_parser):
+        subcommand.add_argument("--seeds", dest="only_seeds", type=int, nargs="+", metavar="SEED",
+                                help="only these seeds' experiments (default: all the sweep has)")
     args = parser.parse_args()
     {"run": run, "summary": summary, "compare": compare}[args.command](args)
 

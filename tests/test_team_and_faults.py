@@ -178,6 +178,10 @@ def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_bu
     assert aggregate[0].data.metrics["pretrain.val_bpb.max"] == pytest.approx(spread["max"])
     again = run(sweep, repo).stdout
     assert "tiny-seed3: already run, kept" in again and "queued" not in again
+    run([sys.executable, "benchmarks/seeds.py", "summary", "tiny", "--target", "finetune", "--seeds", "4"], repo)
+    only_seed4 = json.loads((repo / "reports/seeds/tiny.json").read_text())
+    assert [e["name"] for e in only_seed4["experiments"]] == ["tiny-seed4"]
+    assert only_seed4["metrics"]["pretrain.val_bpb"]["mean"] == pytest.approx(logged["tiny-seed4"])
 
 
 OUTPUTS = {"prepare": ["data/prepared"], "train_tokenizer": ["models/tokenizer", "reports/tokenizer.md"],
