@@ -31,6 +31,7 @@ import yaml
 from llmpipe.eval.seeds import (
     experiment_name,
     log_summary_run,
+    queue_progress,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -57,11 +58,23 @@ def experiments_of(sweep: str, all_commits: bool = False, seeds: list[int] | Non
     return [experiment for experiment in experiments if seeds is None or experiment.seed in seeds]
 
 
-def wait_for_queue(poll_seconds: float) -> str:
+def start_queue(jobs: int) -> None:
+    # The workers outlive `dvc queue start` and keep its output open: do not wait on it.
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_queue(names: list[str], jobs: int, poll_seconds: float) -> str:
+    """Until none of `names` is queued or running (other sweeps' tasks may still be); restarts the workers
+    if they are gone while some of ours still wait."""
     while True:
         status = dvc("queue", "status")
-        if "Queued" not in status and "Running" not in status:
+        pending, workers_alive = queue_progress(status, names)
+        if not pending:
             return status
+        if not workers_alive:
+            print(f"seeds: no queue worker left with {len(pending)} experiment(s) waiting; starting {jobs} again")
+            start_queue(jobs)
         time.sleep(poll_seconds)
 
 
@@ -78,10 +91,8 @@ def run(args) -> None:
         queued.append(experiment_name(args.sweep, seed))
     if queued:
         print(f"queued {', '.join(queued)}; running {args.jobs} at a time")
-        # The workers outlive `dvc queue start` and keep its output open: do not wait on it.
-        subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        status = wait_for_queue(args.poll_seconds)
+        start_queue(args.jobs)
+        status = wait_for_queue(queued, args.jobs, args.poll_seconds)
         failed = [name for name in queued if any(name in line and "Failed" in line for line in status.splitlines())]
         if failed:
             print(f"failed: {', '.join(failed)} (see `dvc queue logs <name>`)", file=sys.stderr)

@@ -9,6 +9,7 @@ import pytest
 from llmpipe.eval.seeds import (
     git_json,
     headline_metrics,
+    queue_progress,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -106,3 +107,22 @@ def test_a_sweep_run_up_to_finetune_leaves_out_the_later_stages_metrics():
     assert "finetune.qa_accuracy_heldout_people" in kept and "pretrain.val_bpb" in kept
     assert "evaluate.F16.val_bpb" not in kept  # the baseline's file, not this experiment's
     assert up_to_stage(experiments, None, stages) == experiments
+
+
+QUEUE_STATUS = """Task     Name             Created    Status
+cd37f8e  para1-seed2      06:35 PM   Running
+ef0cc83  para1-seed3      06:35 PM   Queued
+7c1e71c  nomix-seed1      06:36 PM   Queued
+a94944d  b16-seed2        06:34 PM   Success
+32b9a07  b16-seed5        05:57 PM   Failed
+
+Worker status: {workers}, 0 idle
+"""
+
+
+def test_a_sweep_waits_for_its_own_experiments_only_and_notices_when_no_worker_is_left():
+    mine = ["para1-seed1", "para1-seed2", "para1-seed3"]
+    pending, alive = queue_progress(QUEUE_STATUS.format(workers="1 active"), mine)
+    assert pending == ["para1-seed2", "para1-seed3"] and alive  # seed 1 is done; nomix is another sweep's
+    assert queue_progress(QUEUE_STATUS.format(workers="1 active"), ["b16-seed2", "b16-seed5"]) == ([], True)
+    assert queue_progress(QUEUE_STATUS.format(workers="0 active"), mine) == (["para1-seed2", "para1-seed3"], False)

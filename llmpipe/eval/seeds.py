@@ -39,6 +39,18 @@ def experiment_name(sweep: str, seed: int) -> str:
     return f"{sweep}-seed{seed}"
 
 
+def queue_progress(queue_status: str, names: list[str]) -> tuple[list[str], bool]:
+    """From `dvc queue status` text: which of `names` are still queued or running, and whether any queue
+    worker is alive (a worker can die, e.g. after `dvc queue kill`, leaving queued tasks that never start)."""
+    pending = []
+    for line in queue_status.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] in names and fields[-1] in ("Queued", "Running"):
+            pending.append(fields[1])
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", queue_status)
+    return pending, workers is None or int(workers.group(1)) + int(workers.group(2)) > 0
+
+
 def _flatten(prefix: str, value, into: dict[str, float]) -> None:
     if isinstance(value, dict):
         for key, inner in value.items():
