@@ -32,6 +32,7 @@ from llmpipe.eval.seeds import (
     experiment_name,
     log_summary_run,
     queue_progress,
+    queue_states,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -50,11 +51,16 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def experiments_of(sweep: str, all_commits: bool = False, seeds: list[int] | None = None):
-    """The sweep's experiments on HEAD (DVC lists experiments under the commit they started from), or on
-    every commit: for a sweep queued before a later commit. With `seeds`, only those seeds' experiments."""
-    experiments = sweep_experiments(
-        json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else []))), sweep)
+def exp_show(all_commits: bool = False) -> list:
+    """`dvc exp show --json`: the experiments on HEAD (DVC lists experiments under the commit they started
+    from), or on every commit, for a sweep queued before a later commit."""
+    return json.loads(dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else [])))
+
+
+def experiments_of(sweep: str, all_commits: bool = False, seeds: list[int] | None = None, shown: list | None = None):
+    """The sweep's experiments (from `shown`, an `exp_show()` already read, if given); with `seeds`, only
+    those seeds' experiments."""
+    experiments = sweep_experiments(shown if shown is not None else exp_show(all_commits), sweep)
     return [experiment for experiment in experiments if seeds is None or experiment.seed in seeds]
 
 
@@ -93,7 +99,7 @@ def run(args) -> None:
         print(f"queued {', '.join(queued)}; running {args.jobs} at a time")
         start_queue(args.jobs)
         status = wait_for_queue(queued, args.jobs, args.poll_seconds)
-        failed = [name for name in queued if any(name in line and "Failed" in line for line in status.splitlines())]
+        failed = [name for name in queued if queue_states(status).get(name) == "Failed"]
         if failed:
             print(f"failed: {', '.join(failed)} (see `dvc queue logs <name>`)", file=sys.stderr)
         wait_for_results([name for name in queued if name not in failed], args.sweep, args.poll_seconds)
@@ -139,8 +145,9 @@ def compare(args) -> None:
              + " | ".join(f"{name} mean / min / max" for name in HEADLINES) + " |",
              "|---|" + ("---:|" if args.param else "") + "---:|" + "---|" * len(HEADLINES)]
     points: dict[str, list] = {name: [] for name in HEADLINES}
+    shown = exp_show(args.all_commits)  # one `dvc exp show` for every sweep: each call takes tens of seconds
     for sweep in args.sweeps:
-        experiments = experiments_of(sweep, args.all_commits, args.only_seeds)
+        experiments = experiments_of(sweep, seeds=args.only_seeds, shown=shown)
         if not experiments:
             sys.exit(f"seeds: no experiment named {experiment_name(sweep, 'N')} in `dvc exp show`")
         spread = summarise(experiments)

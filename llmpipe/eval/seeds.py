@@ -39,14 +39,17 @@ def experiment_name(sweep: str, seed: int) -> str:
     return f"{sweep}-seed{seed}"
 
 
+def queue_states(queue_status: str) -> dict[str, str]:
+    """Each task's state (Queued, Running, Success, Failed, ...) by experiment name, from `dvc queue status` text."""
+    return {fields[1]: fields[-1] for fields in map(str.split, queue_status.splitlines())
+            if len(fields) >= 3 and fields[0] not in ("Task", "Worker")}
+
+
 def queue_progress(queue_status: str, names: list[str]) -> tuple[list[str], bool]:
     """From `dvc queue status` text: which of `names` are still queued or running, and whether any queue
     worker is alive (a worker can die, e.g. after `dvc queue kill`, leaving queued tasks that never start)."""
-    pending = []
-    for line in queue_status.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[1] in names and fields[-1] in ("Queued", "Running"):
-            pending.append(fields[1])
+    states = queue_states(queue_status)
+    pending = [name for name in names if states.get(name) in ("Queued", "Running")]
     workers = re.search(r"Worker status: (\d+) active, (\d+) idle", queue_status)
     return pending, workers is None or int(workers.group(1)) + int(workers.group(2)) > 0
 
