@@ -72,16 +72,20 @@ def start_queue(jobs: int) -> None:
 
 def wait_for_queue(names: list[str], jobs: int, poll_seconds: float) -> str:
     """Until none of `names` is queued or running (other sweeps' tasks may still be); restarts the workers
-    if they are gone while some of ours still wait."""
+    if the queue stalls while some of ours still wait. Stalled means twice in a row, `poll_seconds` apart: a
+    worker takes a moment to pick up the next task, and starting another meanwhile would run two at once."""
+    stalled_before = False
     while True:
+        time.sleep(poll_seconds)
         status = dvc("queue", "status")
-        pending, workers_alive = queue_progress(status, names)
+        pending, stalled = queue_progress(status, names)
         if not pending:
             return status
-        if not workers_alive:
-            print(f"seeds: no queue worker left with {len(pending)} experiment(s) waiting; starting {jobs} again")
+        if stalled and stalled_before:
+            print(f"seeds: nothing running with {len(pending)} experiment(s) waiting; starting {jobs} queue worker(s)")
             start_queue(jobs)
-        time.sleep(poll_seconds)
+            stalled = False
+        stalled_before = stalled
 
 
 def run(args) -> None:

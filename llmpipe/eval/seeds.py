@@ -46,12 +46,13 @@ def queue_states(queue_status: str) -> dict[str, str]:
 
 
 def queue_progress(queue_status: str, names: list[str]) -> tuple[list[str], bool]:
-    """From `dvc queue status` text: which of `names` are still queued or running, and whether any queue
-    worker is alive (a worker can die, e.g. after `dvc queue kill`, leaving queued tasks that never start)."""
+    """From `dvc queue status` text: which of `names` are still queued or running, and whether the queue is
+    stalled: tasks queued and none running (a worker can die, e.g. after `dvc queue kill`, leaving queued
+    tasks that never start). Its "Worker status" line is not used: it reads "0 active" while a task runs."""
     states = queue_states(queue_status)
     pending = [name for name in names if states.get(name) in ("Queued", "Running")]
-    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", queue_status)
-    return pending, workers is None or int(workers.group(1)) + int(workers.group(2)) > 0
+    stalled = "Queued" in states.values() and "Running" not in states.values()
+    return pending, stalled
 
 
 def _flatten(prefix: str, value, into: dict[str, float]) -> None:
