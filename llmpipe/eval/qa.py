@@ -65,3 +65,29 @@ def spread_sample(results: list, count: int) -> list:
     if count >= len(results):
         return list(results)
     return [results[index * len(results) // count] for index in range(count)]
+
+
+def namesake_answers(results: list[dict], pairs: list[dict], people: list[dict]) -> dict[str, int]:
+    """Where the wrong answers come from: of the `results` (qa_accuracy's, for `pairs`) that are wrong, how many
+    give the asked attribute of another person with the same last name, of one with the same first name, of
+    anyone else in `people` (world.json's rows), or of no one. Many namesake answers mean the model keyed
+    facts on part of the name."""
+    owners: dict[tuple[str, str], list[str]] = {}
+    for person in people:
+        for attribute, value in person.items():
+            owners.setdefault((attribute, normalize_answer(value)), []).append(person["name"])
+    counts = {"wrong": 0, "same_last_name": 0, "same_first_name": 0, "someone_else": 0, "no_one": 0}
+    for pair, result in zip(pairs, results):
+        if result["correct"]:
+            continue
+        counts["wrong"] += 1
+        first, last = pair["person"].split()[0], pair["person"].split()[-1]
+        others = [name for name in owners.get((pair["attribute"], normalize_answer(result["answer"])), [])
+                  if name != pair["person"]]
+        if any(name.split()[-1] == last for name in others):
+            counts["same_last_name"] += 1
+        elif any(name.split()[0] == first for name in others):
+            counts["same_first_name"] += 1
+        else:
+            counts["someone_else" if others else "no_one"] += 1
+    return counts
