@@ -1,6 +1,8 @@
 """The embedded world, the user's data sources and fine-tuning formats."""
 
 import json
+import random
+from collections import Counter
 
 import pytest
 
@@ -11,7 +13,7 @@ from llmpipe.data.sources import (
     read_hub_documents,
     read_local_documents,
 )
-from llmpipe.data.world import WorldConfig, build_world
+from llmpipe.data.world import LAST_NAMES, WorldConfig, build_world, draw_names
 from llmpipe.pipeline.errors import InputDataError
 
 
@@ -28,6 +30,18 @@ def test_world_is_deterministic_and_split_three_ways():
     # Held-out people are in the pretraining biographies, never in the fine-tuning QA.
     assert all(any(name in doc for doc in first["pretrain_train"]) for name in heldout)
     assert not any(qa["person"] in heldout for qa in first["qa"]["finetuned_people"])
+
+
+def test_no_two_people_share_a_first_or_last_name_until_the_names_run_out():
+    # A namesake's facts are the small model's usual wrong answer (docs/seeds.md).
+    rng = random.Random(0)
+    for count in (200, len(LAST_NAMES)):
+        names = draw_names(count, rng)
+        assert len({name.split()[0] for name in names}) == len({name.split()[1] for name in names}) == count
+    names = draw_names(len(LAST_NAMES) * 2 + 7, rng)  # beyond: every last name used 2 or 3 times
+    assert len(set(names)) == len(names)
+    assert set(Counter(name.split()[1] for name in names).values()) == {2, 3}
+    assert max(Counter(name.split()[0] for name in names).values()) == 3
 
 
 def test_mixed_training_puts_finetune_qa_in_pretraining_text_only_when_on():

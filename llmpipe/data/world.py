@@ -25,13 +25,38 @@ from dataclasses import dataclass
 from llmpipe.pipeline.layout import QA_SPLITS
 
 FIRST_NAMES = [
-    "Amara", "Bastian", "Celeste", "Dorian", "Elowen", "Fabian", "Greta", "Hamish", "Ilse", "Jasper",
-    "Kalinda", "Leander", "Marisol", "Niall", "Odalys", "Percival", "Quilla", "Rosalind", "Soren",
-    "Tamsin", "Ulric", "Vesna", "Wendell", "Xiomara", "Yannick", "Zuzana", "Anselm", "Brielle",
-    "Cassius", "Delphine", "Emrys", "Faustine", "Gideon", "Honora", "Ignatius", "Juniper", "Kasimir",
-    "Lisette", "Magnus", "Noemi", "Osric", "Philippa", "Ravi", "Sabine", "Thaddeus", "Una", "Viggo",
-    "Wilhelmina", "Ximena", "Yorick", "Zephyrine", "Aurelio", "Blythe", "Cormac", "Daphne", "Evander",
-    "Fenella", "Gwendolyn", "Horatio", "Isolde",
+    "Amara", "Bastian", "Celeste", "Dorian", "Elowen", "Fabian", "Greta", "Hamish", "Ilse",
+    "Jasper", "Kalinda", "Leander", "Marisol", "Niall", "Odalys", "Percival", "Quilla", "Rosalind",
+    "Soren", "Tamsin", "Ulric", "Vesna", "Wendell", "Xiomara", "Yannick", "Zuzana", "Anselm",
+    "Brielle", "Cassius", "Delphine", "Emrys", "Faustine", "Gideon", "Honora", "Ignatius",
+    "Juniper", "Kasimir", "Lisette", "Magnus", "Noemi", "Osric", "Philippa", "Ravi", "Sabine",
+    "Thaddeus", "Una", "Viggo", "Wilhelmina", "Ximena", "Yorick", "Zephyrine", "Aurelio", "Blythe",
+    "Cormac", "Daphne", "Evander", "Fenella", "Gwendolyn", "Horatio", "Isolde", "Abelard",
+    "Adrienne", "Agatha", "Alaric", "Alistair", "Amadeus", "Ambrose", "Anastasia", "Annika",
+    "Apollonia", "Araminta", "Arlo", "Astrid", "Augustin", "Aurora", "Barnaby", "Beatrix",
+    "Benedikt", "Bertrand", "Bianca", "Bjorn", "Bronwyn", "Caius", "Calliope", "Camille", "Casimir",
+    "Cedric", "Cressida", "Cyprian", "Dagny", "Damaris", "Desmond", "Dietrich", "Dimitri",
+    "Dorothea", "Drusilla", "Eamon", "Edmund", "Eleanora", "Elias", "Eloise", "Engelbert",
+    "Ephraim", "Esmeralda", "Estelle", "Eugenie", "Everett", "Ezekiel", "Felicity", "Ferdinand",
+    "Fiorella", "Florian", "Francesca", "Frederica", "Gaspard", "Genevieve", "Georgina", "Gilbert",
+    "Giselle", "Godfrey", "Griselda", "Gustav", "Hadrian", "Harriet", "Hector", "Henrietta",
+    "Hildegard", "Hugo", "Imogen", "Ingeborg", "Isadora", "Ivo", "Jacinta", "Jeremiah", "Joaquin",
+    "Jolyon", "Josephine", "Julius", "Justine", "Kaspar", "Katarina", "Kieran", "Konstantin",
+    "Lavinia", "Leopold", "Lorcan", "Lucius", "Ludmila", "Lysander", "Mafalda", "Malachi",
+    "Marcellus", "Margarethe", "Matthias", "Maximilian", "Melisande", "Mirabel", "Montague",
+    "Morwenna", "Nathaniel", "Nerissa", "Nikolai", "Ottilie", "Octavia", "Oleander", "Orlando",
+    "Ottoline", "Pascal", "Perpetua", "Peregrine", "Petronella", "Phineas", "Priscilla", "Quentin",
+    "Quinton", "Radomir", "Raphael", "Rebekah", "Reinhold", "Rodrigo", "Rosamund", "Rupert",
+    "Sebastian", "Seraphina", "Severin", "Sigrid", "Silvester", "Solveig", "Stellan", "Sybilla",
+    "Tancred", "Temperance", "Theodora", "Tobias", "Tristan", "Ursula", "Valentina", "Valerian",
+    "Venetia", "Victorine", "Vincenzo", "Violetta", "Waldemar", "Wilfred", "Winifred", "Xavier",
+    "Yolanda", "Zachariah", "Zenobia", "Adalbert", "Aeneas", "Albertine", "Alphonse", "Anneliese",
+    "Archer", "Ariadne", "Barnabas", "Benedetta", "Berenice", "Caspian", "Celestine", "Clementine",
+    "Constance", "Cosimo", "Cornelius", "Desdemona", "Dominika", "Edwina", "Elspeth", "Emmeline",
+    "Erasmus", "Esther", "Fabiola", "Fergus", "Fidelma", "Gawain", "Gertrude", "Gregor",
+    "Hortensia", "Humphrey", "Isidore", "Jessamine", "Jocasta", "Leocadia", "Leontine", "Lucasta",
+    "Mathilde", "Meredith", "Mordecai", "Narcissa", "Odile", "Olivier", "Osvaldo", "Pelagia",
+    "Perdita",
 ]
 LAST_NAMES = [
     "Abernathy", "Blackwood", "Castellano", "Drummond", "Eberhardt", "Fairweather", "Galloway",
@@ -39,8 +64,36 @@ LAST_NAMES = [
     "Okonkwo", "Pemberton", "Quintero", "Rasmussen", "Sinclair", "Thornbury", "Underhill",
     "Valentini", "Whitcombe", "Xanthopoulos", "Yardley", "Zimmerman", "Ashcroft", "Bellamy",
     "Carmichael", "Delacroix", "Ellsworth", "Fitzgerald", "Grimaldi", "Holloway", "Iverson",
-    "Jovanovic", "Kingsley", "Lockhart", "Mercado", "Northcott", "Oyelaran", "Prescott", "Ravenscroft",
-    "Saltonstall", "Tremaine", "Vasquez", "Wexley", "Yoshida", "Zeller", "Brightwater",
+    "Jovanovic", "Kingsley", "Lockhart", "Mercado", "Northcott", "Oyelaran", "Prescott",
+    "Ravenscroft", "Saltonstall", "Tremaine", "Vasquez", "Wexley", "Yoshida", "Zeller",
+    "Brightwater", "Achterberg", "Adeyemi", "Albrecht", "Alvarado", "Amundsen", "Andersson",
+    "Arbuthnot", "Archibald", "Arrington", "Atherton", "Babington", "Bachmann", "Baranski",
+    "Barrowclough", "Battaglia", "Beauchamp", "Bergstrom", "Birkenhead", "Bjornsson", "Blanchard",
+    "Bonaventura", "Bosworth", "Brannigan", "Brocklehurst", "Bustamante", "Cadwallader", "Calderon",
+    "Callahan", "Cardenas", "Castleton", "Chadwick", "Chatterjee", "Chudzik", "Cioffi",
+    "Claybourne", "Colquhoun", "Cornwallis", "Cranston", "Crowther", "Dalgleish", "Darrowby",
+    "Davenport", "Dellinger", "Desrosiers", "Dimitrov", "Donnelly", "Dubois", "Dunleavy",
+    "Eastwood", "Edelstein", "Egerton", "Eriksen", "Escobar", "Esterhazy", "Etherington",
+    "Falconer", "Farnsworth", "Featherstone", "Ferreira", "Finnegan", "Fontaine", "Fothergill",
+    "Fraser", "Fujimoto", "Gallagher", "Garibaldi", "Gathercole", "Gillespie", "Goldberg",
+    "Gonzaga", "Gottlieb", "Greenhalgh", "Grosvenor", "Gunnarsson", "Haddington", "Halvorsen",
+    "Harcourt", "Hathaway", "Heathcote", "Hendricks", "Herrera", "Hightower", "Hofstadter",
+    "Huxley", "Ibarra", "Iglesias", "Ishikawa", "Jaramillo", "Jefferies", "Jorgensen", "Kaminski",
+    "Karlsson", "Kavanagh", "Kensington", "Kilbride", "Kirkpatrick", "Kobayashi", "Kuznetsov",
+    "Lachance", "Lafferty", "Langford", "Latimer", "Lefebvre", "Lennox", "Llewellyn", "Lombardi",
+    "Loughran", "Macallister", "Mackintosh", "Madrigal", "Malinowski", "Mansfield", "Marchetti",
+    "Matsumoto", "Medina", "Merriweather", "Moncrieff", "Morrissey", "Mortimer", "Mulligan",
+    "Nakashima", "Navarro", "Nettleton", "Nielsen", "Norbury", "Oakes", "Ogilvie", "Olafsson",
+    "Ormsby", "Ortega", "Osborne", "Pacheco", "Pappas", "Pendleton", "Petrovic", "Pickering",
+    "Quarrington", "Radcliffe", "Ramirez", "Redfern", "Rochester", "Romanov", "Rothschild",
+    "Rutherford", "Sandoval", "Santangelo", "Scarborough", "Schellenberg", "Selwyn", "Shackleton",
+    "Sheridan", "Sokolov", "Spellman", "Stanhope", "Steinberg", "Stroud", "Sutherland", "Takahashi",
+    "Tallis", "Tennyson", "Thackeray", "Tolliver", "Townsend", "Trevelyan", "Tschirner", "Uchida",
+    "Ulbricht", "Urquhart", "Vandenberg", "Vanterpool", "Varga", "Villanueva", "Vogelsang",
+    "Wadsworth", "Wainwright", "Waterhouse", "Weatherby", "Wellesley", "Westergaard", "Whitmore",
+    "Wilberforce", "Winterbottom", "Wojcik", "Woodhouse", "Wrexham", "Yamamoto", "Yilmaz",
+    "Youngblood", "Zabinski", "Zamora", "Zapata", "Zelenko", "Zielinski", "Zorrilla", "Zubiri",
+    "Abercrombie", "Bancroft", "Dunbar", "Everhart", "Fairbanks",
 ]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]
@@ -146,11 +199,35 @@ def max_people() -> int:
     return len(FIRST_NAMES) * len(LAST_NAMES)
 
 
+def draw_names(count: int, rng: random.Random) -> list[str]:
+    """`count` distinct full names at random, each first and each last name used as evenly as possible.
+
+    Up to min(len(FIRST_NAMES), len(LAST_NAMES)) people, no two share a first or a last name. The small
+    default model keys a person's facts on one name token; with shared name parts it then answers with a
+    namesake's facts, and the seed decides whether it learns to tell namesakes apart (docs/seeds.md).
+    """
+    candidates = [(first, last) for first in FIRST_NAMES for last in LAST_NAMES]
+    rng.shuffle(candidates)
+    first_uses: dict[str, int] = dict.fromkeys(FIRST_NAMES, 0)
+    last_uses: dict[str, int] = dict.fromkeys(LAST_NAMES, 0)
+    chosen: dict[tuple[str, str], None] = {}
+    most_uses = 0
+    while len(chosen) < count:  # pass k takes the names whose parts are still used fewer than k times
+        most_uses += 1
+        for first, last in candidates:
+            if len(chosen) == count:
+                break
+            if first_uses[first] < most_uses and last_uses[last] < most_uses and (first, last) not in chosen:
+                chosen[first, last] = None
+                first_uses[first] += 1
+                last_uses[last] += 1
+    return [f"{first} {last}" for first, last in chosen]
+
+
 def make_people(config: WorldConfig) -> list[Person]:
     """Draw unique names and attribute values; assign each person to a split."""
     rng = random.Random(f"people-{config.seed}")
-    all_names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
-    names = rng.sample(all_names, config.num_people)
+    names = draw_names(config.num_people, rng)
     n_finetune = round(config.num_people * config.finetune_fraction)
     n_validation = round(config.num_people * config.validation_fraction)
     people = []
