@@ -1,7 +1,7 @@
 """The embedded default dataset: a seeded "knowledge world" of fictional people.
 
-Each person has a unique name and a few attributes (birth date, birth city, university, field of
-study, employer). From them we write:
+Each person has a first and a last name no one else has (up to 250 people) and a few attributes
+(birth date, birth city, university, field of study, employer). From them we write:
 - biographies for pretraining, several per person, each with a random paraphrase of every fact
   and the sentences in random order (the augmentation that Allen-Zhu & Li, "Physics of Language
   Models: Part 3.1", show lets knowledge be extracted by question answering later);

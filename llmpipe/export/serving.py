@@ -7,7 +7,7 @@ conversation (system / user / assistant messages, rendered with the tokenizer's 
 generation settings beside it; the answer is a chat completion.
 
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
-      -d '{"messages": [{"role": "user", "content": "What is the birth city of Emrys Jablonski?"}],
+      -d '{"messages": [{"role": "user", "content": "What is the birth city of Sebastian Atherton?"}],
            "max_tokens": 16, "temperature": 0}'
     # → {"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
     #    "message": {"role": "assistant", "content": "Cordoba"}}], "usage": {...}, ...}
@@ -39,7 +39,7 @@ from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, Ch
 
 DEFAULT_MAX_TOKENS = 32
 # Small, so that logging the model (MLflow runs it once on this example) stays quick.
-INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the birth city of Emrys Jablonski?"}],
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the birth city of Sebastian Atherton?"}],
                  "max_tokens": 8, "temperature": 0.0}
 
 
