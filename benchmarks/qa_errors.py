@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from llmpipe.chat_template import ChatTemplate
 from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.qa import namesake_answers, qa_accuracy
@@ -29,7 +27,6 @@ def main() -> None:
     parser.add_argument("--split", default="heldout_people", choices=sorted(layout.QA_FILES))
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
-    torch.manual_seed(0)
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     model, _ = load_model(layout.FINETUNED, tokenizer=tokenizer)
     pairs = read_rows(layout.QA_FILES[args.split])
