@@ -119,7 +119,7 @@ def test_exp_run_with_other_vocab_size_reruns_tokenizer_and_downstream_only(copy
 
 def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
     repo = copy_built()
-    assert (repo / "models/finetuned/lora_adapter.safetensors").is_file()  # LoRA is the default method
+    assert (repo / "models/finetuned/lora_adapter.safetensors").is_file()  # the tiny config fine-tunes with LoRA
     output = dvc(repo, "exp", "run", "-S", "finetune.method=full").stdout
     assert ran(output) == ["finetune", "quantize", "evaluate"]
     assert not (repo / "models/finetuned/lora_adapter.safetensors").exists()
