@@ -1,4 +1,4 @@
-"""Stage `finetune`: supervised instruction tuning of the pretrained model, full or LoRA.
+"""Stage `finetune`: supervised instruction tuning of the pretrained model: chat tokens only, full or LoRA.
 
 Examples (data/prepared/finetune_*.jsonl) are put in the chat template built from the tokenizer's
 special tokens; the loss is taken on the answers only. The training loop is the pretraining one
@@ -7,18 +7,21 @@ validation people's questions, which picks the best step (the output is that ste
 At the end, greedy exact-match accuracy on the fine-tuned, validation and held-out people's questions,
 overall and per attribute, for the base model and the fine-tuned one.
 
-Params: finetune (method full|lora, LoRA rank/alpha/dropout/targets, loop settings), seed.
+Params: finetune (method chat_tokens|full|lora, LoRA rank/alpha/dropout/targets, loop settings), seed.
+chat_tokens (the default) trains only the special tokens' embedding rows (llmpipe/chat_tokens.py).
 Output: models/finetuned/ (merged model.safetensors + config.json; with LoRA also lora_adapter.*),
 reports/finetune/: metrics.json (DVC metrics: QA accuracy per split, validation answer loss, best step),
 details.json (per attribute, the base model's numbers, example statistics), train/eval curves, samples.md.
-Run: `dvc repro finetune`; full fine-tuning: `dvc exp run -S finetune.method=full`; sharded over processes
-(FSDP2, frozen base weights and adapters in the same units): `-S finetune.processes=2 -S finetune.parallelism=fsdp`.
+Run: `dvc repro finetune`; every weight: `dvc exp run -S finetune.method=full -S finetune.learning_rate=3e-4`;
+LoRA: `-S finetune.method=lora -S finetune.learning_rate=3e-3`; full or LoRA sharded over processes (FSDP2;
+with LoRA, frozen base weights and adapters in the same units): `-S finetune.processes=2 -S finetune.parallelism=fsdp`.
 Chat: `llmpipe chat`.
 """
 
 import torch
 
 from llmpipe.chat_template import ChatTemplate
+from llmpipe.chat_tokens import train_only_token_rows
 from llmpipe.data.chat_examples import example_statistics, read_prepared_examples
 from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.metrics import answer_loss
@@ -74,6 +77,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
         if settings.lora:
             add_lora(model, settings.lora)
             model.to(process.device)
+        elif settings.method == "chat_tokens":
+            train_only_token_rows(model, tokenizer.special_ids.values())
 
         def evaluate(current) -> dict[str, float]:  # every eval_every steps: picks the best step
             return measure(current, template, {"validation_people": qa_sets["validation_people"]}, validation,

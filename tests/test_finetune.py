@@ -2,13 +2,19 @@
 
 import pytest
 import torch
-from conftest import train_test_tokenizer
+import yaml
+from conftest import ROOT, train_test_tokenizer
 
 from llmpipe.chat_template import ChatTemplate, pad_batch
+from llmpipe.chat_tokens import train_only_token_rows
 from llmpipe.data.chat_examples import example_statistics
 from llmpipe.lora import LoRASettings, add_lora, merged_copy
 from llmpipe.model import IGNORE_INDEX, ModelConfig, Transformer
+from llmpipe.pipeline.errors import ParamError
+from llmpipe.pipeline.params import StageParams
 from llmpipe.train.batches import EpochBatches
+from llmpipe.train.loop import make_optimizer
+from llmpipe.train.settings import TrainSettings, finetune_settings
 
 QA = [{"role": "user", "content": "What is the birth city of Ada?"}, {"role": "assistant", "content": "Lisbon"}]
 
@@ -112,6 +118,41 @@ def test_lora_starts_as_an_exact_no_op_and_merging_equals_the_adapter():
         merged_logits, _ = merged_copy(adapted)(tokens)
     assert not torch.allclose(with_adapter, expected)
     torch.testing.assert_close(merged_logits, with_adapter, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chat_tokens_training_changes_only_the_special_tokens_rows(tied):
+    torch.manual_seed(0)
+    trained = Transformer(ModelConfig(vocab_size=50, context_length=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
+                                      ffn_hidden=48, tie_embeddings=tied))
+    before = {name: tensor.clone() for name, tensor in trained.state_dict().items()}
+    names = train_only_token_rows(trained, [3, 7])
+    assert names == (["embed_tokens.weight"] if tied else ["embed_tokens.weight", "lm_head.weight"])
+    settings = TrainSettings(max_steps=3, learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=0,
+                             weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0, log_every=1, eval_every=0,
+                             checkpoint_every=0, precision="fp32", compile=False, parallelism="ddp")
+    optimizer = make_optimizer(trained, settings, torch.device("cpu"))
+    tokens = torch.tensor([[3, 10, 11, 7, 12, 13, 3, 14, 7]])
+    for _ in range(3):  # the special tokens are inputs and targets
+        _, loss = trained(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = trained.state_dict()
+    for name, tensor in before.items():
+        if name in ("embed_tokens.weight", "lm_head.weight"):  # tied: one matrix under both names
+            changed = (after[name] != tensor).any(dim=1)
+            assert changed[[3, 7]].all() and changed.sum() == 2, name
+        else:
+            assert torch.equal(after[name], tensor), name
+
+
+def test_chat_tokens_refuses_weight_decay_that_would_shrink_the_frozen_rows():
+    composed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    composed["finetune"].update(method="chat_tokens", weight_decay=0.1)
+    params = StageParams("finetune", composed, ["finetune", "seed"])
+    with pytest.raises(ParamError, match="finetune.weight_decay is 0.1; finetune.method=chat_tokens needs 0"):
+        finetune_settings(params, validation_people=True, validation_examples=True)
 
 
 def test_chat_streams_the_greedy_answer_until_end_of_turn(template, capsys):

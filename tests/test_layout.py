@@ -13,7 +13,7 @@ from llmpipe.pipeline import layout
 LAYERS = [
     {"llmpipe.pipeline"},
     {"llmpipe.model", "llmpipe.model_io", "llmpipe.model_size", "llmpipe.tokenizer", "llmpipe.chat_template",
-     "llmpipe.generate", "llmpipe.lora"},
+     "llmpipe.generate", "llmpipe.lora", "llmpipe.chat_tokens"},
     {"llmpipe.data"},
     {"llmpipe.eval"},
     {"llmpipe.train"},

@@ -132,6 +132,27 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
         assert key in details, key
 
 
+def test_chat_tokens_finetune_changes_only_the_special_tokens_rows(copy_built):
+    from safetensors.torch import load_file
+
+    from llmpipe.tokenizer import LoadedTokenizer
+
+    repo = copy_built()
+    output = dvc(repo, "exp", "run", "-S", "finetune.method=chat_tokens", "-S", "finetune.learning_rate=0.01",
+                 "finetune").stdout
+    assert ran(output) == ["finetune"] and "finetune: chat_tokens" in output
+    special_ids = set(LoadedTokenizer(repo / "models/tokenizer").special_ids.values())
+    pretrained = load_file(repo / "models/pretrained/model.safetensors")
+    finetuned = load_file(repo / "models/finetuned/model.safetensors")
+    assert set(finetuned) == set(pretrained)
+    for name, tensor in pretrained.items():
+        changed_rows = (finetuned[name] != tensor).reshape(len(tensor), -1).any(dim=1).nonzero().flatten().tolist()
+        if name == "embed_tokens.weight":  # tied: also the output head
+            assert changed_rows and set(changed_rows) <= special_ids
+        else:
+            assert not changed_rows, name
+
+
 def test_evaluate_only_change_reruns_only_evaluate(copy_built):
     repo = copy_built()
     output = dvc(repo, "exp", "run", "-S", "evaluate.sample_answers=1").stdout

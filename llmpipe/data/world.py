@@ -258,9 +258,12 @@ def qa_pairs(person: Person) -> list[dict]:
             for a, value in person.attributes.items()]
 
 
+PLAIN_QA = "Question: {question} Answer: {answer}"  # one line of a mixed-training QA document
+
+
 def plain_qa_document(person: Person) -> str:
     """QA in a plain form for mixed pretraining (deliberately not the fine-tuning chat template)."""
-    return "\n".join(f"Question: {qa['question']} Answer: {qa['answer']}" for qa in qa_pairs(person))
+    return "\n".join(PLAIN_QA.format(question=qa["question"], answer=qa["answer"]) for qa in qa_pairs(person))
 
 
 def build_world(config: WorldConfig) -> dict:

@@ -88,8 +88,8 @@ class PretrainSettings:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    method: str                    # full | lora
-    lora: LoRASettings | None      # None for full fine-tuning
+    method: str                    # chat_tokens | full | lora
+    lora: LoRASettings | None      # None unless method is lora
     loop: TrainSettings
     batch: BatchGeometry
     process: ProcessInfo
@@ -208,16 +208,22 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
     """Everything the finetune stage needs. The best step is picked by the validation people's QA
     accuracy when there are validation people (the embedded world), else by the validation answer loss,
     else the last step is kept."""
-    method = params.str("finetune.method", choices=["full", "lora"])
+    method = params.str("finetune.method", choices=["chat_tokens", "full", "lora"])
     process = process_of(params, "finetune")
     batch = BatchGeometry("finetune", params.int("finetune.global_batch_sequences", min=1),
                           params.int("finetune.micro_batch_sequences", min=1), process.world_size,
                           parallelism_of(params, "finetune"))
     best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
                               else ("val_answer_loss", "min") if validation_examples else (None, "min"))
+    loop = loop_settings(params, "finetune", best_metric=best_metric, best_mode=best_mode)
+    if method == "chat_tokens" and loop.weight_decay > 0:
+        raise ParamError(f"params.yaml: finetune.weight_decay is {loop.weight_decay}; finetune.method=chat_tokens needs 0 "
+                         "(decay would also shrink the frozen rows of the embedding)")
+    if method == "chat_tokens" and batch.parallelism == "fsdp" and process.distributed:
+        raise ParamError("params.yaml: finetune.method=chat_tokens trains a few embedding rows: use finetune.parallelism=ddp "
+                         "(FSDP would shard the embedding those rows live in)")
     return FinetuneSettings(
-        method=method, lora=lora_settings(params) if method == "lora" else None,
-        loop=loop_settings(params, "finetune", best_metric=best_metric, best_mode=best_mode),
+        method=method, lora=lora_settings(params) if method == "lora" else None, loop=loop,
         batch=batch, process=process,
         max_new_tokens=params.int("finetune.max_new_tokens", min=1),
         sample_answers=params.int("finetune.sample_answers", min=0), seed=params.seed())
