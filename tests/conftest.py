@@ -27,7 +27,7 @@ TINY = {
     "pretrain": {"max_steps": 6, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 2,
                  "eval_every": 3, "log_every": 1, "checkpoint_every": 2, "eval_max_tokens": 512,
                  "peak_flops_per_second": 1.0e11},
-    # LoRA here (the default is full fine-tuning): the adapter, its merge and its sharding get tested too;
+    # LoRA here (the default is chat_tokens): the adapter, its merge and its sharding get tested too;
     # test_finetune_only_change_reruns_finetune_and_downstream_only switches to full.
     "finetune": {"method": "lora", "learning_rate": 3.0e-3, "max_steps": 4, "global_batch_sequences": 4,
                  "micro_batch_sequences": 2, "warmup_steps": 1, "eval_every": 2, "log_every": 1, "checkpoint_every": 2,
