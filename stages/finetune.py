@@ -12,9 +12,9 @@ chat_tokens (the default) trains only the special tokens' embedding rows (llmpip
 Output: models/finetuned/ (merged model.safetensors + config.json; with LoRA also lora_adapter.*),
 reports/finetune/: metrics.json (DVC metrics: QA accuracy per split, validation answer loss, best step),
 details.json (per attribute, the base model's numbers, example statistics), train/eval curves, samples.md.
-Run: `dvc repro finetune`; every weight: `dvc exp run -S finetune.method=full -S finetune.learning_rate=3e-4`;
-LoRA: `-S finetune.method=lora -S finetune.learning_rate=3e-3`; full or LoRA sharded over processes (FSDP2;
-with LoRA, frozen base weights and adapters in the same units): `-S finetune.processes=2 -S finetune.parallelism=fsdp`.
+Run: `dvc repro finetune`; every weight: `dvc exp run -S finetune.method=full`; LoRA: `-S finetune.method=lora`
+(a null finetune.learning_rate takes the method's own); full or LoRA sharded over processes (FSDP2; with LoRA,
+frozen base weights and adapters in the same units): `-S finetune.processes=2 -S finetune.parallelism=fsdp`.
 Chat: `llmpipe chat`.
 """
 
@@ -89,7 +89,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
         store = CheckpointStore.for_stage("finetune", params.declared_values(), run.input_hashes)
         if process.is_main:
             sharding = " (FSDP2, sharded)" if shards(settings.loop, process) else ""
-            print(f"finetune: {settings.method}, {len(train_encoded)} examples, {settings.loop.max_steps} steps of "
+            print(f"finetune: {settings.method} (learning rate {settings.loop.learning_rate:g}), {len(train_encoded)} "
+                  f"examples, {settings.loop.max_steps} steps of "
                   f"{settings.batch.global_sequences}{sharding}; base model: " + ", ".join(
                       f"{k} {v:.3f}" for k, v in base_metrics.items() if k.endswith(("_people", "_loss"))), flush=True)
         result = train(model, settings.loop, batches, evaluate, process, run, store)

@@ -155,6 +155,16 @@ def test_chat_tokens_refuses_weight_decay_that_would_shrink_the_frozen_rows():
         finetune_settings(params, validation_people=True, validation_examples=True)
 
 
+@pytest.mark.parametrize("method, peak, floor", [("chat_tokens", 1e-2, 1e-3), ("full", 3e-4, 1e-4), ("lora", 3e-3, 1e-4)])
+def test_null_learning_rates_take_the_methods_own_and_a_set_one_wins(method, peak, floor):
+    composed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    composed["finetune"].update(method=method, learning_rate=None, min_learning_rate=None)
+    loop = finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True).loop
+    assert (loop.learning_rate, loop.min_learning_rate) == (peak, floor)
+    composed["finetune"].update(learning_rate=0.02)
+    assert finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True).loop.learning_rate == 0.02
+
+
 def test_chat_streams_the_greedy_answer_until_end_of_turn(template, capsys):
     from llmpipe.cli import stream_answer
     from llmpipe.generate import Engine, SamplingSettings

@@ -125,13 +125,27 @@ def model_config(params: StageParams, tokenizer_vocab_size: int | None) -> Model
         raise ParamError(f"{params.source}: model: {exc}") from None
 
 
-def loop_settings(params: StageParams, section: str, **extra) -> TrainSettings:
-    """The loop keys of `section` (pretrain or finetune); `extra` adds what is not a key of that section."""
+# Peak and floor learning rates of each fine-tuning method, taken when finetune.learning_rate or
+# finetune.min_learning_rate is null (measured on the embedded world: docs/seeds.md).
+FINETUNE_LEARNING_RATES = {"chat_tokens": (1e-2, 1e-3), "full": (3e-4, 1e-4), "lora": (3e-3, 1e-4)}
+
+
+def loop_settings(params: StageParams, section: str, default_rates: tuple[float, float] | None = None,
+                  **extra) -> TrainSettings:
+    """The loop keys of `section` (pretrain or finetune); `extra` adds what is not a key of that section.
+    With `default_rates` (peak, floor), a null learning_rate or min_learning_rate takes that value."""
     key = lambda name: f"{section}.{name}"  # noqa: E731
+
+    def rate(name: str, default: float | None, **bounds) -> float:
+        if default is not None and params.get(key(name)) is None:
+            return default
+        return params.float(key(name), **bounds)
+
+    peak, floor = default_rates or (None, None)
     settings = TrainSettings(
         max_steps=params.int(key("max_steps"), min=1),
-        learning_rate=params.float(key("learning_rate"), above=0, max=10.0),
-        min_learning_rate=params.float(key("min_learning_rate"), min=0),
+        learning_rate=rate("learning_rate", peak, above=0, max=10.0),
+        min_learning_rate=rate("min_learning_rate", floor, min=0),
         warmup_steps=params.int(key("warmup_steps"), min=0),
         weight_decay=params.float(key("weight_decay"), min=0),
         beta1=params.float(key("beta1"), min=0, max=0.9999),
@@ -215,13 +229,14 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
                           parallelism_of(params, "finetune"))
     best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
                               else ("val_answer_loss", "min") if validation_examples else (None, "min"))
-    loop = loop_settings(params, "finetune", best_metric=best_metric, best_mode=best_mode)
+    loop = loop_settings(params, "finetune", default_rates=FINETUNE_LEARNING_RATES[method], best_metric=best_metric,
+                         best_mode=best_mode)
     if method == "chat_tokens" and loop.weight_decay > 0:
-        raise ParamError(f"params.yaml: finetune.weight_decay is {loop.weight_decay}; finetune.method=chat_tokens needs 0 "
-                         "(decay would also shrink the frozen rows of the embedding)")
+        raise ParamError(f"params.yaml: finetune.weight_decay is {loop.weight_decay}; finetune.method=chat_tokens "
+                         "needs 0 (decay would also shrink the frozen rows of the embedding)")
     if method == "chat_tokens" and batch.parallelism == "fsdp" and process.distributed:
-        raise ParamError("params.yaml: finetune.method=chat_tokens trains a few embedding rows: use finetune.parallelism=ddp "
-                         "(FSDP would shard the embedding those rows live in)")
+        raise ParamError("params.yaml: finetune.method=chat_tokens trains a few embedding rows: use "
+                         "finetune.parallelism=ddp (FSDP would shard the embedding those rows live in)")
     return FinetuneSettings(
         method=method, lora=lora_settings(params) if method == "lora" else None, loop=loop,
         batch=batch, process=process,
