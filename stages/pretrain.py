@@ -81,7 +81,8 @@ def pretrain(params: StageParams, run: StageRun) -> None:
         if process.is_main:
             print(f"pretrain: {parameters:,} parameters, {batch.global_sequences} sequences × {config.context_length} "
                   f"tokens per step, {settings.loop.max_steps} steps, {process.world_size} process(es) "
-                  f"{'(FSDP2, sharded) ' if shards(settings.loop, process) else ''}on {process.device}", flush=True)
+                  f"{'(FSDP2, sharded) ' if shards(settings.loop, process) else ''}on {process.device}, "
+                  f"{settings.loop.precision}", flush=True)
         result = train(model, settings.loop, batches, evaluate, process, run, store)
 
         if process.is_main:
@@ -100,7 +101,8 @@ def pretrain(params: StageParams, run: StageRun) -> None:
             save_model(layout.PRETRAINED, result.model.cpu(), {"stage": "pretrain",
                                                                TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
             write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_HEADLINE, timings)
-            run.log_facts({key: metrics[key] for key in FACTS} | {"peak_flops_per_second": timings.pop("peak_flops_per_second")})
+            run.log_facts({key: metrics[key] for key in FACTS} | {
+                "peak_flops_per_second": timings.pop("peak_flops_per_second"), "precision_used": settings.loop.precision})
             run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in result.final_metrics and k not in FACTS})
             run.log_headline({k: metrics[k] for k in PRETRAIN_HEADLINE})
             run.log_artifact(layout.PRETRAINED / CONFIG_FILE)

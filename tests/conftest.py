@@ -26,7 +26,8 @@ TINY = {
     "model": {"context_length": 32, "n_layer": 1, "d_model": 256, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 256},
     "pretrain": {"max_steps": 6, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 2,
                  "eval_every": 3, "log_every": 1, "checkpoint_every": 2, "eval_max_tokens": 512,
-                 "peak_flops_per_second": 1.0e11},
+                 "peak_flops_per_second": 1.0e11,
+                 "precision": "fp32"},  # not auto (the default): the same results on CPUs with and without bf16
     # LoRA here (the default is chat_tokens): the adapter, its merge and its sharding get tested too;
     # test_finetune_only_change_reruns_finetune_and_downstream_only switches to full.
     "finetune": {"method": "lora", "learning_rate": 3.0e-3, "max_steps": 4, "global_batch_sequences": 4,

@@ -16,10 +16,11 @@ from llmpipe.model import ModelConfig, Transformer
 from llmpipe.pipeline.distributed import ProcessInfo
 from llmpipe.pipeline.errors import ParamError, PipelineError
 from llmpipe.pipeline.tracking import StageRun
+from llmpipe.train import settings as train_settings
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.loop import learning_rate_at, make_optimizer, train
-from llmpipe.train.settings import BatchGeometry, TrainSettings
+from llmpipe.train.settings import BatchGeometry, TrainSettings, precision_of
 
 CPU = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -224,3 +225,22 @@ def test_lora_training_resumes_from_its_checkpoint(tmp_path):
     result = train(model, settings(), batches, no_eval, CPU, StageRun("t", {}, {}, enabled=False), store)
     assert result.resumed_from == 2
     assert all(torch.equal(v, uninterrupted[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("requested, native, expected", [("auto", True, "bf16"), ("auto", False, "fp32"),
+                                                         ("fp32", True, "fp32"), ("bf16", False, "bf16")])
+def test_precision_auto_takes_bf16_only_where_the_device_has_it_and_a_set_one_wins(monkeypatch, requested, native,
+                                                                                    expected):
+    from llmpipe.pipeline.params import StageParams
+
+    monkeypatch.setattr(train_settings, "native_bf16", lambda device: native)
+    params = StageParams("pretrain", {"pretrain": {"precision": requested}}, ["pretrain"])
+    assert precision_of(params, "pretrain", torch.device("cpu")) == expected
+
+
+def test_an_unknown_precision_is_refused_naming_the_key():
+    from llmpipe.pipeline.params import StageParams
+
+    with pytest.raises(ParamError, match="pretrain.precision.*fp16"):
+        precision_of(StageParams("pretrain", {"pretrain": {"precision": "fp16"}}, ["pretrain"]), "pretrain",
+                     torch.device("cpu"))

@@ -11,7 +11,7 @@ stage's own keys. Every error names the params.yaml key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,7 @@ from llmpipe.train.flops import measure_matmul_flops_per_second
 MODEL_KEYS = ("context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden")
 DEVICES = ["auto", "cpu", "cuda"]
 PARALLELISMS = ["ddp", "fsdp"]
+PRECISIONS = ["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class TrainSettings:
     eval_every: int                # evaluate every N steps (and at the end)
     checkpoint_every: int          # checkpoint every N steps (0 disables)
     log_every: int = 10            # training metrics every N steps
-    precision: str = "fp32"        # fp32 | bf16 (autocast)
+    precision: str = "fp32"        # fp32 | bf16 (autocast); `auto` in params is resolved before this (precision_of)
     compile: bool = False          # torch.compile the model
     best_metric: str | None = None     # keep the weights of the best evaluation by this metric ...
     best_mode: str = "min"             # ... lower (min) or higher (max) is better
@@ -130,10 +131,11 @@ def model_config(params: StageParams, tokenizer_vocab_size: int | None) -> Model
 FINETUNE_LEARNING_RATES = {"chat_tokens": (1e-2, 1e-3), "full": (3e-4, 1e-4), "lora": (3e-3, 1e-4)}
 
 
-def loop_settings(params: StageParams, section: str, default_rates: tuple[float, float] | None = None,
-                  **extra) -> TrainSettings:
-    """The loop keys of `section` (pretrain or finetune); `extra` adds what is not a key of that section.
-    With `default_rates` (peak, floor), a null learning_rate or min_learning_rate takes that value."""
+def loop_settings(params: StageParams, section: str, device: torch.device,
+                  default_rates: tuple[float, float] | None = None, **extra) -> TrainSettings:
+    """The loop keys of `section` (pretrain or finetune) for training on `device`; `extra` adds what is not a
+    key of that section. With `default_rates` (peak, floor), a null learning_rate or min_learning_rate takes
+    that value."""
     key = lambda name: f"{section}.{name}"  # noqa: E731
 
     def rate(name: str, default: float | None, **bounds) -> float:
@@ -154,7 +156,7 @@ def loop_settings(params: StageParams, section: str, default_rates: tuple[float,
         eval_every=params.int(key("eval_every"), min=1),
         checkpoint_every=params.int(key("checkpoint_every"), min=0),
         log_every=params.int(key("log_every"), min=1),
-        precision=params.str(key("precision"), choices=["fp32", "bf16"]),
+        precision=precision_of(params, section, device),
         compile=params.bool(key("compile")),
         parallelism=parallelism_of(params, section),
         **extra,
@@ -163,6 +165,26 @@ def loop_settings(params: StageParams, section: str, default_rates: tuple[float,
         raise ParamError(f"{params.source}: {key('min_learning_rate')} ({settings.min_learning_rate}) must not exceed "
                          f"{key('learning_rate')} ({settings.learning_rate})")
     return settings
+
+
+def precision_of(params: StageParams, section: str, device: torch.device) -> str:
+    """`{section}.precision`: fp32, bf16 (autocast: bf16 matmuls, fp32 weights and optimizer), or auto: bf16
+    where `device` multiplies in bf16 natively, fp32 elsewhere (where bf16 would be emulated, and slower)."""
+    requested = params.str(f"{section}.precision", choices=PRECISIONS)
+    if requested != "auto":
+        return requested
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` multiply bf16 matrices in hardware: a CUDA GPU that supports bf16 (Ampere and later),
+    or a CPU with AVX512-BF16 or AMX instructions."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPU-feature checks
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
 
 
 def parallelism_of(params: StageParams, section: str) -> str:
@@ -201,12 +223,13 @@ def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> Pretrai
     batch = BatchGeometry("pretrain", global_batch_sequences(params, model.context_length),
                           params.int("pretrain.micro_batch_sequences", min=1), process.world_size,
                           parallelism_of(params, "pretrain"))
-    precision = params.str("pretrain.precision", choices=["fp32", "bf16"])
+    loop = loop_settings(params, "pretrain", process.device)
     if params.get("pretrain.peak_flops_per_second") is not None:
         peak = params.float("pretrain.peak_flops_per_second", above=0)
     else:
-        peak = measure_matmul_flops_per_second(process.device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    return PretrainSettings(model=model, loop=loop_settings(params, "pretrain", peak_flops_per_second=peak),
+        dtype = torch.bfloat16 if loop.precision == "bf16" else torch.float32
+        peak = measure_matmul_flops_per_second(process.device, dtype)
+    return PretrainSettings(model=model, loop=replace(loop, peak_flops_per_second=peak),
                             batch=batch, process=process,
                             eval_max_tokens=params.int("pretrain.eval_max_tokens", min=2), seed=params.seed())
 
@@ -229,14 +252,15 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
                           parallelism_of(params, "finetune"))
     best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
                               else ("val_answer_loss", "min") if validation_examples else (None, "min"))
-    loop = loop_settings(params, "finetune", default_rates=FINETUNE_LEARNING_RATES[method], best_metric=best_metric,
-                         best_mode=best_mode)
-    if method == "chat_tokens" and loop.weight_decay > 0:
-        raise ParamError(f"params.yaml: finetune.weight_decay is {loop.weight_decay}; finetune.method=chat_tokens "
-                         "needs 0 (decay would also shrink the frozen rows of the embedding)")
-    if method == "chat_tokens" and batch.parallelism == "fsdp" and process.distributed:
-        raise ParamError("params.yaml: finetune.method=chat_tokens trains a few embedding rows: use "
-                         "finetune.parallelism=ddp (FSDP would shard the embedding those rows live in)")
+    loop = loop_settings(params, "finetune", process.device, default_rates=FINETUNE_LEARNING_RATES[method],
+                         best_metric=best_metric, best_mode=best_mode)
+    if method == "chat_tokens":
+        if loop.weight_decay > 0:
+            raise ParamError(f"params.yaml: finetune.weight_decay is {loop.weight_decay}; finetune.method=chat_tokens "
+                             "needs 0 (decay would also shrink the frozen rows of the embedding)")
+        if batch.parallelism == "fsdp" and process.distributed:
+            raise ParamError("params.yaml: finetune.method=chat_tokens trains a few embedding rows: use "
+                             "finetune.parallelism=ddp (FSDP would shard the embedding those rows live in)")
     return FinetuneSettings(
         method=method, lora=lora_settings(params) if method == "lora" else None, loop=loop,
         batch=batch, process=process,
