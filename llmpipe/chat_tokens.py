@@ -1,9 +1,9 @@
-"""Chat-token tuning: fine-tune only the embeddings of the tokenizer's special tokens.
+"""Chat-token tuning: fine-tune only the embeddings of the chat template's special tokens.
 
 The chat template marks the turns with special tokens (`<|user|>`, `<|assistant|>`, `<|end|>`) that
 pretraining text never contains. `finetune.method=chat_tokens` trains only their rows of the input
 embedding and of the output head (the same matrix when embeddings are tied); every other weight stays
-as pretrained. The model learns the format (where a question ends, where to answer, when to stop) but
+as pretrained, the end-of-document token's row too (it starts every plain-text document). The model learns the format (where a question ends, where to answer, when to stop) but
 cannot store new facts, so each answer is what pretraining put in the model: on the embedded world this
 transfers to the held-out people much better than full or LoRA fine-tuning, which also learn the
 fine-tuning people's answers by heart (docs/seeds.md).

@@ -8,7 +8,7 @@ At the end, greedy exact-match accuracy on the fine-tuned, validation and held-o
 overall and per attribute, for the base model and the fine-tuned one.
 
 Params: finetune (method chat_tokens|full|lora, LoRA rank/alpha/dropout/targets, loop settings), seed.
-chat_tokens (the default) trains only the special tokens' embedding rows (llmpipe/chat_tokens.py).
+chat_tokens (the default) trains only the chat template's token rows of the embedding (llmpipe/chat_tokens.py).
 Output: models/finetuned/ (merged model.safetensors + config.json; with LoRA also lora_adapter.*),
 reports/finetune/: metrics.json (DVC metrics: QA accuracy per split, validation answer loss, best step),
 details.json (per attribute, the base model's numbers, example statistics), train/eval curves, samples.md.
@@ -78,7 +78,10 @@ def finetune(params: StageParams, run: StageRun) -> None:
             add_lora(model, settings.lora)
             model.to(process.device)
         elif settings.method == "chat_tokens":
-            train_only_token_rows(model, tokenizer.special_ids.values())
+            # The chat template's own tokens; not end_of_document, which starts every plain-text document
+            # (training its row, tied to the output head, would change how the model reads plain text).
+            train_only_token_rows(model, [token_id for role, token_id in tokenizer.special_ids.items()
+                                          if role != "end_of_document"])
 
         def evaluate(current) -> dict[str, float]:  # every eval_every steps: picks the best step
             return measure(current, template, {"validation_people": qa_sets["validation_people"]}, validation,

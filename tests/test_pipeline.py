@@ -132,7 +132,7 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
         assert key in details, key
 
 
-def test_chat_tokens_finetune_changes_only_the_special_tokens_rows(copy_built):
+def test_chat_tokens_finetune_changes_only_the_chat_templates_token_rows(copy_built):
     from safetensors.torch import load_file
 
     from llmpipe.tokenizer import LoadedTokenizer
@@ -141,14 +141,16 @@ def test_chat_tokens_finetune_changes_only_the_special_tokens_rows(copy_built):
     output = dvc(repo, "exp", "run", "-S", "finetune.method=chat_tokens", "-S", "finetune.learning_rate=0.01",
                  "finetune").stdout
     assert ran(output) == ["finetune"] and "finetune: chat_tokens" in output
-    special_ids = set(LoadedTokenizer(repo / "models/tokenizer").special_ids.values())
+    # The chat template's tokens; not end_of_document, which starts every plain-text document.
+    chat_ids = {token_id for role, token_id in LoadedTokenizer(repo / "models/tokenizer").special_ids.items()
+                if role != "end_of_document"}
     pretrained = load_file(repo / "models/pretrained/model.safetensors")
     finetuned = load_file(repo / "models/finetuned/model.safetensors")
     assert set(finetuned) == set(pretrained)
     for name, tensor in pretrained.items():
         changed_rows = (finetuned[name] != tensor).reshape(len(tensor), -1).any(dim=1).nonzero().flatten().tolist()
         if name == "embed_tokens.weight":  # tied: also the output head
-            assert changed_rows and set(changed_rows) <= special_ids
+            assert changed_rows and set(changed_rows) <= chat_ids
         else:
             assert not changed_rows, name
 
