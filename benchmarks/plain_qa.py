@@ -17,7 +17,7 @@ import argparse
 
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.world import PLAIN_QA
-from llmpipe.eval.qa import normalize_answer
+from llmpipe.eval.qa import score_answers
 from llmpipe.generate import Engine, SamplingSettings
 from llmpipe.model_io import load_model
 from llmpipe.pipeline import layout
@@ -37,12 +37,11 @@ def main() -> None:
         pairs = read_rows(path)
         prompts = [tokenizer.encode(PLAIN_QA.format(question=p["question"], answer="").rstrip()) for p in pairs]
         answers = [tokenizer.decode(ids).split("\n")[0] for ids in engine.generate(prompts, settings)]
-        marks = {}
-        for pair, answer in zip(pairs, answers):
-            marks.setdefault(pair["attribute"], []).append(normalize_answer(answer) == normalize_answer(pair["answer"]))
-        overall = sum(sum(m) for m in marks.values()) / len(pairs)
-        per_attribute = ", ".join(f"{a} {sum(m) / len(m):.3f}" for a, m in sorted(marks.items()))
-        print(f"{split}: {args.model} model, plain form, {len(pairs)} questions: {overall:.3f} ({per_attribute})")
+        metrics, _ = score_answers(pairs, answers, split)
+        per_attribute = ", ".join(f"{key.removeprefix(split + '_')} {value:.3f}" for key, value in metrics.items()
+                                  if key != split)
+        print(f"{split}: {args.model} model, plain form, {len(pairs)} questions: {metrics[split]:.3f} "
+              f"({per_attribute})")
 
 
 if __name__ == "__main__":

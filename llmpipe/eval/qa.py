@@ -30,16 +30,23 @@ def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], m
     prompts = [template.encode_prompt([{"role": "user", "content": p["question"]}]) for p in pairs]
     engine = Engine(model, stop_ids={template.end_of_turn})
     generated = engine.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens))
+    answers = [template.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+    metrics, results = score_answers(pairs, answers, name)
+    too_long = sum(len(p) > prompt_limit(model.config.context_length, max_new_tokens) for p in prompts)
+    if too_long:
+        metrics[f"{name}_questions_cut_to_fit"] = too_long
+    return metrics, results
+
+
+def score_answers(pairs: list[dict], answers: list[str], name: str) -> tuple[dict[str, float], list[dict]]:
+    """Exact match of each answer against its pair's: metrics `{name}` and, when the pairs have more than one
+    attribute, `{name}_{attribute}`; and every (question, expected, answer, correct)."""
     results, by_attribute = [], defaultdict(list)
-    for pair, ids in zip(pairs, generated):
-        answer = template.tokenizer.decode(ids, skip_special_tokens=True)
+    for pair, answer in zip(pairs, answers, strict=True):
         correct = normalize_answer(answer) == normalize_answer(pair["answer"])
         results.append({"question": pair["question"], "expected": pair["answer"], "answer": answer, "correct": correct})
         by_attribute[pair.get("attribute") or "answer"].append(correct)
     metrics = {name: sum(r["correct"] for r in results) / len(results)}
-    too_long = sum(len(p) > prompt_limit(model.config.context_length, max_new_tokens) for p in prompts)
-    if too_long:
-        metrics[f"{name}_questions_cut_to_fit"] = too_long
     if len(by_attribute) > 1:
         for attribute, marks in sorted(by_attribute.items()):
             metrics[f"{name}_{attribute}"] = sum(marks) / len(marks)
