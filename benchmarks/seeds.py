@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,9 +66,12 @@ def experiments_of(sweep: str, all_commits: bool = False, seeds: list[int] | Non
 
 
 def start_queue(jobs: int) -> None:
+    # Each experiment runs in its own copy of the repository; "." first on the path makes its stages import that
+    # copy's llmpipe, not the one an editable install points at (the workspace, which you may have edited since).
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
     # The workers outlive `dvc queue start` and keep its output open: do not wait on it.
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
 
 
 def wait_for_queue(names: list[str], jobs: int, poll_seconds: float) -> str:
