@@ -10,6 +10,7 @@ from llmpipe.eval.seeds import (
     git_json,
     headline_metrics,
     queue_progress,
+    queue_states,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -128,3 +129,11 @@ def test_a_sweep_waits_for_its_own_experiments_only_and_notices_when_the_queue_s
     assert queue_progress(QUEUE_STATUS.format(workers="1 active"), ["b16-seed2", "b16-seed5"]) == ([], False)
     after_a_kill = QUEUE_STATUS.replace("Running", "Failed").format(workers="0 active")
     assert queue_progress(after_a_kill, mine) == (["para1-seed3"], True)
+
+
+def test_a_finished_task_of_the_same_name_from_an_earlier_commit_does_not_end_the_wait():
+    # Seen: default-seed5 was running again when an older default-seed5's Success, listed after it, ended the wait.
+    status = QUEUE_STATUS.format(workers="1 active") + "c6490e8  para1-seed2      Nov 29, 2026  Success\n"
+    assert queue_progress(status, ["para1-seed2"]) == (["para1-seed2"], False)
+    rerun = status.replace("Running", "Success") + "9d1e0aa  para1-seed2      07:10 PM   Failed\n"
+    assert queue_states(rerun)["para1-seed2"] == "Failed"  # finished twice: the last listed (newest) counts

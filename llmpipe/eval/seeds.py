@@ -39,10 +39,18 @@ def experiment_name(sweep: str, seed: int) -> str:
     return f"{sweep}-seed{seed}"
 
 
+ACTIVE = ("Queued", "Running")  # `dvc queue status` states of a task not finished yet
+
+
 def queue_states(queue_status: str) -> dict[str, str]:
-    """Each task's state (Queued, Running, Success, Failed, ...) by experiment name, from `dvc queue status` text."""
-    return {fields[1]: fields[-1] for fields in map(str.split, queue_status.splitlines())
-            if len(fields) >= 3 and fields[0] not in ("Task", "Worker")}
+    """Each task's state (Queued, Running, Success, Failed, ...) by experiment name, from `dvc queue status` text.
+    A name can have several tasks (an experiment of that name run from an earlier commit): a queued or running
+    one wins, else the last listed (dvc lists the waiting tasks first, then the finished ones oldest first)."""
+    states: dict[str, str] = {}
+    for fields in map(str.split, queue_status.splitlines()):
+        if len(fields) >= 3 and fields[0] not in ("Task", "Worker") and states.get(fields[1]) not in ACTIVE:
+            states[fields[1]] = fields[-1]
+    return states
 
 
 def queue_progress(queue_status: str, names: list[str]) -> tuple[list[str], bool]:
@@ -50,7 +58,7 @@ def queue_progress(queue_status: str, names: list[str]) -> tuple[list[str], bool
     stalled: tasks queued and none running (a worker can die, e.g. after `dvc queue kill`, leaving queued
     tasks that never start). Its "Worker status" line is not used: it reads "0 active" while a task runs."""
     states = queue_states(queue_status)
-    pending = [name for name in names if states.get(name) in ("Queued", "Running")]
+    pending = [name for name in names if states.get(name) in ACTIVE]
     stalled = "Queued" in states.values() and "Running" not in states.values()
     return pending, stalled
 
