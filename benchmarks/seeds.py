@@ -14,7 +14,7 @@ The summary goes to reports/seeds/<sweep>.md and .json and to one MLflow run nam
 
 Run it from the repository root, with the pipeline's dependencies committed (each experiment starts
 from HEAD plus your workspace changes, as `dvc exp run --queue` does). On 2 idle CPU cores one default
-experiment takes 6-7 minutes; `--jobs 2` runs two at once (for machines with more cores).
+experiment takes 4-5 minutes; `--jobs 2` runs two at once (for machines with more cores).
 """
 
 from __future__ import annotations
