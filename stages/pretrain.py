@@ -102,7 +102,8 @@ def pretrain(params: StageParams, run: StageRun) -> None:
                                                                TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
             write_training_reports(layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_HEADLINE, timings)
             run.log_facts({key: metrics[key] for key in FACTS} | {
-                "peak_flops_per_second": timings.pop("peak_flops_per_second"), "precision_used": settings.loop.precision})
+                "peak_flops_per_second": timings.pop("peak_flops_per_second"),
+                "precision_used": settings.loop.precision})
             run.log_metrics({k: v for k, v in {**metrics, **timings}.items() if k not in result.final_metrics and k not in FACTS})
             run.log_headline({k: metrics[k] for k in PRETRAIN_HEADLINE})
             run.log_artifact(layout.PRETRAINED / CONFIG_FILE)

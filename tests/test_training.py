@@ -244,3 +244,22 @@ def test_an_unknown_precision_is_refused_naming_the_key():
     with pytest.raises(ParamError, match="pretrain.precision.*fp16"):
         precision_of(StageParams("pretrain", {"pretrain": {"precision": "fp16"}}, ["pretrain"]), "pretrain",
                      torch.device("cpu"))
+
+
+def test_native_bf16_means_bf16_hardware_not_emulation(monkeypatch):
+    # torch.cuda.is_bf16_supported() also says yes to a pre-Ampere GPU (emulated, slower than fp32): not for auto.
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert train_settings.native_bf16(torch.device("cuda")) is native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train_settings.native_bf16(torch.device("cpu")) is False
+
+
+def test_bf16_training_keeps_fp32_weights_and_learns():
+    model, batches = setup()
+    result = train(model, settings(precision="bf16", eval_every=6), batches, no_eval, CPU,
+                   StageRun("t", {}, {}, enabled=False), None)
+    losses = [row["train_loss"] for row in result.history["train"]]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: bf16 matmuls, fp32 weights
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]

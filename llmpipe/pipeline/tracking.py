@@ -156,7 +156,7 @@ class StageRun:
             self.flush()
 
     def log_facts(self, facts: dict[str, Any]) -> None:
-        """Single numbers that describe the run (parameter count, steps, tokens): params, not one-point metrics
+        """Single values that describe the run (parameter count, steps, precision): params, not one-point metrics
         (which MLflow draws as bar charts)."""
         if self.enabled:
             self._log_params(self.run_id, facts)

@@ -177,10 +177,11 @@ def precision_of(params: StageParams, section: str, device: torch.device) -> str
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Does `device` multiply bf16 matrices in hardware: a CUDA GPU that supports bf16 (Ampere and later),
-    or a CPU with AVX512-BF16 or AMX instructions."""
+    """Does `device` multiply bf16 matrices in hardware: a CUDA GPU from Ampere on (compute capability 8;
+    `torch.cuda.is_bf16_supported()` also says yes to older GPUs, which emulate it), or a CPU with AVX512-BF16
+    or AMX instructions."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPU-feature checks
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
