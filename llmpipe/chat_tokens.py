@@ -3,12 +3,13 @@
 The chat template marks the turns with special tokens (`<|user|>`, `<|assistant|>`, `<|end|>`) that
 pretraining text never contains. `finetune.method=chat_tokens` trains only their rows of the input
 embedding and of the output head (the same matrix when embeddings are tied); every other weight stays
-as pretrained, the end-of-document token's row too (it starts every plain-text document). The model learns the format (where a question ends, where to answer, when to stop) but
-cannot store new facts, so each answer is what pretraining put in the model: on the embedded world this
-transfers to the held-out people much better than full or LoRA fine-tuning, which also learn the
-fine-tuning people's answers by heart (docs/seeds.md).
+as pretrained, the end-of-document token's row too (it starts every plain-text document). The model
+learns the format (where a question ends, where to answer, when to stop) but cannot store new facts, so
+each answer is what pretraining put in the model: on the embedded world this transfers to the held-out
+people much better than full or LoRA fine-tuning, which also learn the fine-tuning people's answers by
+heart (docs/seeds.md).
 
-    train_only_token_rows(model, token_ids)   # before building the optimizer
+    train_only_token_rows(model, chat_token_ids(tokenizer))   # before building the optimizer
 
 Frozen rows get a zero gradient; AdamW then leaves them exactly as they were, provided the weight decay is
 0 (decoupled decay would shrink them too: `finetune_settings` refuses that combination).
@@ -21,6 +22,11 @@ from typing import Iterable
 import torch
 
 from llmpipe.model import Transformer
+
+
+def chat_token_ids(tokenizer) -> list[int]:
+    """The ids of a LoadedTokenizer's special tokens but end-of-document's (also when a role shares its token)."""
+    return sorted(set(tokenizer.special_ids.values()) - {tokenizer.end_of_document_id})
 
 
 def train_only_token_rows(model: Transformer, token_ids: Iterable[int]) -> list[str]:

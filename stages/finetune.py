@@ -21,7 +21,7 @@ Chat: `llmpipe chat`.
 import torch
 
 from llmpipe.chat_template import ChatTemplate
-from llmpipe.chat_tokens import train_only_token_rows
+from llmpipe.chat_tokens import chat_token_ids, train_only_token_rows
 from llmpipe.data.chat_examples import example_statistics, read_prepared_examples
 from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.metrics import answer_loss
@@ -78,10 +78,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
             add_lora(model, settings.lora)
             model.to(process.device)
         elif settings.method == "chat_tokens":
-            # The chat template's own tokens; not end_of_document, which starts every plain-text document
-            # (training its row, tied to the output head, would change how the model reads plain text).
-            train_only_token_rows(model, [token_id for role, token_id in tokenizer.special_ids.items()
-                                          if role != "end_of_document"])
+            # Not end_of_document's row: it starts every plain-text document, and it is the output head's too.
+            train_only_token_rows(model, chat_token_ids(tokenizer))
 
         def evaluate(current) -> dict[str, float]:  # every eval_every steps: picks the best step
             return measure(current, template, {"validation_people": qa_sets["validation_people"]}, validation,

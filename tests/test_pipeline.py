@@ -135,15 +135,16 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
 def test_chat_tokens_finetune_changes_only_the_chat_templates_token_rows(copy_built):
     from safetensors.torch import load_file
 
+    from llmpipe.chat_tokens import chat_token_ids
     from llmpipe.tokenizer import LoadedTokenizer
 
     repo = copy_built()
     output = dvc(repo, "exp", "run", "-S", "finetune.method=chat_tokens", "-S", "finetune.learning_rate=0.01",
                  "finetune").stdout
     assert ran(output) == ["finetune"] and "finetune: chat_tokens" in output
-    # The chat template's tokens; not end_of_document, which starts every plain-text document.
-    chat_ids = {token_id for role, token_id in LoadedTokenizer(repo / "models/tokenizer").special_ids.items()
-                if role != "end_of_document"}
+    tokenizer = LoadedTokenizer(repo / "models/tokenizer")
+    chat_ids = set(chat_token_ids(tokenizer))
+    assert tokenizer.end_of_document_id not in chat_ids and len(chat_ids) == len(tokenizer.special_ids) - 1
     pretrained = load_file(repo / "models/pretrained/model.safetensors")
     finetuned = load_file(repo / "models/finetuned/model.safetensors")
     assert set(finetuned) == set(pretrained)
