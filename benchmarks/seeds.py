@@ -34,6 +34,7 @@ from llmpipe.eval.seeds import (
     log_summary_run,
     queue_progress,
     queue_states,
+    queue_task_ids,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -68,21 +69,23 @@ def experiments_of(sweep: str, all_commits: bool = False, seeds: list[int] | Non
 def start_queue(jobs: int) -> None:
     # Each experiment runs in its own copy of the repository; "." first on the path makes its stages import that
     # copy's llmpipe, not the one an editable install points at (the workspace, which you may have edited since).
+    # Workers already running (from an earlier `dvc queue start`) keep their environment: `dvc queue stop` them.
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
     # The workers outlive `dvc queue start` and keep its output open: do not wait on it.
     subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
 
 
-def wait_for_queue(names: list[str], jobs: int, poll_seconds: float) -> str:
-    """Until none of `names` is queued or running (other sweeps' tasks may still be); restarts the workers
+def wait_for_queue(names: list[str], jobs: int, poll_seconds: float, earlier_tasks: set[str]) -> str:
+    """Until none of `names` (not counting `earlier_tasks`) is queued or running (other sweeps' tasks may still be);
+    restarts the workers
     if the queue stalls while some of ours still wait. Stalled means twice in a row, `poll_seconds` apart: a
     worker takes a moment to pick up the next task, and starting another meanwhile would run two at once."""
     stalled_before = False
     while True:
         time.sleep(poll_seconds)
         status = dvc("queue", "status")
-        pending, stalled = queue_progress(status, names)
+        pending, stalled = queue_progress(status, names, earlier_tasks)
         if not pending:
             return status
         if stalled and stalled_before:
@@ -94,6 +97,7 @@ def wait_for_queue(names: list[str], jobs: int, poll_seconds: float) -> str:
 
 def run(args) -> None:
     done = {experiment.seed for experiment in experiments_of(args.sweep)}
+    earlier_tasks = queue_task_ids(dvc("queue", "status"))  # tasks of the same names may be there from earlier sweeps
     queued = []
     for seed in args.seeds:
         if seed in done:
@@ -106,8 +110,8 @@ def run(args) -> None:
     if queued:
         print(f"queued {', '.join(queued)}; running {args.jobs} at a time")
         start_queue(args.jobs)
-        status = wait_for_queue(queued, args.jobs, args.poll_seconds)
-        failed = [name for name in queued if queue_states(status).get(name) == "Failed"]
+        status = wait_for_queue(queued, args.jobs, args.poll_seconds, earlier_tasks)
+        failed = [name for name in queued if queue_states(status, earlier_tasks).get(name) == "Failed"]
         if failed:
             print(f"failed: {', '.join(failed)} (see `dvc queue logs <name>`)", file=sys.stderr)
         wait_for_results([name for name in queued if name not in failed], args.sweep, args.poll_seconds)

@@ -11,6 +11,7 @@ from llmpipe.eval.seeds import (
     headline_metrics,
     queue_progress,
     queue_states,
+    queue_task_ids,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -131,9 +132,14 @@ def test_a_sweep_waits_for_its_own_experiments_only_and_notices_when_the_queue_s
     assert queue_progress(after_a_kill, mine) == (["para1-seed3"], True)
 
 
-def test_a_finished_task_of_the_same_name_from_an_earlier_commit_does_not_end_the_wait():
-    # Seen: default-seed5 was running again when an older default-seed5's Success, listed after it, ended the wait.
-    status = QUEUE_STATUS.format(workers="1 active") + "c6490e8  para1-seed2      Nov 29, 2026  Success\n"
-    assert queue_progress(status, ["para1-seed2"]) == (["para1-seed2"], False)
-    rerun = status.replace("Running", "Success") + "9d1e0aa  para1-seed2      07:10 PM   Failed\n"
-    assert queue_states(rerun)["para1-seed2"] == "Failed"  # finished twice: the last listed (newest) counts
+def test_a_task_of_the_same_name_from_an_earlier_sweep_is_not_taken_for_ours():
+    # Seen: default-seed5 ran again while an older default-seed5's Success, listed after it, ended the wait.
+    before = "Task     Name          Created       Status\nc6490e8  s-seed5       Nov 29, 2026  Success\n"
+    earlier = queue_task_ids(before)
+    running = "Task     Name          Created       Status\n311b682  s-seed5       03:51 AM      Running\n" + \
+        "c6490e8  s-seed5       Nov 29, 2026  Success\n\nWorker status: 1 active, 0 idle\n"
+    assert queue_progress(running, ["s-seed5"], earlier) == (["s-seed5"], False)
+    # dvc lists failed tasks before succeeded ones, whatever their age: ours failed, the earlier one succeeded.
+    failed = running.replace("03:51 AM      Running", "03:51 AM      Failed")
+    assert queue_states(failed, earlier) == {"s-seed5": "Failed"}
+    assert queue_progress(failed, ["s-seed5"], earlier) == ([], False)

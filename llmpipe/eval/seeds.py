@@ -15,6 +15,7 @@ import json
 import re
 import statistics
 import subprocess
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,24 +43,34 @@ def experiment_name(sweep: str, seed: int) -> str:
 ACTIVE = ("Queued", "Running")  # `dvc queue status` states of a task not finished yet
 
 
-def queue_states(queue_status: str) -> dict[str, str]:
-    """Each task's state (Queued, Running, Success, Failed, ...) by experiment name, from `dvc queue status` text.
-    A name can have several tasks (an experiment of that name run from an earlier commit): a queued or running
-    one wins, else the last listed (dvc lists the waiting tasks first, then the finished ones oldest first)."""
-    states: dict[str, str] = {}
-    for fields in map(str.split, queue_status.splitlines()):
-        if len(fields) >= 3 and fields[0] not in ("Task", "Worker") and states.get(fields[1]) not in ACTIVE:
-            states[fields[1]] = fields[-1]
-    return states
+def _task_rows(queue_status: str) -> list[list[str]]:
+    """`dvc queue status` text → one [task id, name, ..., state] per task (dvc lists them by state: running,
+    queued, failed, then succeeded; not by time)."""
+    return [fields for fields in map(str.split, queue_status.splitlines())
+            if len(fields) >= 3 and fields[0] not in ("Task", "Worker")]
 
 
-def queue_progress(queue_status: str, names: list[str]) -> tuple[list[str], bool]:
-    """From `dvc queue status` text: which of `names` are still queued or running, and whether the queue is
-    stalled: tasks queued and none running (a worker can die, e.g. after `dvc queue kill`, leaving queued
-    tasks that never start). Its "Worker status" line is not used: it reads "0 active" while a task runs."""
-    states = queue_states(queue_status)
+def queue_task_ids(queue_status: str) -> set[str]:
+    """The ids of the tasks `dvc queue status` lists: take them before queueing, to tell your tasks apart."""
+    return {fields[0] for fields in _task_rows(queue_status)}
+
+
+def queue_states(queue_status: str, earlier_tasks: Collection[str] = ()) -> dict[str, str]:
+    """Each task's state (Queued, Running, Success, Failed, ...) by experiment name, from `dvc queue status` text,
+    leaving out the tasks in `earlier_tasks` (ids): a name can also have a task from an earlier sweep of that
+    name, run from an earlier commit."""
+    return {fields[1]: fields[-1] for fields in _task_rows(queue_status) if fields[0] not in earlier_tasks}
+
+
+def queue_progress(queue_status: str, names: list[str], earlier_tasks: Collection[str] = ()) -> tuple[list[str], bool]:
+    """From `dvc queue status` text: which of `names` are still queued or running (tasks in `earlier_tasks` left
+    out), and whether the queue is stalled: tasks queued and none running (a worker can die, e.g. after `dvc queue
+    kill`, leaving queued tasks that never start). Its "Worker status" line is not used: it reads "0 active" while
+    a task runs."""
+    states = queue_states(queue_status, earlier_tasks)
     pending = [name for name in names if states.get(name) in ACTIVE]
-    stalled = "Queued" in states.values() and "Running" not in states.values()
+    every_state = [fields[-1] for fields in _task_rows(queue_status)]
+    stalled = "Queued" in every_state and "Running" not in every_state
     return pending, stalled
 
 
