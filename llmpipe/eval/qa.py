@@ -40,7 +40,9 @@ def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], m
 
 def score_answers(pairs: list[dict], answers: list[str], name: str) -> tuple[dict[str, float], list[dict]]:
     """Exact match of each answer against its pair's: metrics `{name}` and, when the pairs have more than one
-    attribute, `{name}_{attribute}`; and every (question, expected, answer, correct)."""
+    attribute, `{name}_{attribute}`; and every (question, expected, answer, correct). No pairs: nothing."""
+    if not pairs:
+        return {}, []
     results, by_attribute = [], defaultdict(list)
     for pair, answer in zip(pairs, answers, strict=True):
         correct = normalize_answer(answer) == normalize_answer(pair["answer"])
