@@ -77,9 +77,8 @@ def start_queue(jobs: int) -> None:
 
 
 def wait_for_queue(names: list[str], jobs: int, poll_seconds: float, earlier_tasks: set[str]) -> str:
-    """Until none of `names` (not counting `earlier_tasks`) is queued or running (other sweeps' tasks may still be);
-    restarts the workers
-    if the queue stalls while some of ours still wait. Stalled means twice in a row, `poll_seconds` apart: a
+    """Until none of `names` (not counting `earlier_tasks`) is queued or running (other sweeps' tasks may still
+    be); restarts the workers if the queue stalls while some of ours still wait. Stalled means twice in a row, `poll_seconds` apart: a
     worker takes a moment to pick up the next task, and starting another meanwhile would run two at once."""
     stalled_before = False
     while True:
