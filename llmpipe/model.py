@@ -278,6 +278,14 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_length, parameter.device, parameter.dtype)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place (regional compilation): the blocks share one
+    compiled graph, so compile time does not grow with depth. Works for ours (`model.layers`) and for
+    transformers' LlamaModel (also `.layers`); DDP and FSDP2 wrap the compiled blocks as they are."""
+    for block in model.layers:
+        block.compile()
+
+
 def count_parameters(model: nn.Module) -> int:
     """Parameters counted once each (a tied embedding is one matrix)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

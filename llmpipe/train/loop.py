@@ -43,7 +43,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from llmpipe.model import IGNORE_INDEX, Transformer, count_parameters
+from llmpipe.model import IGNORE_INDEX, Transformer, compile_blocks, count_parameters
 from llmpipe.pipeline.distributed import ProcessInfo, all_reduce_sum, barrier
 from llmpipe.pipeline.errors import PipelineError
 from llmpipe.pipeline.tracking import StageRun
@@ -167,7 +167,7 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
                 run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     if settings.compile:
-        train_model = torch.compile(train_model)
+        compile_blocks(model)
     autocast = torch.autocast(process.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
 
     window_start, window_tokens = time.perf_counter(), 0

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU path in one bounded run, on a machine with an NVIDIA GPU, from the repository root:
+#   (a) the README's `dvc repro` on the embedded default (device: auto must pick CUDA): each stage's
+#       wall time and the headline metrics;
+#   (b) benchmarks/train_throughput.py in bf16 for the small, medium, large and a 1B shape (tinyllama_1b,
+#       32k vocabulary), eager and with --compile: tokens/s, MFU against the measured bf16 matmul,
+#       the ratio to transformers, and (c) each model's peak GPU memory.
+# Each part has its own timeout, so one failure does not eat the run; logs go to $OUT (default
+# /tmp/gpu_check). A CPU dry run of the same steps (tiny shapes, few steps):
+#   bash benchmarks/gpu_check.sh --dry-run
+# On the lent GPU machine (no package registry) carry the missing packages as wheels in .whl/ (see
+# benchmarks/README.md, "GPU"); the script installs them into /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+DEVICE=cuda PRECISION=bf16 PRESETS="small medium large tinyllama_1b" TOKENS=16384 STEPS="--steps 5 --rounds 2"
+REPRO_TIMEOUT=${REPRO_TIMEOUT:-220} EAGER_TIMEOUT=${EAGER_TIMEOUT:-110} COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-200}
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DEVICE=cpu PRECISION=bf16 PRESETS="tiny small" TOKENS=1024 STEPS="--steps 1 --rounds 1"
+fi
+
+if [[ -d .whl ]] && ! python3 -c "import dvc, mlflow, hydra, gguf, datasets" 2>/dev/null; then
+  echo "== installing the carried wheels"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  command -v python >/dev/null || ln -s "$(command -v python3)" /tmp/site/bin/python  # dvc.yaml calls `python`
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+if [[ ! -d .git ]]; then  # DVC needs a git repository
+  git init -q && git add -A && git -c user.name=gpu-check -c user.email=gpu@example.com commit -qm "gpu check"
+fi
+python3 - <<'PY'
+import torch
+print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
+      f"({torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)})" if torch.cuda.is_available() else "")
+PY
+
+echo "== (a) dvc repro (timeout ${REPRO_TIMEOUT} s)"
+timeout "$REPRO_TIMEOUT" dvc repro 2>&1 | python3 -c 'import sys, time
+start = time.time()
+for line in sys.stdin:
+    print(f"{time.time() - start:8.1f} {line}", end="", flush=True)' > "$OUT/repro.log"
+echo "dvc repro exit: ${PIPESTATUS[0]}"
+grep -E "Running stage|on cuda|on cpu|precision|held_out|error" "$OUT/repro.log" | head -40
+awk '/Running stage/ {if (name) printf "  %-16s %6.1f s\n", name, $1 - t; name = $4; t = $1} END {if (name) printf "  %-16s %6.1f s (to the end of dvc repro)\n", name, $1 - t}' "$OUT/repro.log"
+dvc metrics show 2>&1 | tee "$OUT/metrics.txt" | head -30
+
+echo "== (b, c) throughput, eager (timeout ${EAGER_TIMEOUT} s)"
+timeout "$EAGER_TIMEOUT" python3 benchmarks/train_throughput.py --device "$DEVICE" --precision "$PRECISION" \
+  --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS 2>&1 | tee "$OUT/throughput_eager.log" | grep -v Warning
+echo "== (b, c) throughput, compiled (timeout ${COMPILE_TIMEOUT} s)"
+timeout "$COMPILE_TIMEOUT" python3 benchmarks/train_throughput.py --device "$DEVICE" --precision "$PRECISION" \
+  --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS --compile 2>&1 | tee "$OUT/throughput_compiled.log" | grep -v Warning
+echo "== done"
