@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 DEVICE=cuda PRECISION=bf16 PRESETS="small medium large tinyllama_1b" TOKENS=16384 STEPS="--steps 5 --rounds 2"
-REPRO_TIMEOUT=${REPRO_TIMEOUT:-220} EAGER_TIMEOUT=${EAGER_TIMEOUT:-110} COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-200}
+REPRO_TIMEOUT=${REPRO_TIMEOUT:-200} EAGER_TIMEOUT=${EAGER_TIMEOUT:-100} COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-200}
 if [[ "${1:-}" == "--dry-run" ]]; then
   DEVICE=cpu PRECISION=bf16 PRESETS="tiny small" TOKENS=1024 STEPS="--steps 1 --rounds 1"
 fi
@@ -26,11 +26,13 @@ if [[ -d .whl ]] && ! python3 -c "import dvc, mlflow, hydra, gguf, datasets" 2>/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-  command -v python >/dev/null || ln -s "$(command -v python3)" /tmp/site/bin/python  # dvc.yaml calls `python`
+  mkdir -p /tmp/site/bin && ln -sf "$(command -v python3)" /tmp/site/bin/python  # dvc.yaml calls `python`
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-if [[ ! -d .git ]]; then  # DVC needs a git repository
-  git init -q && git add -A && git -c user.name=gpu-check -c user.email=gpu@example.com commit -qm "gpu check"
+if ! command -v git >/dev/null; then
+  dvc config --local core.no_scm true
+elif [[ ! -d .git ]]; then  # DVC needs a git repository
+  git init -q && echo /.whl/ >> .git/info/exclude && git add -A && git -c user.name=gpu-check -c user.email=gpu@example.com commit -qm "gpu check"
 fi
 python3 - <<'PY'
 import torch
@@ -46,7 +48,10 @@ for line in sys.stdin:
 echo "dvc repro exit: ${PIPESTATUS[0]}"
 grep -E "Running stage|on cuda|on cpu|precision|held_out|error" "$OUT/repro.log" | head -40
 awk '/Running stage/ {if (name) printf "  %-16s %6.1f s\n", name, $1 - t; name = $4; t = $1} END {if (name) printf "  %-16s %6.1f s (to the end of dvc repro)\n", name, $1 - t}' "$OUT/repro.log"
-dvc metrics show 2>&1 | tee "$OUT/metrics.txt" | head -30
+python3 -c 'import json, pathlib
+for path in ["reports/pretrain/metrics.json", "reports/finetune/metrics.json", "reports/evaluate/metrics.json"]:
+    if pathlib.Path(path).exists():
+        print(" ", path, json.dumps(json.loads(pathlib.Path(path).read_text())))' | tee "$OUT/metrics.txt"
 
 echo "== (b, c) throughput, eager (timeout ${EAGER_TIMEOUT} s)"
 timeout "$EAGER_TIMEOUT" python3 benchmarks/train_throughput.py --device "$DEVICE" --precision "$PRECISION" \
