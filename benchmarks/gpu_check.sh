@@ -42,7 +42,7 @@ print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
       f"({torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)})" if torch.cuda.is_available() else "")
 PY
 
-PARTS=${PARTS:-abc}  # PARTS=a: dvc repro only; PARTS=bc: the throughput runs only
+PARTS=${PARTS:-aec}  # a: dvc repro, e: throughput eager, c: throughput compiled (PARTS=a: dvc repro only)
 if [[ "$PARTS" == *a* ]]; then
 echo "== (a) dvc repro (timeout ${REPRO_TIMEOUT} s)"
 timeout "$REPRO_TIMEOUT" dvc repro 2>&1 | python3 -c 'import sys, time
@@ -58,10 +58,12 @@ for path in ["reports/pretrain/metrics.json", "reports/finetune/metrics.json", "
         print(" ", path, json.dumps(json.loads(pathlib.Path(path).read_text())))' | tee "$OUT/metrics.txt"
 
 fi
-if [[ "$PARTS" == *b* ]]; then
+if [[ "$PARTS" == *e* ]]; then
 echo "== (b, c) throughput, eager (timeout ${EAGER_TIMEOUT} s)"
 timeout "$EAGER_TIMEOUT" python3 benchmarks/train_throughput.py --device "$DEVICE" --precision "$PRECISION" \
   --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS 2>&1 | tee "$OUT/throughput_eager.log" | grep -v Warning
+fi
+if [[ "$PARTS" == *c* ]]; then
 echo "== (b, c) throughput, compiled (timeout ${COMPILE_TIMEOUT} s)"
 timeout "$COMPILE_TIMEOUT" python3 benchmarks/train_throughput.py --device "$DEVICE" --precision "$PRECISION" \
   --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS --compile 2>&1 | tee "$OUT/throughput_compiled.log" | grep -v Warning

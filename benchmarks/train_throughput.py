@@ -34,7 +34,7 @@ def training_step_seconds(model, tokens, optimizer, autocast, hf: bool) -> float
     start = time.perf_counter()
     with autocast:
         if hf:
-            loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1], use_cache=False).loss  # no KV cache in training
         else:
             _, loss = model(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
