@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from llmpipe.export.hf import hf_model
-from llmpipe.generate import Engine, SamplingSettings
-from llmpipe.model import Transformer
-from llmpipe.model_io import load_model
+from llmpipe.hf.export import hf_model
+from llmpipe.model.generation import Engine, SamplingSettings
+from llmpipe.model.transformer import Transformer
+from llmpipe.model.weights import load_model
 from llmpipe.pipeline.compose import compose
 from llmpipe.pipeline.params import StageParams
 from llmpipe.train.settings import model_config

@@ -18,10 +18,10 @@ import argparse
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.world import PLAIN_QA
 from llmpipe.eval.qa import score_answers
-from llmpipe.generate import Engine, SamplingSettings
-from llmpipe.model_io import load_model
+from llmpipe.model.generation import Engine, SamplingSettings
+from llmpipe.model.weights import load_model
 from llmpipe.pipeline import layout
-from llmpipe.tokenizer import LoadedTokenizer
+from llmpipe.text.tokenizer import LoadedTokenizer
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from llmpipe.chat_template import ChatTemplate
 from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.qa import namesake_answers, qa_accuracy
-from llmpipe.model_io import load_model
+from llmpipe.model.weights import load_model
 from llmpipe.pipeline import layout
-from llmpipe.tokenizer import LoadedTokenizer
+from llmpipe.text.chat_template import ChatTemplate
+from llmpipe.text.tokenizer import LoadedTokenizer
 
 
 def main() -> None:

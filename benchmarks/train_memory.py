@@ -43,7 +43,7 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from llmpipe.model import Transformer, count_parameters
+    from llmpipe.model.transformer import Transformer, count_parameters
     from llmpipe.pipeline import distributed
     from llmpipe.pipeline.compose import compose
     from llmpipe.pipeline.params import StageParams

@@ -22,11 +22,14 @@ import time
 
 import torch
 
-from llmpipe.export.hf import hf_model
-from llmpipe.model import Transformer, compile_blocks, count_parameters
+from llmpipe.hf.export import hf_model
+from llmpipe.model.transformer import Transformer, compile_blocks, count_parameters
 from llmpipe.pipeline.compose import compose
 from llmpipe.pipeline.params import StageParams
-from llmpipe.train.flops import measure_matmul_flops_per_second, training_flops_per_token
+from llmpipe.train.flops import (
+    measure_matmul_flops_per_second,
+    training_flops_per_token,
+)
 from llmpipe.train.settings import model_config
 
 

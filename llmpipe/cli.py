@@ -6,6 +6,7 @@
     llmpipe model-size model=llama2_7b       parameters and memory of a preset, without allocating it
     llmpipe model-size --checkpoint DIR      the same for a Hugging Face checkpoint, from its config.json
     llmpipe chat ["QUESTION"]                chat with the fine-tuned model (interactive without a question)
+    llmpipe sweep run NAME --seeds 1 2 3     the pipeline over seeds: each headline metric's mean / min / max
 
 next-token and generate default to the pretrain stage's output (models/pretrained), chat to the
 finetune stage's (models/finetuned); the tokenizer to models/tokenizer.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from llmpipe.pipeline import layout
 from llmpipe.pipeline.errors import PipelineError
+from llmpipe.sweep import commands as sweep_commands
 
 DEFAULT_MODEL = str(layout.PRETRAINED)
 DEFAULT_CHAT_MODEL = str(layout.FINETUNED)
@@ -37,9 +39,9 @@ def cmd_compose(args: argparse.Namespace) -> None:
 def load_any_model(path: Path, tokenizer):
     """A model in any form the pipeline writes: a model directory (config.json + model.safetensors), a
     Hugging Face export (models/hf), or a GGUF file; checked to match the tokenizer."""
-    from llmpipe.export.gguf_file import read_gguf_model
-    from llmpipe.export.hf_import import read_hf_directory
-    from llmpipe.model_io import CONFIG_FILE, check_tokenizer, load_model
+    from llmpipe.gguf.files import read_gguf_model
+    from llmpipe.hf.checkpoint import read_hf_directory
+    from llmpipe.model.weights import CONFIG_FILE, check_tokenizer, load_model
 
     if path.is_file() and path.suffix == ".gguf":
         return read_gguf_model(path, tokenizer)
@@ -76,7 +78,7 @@ def _existing(path: str, flag: str, default: str) -> Path:
 
 
 def _load(args: argparse.Namespace, default_model: str = DEFAULT_MODEL):
-    from llmpipe.tokenizer import LoadedTokenizer
+    from llmpipe.text.tokenizer import LoadedTokenizer
 
     tokenizer = LoadedTokenizer(_existing(args.tokenizer, "--tokenizer", DEFAULT_TOKENIZER))
     return load_any_model(_existing(args.model, "--model", default_model), tokenizer), tokenizer
@@ -84,7 +86,7 @@ def _load(args: argparse.Namespace, default_model: str = DEFAULT_MODEL):
 
 def _prompt_ids(model, tokenizer, text: str, max_new_tokens: int = 1) -> list[int]:
     """The prompt's token ids; a long prompt keeps its end, leaving room for the answer (said on stderr)."""
-    from llmpipe.generate import fit_prompt
+    from llmpipe.model.generation import fit_prompt
 
     if not text.strip():
         raise PipelineError("the prompt is empty (or only white space)")
@@ -97,7 +99,7 @@ def _prompt_ids(model, tokenizer, text: str, max_new_tokens: int = 1) -> list[in
 
 
 def cmd_next_token(args: argparse.Namespace) -> None:
-    from llmpipe.generate import top_next_tokens
+    from llmpipe.model.generation import top_next_tokens
 
     model, tokenizer = _load(args)
     ranked = top_next_tokens(model, _prompt_ids(model, tokenizer, args.text), args.top_k)
@@ -108,14 +110,14 @@ def cmd_next_token(args: argparse.Namespace) -> None:
 
 
 def _sampling(args: argparse.Namespace):
-    from llmpipe.generate import SamplingSettings
+    from llmpipe.model.generation import SamplingSettings
 
     return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llmpipe.generate import Engine, StreamingDecoder
+    from llmpipe.model.generation import Engine, StreamingDecoder
 
     model, tokenizer = _load(args)
     engine = Engine(model, stop_ids={tokenizer.end_of_document_id, tokenizer.special_ids["end_of_turn"]})
@@ -129,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def stream_answer(model, tokenizer, template, messages: list[dict], settings) -> str:
     """Generate the assistant's turn for `messages`, printing it as it comes; returns its text."""
-    from llmpipe.generate import Engine, StreamingDecoder, prompt_limit
+    from llmpipe.model.generation import Engine, StreamingDecoder, prompt_limit
 
     limit = prompt_limit(model.config.context_length, settings.max_new_tokens)
     prompt = template.encode_prompt(messages)
@@ -154,7 +156,7 @@ def stream_answer(model, tokenizer, template, messages: list[dict], settings) ->
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from llmpipe.chat_template import ChatTemplate
+    from llmpipe.text.chat_template import ChatTemplate
 
     if args.text is not None and not args.text.strip():
         raise PipelineError("the question is empty (or only white space); omit it for an interactive chat")
@@ -182,21 +184,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_model_size(args: argparse.Namespace) -> None:
-    from llmpipe.model_size import human_bytes, size_report
+    from llmpipe.model.size import human_bytes, size_report
     from llmpipe.pipeline.compose import compose
     from llmpipe.pipeline.params import StageParams
+    from llmpipe.text.tokenizer import TokenizerSettings
     from llmpipe.train.settings import model_config
 
     if args.checkpoint:  # a Hugging Face checkpoint's config.json alone: no weights are read
-        from llmpipe.export.hf_import import read_hf_config
+        from llmpipe.hf.checkpoint import read_hf_config
 
         config = read_hf_config(args.checkpoint)
     else:
         composed = compose(args.overrides, args.config_dir)
-        params = StageParams("model-size", composed, ["model", "tokenizer.vocab_size"],
+        params = StageParams("model-size", composed, ["model", "tokenizer"],
                              source=f"{args.config_dir}/ with {' '.join(args.overrides) or 'no overrides'}")
-        vocab = params.get("model.vocab_size") or params.int("tokenizer.vocab_size", min=1)
-        config = model_config(params, vocab)
+        config = model_config(params, params.section("tokenizer", TokenizerSettings).vocab_size, preset_wins=True)
     report = size_report(config)
     if args.json:
         print(json.dumps({"model": config.to_dict(), **report}, indent=2))
@@ -294,7 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--checkpoint", help="a Hugging Face checkpoint directory: size from its config.json")
     size.add_argument("--json", action="store_true", help="print JSON")
     size.set_defaults(handler=cmd_model_size)
+
+    sweep = commands.add_parser("sweep", help="run the pipeline over seeds (DVC's queue) and summarise",
+                                description=sweep_commands.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep_commands.add_sweep_commands(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
     return parser
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    sweep_commands.SWEEP_COMMANDS[args.sweep_command](args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,13 +19,11 @@ import os
 
 import torch
 
-from llmpipe.chat_template import ChatTemplate
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.tokens import open_tokens, read_meta
-from llmpipe.eval.compare import EvaluationLimits, Variant, compare_variants
-from llmpipe.export.gguf_file import read_gguf_model
-from llmpipe.export.registry import register_chat_model
-from llmpipe.model_io import WEIGHTS_FILE, load_model
+from llmpipe.eval.compare import EvaluateSettings, Variant, compare_variants
+from llmpipe.gguf.files import read_gguf_model
+from llmpipe.model.weights import WEIGHTS_FILE, load_model
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.provenance import git_commit
@@ -38,8 +36,15 @@ from llmpipe.report.plots import (
     plot_size_versus_quality,
     plot_tokenization,
 )
-from llmpipe.report.tables import read_curve, read_training_reports, variant_headline, write_variants_table
-from llmpipe.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer
+from llmpipe.report.tables import (
+    read_curve,
+    read_training_reports,
+    variant_headline,
+    write_variants_table,
+)
+from llmpipe.serve.registry import register_chat_model
+from llmpipe.text.chat_template import ChatTemplate
+from llmpipe.text.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer
 
 REFERENCE = "finetuned"
 IMAGES = {"loss": "loss_curves.png", "size": "size_vs_quality.png", "tokens": "tokenization.png",
@@ -67,22 +72,16 @@ def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer) -> list[Variant]:
 
 @stage("evaluate")
 def evaluate(params: StageParams, run: StageRun) -> None:
-    limits = EvaluationLimits(eval_max_tokens=params.int("evaluate.eval_max_tokens", min=2),
-                              kl_max_tokens=params.int("evaluate.kl_max_tokens", min=2),
-                              max_new_tokens=params.int("evaluate.max_new_tokens", min=1),
-                              generation_tokens=params.int("evaluate.generation_tokens", min=1),
-                              sample_answers=params.int("evaluate.sample_answers", min=0))
-    questions = params.int("evaluate.max_questions_per_split", min=1)
-    registered_name = params.name("evaluate.registered_model_name")
+    settings = params.section("evaluate", EvaluateSettings)
     torch.manual_seed(0)
 
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     template = ChatTemplate(tokenizer)
     validation_tokens = open_tokens("validation")
-    qa_sets = {split: read_rows(layout.QA_FILES[split])[:questions] for split in ("finetuned_people", "heldout_people")}
+    qa_sets = {split: read_rows(layout.QA_FILES[split])[:settings.max_questions_per_split] for split in ("finetuned_people", "heldout_people")}
     rows, samples, reference_model = compare_variants(
         variants(read_json(layout.SIZES_JSON), tokenizer), REFERENCE, template, validation_tokens,
-        read_meta()["splits"]["validation"], qa_sets, limits)
+        read_meta()["splits"]["validation"], qa_sets, settings)
 
     with atomic.atomic_path(layout.FIGURES, directory=True) as temp:
         plot_loss_curves(temp / IMAGES["loss"])
@@ -111,10 +110,10 @@ def evaluate(params: StageParams, run: StageRun) -> None:
     run.log_artifact(layout.FIGURES, "figures")
     run.log_artifact(layout.VARIANTS_TABLE)
     reference_row = next(row for row in rows if row["variant"] == REFERENCE)
-    version, new = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, registered_name, {
+    version, new = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, settings.registered_model_name, {
         k: v for k, v in reference_row.items() if k.startswith("qa_accuracy") or k == "val_perplexity"})
     if version:
-        print(f"evaluate: {'registered' if new else 'unchanged weights, kept'} {registered_name} version {version}",
+        print(f"evaluate: {'registered' if new else 'unchanged weights, kept'} {settings.registered_model_name} version {version}",
               flush=True)
     print(f"evaluate: wrote {layout.REPORT}", flush=True)
 

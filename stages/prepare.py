@@ -13,72 +13,38 @@ Output: data/prepared/ (see llmpipe.data.prepared). Run: `dvc repro prepare` (or
 from typing import Iterator
 
 from llmpipe.data.prepared import user_bundle, world_bundle, write_prepared
+from llmpipe.data.settings import EmbeddedData, HubData, LocalFilesData, data_settings
 from llmpipe.data.sources import (
-    TXT_SAMPLE_BY,
     clean_documents,
     read_hub_documents,
     read_local_documents,
 )
-from llmpipe.data.world import ATTRIBUTES, WorldConfig, build_world, max_people
+from llmpipe.data.world import build_world
 from llmpipe.pipeline import layout
-from llmpipe.pipeline.errors import ParamError
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
 
-SOURCES = ["embedded", "local_files", "hf_dataset"]
 
-
-def world_config(params: StageParams) -> WorldConfig:
-    return WorldConfig(
-        num_people=params.int("data.world.num_people", min=3, max=max_people()),
-        attributes=tuple(params.str_list("data.world.attributes", choices=ATTRIBUTES)),
-        paraphrases=params.int("data.world.paraphrases", min=1),
-        validation_biography_fraction=params.float("data.world.validation_biography_fraction", above=0, max=1),
-        finetune_fraction=params.float("data.world.finetune_fraction", above=0, max=1),
-        validation_fraction=params.float("data.world.validation_fraction", above=0, max=1),
-        mixed_training=params.bool("data.world.mixed_training"),
-        mixed_training_copies=params.int("data.world.mixed_training_copies", min=1),
-        seed=params.seed(),
-    )
-
-
-def user_documents(params: StageParams, source: str) -> Iterator[str]:
-    text_column = params.str("data.text_column")
-    if source == "local_files":
-        documents = read_local_documents(params.str_list("data.paths"), text_column,
-                                         params.str("data.txt_sample_by", choices=list(TXT_SAMPLE_BY)))
-        return clean_documents(documents, "data.paths")
-    max_documents = params.get("data.max_documents")
-    if max_documents is not None:
-        max_documents = params.int("data.max_documents", min=1)
-    data_files = params.get("data.data_files", None)
-    documents = read_hub_documents(
-        params.str("data.name"), params.str("data.config", optional=True), params.str("data.split"),
-        text_column, params.bool("data.streaming"), max_documents,
-        revision=params.str("data.revision", optional=True),
-        data_files=params.str_list("data.data_files") if data_files is not None else None)
-    return clean_documents(documents, f"data.name={params.str('data.name')}")
+def user_documents(data: LocalFilesData | HubData) -> Iterator[str]:
+    if isinstance(data, LocalFilesData):
+        key = "data.paths"  # named in the messages about its files
+        return clean_documents(read_local_documents(data.paths, key, data.text_column, data.txt_sample_by), key)
+    documents = read_hub_documents(data.name, data.config, data.split, data.text_column, data.streaming,
+                                   data.max_documents, revision=data.revision, data_files=data.data_files)
+    return clean_documents(documents, f"data.name={data.name}")
 
 
 @stage("prepare")
 def prepare(params: StageParams, run: StageRun) -> None:
-    source = params.str("data.source", choices=SOURCES)
-    if source == "embedded":
-        config = world_config(params)
-        if config.finetune_fraction + config.validation_fraction >= 1:
-            raise ParamError("params.yaml: data.world.finetune_fraction + data.world.validation_fraction "
-                             "must be below 1, so that some people are held out")
-        bundle = world_bundle(build_world(config))
+    seed = params.seed()
+    data = data_settings(params, seed)
+    if isinstance(data, EmbeddedData):
+        bundle = world_bundle(build_world(data.world))
     else:
-        bundle = user_bundle(
-            user_documents(params, source),
-            validation_fraction=params.float("data.validation_fraction", above=0, max=0.5),
-            seed=params.seed(),
-            finetune_train=params.str("data.finetune_train", optional=True),
-            finetune_validation=params.str("data.finetune_validation", optional=True),
-            finetune_validation_fraction=params.float("data.finetune_validation_fraction", above=0, max=0.5),
-        )
+        bundle = user_bundle(user_documents(data), validation_fraction=data.validation_fraction, seed=seed,
+                             finetune_train=data.finetune_train, finetune_validation=data.finetune_validation,
+                             finetune_validation_fraction=data.finetune_validation_fraction)
     summary = write_prepared(bundle)
     run.log_metrics(summary)
     run.log_artifact(layout.PREPARED_SUMMARY)

@@ -10,39 +10,33 @@ reports/quantize/sizes.json (every variant's size; read by evaluate) and sizes.m
 Run: `dvc repro quantize`.
 """
 
-import json
 from collections import Counter
 
-from llmpipe.export.formats import FORMATS
-from llmpipe.export.gguf_file import F16, plan_tensors, size_row, write_gguf
-from llmpipe.export.hf import write_hf_directory
-from llmpipe.model import count_parameters
-from llmpipe.model_io import load_model
+from llmpipe.gguf.files import QuantizeSettings, plan_tensors, size_row, write_gguf
+from llmpipe.hf.export import write_hf_directory
+from llmpipe.model.transformer import count_parameters
+from llmpipe.model.weights import load_model
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import size_table
-from llmpipe.tokenizer import LoadedTokenizer
-
-VARIANTS = [F16, *FORMATS]
+from llmpipe.text.tokenizer import LoadedTokenizer
 
 
 @stage("quantize")
 def quantize(params: StageParams, run: StageRun) -> None:
-    variants = params.str_list("quantize.variants", choices=VARIANTS)
-    fallback = params.str("quantize.fallback", choices=["Q8_0", "Q4_0", "Q4_1", F16])
-    embeddings = params.str_map("quantize.embeddings", keys=variants, values=VARIANTS)
-    output = params.str_map("quantize.output", keys=variants, values=VARIANTS)
-    name = params.name("quantize.model_name")
+    settings = params.section("quantize", QuantizeSettings)
+    name = settings.model_name
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     model, _ = load_model(layout.FINETUNED, tokenizer=tokenizer)
     parameters = count_parameters(model)
 
     rows, manifest = [], {}
     with atomic.atomic_path(layout.GGUF, directory=True) as temp:
-        for variant in variants:
-            plans = plan_tensors(model, variant, fallback, embeddings.get(variant), output.get(variant))
+        for variant in settings.variants:
+            plans = plan_tensors(model, variant, settings.fallback, settings.embeddings.get(variant),
+                                 settings.output.get(variant))
             file = temp / layout.gguf_file_name(name, variant)
             tensor_bytes = write_gguf(file, model, tokenizer, plans, variant, name)
             rows.append(size_row(variant, parameters, tensor_bytes, file.stat().st_size,
@@ -50,7 +44,7 @@ def quantize(params: StageParams, run: StageRun) -> None:
             manifest[file.name] = {p.gguf_name: p.type_name for p in plans}
             print(f"quantize: {file.name}: {rows[-1]['bits_per_weight']:.2f} bits/weight, {file.stat().st_size:,} bytes",
                   flush=True)
-        (temp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        (temp / "manifest.json").write_text(atomic.json_text(manifest, indent=1), encoding="utf-8")
     with atomic.atomic_path(layout.HF_EXPORT, directory=True) as temp:
         write_hf_directory(temp, model, tokenizer)
 

@@ -7,23 +7,20 @@ Output: data/tokens/ with <split>/shard-NNNNN.bin (raw arrays, read through nump
 documents whatever the corpus size. Run: `dvc repro tokenize`.
 """
 
-from llmpipe.data.tokens import choose_dtype, tokenize_corpus
+from llmpipe.data.encode import TokenizeSettings, choose_dtype, tokenize_corpus
 from llmpipe.pipeline import layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
-from llmpipe.tokenizer import LoadedTokenizer
+from llmpipe.text.tokenizer import LoadedTokenizer
 
 
 @stage("tokenize")
 def tokenize(params: StageParams, run: StageRun) -> None:
-    num_proc = params.int("tokenize.num_proc", min=1)
-    batch_size = params.int("tokenize.batch_size", min=1)
-    requested = params.str("tokenize.token_dtype", choices=["auto", "uint16", "uint32"])
+    settings = params.section("tokenize", TokenizeSettings)
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
-    dtype = choose_dtype(tokenizer.vocab_size, requested)
-    shard_tokens = params.int("tokenize.shard_tokens", min=1)
-    meta = tokenize_corpus(tokenizer, dtype, num_proc, batch_size, shard_tokens)
+    dtype = choose_dtype(tokenizer.vocab_size, settings.token_dtype)
+    meta = tokenize_corpus(tokenizer, dtype, settings.num_proc, settings.batch_size, settings.shard_tokens)
     for split, counts in meta["splits"].items():
         run.log_metrics({f"{split}_{key}": counts[key] for key in ("documents", "tokens", "utf8_bytes")}
                         | {f"{split}_shards": len(counts["shards"])})

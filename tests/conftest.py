@@ -45,7 +45,7 @@ SPECIALS = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": 
 def train_test_tokenizer(directory: Path, vocab_size: int):
     """A byte-level BPE trained on a small embedded world, saved in `directory` and loaded."""
     from llmpipe.data.world import WorldConfig, build_world
-    from llmpipe.tokenizer import LoadedTokenizer, save_tokenizer, train_bpe
+    from llmpipe.text.tokenizer import LoadedTokenizer, save_tokenizer, train_bpe
 
     texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
     save_tokenizer(train_bpe(texts, vocab_size, 2, SPECIALS), SPECIALS, directory)

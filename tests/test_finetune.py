@@ -5,16 +5,17 @@ import torch
 import yaml
 from conftest import ROOT, train_test_tokenizer
 
-from llmpipe.chat_template import ChatTemplate, pad_batch
-from llmpipe.chat_tokens import train_only_token_rows
 from llmpipe.data.chat_examples import example_statistics
-from llmpipe.lora import LoRASettings, add_lora, merged_copy
-from llmpipe.model import IGNORE_INDEX, ModelConfig, Transformer
+from llmpipe.model.lora import LoRASettings, add_lora, merged_copy
+from llmpipe.model.transformer import IGNORE_INDEX, ModelConfig, Transformer
 from llmpipe.pipeline.errors import ParamError
 from llmpipe.pipeline.params import StageParams
-from llmpipe.train.batches import EpochBatches
+from llmpipe.text.chat_template import ChatTemplate, pad_batch
+from llmpipe.train.chat_tokens import train_only_token_rows
+from llmpipe.train.example_batches import EpochBatches
+from llmpipe.train.finetune_settings import finetune_settings
 from llmpipe.train.loop import make_optimizer
-from llmpipe.train.settings import TrainSettings, finetune_settings
+from llmpipe.train.settings import TrainSettings
 
 QA = [{"role": "user", "content": "What is the birth city of Ada?"}, {"role": "assistant", "content": "Lisbon"}]
 
@@ -167,7 +168,7 @@ def test_null_learning_rates_take_the_methods_own_and_a_set_one_wins(method, pea
 
 def test_chat_streams_the_greedy_answer_until_end_of_turn(template, capsys):
     from llmpipe.cli import stream_answer
-    from llmpipe.generate import Engine, SamplingSettings
+    from llmpipe.model.generation import Engine, SamplingSettings
 
     net = model(template.tokenizer.vocab_size).eval()
     settings = SamplingSettings(max_new_tokens=12)

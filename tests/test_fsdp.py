@@ -86,7 +86,7 @@ def test_killed_two_process_fsdp_run_resumes_with_one_process(copy_built, built_
 
 
 def test_lora_finetune_under_fsdp_writes_a_merged_model_that_loads(copy_built, built_repo):
-    from llmpipe.model_io import load_model
+    from llmpipe.model.weights import load_model
 
     repo = copy_built()
     edit_params(repo, finetune__processes=2, finetune__parallelism="fsdp")

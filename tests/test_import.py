@@ -9,10 +9,11 @@ import torch
 from conftest import BIN, SPECIALS, dvc, make_repo_copy, run
 from safetensors.torch import load_file
 
-from llmpipe.export.hf import write_hf_directory
-from llmpipe.export.hf_import import fit_vocabulary, import_tokenizer, read_hf_directory
+from llmpipe.hf.checkpoint import fit_vocabulary, read_hf_directory
+from llmpipe.hf.export import write_hf_directory
+from llmpipe.hf.tokenizer import import_tokenizer
 from llmpipe.pipeline.errors import InputDataError
-from llmpipe.tokenizer import LoadedTokenizer, save_tokenizer
+from llmpipe.text.tokenizer import LoadedTokenizer, save_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -106,8 +107,8 @@ def test_the_imported_tokenizer_keeps_its_end_of_sequence_and_gains_the_chat_tok
 def test_a_checkpoint_with_its_own_chat_template_keeps_it_token_for_token(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from llmpipe.chat_template import ChatTemplate
-    from llmpipe.model import IGNORE_INDEX
+    from llmpipe.model.transformer import IGNORE_INDEX
+    from llmpipe.text.chat_template import ChatTemplate
 
     make_checkpoint(tmp_path / "ckpt", chat_template=CHATML)
     tokenizer, specials, template, added = import_tokenizer(tmp_path / "ckpt", SPECIALS)
@@ -157,8 +158,8 @@ def test_pickled_weights_and_sentencepiece_tokenizers_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_checkpoint(tmp_path):
-    from llmpipe.export.gguf_file import read_gguf_model
-    from llmpipe.model_io import load_model
+    from llmpipe.gguf.files import read_gguf_model
+    from llmpipe.model.weights import load_model
 
     repo = make_repo_copy(tmp_path / "repo")
     reference = make_checkpoint(repo / "base_models/tiny-llama", "llama3_rope_scaling", hidden=256, intermediate=256,

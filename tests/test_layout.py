@@ -12,14 +12,27 @@ from llmpipe.pipeline import layout
 # Lowest first; a module may import from its own layer or any layer before it.
 LAYERS = [
     {"llmpipe.pipeline"},
-    {"llmpipe.model", "llmpipe.model_io", "llmpipe.model_size", "llmpipe.tokenizer", "llmpipe.chat_template",
-     "llmpipe.generate", "llmpipe.lora", "llmpipe.chat_tokens"},
+    {"llmpipe.model", "llmpipe.text"},
     {"llmpipe.data"},
     {"llmpipe.eval"},
     {"llmpipe.train"},
-    {"llmpipe.export", "llmpipe.report"},
+    {"llmpipe.gguf", "llmpipe.hf", "llmpipe.serve", "llmpipe.report", "llmpipe.sweep"},
     {"llmpipe.cli"},
 ]
+# Modules a stage imports that cannot change what it writes, so they are not its DVC dependencies (a change to
+# them reruns nothing): the entry point's plumbing, MLflow tracking, process launch, progress lines.
+PLUMBING = {
+    "llmpipe/pipeline/stage.py": "the entry point: reads params.yaml, opens the MLflow run, one-line errors",
+    "llmpipe/pipeline/tracking.py": "MLflow runs",
+    "llmpipe/pipeline/pipeline_run.py": "the pipeline execution's MLflow run",
+    "llmpipe/pipeline/store.py": "where MLflow stores runs",
+    "llmpipe/pipeline/provenance.py": "git commit and input md5s, for MLflow tags",
+    "llmpipe/pipeline/restore.py": "puts the previous outputs back when a stage fails",
+    "llmpipe/pipeline/compose.py": "restore's params.yaml, as conf/ composes it",
+    "llmpipe/pipeline/errors.py": "exception types",
+    "llmpipe/pipeline/launch.py": "process launch (torchrun)",
+    "llmpipe/train/progress.py": "progress lines",
+}
 
 
 def layer_of(module: str) -> int:
@@ -29,8 +42,18 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"{module} is in no layer of tests/test_layout.py")
 
 
+def module_file(name: str) -> Path | None:
+    """The file of module `name` (llmpipe.a.b → llmpipe/a/b.py or llmpipe/a/b/__init__.py), or None."""
+    path = ROOT.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def imported_modules(path: Path) -> set[str]:
-    """The llmpipe modules a file imports, at top level or inside functions."""
+    """The llmpipe modules a file imports, at top level or inside functions (`from llmpipe.a import b` counts
+    llmpipe.a and, when b is a module, llmpipe.a.b)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text("utf-8"))):
         if isinstance(node, ast.Import):
@@ -39,7 +62,39 @@ def imported_modules(path: Path) -> set[str]:
             found |= {f"llmpipe.{alias.name}" for alias in node.names if alias.name != "__version__"}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmpipe."):
             found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names
+                      if module_file(f"{node.module}.{alias.name}")}
     return found
+
+
+def import_closure(roots: list[Path]) -> set[str]:
+    """Every llmpipe file that running `roots` imports (package __init__ files included), relative to ROOT."""
+    seen: set[Path] = set()
+    todo = list(roots)
+    while todo:
+        for name in imported_modules(todo.pop()):
+            parts = name.split(".")
+            for length in range(1, len(parts) + 1):
+                path = module_file(".".join(parts[:length]))
+                if path and path not in seen:
+                    seen.add(path)
+                    todo.append(path)
+    return {str(path.relative_to(ROOT)) for path in seen}
+
+
+def stage_code(stage: dict) -> list[Path]:
+    """The files a stage's command runs: its scripts, and the modules it runs with `python -m`."""
+    words = stage["cmd"].split()
+    scripts = [ROOT / word for word in words if word.endswith(".py")]
+    modules = [module_file(words[i + 1]) for i, word in enumerate(words[:-1]) if word == "-m"]
+    return scripts + [path for path in modules if path]
+
+
+def code_dependencies(stage: dict) -> set[str]:
+    """What dvc.yaml must list as a stage's code: its scripts and everything they import, but plumbing."""
+    roots = stage_code(stage)
+    imported = import_closure(roots) | {str(path.relative_to(ROOT)) for path in roots}
+    return {path for path in imported if not path.endswith("__init__.py") and path not in PLUMBING}
 
 
 def test_imports_only_point_down_the_layers():
@@ -122,3 +177,63 @@ def test_small_reports_are_in_git_and_the_rest_in_the_dvc_cache():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, capture_output=True, text=True,
                              input="\n".join(sorted(uncached | cached))).stdout.split()
     assert set(ignored) == cached
+
+
+def test_every_module_a_stage_imports_is_a_dependency_of_the_stage():
+    """A code change reruns every stage whose output it can change: dvc.yaml's code deps of each stage are exactly
+    its scripts and their import closure within llmpipe/, but the PLUMBING above."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text("utf-8"))["stages"]
+    for name, stage in stages.items():
+        listed = {str(dep) for dep in stage.get("deps") or [] if str(dep).startswith(("llmpipe/", "stages/"))}
+        needed = code_dependencies(stage)
+        assert listed == needed, (f"dvc.yaml stage {name}: missing {sorted(needed - listed)}, "
+                                  f"not imported {sorted(listed - needed)}")
+
+
+def test_package_init_files_hold_no_code():
+    """__init__.py files run on every import but are no stage's dependency: a docstring (and the version) only."""
+    for path in (ROOT / "llmpipe").rglob("__init__.py"):
+        body = ast.parse(path.read_text("utf-8")).body
+        code = [node for node in body[1:] if not (isinstance(node, ast.Assign) and node.targets[0].id == "__version__")]
+        assert isinstance(body[0], ast.Expr) and not code, path
+
+
+def test_no_module_calls_another_modules_private_names():
+    """Reaching into another module's internals (`atomic._replace`) couples them invisibly: only public names
+    cross module boundaries."""
+    offences = []
+    for path in [*(ROOT / "llmpipe").rglob("*.py"), *(ROOT / "stages").glob("*.py")]:
+        modules = imported_names(path)
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmpipe"):
+                offences += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                             if a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and isinstance(node.value, ast.Name) and node.value.id in modules:
+                offences.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert not offences, offences
+
+
+def imported_names(path: Path) -> set[str]:
+    """The names a file binds to llmpipe modules (`from llmpipe.pipeline import atomic` binds atomic)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmpipe"):
+            names |= {a.asname or a.name for a in node.names if module_file(f"{node.module}.{a.name}")}
+    return names
+
+
+def test_no_params_key_is_spelled_in_two_places():
+    """Each params key is read through its settings dataclass: a dotted key (or section) as a string literal
+    appears at most once in llmpipe/ and stages/."""
+    from llmpipe.pipeline.params import schema_keys
+
+    keys = schema_keys(ROOT / "conf")
+    sections = {".".join(key.split(".")[:depth]) for key in keys for depth in range(1, key.count(".") + 1)}
+    seen: dict[str, list[str]] = {}
+    for path in [*(ROOT / "llmpipe").rglob("*.py"), *(ROOT / "stages").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value \
+                    and node.value in keys | sections:
+                seen.setdefault(node.value, []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not {key: places for key, places in seen.items() if len(places) > 1}

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import train_test_tokenizer
 
-from llmpipe.export.gguf_file import plan_tensors, read_gguf_model, write_gguf
-from llmpipe.model import ModelConfig, Transformer
+from llmpipe.gguf.files import plan_tensors, read_gguf_model, write_gguf
+from llmpipe.model.transformer import ModelConfig, Transformer
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -39,7 +39,7 @@ def test_k_quant_bytes_equal_llama_cpps_own_quantizer(name, block_bytes):
     import ctypes
     from pathlib import Path
 
-    from llmpipe.export.formats import FORMATS
+    from llmpipe.gguf.formats import FORMATS
 
     library = next(iter(sorted(Path(llama_cpp.__file__).parent.glob("lib/libggml-base.so*"))), None)
     if library is None:

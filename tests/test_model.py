@@ -4,14 +4,19 @@ import pytest
 import torch
 from conftest import ROOT
 
-from llmpipe.generate import (
+from llmpipe.model.generation import (
     Engine,
     SamplingSettings,
     next_token_distribution,
     top_next_tokens,
 )
-from llmpipe.model import ModelConfig, Transformer, count_parameters, rotate_half
-from llmpipe.model_size import parameter_count
+from llmpipe.model.size import parameter_count
+from llmpipe.model.transformer import (
+    ModelConfig,
+    Transformer,
+    count_parameters,
+    rotate_half,
+)
 from llmpipe.pipeline.compose import compose
 from llmpipe.pipeline.params import StageParams
 from llmpipe.train.settings import model_config
@@ -128,7 +133,7 @@ def test_invalid_shapes_are_refused():
 @pytest.mark.parametrize("tie", [True, False])
 def test_same_weights_in_transformers_llama_give_the_same_logits(tie):
     pytest.importorskip("transformers")
-    from llmpipe.export.hf import hf_model
+    from llmpipe.hf.export import hf_model
 
     ours = tiny(tie_embeddings=tie)
     tokens = torch.randint(0, 97, (2, 30))

@@ -135,8 +135,8 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
 def test_chat_tokens_finetune_changes_only_the_chat_templates_token_rows(copy_built):
     from safetensors.torch import load_file
 
-    from llmpipe.chat_tokens import chat_token_ids
-    from llmpipe.tokenizer import LoadedTokenizer
+    from llmpipe.text.tokenizer import LoadedTokenizer
+    from llmpipe.train.chat_tokens import chat_token_ids
 
     repo = copy_built()
     output = dvc(repo, "exp", "run", "-S", "finetune.method=chat_tokens", "-S", "finetune.learning_rate=0.01",

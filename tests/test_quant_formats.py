@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as reference
 
-from llmpipe.export.formats import FORMATS, fit_scale_and_min, round_half_away_from_zero
+from llmpipe.gguf.formats import FORMATS, fit_scale_and_min, round_half_away_from_zero
 
 
 def weights(rows: int, columns: int, seed: int = 0) -> np.ndarray:

@@ -5,14 +5,14 @@ import pytest
 import torch
 from conftest import SPECIALS, train_test_tokenizer
 
-from llmpipe.export.gguf_file import (
+from llmpipe.gguf.files import (
     permute_for_interleaved_rope,
     plan_tensors,
     read_gguf_model,
     unpermute_from_interleaved_rope,
     write_gguf,
 )
-from llmpipe.model import ModelConfig, Transformer
+from llmpipe.model.transformer import ModelConfig, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_tampered_gguf_is_refused(tmp_path, tokenizer):
 def test_hugging_face_export_loads_in_transformers_with_the_same_logits_and_ids(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmpipe.export.hf import write_hf_directory
+    from llmpipe.hf.export import write_hf_directory
 
     net = model(tokenizer.vocab_size)
     write_hf_directory(tmp_path / "hf", net, tokenizer)

@@ -1,7 +1,8 @@
 """What the Markdown reports tell a reader: sample answers spread over people and labelled by split,
 and where pretraining's validation loss was lowest."""
 
-from llmpipe.eval.qa import namesake_answers, spread_sample
+from llmpipe.data.sampling import spread_sample
+from llmpipe.eval.qa import namesake_answers
 from llmpipe.report.markdown import best_pretrain_step_note, finetune_samples
 
 

@@ -1,4 +1,4 @@
-"""The seed-sweep summary (llmpipe.eval.seeds) on `dvc exp show --json`-shaped input: which experiments
+"""The seed-sweep summary (llmpipe.sweep.summary) on `dvc exp show --json`-shaped input: which experiments
 belong to a sweep, which metrics are headline metrics, and their mean / min / max."""
 
 import subprocess
@@ -6,12 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from llmpipe.eval.seeds import (
+from llmpipe.sweep.queue import QueueTask, queue_progress, queue_states
+from llmpipe.sweep.summary import (
     git_json,
     headline_metrics,
-    queue_progress,
-    queue_states,
-    queue_task_ids,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -111,35 +109,29 @@ def test_a_sweep_run_up_to_finetune_leaves_out_the_later_stages_metrics():
     assert up_to_stage(experiments, None, stages) == experiments
 
 
-QUEUE_STATUS = """Task     Name             Created    Status
-cd37f8e  para1-seed2      06:35 PM   Running
-ef0cc83  para1-seed3      06:35 PM   Queued
-7c1e71c  nomix-seed1      06:36 PM   Queued
-a94944d  b16-seed2        06:34 PM   Success
-32b9a07  b16-seed5        05:57 PM   Failed
+def tasks(*rows):
+    return [QueueTask(rev, name, status) for rev, name, status in rows]
 
-Worker status: {workers}, 0 idle
-"""
+
+QUEUE = tasks(("cd37f8e", "para1-seed2", "Running"), ("ef0cc83", "para1-seed3", "Queued"),
+              ("7c1e71c", "nomix-seed1", "Queued"), ("a94944d", "b16-seed2", "Success"), ("32b9a07", "b16-seed5", "Failed"))
 
 
 def test_a_sweep_waits_for_its_own_experiments_only_and_notices_when_the_queue_stalls():
     mine = ["para1-seed1", "para1-seed2", "para1-seed3"]
-    # "0 active" is what dvc printed while para1-seed2 ran: the task states tell, not the worker line.
-    pending, stalled = queue_progress(QUEUE_STATUS.format(workers="0 active"), mine)
+    pending, stalled = queue_progress(QUEUE, mine)
     assert pending == ["para1-seed2", "para1-seed3"] and not stalled  # seed 1 is done; nomix is another sweep's
-    assert queue_progress(QUEUE_STATUS.format(workers="1 active"), ["b16-seed2", "b16-seed5"]) == ([], False)
-    after_a_kill = QUEUE_STATUS.replace("Running", "Failed").format(workers="0 active")
+    assert queue_progress(QUEUE, ["b16-seed2", "b16-seed5"]) == ([], False)
+    after_a_kill = [QueueTask(t.rev, t.name, "Failed" if t.status == "Running" else t.status) for t in QUEUE]
     assert queue_progress(after_a_kill, mine) == (["para1-seed3"], True)
 
 
 def test_a_task_of_the_same_name_from_an_earlier_sweep_is_not_taken_for_ours():
     # Seen: default-seed5 ran again while an older default-seed5's Success, listed after it, ended the wait.
-    before = "Task     Name          Created       Status\nc6490e8  s-seed5       Nov 29, 2026  Success\n"
-    earlier = queue_task_ids(before)
-    running = "Task     Name          Created       Status\n311b682  s-seed5       03:51 AM      Running\n" + \
-        "c6490e8  s-seed5       Nov 29, 2026  Success\n\nWorker status: 1 active, 0 idle\n"
+    earlier = {"c6490e8"}  # the revs queued before this sweep
+    running = tasks(("311b682", "s-seed5", "Running"), ("c6490e8", "s-seed5", "Success"))
     assert queue_progress(running, ["s-seed5"], earlier) == (["s-seed5"], False)
-    # dvc lists failed tasks before succeeded ones, whatever their age: ours failed, the earlier one succeeded.
-    failed = running.replace("03:51 AM      Running", "03:51 AM      Failed")
+    # DVC lists failed tasks before succeeded ones, whatever their age: ours failed, the earlier one succeeded.
+    failed = tasks(("311b682", "s-seed5", "Failed"), ("c6490e8", "s-seed5", "Success"))
     assert queue_states(failed, earlier) == {"s-seed5": "Failed"}
     assert queue_progress(failed, ["s-seed5"], earlier) == ([], False)

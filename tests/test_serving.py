@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import BIN, environment, train_test_tokenizer
 
-from llmpipe.model import ModelConfig, Transformer
-from llmpipe.model_io import TOKENIZER_KEY, save_model
+from llmpipe.model.transformer import ModelConfig, Transformer
+from llmpipe.model.weights import TOKENIZER_KEY, save_model
 
 QUESTION = "What is the birth city of Ada?"
 REGISTER = """
 import sys
-from llmpipe.export.registry import register_chat_model
+from llmpipe.serve.registry import register_chat_model
 from llmpipe.pipeline.tracking import StageRun
 with StageRun("evaluate", {}, {}) as run:
     version, new = register_chat_model(run, sys.argv[1], sys.argv[2], "llmpipe-chat-test")

@@ -147,12 +147,12 @@ def test_sigkill_during_finetune_then_repro_resumes(copy_built):
 
 
 def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_built):
-    """benchmarks/seeds.py: two seeds queued and run two at a time; each keeps its MLflow runs; the summary's
+    """llmpipe sweep: two seeds queued and run two at a time; each keeps its MLflow runs; the summary's
     mean/min/max agree with the metrics each experiment logged; a second call runs nothing again."""
     repo = copy_built()
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline outputs"], repo)
-    sweep = [sys.executable, "benchmarks/seeds.py", "run", "tiny", "--seeds", "3", "4", "--jobs", "2",
+    sweep = [sys.executable, "-m", "llmpipe.cli", "sweep", "run", "tiny", "--seeds", "3", "4", "--jobs", "2",
              "-S", "pretrain.max_steps=5", "--target", "finetune", "--poll-seconds", "1"]
     output = run(sweep, repo).stdout
     assert "queued tiny-seed3, tiny-seed4" in output
@@ -178,7 +178,7 @@ def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_bu
     assert aggregate[0].data.metrics["pretrain.val_bpb.max"] == pytest.approx(spread["max"])
     again = run(sweep, repo).stdout
     assert "tiny-seed3: already run, kept" in again and "queued" not in again
-    run([sys.executable, "benchmarks/seeds.py", "summary", "tiny", "--target", "finetune", "--seeds", "4"], repo)
+    run([sys.executable, "-m", "llmpipe.cli", "sweep", "summary", "tiny", "--target", "finetune", "--seeds", "4"], repo)
     only_seed4 = json.loads((repo / "reports/seeds/tiny.json").read_text())
     assert [e["name"] for e in only_seed4["experiments"]] == ["tiny-seed4"]
     assert only_seed4["metrics"]["pretrain.val_bpb"]["mean"] == pytest.approx(logged["tiny-seed4"])

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from conftest import train_test_tokenizer
 
-from llmpipe.data.tokens import open_tokens, token_chunks, tokenize_corpus
+from llmpipe.data.encode import tokenize_corpus
+from llmpipe.data.tokens import open_tokens, token_chunks
 from llmpipe.eval.metrics import unigram_bits_per_byte
 from llmpipe.pipeline import layout
 from llmpipe.pipeline.errors import InputDataError
 from llmpipe.report.markdown import tokenizer_report
-from llmpipe.tokenizer import TextSample, tokenizer_metrics
+from llmpipe.text.tokenizer import TextSample, tokenizer_metrics
 from llmpipe.train.batches import RandomWindows
 
 TEXTS = {"train": [f"Person {i} was born in city {i % 7} and studied subject {i % 5}." for i in range(60)],

@@ -5,10 +5,10 @@ from conftest import SPECIALS, train_test_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmpipe.data.tokens import choose_dtype
+from llmpipe.data.encode import choose_dtype
 from llmpipe.data.world import WorldConfig, build_world
 from llmpipe.pipeline.errors import ParamError
-from llmpipe.tokenizer import minimum_vocab_size, save_tokenizer, train_bpe
+from llmpipe.text.tokenizer import minimum_vocab_size, save_tokenizer, train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from llmpipe.eval.metrics import (
     language_model_loss,
     unigram_bits_per_byte,
 )
-from llmpipe.model import ModelConfig, Transformer
+from llmpipe.model.transformer import ModelConfig, Transformer
 from llmpipe.pipeline.distributed import ProcessInfo
 from llmpipe.pipeline.errors import ParamError, PipelineError
 from llmpipe.pipeline.tracking import StageRun
@@ -206,7 +206,7 @@ def test_fsdp_needs_as_many_micro_batches_in_every_process_and_the_key_ignores_r
 
 def test_lora_training_resumes_from_its_checkpoint(tmp_path):
     """LoRA trains matrices only (no parameter without weight decay): the sharded checkpoint still restores."""
-    from llmpipe.lora import LoRASettings, add_lora
+    from llmpipe.model.lora import LoRASettings, add_lora
 
     def lora_setup():
         model, batches = setup()

@@ -19,7 +19,6 @@ each document as it comes).
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -27,6 +26,7 @@ from typing import Iterable, Iterator
 from llmpipe.data.chat_examples import qa_to_messages, read_chat_examples
 from llmpipe.data.jsonl import iterate_rows, row_line, write_rows
 from llmpipe.pipeline import atomic, layout
+from llmpipe.pipeline.atomic import json_text
 from llmpipe.pipeline.errors import InputDataError
 
 
@@ -144,8 +144,7 @@ def write_prepared(bundle: dict, output_dir: str | Path = layout.PREPARED) -> di
         for split in layout.QA_SPLITS:
             write_rows(temp / layout.QA_FILES[split].name, bundle["qa"][split])
         if bundle["world"] is not None:
-            (temp / layout.WORLD.name).write_text(json.dumps(bundle["world"], indent=1, ensure_ascii=False) + "\n",
+            (temp / layout.WORLD.name).write_text(json_text(bundle["world"], indent=1, sort_keys=False),
                                                   encoding="utf-8")
-        (temp / layout.PREPARED_SUMMARY.name).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
-                                                         encoding="utf-8")
+        (temp / layout.PREPARED_SUMMARY.name).write_text(json_text(summary), encoding="utf-8")
     return summary

@@ -129,10 +129,11 @@ def stream_column(dataset, text_column: str, source: str, read_error: str) -> It
         yield from batch[text_column]
 
 
-def read_local_documents(patterns: list[str], text_column: str, txt_sample_by: str) -> Iterator[str]:
+def read_local_documents(patterns: list[str], key: str, text_column: str, txt_sample_by: str) -> Iterator[str]:
     """Documents from local text/JSONL/Parquet files, streamed; one document per file, paragraph or line
-    for text. The paths are expanded now (an unmatched glob fails at once), the files read as iterated."""
-    files = expand_paths(patterns, "data.paths")
+    for text. The paths (the params `key`'s globs) are expanded now, so an unmatched glob fails at once; the
+    files are read as iterated."""
+    files = expand_paths(patterns, key)
     return _stream_local_documents(files, text_column, txt_sample_by)
 
 

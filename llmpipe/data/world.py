@@ -22,7 +22,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from llmpipe.pipeline.errors import SettingError
 from llmpipe.pipeline.layout import QA_SPLITS
+from llmpipe.pipeline.params import setting
 
 FIRST_NAMES = [
     "Amara", "Bastian", "Celeste", "Dorian", "Elowen", "Fabian", "Greta", "Hamish", "Ilse",
@@ -177,15 +179,25 @@ FINETUNED, VALIDATION, HELDOUT = QA_SPLITS  # the three groups of people
 
 @dataclass(frozen=True)
 class WorldConfig:
-    num_people: int = 200
-    attributes: tuple[str, ...] = tuple(ATTRIBUTES)
-    paraphrases: int = 5              # training biographies per person
-    validation_biography_fraction: float = 0.25  # share of people with one extra, unseen biography
-    finetune_fraction: float = 0.5    # share of people whose QA is the fine-tuning set
-    validation_fraction: float = 0.1  # share of people whose QA selects the best fine-tuning step
-    mixed_training: bool = True       # fine-tuning people's QA also in the pretraining text
-    mixed_training_copies: int = 1    # copies of each fine-tuning person's QA document in that text
-    seed: int = 0
+    num_people: int = setting(200, "people in the world (up to 250, no two share a first or a last name)", min=3)
+    attributes: tuple[str, ...] = setting(tuple(ATTRIBUTES), "facts per person", choices=ATTRIBUTES)
+    paraphrases: int = setting(10, "pretraining biographies per person (paraphrased, shuffled)", min=1)
+    validation_biography_fraction: float = setting(0.25, "share of people with one extra, unseen biography "
+                                                         "(validation text)", above=0, max=1)
+    finetune_fraction: float = setting(0.5, "share of people whose QA pairs are fine-tuned on", above=0, max=1)
+    validation_fraction: float = setting(0.1, "share of people whose QA pairs pick the best fine-tuning step",
+                                         above=0, max=1)
+    mixed_training: bool = setting(True, "also put the fine-tuning people's QA in the pretraining text")
+    mixed_training_copies: int = setting(1, "... this many times each (their share of the pretraining text)", min=1)
+    seed: int = 0  # the pipeline's seed (not a key of this section)
+
+    def __post_init__(self):
+        if self.num_people > max_people():
+            raise SettingError("num_people", f"expected at most {max_people()} (distinct first and last names), "
+                                             f"got {self.num_people}")
+        if self.finetune_fraction + self.validation_fraction >= 1:
+            raise SettingError("finetune_fraction", "finetune_fraction + validation_fraction must be below 1, so "
+                                                    "that some people are held out")
 
 
 @dataclass

@@ -7,21 +7,25 @@ distributions from the reference, file size and bits per weight, and greedy gene
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
-from llmpipe.chat_template import ChatTemplate
+from llmpipe.data.sampling import spread_sample
 from llmpipe.eval.metrics import (
-    generation_tokens_per_second,
     mean_kl_divergence,
     next_token_distributions,
     perplexity_metrics,
 )
-from llmpipe.eval.qa import qa_metrics, spread_sample
-from llmpipe.model import Transformer
+from llmpipe.eval.qa import qa_metrics
+from llmpipe.model.generation import Engine, SamplingSettings
+from llmpipe.model.transformer import Transformer
+from llmpipe.pipeline.params import setting
+from llmpipe.text.chat_template import ChatTemplate
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,20 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class EvaluationLimits:
-    eval_max_tokens: int           # validation tokens for perplexity and bits per byte
-    kl_max_tokens: int             # validation tokens for the KL divergence
-    max_new_tokens: int            # longest generated answer
-    generation_tokens: int         # tokens generated when measuring speed
-    sample_answers: int            # sample answers kept per variant
+class EvaluateSettings:
+    sample_answers: int = setting(5, "sample answers per variant in the report", min=0)
+    eval_max_tokens: int = setting(65536, "validation tokens for perplexity and bits per byte", min=2)
+    kl_max_tokens: int = setting(4096, "validation tokens for the KL divergence against the full-precision model",
+                                 min=2)
+    max_questions_per_split: int = setting(400, "QA questions per split (fine-tuned people, held-out people)", min=1)
+    max_new_tokens: int = setting(24, "longest generated answer", min=1)
+    generation_tokens: int = setting(64, "tokens generated when measuring generation speed", min=1)
+    registered_model_name: str = setting("llmpipe-chat", "MLflow Model Registry name of the fine-tuned model",
+                                         name=True)
 
 
 def compare_variants(variants: list[Variant], reference: str, template: ChatTemplate, validation_tokens: np.ndarray,
-                     validation_counts: dict, qa_sets: dict[str, list[dict]], limits: EvaluationLimits,
+                     validation_counts: dict, qa_sets: dict[str, list[dict]], limits: EvaluateSettings,
                      ) -> tuple[list[dict], dict[str, list[dict]], Transformer]:
     """(one row of measurements per variant, sample answers per variant, the reference model)."""
     first_question = next((pairs[0]["question"] for pairs in qa_sets.values() if pairs), "Hello")
@@ -67,3 +75,17 @@ def compare_variants(variants: list[Variant], reference: str, template: ChatTemp
     for row in rows:
         row["kl_divergence"] = mean_kl_divergence(log_probs[reference], log_probs[row["variant"]])
     return rows, samples, reference_model
+
+
+@torch.no_grad()
+def generation_tokens_per_second(model: Transformer, prompt: list[int], new_tokens: int, repeats: int = 5) -> float:
+    """Greedy generation speed: the fastest of `repeats` timed runs after a warm-up (the fastest run is
+    the one least slowed down by whatever else the machine was doing)."""
+    engine, settings = Engine(model), SamplingSettings(max_new_tokens=new_tokens)
+    list(engine.stream(prompt, settings))  # warm up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        produced = len(list(engine.stream(prompt, settings)))
+        best = max(best, produced / (time.perf_counter() - start))
+    return best

@@ -11,15 +11,12 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
 
-from llmpipe.chat_template import EncodedExample, pad_batch
 from llmpipe.data.tokens import token_chunks
-from llmpipe.generate import Engine, SamplingSettings
-from llmpipe.model import IGNORE_INDEX, Transformer
+from llmpipe.model.transformer import Transformer
 
 
 @torch.no_grad()
@@ -68,19 +65,6 @@ def unigram_bits_per_byte(train_tokens, validation_tokens, vocab_size: int, vali
 
 
 @torch.no_grad()
-def answer_loss(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int) -> float:
-    """Mean loss per answer token over `examples` (the fine-tuning validation loss)."""
-    device = model.embed_tokens.weight.device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        ids, labels = pad_batch(examples[start:start + batch_size], pad_id)
-        _, loss = model(ids.to(device), labels.to(device), loss_reduction="sum")
-        total += float(loss)
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
-
-
-@torch.no_grad()
 def next_token_distributions(model: Transformer, tokens: np.ndarray, max_tokens: int) -> torch.Tensor:
     """Log-probabilities of the next token at every position of non-overlapping windows."""
     context = model.config.context_length
@@ -92,16 +76,3 @@ def next_token_distributions(model: Transformer, tokens: np.ndarray, max_tokens:
 def mean_kl_divergence(reference_log_probs: torch.Tensor, log_probs: torch.Tensor) -> float:
     """Mean over positions of KL(reference ‖ variant), in nats."""
     return float((reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(-1).mean())
-
-
-def generation_tokens_per_second(model: Transformer, prompt: list[int], new_tokens: int, repeats: int = 5) -> float:
-    """Greedy generation speed: the fastest of `repeats` timed runs after a warm-up (the fastest run is
-    the one least slowed down by whatever else the machine was doing)."""
-    engine, settings = Engine(model), SamplingSettings(max_new_tokens=new_tokens)
-    list(engine.stream(prompt, settings))  # warm up
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        produced = len(list(engine.stream(prompt, settings)))
-        best = max(best, produced / (time.perf_counter() - start))
-    return best

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from llmpipe.chat_template import ChatTemplate
-from llmpipe.generate import Engine, SamplingSettings, prompt_limit
-from llmpipe.model import Transformer
+import torch
+
+from llmpipe.model.generation import Engine, SamplingSettings, prompt_limit
+from llmpipe.model.transformer import IGNORE_INDEX, Transformer
+from llmpipe.text.chat_template import ChatTemplate, EncodedExample, pad_batch
 
 
 def normalize_answer(text: str) -> str:
@@ -22,7 +24,7 @@ def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], m
     """Exact-match accuracy over `pairs` ({question, answer, attribute}), overall and per attribute.
 
     Returns metrics `{name}` and `{name}_{attribute}`, and every (question, expected, answer, correct).
-    Questions too long for the context keep their end (llmpipe.generate.fit_prompt) and are counted in
+    Questions too long for the context keep their end (llmpipe.model.generation.fit_prompt) and are counted in
     `{name}_questions_cut_to_fit` (present only when there are some).
     """
     if not pairs:
@@ -66,16 +68,6 @@ def qa_metrics(model: Transformer, template: ChatTemplate, qa_sets: dict[str, li
     return metrics, answers
 
 
-def spread_sample(results: list, count: int) -> list:
-    """`count` items evenly spaced over `results` (QA pairs come five per person, so the first few
-    would all be about one person)."""
-    if count <= 0 or not results:
-        return []
-    if count >= len(results):
-        return list(results)
-    return [results[index * len(results) // count] for index in range(count)]
-
-
 def namesake_answers(results: list[dict], pairs: list[dict], people: list[dict]) -> dict[str, int]:
     """Where the wrong answers come from: of the `results` (qa_accuracy's, for `pairs`) that are wrong, how many
     give the asked attribute of another person with the same last name, of one with the same first name, of
@@ -100,3 +92,16 @@ def namesake_answers(results: list[dict], pairs: list[dict], people: list[dict])
         else:
             counts["someone_else" if others else "no_one"] += 1
     return counts
+
+
+@torch.no_grad()
+def answer_loss(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int) -> float:
+    """Mean loss per answer token over `examples` (the fine-tuning validation loss)."""
+    device = model.embed_tokens.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        ids, labels = pad_batch(examples[start:start + batch_size], pad_id)
+        _, loss = model(ids.to(device), labels.to(device), loss_reduction="sum")
+        total += float(loss)
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)

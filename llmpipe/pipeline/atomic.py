@@ -57,11 +57,7 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
         temp.mkdir()
     try:
         yield temp
-        if directory:
-            _fsync_tree(temp)
-        elif temp.exists():
-            _fsync_file(temp)
-        _replace(temp, final)
+        publish(temp, final)
     except BaseException:
         if temp.is_dir():
             shutil.rmtree(temp, ignore_errors=True)
@@ -69,6 +65,16 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temp)
         raise
+
+
+def publish(temp: Path, final: Path) -> None:
+    """Make a finished temporary file or directory `final`: flushed to disk, then renamed into place (an existing
+    directory at `final` is replaced whole)."""
+    if temp.is_dir():
+        _fsync_tree(temp)
+    elif temp.exists():
+        _fsync_file(temp)
+    _replace(temp, final)
 
 
 def _fsync_file(path: Path) -> None:
@@ -91,5 +97,10 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj, indent: int = 2, sort_keys: bool = True) -> str:
+    """The one JSON format of the files the pipeline writes: indented, keys sorted, UTF-8 as is, a final newline."""
+    return json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+
+
 def write_json(path: str | Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_text(path, json_text(obj))

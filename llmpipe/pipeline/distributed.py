@@ -6,7 +6,9 @@ without it, this is rank 0 of 1. The backend is NCCL on CUDA and gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,18 @@ def start(process: ProcessInfo) -> ProcessInfo:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(process: ProcessInfo) -> Iterator[ProcessInfo]:
+    """The process started (its GPU selected, the process group joined); on success every process waits for
+    the others before leaving, and the group is left whatever happens."""
+    start(process)
+    try:
+        yield process
+        barrier()
+    finally:
+        stop()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

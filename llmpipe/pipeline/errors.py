@@ -19,3 +19,12 @@ class UndeclaredParamError(PipelineError):
 
 class InputDataError(PipelineError):
     """A data file that is missing, empty, not valid UTF-8, or not in the expected format."""
+
+
+class SettingError(ValueError):
+    """A settings dataclass refusing a combination of values in its `__post_init__`; `field` names the key
+    (relative to the section) so the message can name it in params.yaml."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousError,
+        RendezvousTimeoutError,
+    )
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     endpoint, run_id = rendezvous(args.nodes, args.rdzv_endpoint, args.rdzv_id, args.script)

@@ -1,23 +1,32 @@
-"""A stage's view of params.yaml: only the keys dvc.yaml declares for it, with typed, checked reads.
+"""A stage's view of params.yaml: only the keys dvc.yaml declares for it, read into settings dataclasses.
 
-DVC reruns a stage when a key listed under its `params:` changes. A stage that read any other
-key would depend on something DVC does not track, and "rerun only what changed" would silently
-break. `StageParams` makes that impossible: reading an undeclared key raises.
+Each params section is declared once, on a frozen dataclass whose fields are `setting(default, doc, checks)`
+(litgpt's args.py style; tests/test_config.py checks conf/'s keys, defaults and comments against them),
+and read with one call:
 
-    params = StageParams.for_stage("train_tokenizer", full_config)
-    vocab_size = params.int("tokenizer.vocab_size", min=1)
+    lora = params.section("finetune.lora", LoRASettings)
+
+Reading a key dvc.yaml does not declare for the stage raises: DVC would not know the stage depends on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from llmpipe.pipeline.errors import ParamError, PipelineError, UndeclaredParamError
+from llmpipe.pipeline.errors import (
+    ParamError,
+    PipelineError,
+    SettingError,
+    UndeclaredParamError,
+)
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
@@ -25,16 +34,42 @@ CONF_DIR = "conf"
 OPEN_MAPPINGS = ("quantize.embeddings", "quantize.output")
 _MISSING = object()
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+Settings = TypeVar("Settings")
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", **checks: Any) -> Any:
+    """A params key declared on its settings dataclass: the default conf/ gives it, the one-line comment conf/
+    carries, and the checks its value must pass: min / max / above (numbers), choices (strings, or each item
+    of a list), name (a plain name), values (each value of a mapping), non_empty (lists)."""
+    metadata = {"doc": doc, "checks": checks}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedSettings:
+    seed: int = setting(1337, "one seed for data generation, initialization and sampling order", min=0, max=2**32 - 1)
+
+
+def param_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass that are params keys (declared with `setting`)."""
+    return [f for f in dataclasses.fields(cls) if "doc" in f.metadata]
+
+
+def flatten(tree: Any, prefix: str = "", leaves: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Nested mappings → {dotted key: leaf value}; a mapping at a key in `leaves` is one leaf."""
+    if not isinstance(tree, dict) or prefix in leaves:
+        return {prefix: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key), leaves))
+    return flat
 
 
 def flat_keys(tree: Any, prefix: str = "") -> set[str]:
     """Dotted keys of every leaf; an open mapping counts as one leaf."""
-    if not isinstance(tree, dict) or prefix in OPEN_MAPPINGS:
-        return {prefix} if prefix else set()
-    keys: set[str] = set()
-    for key, value in tree.items():
-        keys |= flat_keys(value, f"{prefix}.{key}" if prefix else str(key))
-    return keys
+    return set(flatten(tree, prefix, OPEN_MAPPINGS))
 
 
 def schema_keys(conf_dir: str | Path = CONF_DIR) -> set[str]:
@@ -182,9 +217,9 @@ class StageParams:
             raise self._fail(key, "a non-empty string", value)
         return value
 
-    def seed(self, key: str = "seed") -> int:
-        """A random seed: an integer from 0 to 2**32 - 1 (what numpy and torch accept)."""
-        return self.int(key, min=0, max=2**32 - 1)
+    def seed(self) -> int:
+        """The pipeline's seed: an integer from 0 to 2**32 - 1 (what numpy and torch accept)."""
+        return self.section("", SeedSettings).seed
 
     def name(self, key: str) -> str:
         """A name that is safe as a file name and as an MLflow model name: letters, digits, '.', '_', '-'."""
@@ -206,21 +241,65 @@ class StageParams:
                 raise self._fail(key, "values among " + ", ".join(choices), unknown)
         return list(value)
 
-    def str_map(self, key: str, *, keys: list[str], values: list[str]) -> dict[str, str]:
-        """A mapping from some of `keys` to one of `values` each; null (the whole mapping or one value)
-        means not set."""
+    def str_map(self, key: str, *, keys: list[str] | None, values: list[str]) -> dict[str, str]:
+        """A mapping from some of `keys` (any name when None) to one of `values` each; null (the whole mapping or
+        one value) means not set."""
         mapping = self.get(key)
         if mapping is None:
             return {}
         if not isinstance(mapping, dict):
-            raise self._fail(key, "a mapping such as {" + f"{keys[-1]}: {values[0]}" + "}", mapping)
-        unknown = [k for k in mapping if k not in keys]
+            example = keys[-1] if keys else "NAME"
+            raise self._fail(key, "a mapping such as {" + f"{example}: {values[0]}" + "}", mapping)
+        unknown = [k for k in mapping if not isinstance(k, str) or (keys is not None and k not in keys)]
         if unknown:
-            raise self._fail(key, "keys among " + ", ".join(keys), unknown)
+            raise self._fail(key, "keys among " + ", ".join(keys) if keys else "names as keys", unknown)
         for name, value in mapping.items():
             if value is not None and value not in values:
                 raise self._fail(f"{key}.{name}", "one of " + ", ".join(values), value)
         return {name: value for name, value in mapping.items() if value is not None}
+
+    def section(self, prefix: str, cls: type[Settings], **given: Any) -> Settings:
+        """The settings dataclass `cls` filled from the keys under `prefix` ("" for top-level keys), each read
+        and checked as its field declares; `given` fields are not read (the caller computed them)."""
+        hints = typing.get_type_hints(cls)
+        values = dict(given)
+        for f in param_fields(cls):
+            if f.name not in given:
+                values[f.name] = self.value(f"{prefix}.{f.name}" if prefix else f.name, hints[f.name],
+                                            **f.metadata["checks"])
+        try:
+            return cls(**values)
+        except SettingError as error:
+            raise ParamError(f"{self.source}: {prefix}.{error.field}: {error}") from None
+        except ValueError as error:
+            raise ParamError(f"{self.source}: {prefix}: {error}") from None
+
+    def value(self, key: str, kind: Any, **checks: Any) -> Any:
+        """The value at `key`, checked as type `kind` (int, float, bool, str, a list / tuple of str, a dict of
+        str to str, a settings dataclass, or any of these `| None`) and `checks` (see `setting`)."""
+        options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union \
+            else ()
+        if type(None) in options:
+            if self.get(key) is None:
+                return None
+            kind = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(kind) or kind
+        if dataclasses.is_dataclass(kind):
+            return self.section(key, kind)
+        if origin is bool:
+            return self.bool(key)
+        if origin is int:
+            return self.int(key, **checks)
+        if origin is float:
+            return self.float(key, **checks)
+        if origin is str:
+            return self.name(key) if checks.get("name") else self.str(key, choices=checks.get("choices"))
+        if origin in (list, tuple):
+            items = self.str_list(key, choices=checks.get("choices"), non_empty=checks.get("non_empty", True))
+            return tuple(items) if origin is tuple else items
+        if origin is dict:
+            return self.str_map(key, keys=None, values=checks.get("values"))
+        raise TypeError(f"{key}: no reader for settings of type {kind}")
 
     def declared_values(self) -> dict[str, Any]:
         """Every declared key and its value, flattened to dotted keys (for MLflow params)."""
@@ -228,24 +307,8 @@ class StageParams:
         for key in self._declared:
             value = _lookup(self._config, key)
             if value is not _MISSING:
-                _flatten(key, value, flat)
+                flat.update(flatten(value, key))
         return flat
-
-
-def flat_values(config: dict) -> dict[str, Any]:
-    """The whole configuration as dotted keys (the pipeline run's MLflow params)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        _flatten(str(key), value, flat)
-    return flat
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = value
 
 
 def _range_words(min=None, max=None, above=None) -> str:

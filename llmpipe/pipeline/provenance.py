@@ -62,3 +62,22 @@ def pipeline_execution_key() -> str | None:
     except Exception:  # process table not readable: run without a parent
         return None
     return None
+
+
+def stage_tags(stage: str, hashes: dict[str, str]) -> dict[str, str]:
+    """The MLflow tags of a stage run: DVC stage, git commit, DVC experiment and baseline, pipeline execution,
+    md5 of each input."""
+    tags = {"dvc.stage": stage, "llmpipe.kind": "stage"}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    key = pipeline_execution_key()
+    if key:
+        tags["llmpipe.pipeline"] = key
+    for path, digest in hashes.items():
+        tags[f"input.md5.{path}"] = digest
+    return tags

@@ -1,26 +1,26 @@
-"""The MLflow run of one stage execution (`StageRun`), grouped under one parent run per pipeline execution.
-
-Each stage run carries: the stage's declared params, metrics (step metrics batched), small artifacts,
-the data and models it read as MLflow datasets (path and md5), system metrics (CPU, memory) while it runs,
-and tags: git commit, DVC stage, DVC experiment name and baseline, md5 of each input (dependency)
-and the pipeline execution it belongs to (`llmpipe.pipeline`), which is also its parent run.
-
-The parent "pipeline" run is what two executions are compared by in the MLflow UI: it holds the whole
-composed configuration as params, each stage's headline metrics (`pretrain.val_bpb`,
-`finetune.qa_accuracy_heldout_people`, `evaluate.Q4_0.qa_accuracy_heldout_people`, ...), and a status and
-duration that span its stages: RUNNING while a stage runs, FAILED as soon as one fails.
-Where runs are stored: llmpipe.pipeline.store; where a run came from: llmpipe.pipeline.provenance.
+"""The MLflow run of one stage execution (`StageRun`), a child of its pipeline execution's run
+(llmpipe.pipeline.pipeline_run). It carries the stage's declared params, metrics (step metrics batched),
+small artifacts, the data and models it read as MLflow datasets (path and md5), system metrics while it
+runs, and tags (llmpipe.pipeline.provenance.stage_tags). Where runs are stored: llmpipe.pipeline.store.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from llmpipe.pipeline import store
-from llmpipe.pipeline.provenance import git_commit, pipeline_execution_key
+from llmpipe.pipeline.pipeline_run import (
+    KEY_TAG,
+    end_stage,
+    log_params,
+    pipeline_parent,
+)
+from llmpipe.pipeline.provenance import stage_tags
 
 _FLUSH_EVERY = 500
 
@@ -47,14 +47,14 @@ class StageRun:
         if not self.enabled:
             return self
         self._client, experiment_id = store.connect()
-        tags = self._tags()
-        self.parent_id = self._pipeline_parent(experiment_id, tags.get("llmpipe.pipeline"))
+        tags = stage_tags(self.stage, self.input_hashes)
+        self.parent_id = pipeline_parent(self._client, experiment_id, tags.get(KEY_TAG), self.pipeline_params)
         run = self._client.create_run(experiment_id, run_name=self.stage, tags={
             **tags, **({"mlflow.parentRunId": self.parent_id} if self.parent_id else {})})
         self.run_id = run.info.run_id
-        self._log_params(self.run_id, self.params)
-        self._log_inputs()
-        self._monitor = self._start_system_metrics()
+        log_params(self._client, self.run_id, self.params)
+        log_inputs(self._client, self.run_id, self.stage, self.input_hashes)
+        self._monitor = start_system_metrics(self.run_id)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -65,82 +65,8 @@ class StageRun:
         self.flush()
         status = "FINISHED" if exc_type is None else "FAILED"
         self._client.set_terminated(self.run_id, status)
-        if self.parent_id:  # its end is this stage's end; once a stage failed, the pipeline failed
-            parent = self._client.get_run(self.parent_id)
-            self._client.set_terminated(self.parent_id, "FAILED" if parent.info.status == "FAILED" else status)
-
-    def _log_inputs(self) -> None:
-        """The data and models the stage read, as MLflow datasets: path and DVC's md5 (code files are tags only)."""
-        import json
-
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        inputs = [DatasetInput(Dataset(name=path, digest=digest[:32], source_type="local",
-                                       source=json.dumps({"uri": path})),
-                               tags=[InputTag("mlflow.data.context", self.stage)])
-                  for path, digest in sorted(self.input_hashes.items()) if not path.endswith(".py")]
-        if inputs:
-            self._client.log_inputs(self.run_id, datasets=inputs)
-
-    def _start_system_metrics(self):
-        """CPU, memory (and GPU where there is one) every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while
-        the stage runs, as MLflow's `system/*` metrics; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false switches them off."""
-        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0"):
-            return None
-        import logging
-
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        monitor = SystemMetricsMonitor(self.run_id, tracking_uri=store.tracking_uri(), sampling_interval=float(
-            os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)))
-        monitor.start()
-        return monitor
-
-    def _tags(self) -> dict[str, str]:
-        tags = {"dvc.stage": self.stage, "llmpipe.kind": "stage"}
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        if os.environ.get("DVC_EXP_NAME"):
-            tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-        if os.environ.get("DVC_EXP_BASELINE_REV"):
-            tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-        key = pipeline_execution_key()
-        if key:
-            tags["llmpipe.pipeline"] = key
-        for path, digest in self.input_hashes.items():
-            tags[f"input.md5.{path}"] = digest
-        return tags
-
-    def _pipeline_parent(self, experiment_id: str, key: str | None) -> str | None:
-        if not key:
-            return None
-        found = self._client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`llmpipe.pipeline` = '{key}' and tags.`llmpipe.kind` = 'pipeline'",
-            max_results=1,
-        )
-        if found:
-            parent_id = found[0].info.run_id
-            if found[0].info.status != "FAILED":
-                self._client.update_run(parent_id, status="RUNNING")
-            return parent_id
-        label = os.environ.get("DVC_EXP_NAME") or "dvc repro"
-        name = f"pipeline {label} {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        tags = {"llmpipe.pipeline": key, "llmpipe.kind": "pipeline"}
-        if os.environ.get("DVC_EXP_NAME"):
-            tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-        parent = self._client.create_run(experiment_id, run_name=name, tags=tags)  # RUNNING
-        self._log_params(parent.info.run_id, self.pipeline_params)
-        return parent.info.run_id
-
-    def _log_params(self, run_id: str, values: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        params = [Param(k, str(v)[:6000]) for k, v in sorted(values.items())]
-        for start in range(0, len(params), 100):
-            self._client.log_batch(run_id, params=params[start:start + 100])
+        if self.parent_id:
+            end_stage(self._client, self.parent_id, status)
 
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -159,7 +85,7 @@ class StageRun:
         """Single values that describe the run (parameter count, steps, precision): params, not one-point metrics
         (which MLflow draws as bar charts)."""
         if self.enabled:
-            self._log_params(self.run_id, facts)
+            log_params(self._client, self.run_id, facts)
 
     def log_headline(self, metrics: dict[str, float]) -> None:
         """Final metrics worth comparing pipelines by (already in this run): into the parent, as `<stage>.<name>`."""
@@ -193,3 +119,29 @@ class StageRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
             self._client.log_text(self.run_id, text, artifact_file)
+
+
+def log_inputs(client, run_id: str, stage: str, hashes: dict[str, str]) -> None:
+    """The data and models a stage read, as MLflow datasets: path and DVC's md5 (code files are tags only)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [DatasetInput(Dataset(name=path, digest=digest[:32], source_type="local",
+                                   source=json.dumps({"uri": path})),
+                           tags=[InputTag("mlflow.data.context", stage)])
+              for path, digest in sorted(hashes.items()) if not path.endswith(".py")]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def start_system_metrics(run_id: str):
+    """CPU, memory (and GPU where there is one) every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while the
+    stage runs, as MLflow's `system/*` metrics; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false switches them off."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0"):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=store.tracking_uri(), sampling_interval=float(
+        os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)))
+    monitor.start()
+    return monitor

@@ -3,8 +3,12 @@ size table, sample answers (fine-tuning and evaluation), and the evaluation repo
 
 from __future__ import annotations
 
-from llmpipe.eval.qa import spread_sample
-from llmpipe.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer, longest_learned_tokens
+from llmpipe.data.sampling import spread_sample
+from llmpipe.text.tokenizer import (
+    EXAMPLE_STRINGS,
+    LoadedTokenizer,
+    longest_learned_tokens,
+)
 
 SPLIT_TITLES = {"finetuned_people": "fine-tuned people (their questions were in the fine-tuning set)",
                 "validation_people": "validation people (their questions picked the best fine-tuning step)",

@@ -16,7 +16,7 @@ from llmpipe.pipeline import atomic, layout
 
 VARIANT_COLUMNS = ["variant", "bits_per_weight", "file_bytes", "val_perplexity", "val_bpb", "qa_accuracy_finetuned_people",
                    "qa_accuracy_heldout_people", "kl_divergence", "tokens_per_second"]
-# Headline metrics: the few numbers per stage DVC compares (llmpipe.eval.seeds summarises them over seeds too).
+# Headline metrics: the few numbers per stage DVC compares (llmpipe.sweep.summary summarises them over seeds too).
 PRETRAIN_HEADLINE = ("val_bpb", "val_loss", "unigram_bpb")
 FINETUNE_HEADLINE = ("qa_accuracy_finetuned_people", "qa_accuracy_validation_people", "qa_accuracy_heldout_people",
                      "val_answer_loss", "best_step")

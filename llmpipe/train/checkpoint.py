@@ -42,7 +42,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.errors import InputDataError
@@ -163,10 +167,9 @@ class CheckpointStore:
         if _rank() == 0:
             save_file({"torch": torch.get_rng_state()}, str(temp / "rng.safetensors"))
             world = dist.get_world_size() if dist.is_initialized() else 1
-            (temp / "state.json").write_text(json.dumps({**state, "step": step, "format": FORMAT, "processes": world},
-                                                        indent=1, sort_keys=True) + "\n", encoding="utf-8")
-            atomic._fsync_tree(temp)
-            atomic._replace(temp, path)
+            (temp / "state.json").write_text(atomic.json_text({**state, "step": step, "format": FORMAT,
+                                                               "processes": world}, indent=1), encoding="utf-8")
+            atomic.publish(temp, path)
             for old in self.steps()[:-self.keep]:
                 shutil.rmtree(self.directory / f"step-{old:07d}", ignore_errors=True)
         _barrier()

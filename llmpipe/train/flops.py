@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from llmpipe.model import ModelConfig
+from llmpipe.model.transformer import ModelConfig
 
 
 def training_flops_per_token(config: ModelConfig, parameters: int) -> float:

@@ -37,13 +37,21 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from llmpipe.model import IGNORE_INDEX, Transformer, compile_blocks, count_parameters
+from llmpipe.model.transformer import (
+    IGNORE_INDEX,
+    Transformer,
+    compile_blocks,
+    count_parameters,
+)
 from llmpipe.pipeline.distributed import ProcessInfo, all_reduce_sum, barrier
 from llmpipe.pipeline.errors import PipelineError
 from llmpipe.pipeline.tracking import StageRun
@@ -137,48 +145,76 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
           checkpoints: CheckpointStore | None) -> TrainResult:
     """Train `model` in place; on return it holds the final weights, or the best ones with `best_metric`
     (under FSDP `model` stays sharded: use `result.model`, the whole model on rank 0)."""
-    model.to(process.device)
-    sharded = shards(settings, process)
-    flops_per_token = training_flops_per_token(model.config, count_parameters(model))
-    skeleton = _meta_copy(model) if sharded and process.is_main else None
-    train_model: torch.nn.Module = model
-    if sharded:
-        train_model = fully_shard_blocks(model, process)
-    elif process.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
-    optimizer = make_optimizer(model, settings, process.device)  # on the shards under FSDP
-    result = TrainResult(steps=settings.max_steps, history={"train": [], "eval": []})
-    best_score, best_state = None, None
-    start_step = 0
-
-    latest = checkpoints.latest() if checkpoints else None
-    if latest is not None:
-        state = checkpoints.load(latest, model, optimizer)  # any process count: DCP reshards
-        start_step = state["step"]
-        result.history = state["history"]
-        result.best_step = state.get("best_step")
-        best_score = state.get("best_score")
-        result.resumed_from = start_step
-        if settings.best_metric and result.best_step is not None:
-            best_state = _load_best(checkpoints, model, result.best_step, start_step, sharded, process)
-        if process.is_main:
-            print(f"resuming from checkpoint {latest} (step {start_step})", flush=True)
-            for row in result.history["train"] + result.history["eval"]:  # complete the curves in MLflow
-                run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    if settings.compile:
-        compile_blocks(model)
-    autocast = torch.autocast(process.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
-
-    window_start, window_tokens = time.perf_counter(), 0
+    training = Training(model, settings, process, run, checkpoints)
+    start_step = training.resume()
     progress = Progress(run.stage, settings.max_steps, start_step, enabled=process.is_main)
-    tokens_per_second = None
     model.train()
     for step in range(start_step, settings.max_steps):
-        lr = learning_rate_at(step, settings)
-        for group in optimizer.param_groups:
+        train_loss = training.step(step, batches.global_batch(step))
+        done = step + 1
+        training.log(done, train_loss)
+        progress.step(done, train_loss, training.tokens_per_second)
+        if done % settings.eval_every == 0 or done == settings.max_steps:
+            progress.evaluation(done, training.evaluate(done, evaluate))
+        if checkpoints and settings.checkpoint_every and done % settings.checkpoint_every == 0 \
+                and done < settings.max_steps:
+            training.checkpoint(done)
+    progress.close()
+    return training.finish()
+
+
+class Training:
+    """One training run's state, step by step: the (wrapped) model, optimizer, curves, best weights and the
+    throughput window. `train` drives it."""
+
+    def __init__(self, model: Transformer, settings: TrainSettings, process: ProcessInfo, run: StageRun,
+                 checkpoints: CheckpointStore | None):
+        model.to(process.device)
+        self.model, self.settings, self.process, self.run, self.checkpoints = model, settings, process, run, checkpoints
+        self.sharded = shards(settings, process)
+        self.flops_per_token = training_flops_per_token(model.config, count_parameters(model))
+        self.skeleton = _meta_copy(model) if self.sharded and process.is_main else None
+        self.train_model: torch.nn.Module = model
+        if self.sharded:
+            self.train_model = fully_shard_blocks(model, process)
+        elif process.distributed:
+            self.train_model = DistributedDataParallel(
+                model, device_ids=[process.device.index] if process.device.type == "cuda" else None)
+        self.optimizer = make_optimizer(model, settings, process.device)  # on the shards under FSDP
+        self.result = TrainResult(steps=settings.max_steps, history={"train": [], "eval": []})
+        self.best_score, self.best_state = None, None
+        self.autocast = torch.autocast(process.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+        self.window_start, self.window_tokens, self.tokens_per_second = time.perf_counter(), 0, None
+
+    def resume(self) -> int:
+        """Continue from the latest checkpoint, if any (any process count: DCP reshards); the first step to run."""
+        latest = self.checkpoints.latest() if self.checkpoints else None
+        start_step = 0
+        if latest is not None:
+            state = self.checkpoints.load(latest, self.model, self.optimizer)
+            start_step = state["step"]
+            self.result.history = state["history"]
+            self.result.best_step = state.get("best_step")
+            self.best_score = state.get("best_score")
+            self.result.resumed_from = start_step
+            if self.settings.best_metric and self.result.best_step is not None:
+                self.best_state = _load_best(self.checkpoints, self.model, self.result.best_step, start_step,
+                                             self.sharded, self.process)
+            if self.process.is_main:
+                print(f"resuming from checkpoint {latest} (step {start_step})", flush=True)
+                for row in self.result.history["train"] + self.result.history["eval"]:  # complete MLflow's curves
+                    self.run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if self.settings.compile:
+            compile_blocks(self.model)
+        self.window_start = time.perf_counter()
+        return start_step
+
+    def step(self, step: int, global_batch: list) -> float:
+        """One optimizer step on this process's share of the global batch; returns the batch's mean loss."""
+        lr = learning_rate_at(step, self.settings)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        global_batch = batches.global_batch(step)
+        process = self.process
         mine = global_batch[process.rank::process.world_size]  # BatchGeometry checked there is one at least
         target_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in global_batch)
         if target_tokens == 0:
@@ -187,76 +223,85 @@ def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
         loss_sum = torch.zeros((), device=process.device)
         for index, (inputs, targets) in enumerate(mine):
             inputs, targets = inputs.to(process.device), targets.to(process.device)
-            last = index == len(mine) - 1
-            ddp_accumulating = process.distributed and not sharded and not last
-            sync = train_model.no_sync() if ddp_accumulating else contextlib.nullcontext()
-            with sync, autocast:
-                _, loss = train_model(inputs, targets, loss_reduction="sum")
+            ddp_accumulating = process.distributed and not self.sharded and index < len(mine) - 1
+            sync = self.train_model.no_sync() if ddp_accumulating else contextlib.nullcontext()
+            with sync, self.autocast:
+                _, loss = self.train_model(inputs, targets, loss_reduction="sum")
                 # DDP and FSDP average gradients over processes: scale so the result is sum / target_tokens.
                 (loss * process.world_size / target_tokens).backward()
             loss_sum += loss.detach().float()
-            window_tokens += inputs.numel()
+            self.window_tokens += inputs.numel()
         train_loss = float(all_reduce_sum(loss_sum)) / target_tokens
         if not math.isfinite(train_loss):
-            kept = checkpoints.latest() if checkpoints else None
+            kept = self.checkpoints.latest() if self.checkpoints else None
             raise PipelineError(f"training diverged: loss is {train_loss} at step {step + 1}; "
                                 + (f"last good checkpoint kept at {kept}" if kept else "no checkpoint was written yet")
                                 + "; lower the learning rate or raise warmup")
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                     if settings.grad_clip > 0 else torch.zeros(()))
-        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard, computed by a collective
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        self.grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+                          if self.settings.grad_clip > 0 else torch.zeros(()))
+        if isinstance(self.grad_norm, DTensor):  # FSDP: the norm over every shard, computed by a collective
+            self.grad_norm = self.grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.learning_rate = lr
+        return train_loss
 
-        if done % settings.log_every == 0 or done == settings.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_second = window_tokens * process.world_size / max(elapsed, 1e-9)
-            row = {"step": done, "train_loss": train_loss, "learning_rate": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_second": tokens_per_second}
-            if settings.peak_flops_per_second:
-                row["model_flops_utilization"] = flops_per_token * tokens_per_second / (
-                    settings.peak_flops_per_second * process.world_size)
-            result.history["train"].append(row)
-            run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
-            window_start, window_tokens = time.perf_counter(), 0
-        progress.step(done, train_loss, tokens_per_second)
+    def log(self, done: int, train_loss: float) -> None:
+        """Every `log_every` steps (and the last): loss, learning rate, gradient norm, throughput, MFU."""
+        if done % self.settings.log_every and done != self.settings.max_steps:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        self.tokens_per_second = self.window_tokens * self.process.world_size / max(elapsed, 1e-9)
+        row = {"step": done, "train_loss": train_loss, "learning_rate": self.learning_rate,
+               "grad_norm": float(self.grad_norm), "tokens_per_second": self.tokens_per_second}
+        if self.settings.peak_flops_per_second:
+            row["model_flops_utilization"] = self.flops_per_token * self.tokens_per_second / (
+                self.settings.peak_flops_per_second * self.process.world_size)
+        self.result.history["train"].append(row)
+        self.run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
+        self.window_start, self.window_tokens = time.perf_counter(), 0
 
-        if done % settings.eval_every == 0 or done == settings.max_steps:
-            model.eval()
-            with torch.no_grad(), autocast:
-                metrics = evaluate(model)
-            model.train()
-            result.history["eval"].append({"step": done, **metrics})
-            run.log_metrics(metrics, step=done)
-            progress.evaluation(done, metrics)
-            if settings.best_metric:
-                score = metrics[settings.best_metric]
-                better = best_score is None or (score < best_score if settings.best_mode == "min" else score > best_score)
-                if better:
-                    best_score, result.best_step, best_state = score, done, _snapshot(model, sharded)
+    def evaluate(self, done: int, evaluate: Callable[[Transformer], dict[str, float]]) -> dict[str, float]:
+        """Evaluate, record, and keep the weights when they are the best so far by `best_metric`."""
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            metrics = evaluate(self.model)
+        self.model.train()
+        self.result.history["eval"].append({"step": done, **metrics})
+        self.run.log_metrics(metrics, step=done)
+        if self.settings.best_metric:
+            score = metrics[self.settings.best_metric]
+            better = self.best_score is None or (score < self.best_score if self.settings.best_mode == "min"
+                                                 else score > self.best_score)
+            if better:
+                self.best_score, self.result.best_step = score, done
+                self.best_state = _snapshot(self.model, self.sharded)
+        return metrics
 
-        if checkpoints and settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.max_steps:
-            checkpoints.save(done, model, optimizer, {"history": result.history, "best_step": result.best_step,
-                                                      "best_score": best_score})  # every process: its shard
-            if process.is_main and best_state is not None:
-                checkpoints.save_best(best_state, result.best_step)
-            barrier()
+    def checkpoint(self, done: int) -> None:
+        """A resumable checkpoint: every process writes its shard; rank 0 also the best weights so far."""
+        self.checkpoints.save(done, self.model, self.optimizer, {
+            "history": self.result.history, "best_step": self.result.best_step, "best_score": self.best_score})
+        if self.process.is_main and self.best_state is not None:
+            self.checkpoints.save_best(self.best_state, self.result.best_step)
+        barrier()
 
-    progress.close()
-    if sharded:  # gather the whole model on rank 0, as a plain module
-        final_state = best_state if best_state is not None else _snapshot(model, sharded)
-        result.model = _materialize(skeleton, final_state) if process.is_main else None
-    else:
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        result.model = model
-    result.final_metrics = dict(result.history["eval"][-1]) if result.history["eval"] else {}
-    result.final_metrics.pop("step", None)
-    if result.history["train"]:
-        result.final_metrics["train_loss"] = result.history["train"][-1]["train_loss"]
-    return result
+    def finish(self) -> TrainResult:
+        """The result: the best (or final) weights as a plain model (gathered on rank 0 under FSDP), and the last
+        evaluation's metrics."""
+        result = self.result
+        if self.sharded:
+            final_state = self.best_state if self.best_state is not None else _snapshot(self.model, self.sharded)
+            result.model = _materialize(self.skeleton, final_state) if self.process.is_main else None
+        else:
+            if self.best_state is not None:
+                self.model.load_state_dict(self.best_state)
+            result.model = self.model
+        result.final_metrics = dict(result.history["eval"][-1]) if result.history["eval"] else {}
+        result.final_metrics.pop("step", None)
+        if result.history["train"]:
+            result.final_metrics["train_loss"] = result.history["train"][-1]["train_loss"]
+        return result
 
 
 def _load_best(checkpoints: CheckpointStore, model: Transformer, best_step: int, current_step: int,

@@ -1,12 +1,11 @@
-"""Settings of the training stages: read from params.yaml once, complete and checked before any work
-starts, then frozen (litgpt's args.py style).
+"""Settings of the training stages: the `pretrain` and `finetune` sections (declared once, below), turned into
+what the loop and the stages use, complete and checked before any work starts (litgpt's args.py style).
 
     settings = pretrain_settings(params, tokenizer_vocab_size)                    # stages/pretrain.py
-    settings = finetune_settings(params, validation_people=..., validation_examples=...)  # stages/finetune.py
+    settings = finetune_settings(params, ...)      # stages/finetune.py (llmpipe.train.finetune_settings)
 
-`TrainSettings` is what the training loop (llmpipe.train.loop) reads; `BatchGeometry` is how a global
-batch splits into micro-batches and processes; the stage settings add the model, the process and the
-stage's own keys. Every error names the params.yaml key.
+`TrainSettings` is what the training loop reads; `BatchGeometry` how a global batch splits into
+micro-batches and processes. Every error names the params.yaml key.
 """
 
 from __future__ import annotations
@@ -15,17 +14,53 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llmpipe.lora import TARGETABLE, LoRASettings
-from llmpipe.model import ModelConfig
+from llmpipe.model.transformer import ModelConfig
 from llmpipe.pipeline.distributed import ProcessInfo
 from llmpipe.pipeline.errors import ParamError
-from llmpipe.pipeline.params import StageParams
+from llmpipe.pipeline.params import StageParams, setting
 from llmpipe.train.flops import measure_matmul_flops_per_second
 
-MODEL_KEYS = ("context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden")
 DEVICES = ["auto", "cpu", "cuda"]
 PARALLELISMS = ["ddp", "fsdp"]
 PRECISIONS = ["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """The keys pretrain and finetune share, with the same meaning and default."""
+    processes: int = setting(1, "data-parallel processes per node (torchrun --nproc_per_node); the global batch "
+                                "stays the same", min=1)
+    nodes: int = setting(1, "machines (torchrun --nnodes; see docs/distributed.md); processes is per node", min=1)
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda", choices=DEVICES)
+    parallelism: str = setting("ddp", "ddp (every process holds the whole model) | fsdp (FSDP2: weights, gradients "
+                                      "and optimizer state sharded over the processes)", choices=PARALLELISMS)
+    global_batch_sequences: int = setting(32, "sequences per optimizer step, across processes and accumulation",
+                                          min=1)
+    micro_batch_sequences: int = setting(32, "sequences per forward/backward pass in one process (accumulation "
+                                             "makes up the rest)", min=1)
+    beta1: float = setting(0.9, "AdamW first-moment decay", min=0, max=0.9999)
+    beta2: float = setting(0.95, "AdamW second-moment decay", min=0, max=0.99999)
+    grad_clip: float = setting(1.0, "max gradient norm (0 = no clipping)", min=0)
+    compile: bool = setting(False, "torch.compile each transformer block (for GPUs)")
+
+
+@dataclass(frozen=True)
+class PretrainParams(TrainingParams):
+    max_steps: int = setting(800, "optimizer steps", min=1)
+    global_batch_tokens: int | None = setting(None, "alternatively tokens per step (a multiple of "
+                                                    "model.context_length); overrides sequences", min=1)
+    learning_rate: float = setting(3e-3, "peak learning rate after warmup", above=0, max=10.0)
+    min_learning_rate: float = setting(3e-4, "floor of the cosine decay", min=0)
+    warmup_steps: int = setting(50, "linear warmup steps", min=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", min=0)
+    log_every: int = setting(10, "training metrics every N steps", min=1)
+    eval_every: int = setting(100, "validation loss / bits per byte every N steps", min=1)
+    eval_max_tokens: int = setting(65536, "validation tokens evaluated (from the start of the split)", min=2)
+    checkpoint_every: int = setting(100, "resumable checkpoint every N steps (0 = none)", min=0)
+    precision: str = setting("auto", "auto (bf16 where the CPU/GPU has bf16 hardware, else fp32) | fp32 | bf16 "
+                                     "(autocast)", choices=PRECISIONS)
+    peak_flops_per_second: float | None = setting(None, "device peak for model FLOPs utilization; null = measure a "
+                                                        "matmul at start", above=0)
 
 
 @dataclass(frozen=True)
@@ -41,7 +76,7 @@ class TrainSettings:
     eval_every: int                # evaluate every N steps (and at the end)
     checkpoint_every: int          # checkpoint every N steps (0 disables)
     log_every: int = 10            # training metrics every N steps
-    precision: str = "fp32"        # fp32 | bf16 (autocast); `auto` in params is resolved before this (precision_of)
+    precision: str = "fp32"        # fp32 | bf16 (autocast); `auto` in params is resolved before this
     compile: bool = False          # torch.compile the model
     best_metric: str | None = None     # keep the weights of the best evaluation by this metric ...
     best_mode: str = "min"             # ... lower (min) or higher (max) is better
@@ -87,90 +122,40 @@ class PretrainSettings:
     seed: int
 
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    method: str                    # chat_tokens | full | lora
-    lora: LoRASettings | None      # None unless method is lora
-    loop: TrainSettings
-    batch: BatchGeometry
-    process: ProcessInfo
-    max_new_tokens: int            # longest generated answer when measuring QA accuracy
-    sample_answers: int            # sample answers per split in the report
-    seed: int
-
-
-def model_config(params: StageParams, tokenizer_vocab_size: int | None) -> ModelConfig:
+def model_config(params: StageParams, tokenizer_vocab_size: int | None, preset_wins: bool = False) -> ModelConfig:
     """The `model` section → ModelConfig. `model.vocab_size: null` takes the tokenizer's size; a preset
-    that fixes a vocabulary size (a published model's shape) must match the tokenizer to be trained."""
-    values = {key: params.int(f"model.{key}", min=1) for key in MODEL_KEYS}
-    vocab_size = params.get("model.vocab_size")
+    that fixes a vocabulary size (a published model's shape) must match the tokenizer to be trained
+    (`preset_wins`: the preset's size is taken, for sizing a published shape)."""
+    vocab_size = params.value("model.vocab_size", int | None, min=1)
     if vocab_size is None:
         if tokenizer_vocab_size is None:
             raise ParamError(f"{params.source}: model.vocab_size is null and there is no tokenizer to take it from")
         vocab_size = tokenizer_vocab_size
-    else:
-        vocab_size = params.int("model.vocab_size", min=1)
-        if tokenizer_vocab_size is not None and vocab_size != tokenizer_vocab_size:
-            raise ParamError(f"{params.source}: model.vocab_size is {vocab_size} but the tokenizer has "
-                             f"{tokenizer_vocab_size} tokens; set model.vocab_size: null to follow the tokenizer")
-    head_dim = params.get("model.head_dim")
-    try:
-        return ModelConfig(
-            vocab_size=vocab_size, **values,
-            head_dim=None if head_dim is None else params.int("model.head_dim", min=2),
-            rope_theta=params.float("model.rope_theta", above=0),
-            rms_norm_eps=params.float("model.rms_norm_eps", above=0),
-            tie_embeddings=params.bool("model.tie_embeddings"),
-        )
-    except ValueError as exc:
-        raise ParamError(f"{params.source}: model: {exc}") from None
+    elif tokenizer_vocab_size is not None and vocab_size != tokenizer_vocab_size and not preset_wins:
+        raise ParamError(f"{params.source}: model.vocab_size is {vocab_size} but the tokenizer has "
+                         f"{tokenizer_vocab_size} tokens; set model.vocab_size: null to follow the tokenizer")
+    return params.section("model", ModelConfig, vocab_size=vocab_size)
 
 
-# Peak and floor learning rates of each fine-tuning method, taken when finetune.learning_rate or
-# finetune.min_learning_rate is null (measured on the embedded world: docs/seeds.md).
-FINETUNE_LEARNING_RATES = {"chat_tokens": (1e-2, 1e-3), "full": (3e-4, 1e-4), "lora": (3e-3, 1e-4)}
+def loop_settings(section: TrainingParams, name: str, source: str, device: torch.device,
+                  learning_rates: tuple[float, float], **extra) -> TrainSettings:
+    """The loop's settings from training section `name` (read from `source`), for training on `device` at
+    (peak, floor) learning rates; `extra` adds what is not a key of the section."""
+    if learning_rates[1] > learning_rates[0]:
+        raise ParamError(f"{source}: {name}.min_learning_rate ({learning_rates[1]}) must not exceed "
+                         f"{name}.learning_rate ({learning_rates[0]})")
+    return TrainSettings(
+        max_steps=section.max_steps, learning_rate=learning_rates[0], min_learning_rate=learning_rates[1],
+        warmup_steps=section.warmup_steps, weight_decay=section.weight_decay, beta1=section.beta1,
+        beta2=section.beta2, grad_clip=section.grad_clip, eval_every=section.eval_every,
+        checkpoint_every=section.checkpoint_every, log_every=section.log_every,
+        precision=resolve_precision(section.precision, device), compile=section.compile,
+        parallelism=section.parallelism, **extra)
 
 
-def loop_settings(params: StageParams, section: str, device: torch.device,
-                  default_rates: tuple[float, float] | None = None, **extra) -> TrainSettings:
-    """The loop keys of `section` (pretrain or finetune) for training on `device`; `extra` adds what is not a
-    key of that section. With `default_rates` (peak, floor), a null learning_rate or min_learning_rate takes
-    that value."""
-    key = lambda name: f"{section}.{name}"  # noqa: E731
-
-    def rate(name: str, default: float | None, **bounds) -> float:
-        if default is not None and params.get(key(name)) is None:
-            return default
-        return params.float(key(name), **bounds)
-
-    peak, floor = default_rates or (None, None)
-    settings = TrainSettings(
-        max_steps=params.int(key("max_steps"), min=1),
-        learning_rate=rate("learning_rate", peak, above=0, max=10.0),
-        min_learning_rate=rate("min_learning_rate", floor, min=0),
-        warmup_steps=params.int(key("warmup_steps"), min=0),
-        weight_decay=params.float(key("weight_decay"), min=0),
-        beta1=params.float(key("beta1"), min=0, max=0.9999),
-        beta2=params.float(key("beta2"), min=0, max=0.99999),
-        grad_clip=params.float(key("grad_clip"), min=0),
-        eval_every=params.int(key("eval_every"), min=1),
-        checkpoint_every=params.int(key("checkpoint_every"), min=0),
-        log_every=params.int(key("log_every"), min=1),
-        precision=precision_of(params, section, device),
-        compile=params.bool(key("compile")),
-        parallelism=parallelism_of(params, section),
-        **extra,
-    )
-    if settings.min_learning_rate > settings.learning_rate:
-        raise ParamError(f"{params.source}: {key('min_learning_rate')} ({settings.min_learning_rate}) must not exceed "
-                         f"{key('learning_rate')} ({settings.learning_rate})")
-    return settings
-
-
-def precision_of(params: StageParams, section: str, device: torch.device) -> str:
-    """`{section}.precision`: fp32, bf16 (autocast: bf16 matmuls, fp32 weights and optimizer), or auto: bf16
-    where `device` multiplies in bf16 natively, fp32 elsewhere (where bf16 would be emulated, and slower)."""
-    requested = params.str(f"{section}.precision", choices=PRECISIONS)
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """fp32, bf16 (autocast: bf16 matmuls, fp32 weights and optimizer), or auto: bf16 where `device` multiplies
+    in bf16 natively, fp32 elsewhere (where bf16 would be emulated, and slower)."""
     if requested != "auto":
         return requested
     return "bf16" if native_bf16(device) else "fp32"
@@ -188,82 +173,35 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def parallelism_of(params: StageParams, section: str) -> str:
-    """`{section}.parallelism`: ddp (DistributedDataParallel) | fsdp (FSDP2, weights sharded over processes)."""
-    return params.str(f"{section}.parallelism", choices=PARALLELISMS)
-
-
-def process_of(params: StageParams, section: str) -> ProcessInfo:
-    """This process (rank, world size from torchrun) on the device `{section}.device` asks for."""
-    params.int(f"{section}.processes", min=1)  # read by the stage's launch command in dvc.yaml
-    params.int(f"{section}.nodes", min=1)  # read by the launch command too
-    requested = params.str(f"{section}.device", choices=DEVICES)
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ParamError(f"{params.source}: {section}.device: cuda, but this PyTorch sees no CUDA device "
+def process_on(section: TrainingParams, source: str, name: str) -> ProcessInfo:
+    """This process (rank, world size from torchrun) on the device the section asks for."""
+    if section.device == "cuda" and not torch.cuda.is_available():
+        raise ParamError(f"{source}: {name}.device: cuda, but this PyTorch sees no CUDA device "
                          "(a CPU-only build, or no GPU); use auto or cpu")
-    return ProcessInfo.from_environment(requested)
+    return ProcessInfo.from_environment(section.device)
 
 
-def global_batch_sequences(params: StageParams, context_length: int) -> int:
-    """`pretrain.global_batch_tokens` (when set) or `pretrain.global_batch_sequences`, as sequences."""
-    tokens = params.get("pretrain.global_batch_tokens", None)
-    if tokens is None:
-        return params.int("pretrain.global_batch_sequences", min=1)
-    tokens = params.int("pretrain.global_batch_tokens", min=1)
-    if tokens % context_length:
-        raise ParamError(f"{params.source}: pretrain.global_batch_tokens ({tokens}) must be a multiple of "
-                         f"model.context_length ({context_length})")
-    return tokens // context_length
+def pretrain_section(params: StageParams) -> PretrainParams:
+    return params.section("pretrain", PretrainParams)
 
 
 def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> PretrainSettings:
     """Everything the pretrain stage needs. With `pretrain.peak_flops_per_second: null` the device's matmul
     throughput is measured here, so the settings are complete before training starts."""
     model = model_config(params, tokenizer_vocab_size)
-    process = process_of(params, "pretrain")
-    batch = BatchGeometry("pretrain", global_batch_sequences(params, model.context_length),
-                          params.int("pretrain.micro_batch_sequences", min=1), process.world_size,
-                          parallelism_of(params, "pretrain"))
-    loop = loop_settings(params, "pretrain", process.device)
-    if params.get("pretrain.peak_flops_per_second") is not None:
-        peak = params.float("pretrain.peak_flops_per_second", above=0)
-    else:
-        dtype = torch.bfloat16 if loop.precision == "bf16" else torch.float32
-        peak = measure_matmul_flops_per_second(process.device, dtype)
-    return PretrainSettings(model=model, loop=replace(loop, peak_flops_per_second=peak),
-                            batch=batch, process=process,
-                            eval_max_tokens=params.int("pretrain.eval_max_tokens", min=2), seed=params.seed())
-
-
-def lora_settings(params: StageParams) -> LoRASettings:
-    return LoRASettings(rank=params.int("finetune.lora.rank", min=1),
-                        alpha=params.float("finetune.lora.alpha", above=0),
-                        dropout=params.float("finetune.lora.dropout", min=0, max=0.9),
-                        target_modules=tuple(params.str_list("finetune.lora.target_modules", choices=list(TARGETABLE))))
-
-
-def finetune_settings(params: StageParams, validation_people: bool, validation_examples: bool) -> FinetuneSettings:
-    """Everything the finetune stage needs. The best step is picked by the validation people's QA
-    accuracy when there are validation people (the embedded world), else by the validation answer loss,
-    else the last step is kept."""
-    method = params.str("finetune.method", choices=["chat_tokens", "full", "lora"])
-    process = process_of(params, "finetune")
-    batch = BatchGeometry("finetune", params.int("finetune.global_batch_sequences", min=1),
-                          params.int("finetune.micro_batch_sequences", min=1), process.world_size,
-                          parallelism_of(params, "finetune"))
-    best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
-                              else ("val_answer_loss", "min") if validation_examples else (None, "min"))
-    loop = loop_settings(params, "finetune", process.device, default_rates=FINETUNE_LEARNING_RATES[method],
-                         best_metric=best_metric, best_mode=best_mode)
-    if method == "chat_tokens":
-        if loop.weight_decay > 0:
-            raise ParamError(f"params.yaml: finetune.weight_decay is {loop.weight_decay}; finetune.method=chat_tokens "
-                             "needs 0 (decay would also shrink the frozen rows of the embedding)")
-        if batch.parallelism == "fsdp" and process.distributed:
-            raise ParamError("params.yaml: finetune.method=chat_tokens trains a few embedding rows: use "
-                             "finetune.parallelism=ddp (FSDP would shard the embedding those rows live in)")
-    return FinetuneSettings(
-        method=method, lora=lora_settings(params) if method == "lora" else None, loop=loop,
-        batch=batch, process=process,
-        max_new_tokens=params.int("finetune.max_new_tokens", min=1),
-        sample_answers=params.int("finetune.sample_answers", min=0), seed=params.seed())
+    section = pretrain_section(params)
+    process = process_on(section, params.source, "pretrain")
+    sequences = section.global_batch_sequences
+    if section.global_batch_tokens is not None:
+        if section.global_batch_tokens % model.context_length:
+            raise ParamError(f"{params.source}: pretrain.global_batch_tokens ({section.global_batch_tokens}) must be a "
+                             f"multiple of model.context_length ({model.context_length})")
+        sequences = section.global_batch_tokens // model.context_length
+    batch = BatchGeometry("pretrain", sequences, section.micro_batch_sequences, process.world_size,
+                          section.parallelism)
+    loop = loop_settings(section, "pretrain", params.source, process.device,
+                         (section.learning_rate, section.min_learning_rate))
+    peak = section.peak_flops_per_second or measure_matmul_flops_per_second(
+        process.device, torch.bfloat16 if loop.precision == "bf16" else torch.float32)
+    return PretrainSettings(model=model, loop=replace(loop, peak_flops_per_second=peak), batch=batch, process=process,
+                            eval_max_tokens=section.eval_max_tokens, seed=params.seed())

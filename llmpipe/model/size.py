@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmpipe.model import ModelConfig, Transformer, count_parameters
+from llmpipe.model.transformer import ModelConfig, Transformer, count_parameters
 
 # Bits per weight of each storage format (block formats include their fp16 scales: GGUF Q8_0, Q4_0).
 WEIGHT_FORMATS = [("fp32", 32.0), ("bf16", 16.0), ("int8 (Q8_0)", 8.5), ("int4 (Q4_0)", 4.5)]

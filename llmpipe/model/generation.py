@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from llmpipe.model import Transformer
+from llmpipe.model.transformer import Transformer
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The fine-tuned model in MLflow's Model Registry: logged as a chat model defined from code
-(llmpipe/export/serving.py, so nothing is pickled) with its safetensors weights and tokenizer as
+(llmpipe/serve/chat_model.py, so nothing is pickled) with its safetensors weights and tokenizer as
 artifacts, and registered under a name. Its signature is MLflow's chat-completions request and response
-(fixed by mlflow.pyfunc.ChatModel); MLflow runs the model once on serving.INPUT_EXAMPLE, which is saved
+(fixed by mlflow.pyfunc.ChatModel); MLflow runs the model once on chat_model.INPUT_EXAMPLE, which is saved
 with it. Its pip requirements are the versions installed here, which pyproject.toml pins.
 
 A new version is registered only when the weights or the tokenizer changed (their md5 is the version's
@@ -41,7 +41,7 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
     from mlflow.tracking import MlflowClient
 
     import llmpipe
-    from llmpipe.export import serving
+    from llmpipe.serve import chat_model
 
     client = MlflowClient()
     digest = content_md5(model_dir, tokenizer_dir)
@@ -52,9 +52,9 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
     package_dir = Path(llmpipe.__file__).parent
     with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
-            name="chat_model", python_model=serving.__file__, code_paths=[str(package_dir)],
+            name="chat_model", python_model=chat_model.__file__, code_paths=[str(package_dir)],
             artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir)},
-            input_example=serving.INPUT_EXAMPLE, pip_requirements=pip_requirements(),
+            input_example=chat_model.INPUT_EXAMPLE, pip_requirements=pip_requirements(),
             registered_model_name=registered_name,
         )
     version = str(info.registered_model_version)

@@ -10,43 +10,16 @@ files, chat template):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from llmpipe.chat_template import ROLES, ChatTemplate
-from llmpipe.model import ModelConfig, Transformer
-from llmpipe.tokenizer import LoadedTokenizer
-
-
-def hf_llama_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.ffn_hidden,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.context_length,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": {"rope_type": "llama3", **config.rope_scaling} if config.rope_scaling else None,
-        "hidden_act": "silu",
-        "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": "float32",
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-    }
+from llmpipe.hf.config import hf_llama_config
+from llmpipe.model.transformer import Transformer
+from llmpipe.pipeline.atomic import json_text
+from llmpipe.text.chat_template import ROLES, ChatTemplate
+from llmpipe.text.tokenizer import LoadedTokenizer
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -82,9 +55,10 @@ def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTok
     specials = tokenizer.special_tokens
     bos_id, eos_id = tokenizer.end_of_document_id, tokenizer.special_ids["end_of_turn"]
     config = hf_llama_config(model.config, bos_token_id=bos_id, eos_token_id=eos_id)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": bos_id, "eos_token_id": [eos_id, bos_id], "pad_token_id": bos_id}, indent=2) + "\n")
+    (directory / "config.json").write_text(json_text(config, sort_keys=False), encoding="utf-8")
+    (directory / "generation_config.json").write_text(json_text(
+        {"bos_token_id": bos_id, "eos_token_id": [eos_id, bos_id], "pad_token_id": bos_id}, sort_keys=False),
+        encoding="utf-8")
     save_file(hf_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
     fast = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer.directory / "tokenizer.json"),

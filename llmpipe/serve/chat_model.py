@@ -35,7 +35,13 @@ import warnings
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import ChatModel
-from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, ChatParams, TokenUsageStats
+from mlflow.types.llm import (
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatParams,
+    TokenUsageStats,
+)
 
 DEFAULT_MAX_TOKENS = 32
 # Small, so that logging the model (MLflow runs it once on this example) stays quick.
@@ -63,7 +69,7 @@ def conversation(messages: list[ChatMessage], roles: tuple[str, ...]) -> list[di
 
 def sampling_settings(params: ChatParams):
     """ChatParams → the engine's SamplingSettings; refuses what this model cannot do."""
-    from llmpipe.generate import SamplingSettings
+    from llmpipe.model.generation import SamplingSettings
 
     refused = [name for name in ("tools", "frequency_penalty", "presence_penalty") if getattr(params, name)]
     if refused:
@@ -86,9 +92,9 @@ def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 
 class LlmpipeChatModel(ChatModel):
     def load_context(self, context) -> None:
-        from llmpipe.chat_template import ChatTemplate
-        from llmpipe.model_io import load_model
-        from llmpipe.tokenizer import LoadedTokenizer
+        from llmpipe.model.weights import load_model
+        from llmpipe.text.chat_template import ChatTemplate
+        from llmpipe.text.tokenizer import LoadedTokenizer
 
         self.tokenizer = LoadedTokenizer(context.artifacts["tokenizer"])
         self.template = ChatTemplate(self.tokenizer)
@@ -96,8 +102,8 @@ class LlmpipeChatModel(ChatModel):
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         """One conversation → `n` answers of the assistant, generated as one batch."""
-        from llmpipe.chat_template import ROLES
-        from llmpipe.generate import Engine, fit_prompt
+        from llmpipe.model.generation import Engine, fit_prompt
+        from llmpipe.text.chat_template import ROLES
 
         settings = sampling_settings(params)
         prompt = fit_prompt(self.template.encode_prompt(conversation(messages, ROLES)),

@@ -12,16 +12,53 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.pipeline.atomic import json_text
+from llmpipe.pipeline.errors import InputDataError, SettingError
+from llmpipe.pipeline.params import setting
 
 BYTE_ALPHABET_SIZE = 256
 CHAT_TEMPLATE_FILE = "chat_template.json"
-SPECIAL_TOKEN_ROLES = ("end_of_document", "system", "user", "assistant", "end_of_turn")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    end_of_document: str = setting("<|endoftext|>", "separates documents in the token stream")
+    system: str = setting("<|system|>", "starts a system turn in the chat template")
+    user: str = setting("<|user|>", "starts a user turn")
+    assistant: str = setting("<|assistant|>", "starts an assistant turn")
+    end_of_turn: str = setting("<|end|>", "ends a turn; generation stops here in chat")
+
+    def __post_init__(self):
+        if len(set(asdict(self).values())) != len(fields(self)):
+            raise ValueError("each role needs a distinct token string")
+
+    def by_role(self) -> dict[str, str]:
+        return asdict(self)
+
+
+SPECIAL_TOKEN_ROLES = tuple(f.name for f in fields(SpecialTokens))
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    vocab_size: int = setting(1024, "tokens in the vocabulary, including 256 byte tokens and the special tokens",
+                              max=1 << 31)
+    min_frequency: int = setting(2, "a pair must occur at least this often to be merged", min=1)
+    train_sample_bytes: int | None = setting(200000000, "BPE learns from the first documents up to this many UTF-8 "
+                                                        "bytes (null = all)", min=1)
+    special_tokens: SpecialTokens = setting(SpecialTokens(), "strings of the special tokens, by role")
+
+    def __post_init__(self):
+        minimum = minimum_vocab_size(self.special_tokens.by_role())
+        if self.vocab_size < minimum:
+            raise SettingError("vocab_size", f"expected at least {minimum} (256 byte tokens + {minimum - 256} special "
+                                             f"tokens), got {self.vocab_size}")
 EXAMPLE_STRINGS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog.",
@@ -108,11 +145,9 @@ def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directo
                    chat_template: dict | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "special_tokens.json").write_text(
-        json.dumps(special_tokens, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (directory / "special_tokens.json").write_text(json_text(special_tokens), encoding="utf-8")
     if chat_template is not None:  # an imported checkpoint's own chat format
-        (directory / CHAT_TEMPLATE_FILE).write_text(json.dumps(chat_template, indent=2, sort_keys=True) + "\n",
-                                                    encoding="utf-8")
+        (directory / CHAT_TEMPLATE_FILE).write_text(json_text(chat_template), encoding="utf-8")
 
 
 class LoadedTokenizer:

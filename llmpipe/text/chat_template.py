@@ -26,9 +26,9 @@ from functools import cached_property
 
 import torch
 
-from llmpipe.model import IGNORE_INDEX
+from llmpipe.model.transformer import IGNORE_INDEX
 from llmpipe.pipeline.errors import InputDataError
-from llmpipe.tokenizer import LoadedTokenizer
+from llmpipe.text.tokenizer import LoadedTokenizer
 
 ROLES = ("system", "user", "assistant")
 _MARK = "\ue000{}\ue001"  # private-use characters: never in real text

@@ -2,7 +2,7 @@
 headline metric as mean / min / max, and record the summary where users look (a JSON and Markdown file,
 and one MLflow run tagged with the experiments it covers).
 
-A sweep is a set of DVC experiments named `<sweep>-seed<N>` (benchmarks/seeds.py queues them). Their
+A sweep is a set of DVC experiments named `<sweep>-seed<N>` (llmpipe.sweep.queue queues them). Their
 metrics come from `dvc exp show --json`, and the per-attribute accuracies, which are not DVC metrics (they
 would crowd `dvc exp show`), from reports/finetune/details.json in the experiment's git commit (DVC commits
 it there: `cache: false`). So experiments run by a teammate and pulled (`dvc exp pull`) count the same as
@@ -15,12 +15,12 @@ import json
 import re
 import statistics
 import subprocess
-from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from llmpipe.data.world import ATTRIBUTES
 from llmpipe.pipeline import layout
+from llmpipe.pipeline.params import flatten
 
 # Headline metrics, as `<stage>.<key>` (the names the parent MLflow run uses too).
 HEADLINE_PATTERNS = (
@@ -40,48 +40,6 @@ def experiment_name(sweep: str, seed: int) -> str:
     return f"{sweep}-seed{seed}"
 
 
-ACTIVE = ("Queued", "Running")  # `dvc queue status` states of a task not finished yet
-
-
-def _task_rows(queue_status: str) -> list[list[str]]:
-    """`dvc queue status` text → one [task id, name, ..., state] per task (dvc lists them by state: running,
-    queued, failed, then succeeded; not by time)."""
-    return [fields for fields in map(str.split, queue_status.splitlines())
-            if len(fields) >= 3 and fields[0] not in ("Task", "Worker")]
-
-
-def queue_task_ids(queue_status: str) -> set[str]:
-    """The ids of the tasks `dvc queue status` lists: take them before queueing, to tell your tasks apart."""
-    return {fields[0] for fields in _task_rows(queue_status)}
-
-
-def queue_states(queue_status: str, earlier_tasks: Collection[str] = ()) -> dict[str, str]:
-    """Each task's state (Queued, Running, Success, Failed, ...) by experiment name, from `dvc queue status` text,
-    leaving out the tasks in `earlier_tasks` (ids): a name can also have a task from an earlier sweep of that
-    name, run from an earlier commit."""
-    return {fields[1]: fields[-1] for fields in _task_rows(queue_status) if fields[0] not in earlier_tasks}
-
-
-def queue_progress(queue_status: str, names: list[str], earlier_tasks: Collection[str] = ()) -> tuple[list[str], bool]:
-    """From `dvc queue status` text: which of `names` are still queued or running (tasks in `earlier_tasks` left
-    out), and whether the queue is stalled: tasks queued and none running (a worker can die, e.g. after `dvc queue
-    kill`, leaving queued tasks that never start). Its "Worker status" line is not used: it reads "0 active" while
-    a task runs."""
-    states = queue_states(queue_status, earlier_tasks)
-    pending = [name for name in names if states.get(name) in ACTIVE]
-    every_state = [fields[-1] for fields in _task_rows(queue_status)]
-    stalled = "Queued" in every_state and "Running" not in every_state
-    return pending, stalled
-
-
-def _flatten(prefix: str, value, into: dict[str, float]) -> None:
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            _flatten(f"{prefix}.{key}", inner, into)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        into[prefix] = float(value)
-
-
 def headline_metrics(metrics_by_file: dict) -> dict[str, float]:
     """`{file: {"data": {...}}}` as `dvc exp show --json` gives it (plus the DETAIL_FILES) → the headline
     metrics, flat."""
@@ -89,8 +47,9 @@ def headline_metrics(metrics_by_file: dict) -> dict[str, float]:
     for path, content in metrics_by_file.items():
         stage = _STAGE_METRICS_FILE.fullmatch(path)
         if stage and isinstance(content, dict):
-            _flatten(stage.group(1), content.get("data") or {}, flat)
-    return {name: value for name, value in flat.items() if _HEADLINE.fullmatch(name)}
+            flat.update(flatten(content.get("data") or {}, stage.group(1)))
+    return {name: float(value) for name, value in flat.items() if _HEADLINE.fullmatch(name)
+            and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 @dataclass(frozen=True)

@@ -26,24 +26,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmpipe.pipeline.params import setting
+
 IGNORE_INDEX = -100  # target value that contributes nothing to the loss (masked prompt tokens, padding)
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int            # tokens in the vocabulary
-    context_length: int        # longest sequence the model is trained on (positions)
-    n_layer: int               # transformer blocks
-    d_model: int               # width of the residual stream
-    n_head: int                # query heads
-    n_kv_head: int             # key/value heads (n_head for multi-head, fewer for grouped-query attention)
-    ffn_hidden: int            # inner width of the SwiGLU feed-forward
-    head_dim: int | None = None  # per-head width; None means d_model // n_head
-    rope_theta: float = 10000.0  # base of the rotary frequencies
-    rms_norm_eps: float = 1e-5   # epsilon inside RMSNorm
-    tie_embeddings: bool = True  # share the input embedding matrix with the output head
+    vocab_size: int = setting(doc="tokens; null = the trained tokenizer's vocabulary size", min=1)
+    context_length: int = setting(doc="positions the model is trained on", min=1)
+    n_layer: int = setting(doc="transformer blocks", min=1)
+    d_model: int = setting(doc="width of the residual stream", min=1)
+    n_head: int = setting(doc="query heads", min=1)
+    n_kv_head: int = setting(doc="key/value heads (grouped-query attention when fewer than n_head)", min=1)
+    ffn_hidden: int = setting(doc="inner width of the SwiGLU feed-forward", min=1)
+    head_dim: int | None = setting(None, "per-head width; null = d_model / n_head", min=2)
+    rope_theta: float = setting(10000.0, "base of the rotary position frequencies", above=0)
+    rms_norm_eps: float = setting(1e-5, "epsilon inside RMSNorm", above=0)
+    tie_embeddings: bool = setting(True, "share the embedding matrix with the output head")
     rope_scaling: dict | None = None  # Llama 3.1 rotary scaling: factor, low_freq_factor, high_freq_factor,
-    #                                   original_max_position_embeddings (None: plain rotary embeddings)
+    #                                   original_max_position_embeddings (imported checkpoints only; not a param)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden"):

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from llmpipe.model import Transformer
+from llmpipe.model.transformer import Transformer
 
 
 def chat_token_ids(tokenizer) -> list[int]:

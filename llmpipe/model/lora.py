@@ -8,7 +8,6 @@ stages read like any other. The adapter alone (A and B of every target) is saved
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,17 +17,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from llmpipe.model import Transformer
+from llmpipe.model.transformer import Transformer
+from llmpipe.pipeline.atomic import json_text
+from llmpipe.pipeline.params import setting
 
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRASettings:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    rank: int = setting(16, "rank of each adapter's update", min=1)
+    alpha: float = setting(32.0, "update scale is alpha / rank", above=0)
+    dropout: float = setting(0.0, "dropout on the adapters' input", min=0, max=0.9)
+    target_modules: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "layers that get adapters "
+                                              "(also: gate_proj, up_proj, down_proj)", choices=list(TARGETABLE))
 
 
 class LoRALinear(nn.Linear):
@@ -84,5 +86,5 @@ def merged_copy(model: Transformer) -> Transformer:
 def save_adapter(model: Transformer, settings: LoRASettings, directory: Path) -> None:
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items() if ".lora_" in name}
     save_file(tensors, str(directory / "lora_adapter.safetensors"), metadata={"format": "pt"})
-    (directory / "lora_adapter.json").write_text(json.dumps({**asdict(settings), "target_modules": list(settings.target_modules)},
-                                                            indent=2) + "\n", encoding="utf-8")
+    (directory / "lora_adapter.json").write_text(json_text({**asdict(settings), "target_modules": list(settings.target_modules)},
+                                                           sort_keys=False), encoding="utf-8")

@@ -23,15 +23,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmpipe.chat_template import ChatTemplate
-from llmpipe.export.formats import FORMATS
-from llmpipe.model import ModelConfig, Transformer, rotary_frequencies
+from llmpipe.gguf.formats import FORMATS
+from llmpipe.model.transformer import ModelConfig, Transformer, rotary_frequencies
 from llmpipe.pipeline import atomic
-from llmpipe.pipeline.errors import InputDataError
-from llmpipe.tokenizer import LoadedTokenizer, gguf_pre_tokenizer
+from llmpipe.pipeline.errors import InputDataError, SettingError
+from llmpipe.pipeline.params import setting
+from llmpipe.text.chat_template import ChatTemplate
+from llmpipe.text.tokenizer import LoadedTokenizer, gguf_pre_tokenizer
 
 F32, F16 = "F32", "F16"
 ROPE_SCALING_PREFIX = "llmpipe.rope_scaling."
+VARIANTS = [F16, *FORMATS]
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    variants: list[str] = setting(["F16", "Q8_0", "Q4_K", "Q4_1", "Q4_0", "Q2_K"], "GGUF files to write, one per "
+                                  "format", choices=VARIANTS)
+    fallback: str = setting("Q4_0", "type for tensors whose rows are not whole blocks of a variant's format",
+                            choices=["Q8_0", "Q4_0", "Q4_1", F16])
+    embeddings: dict[str, str] = setting({"Q2_K": "Q4_K"}, "per variant: type for the token embeddings, which are "
+                                         "also the output head when tied (other variants: their own type); "
+                                         "llama.cpp's Q2_K mix keeps the head at Q6_K", values=VARIANTS)
+    output: dict[str, str] = setting({}, "per variant: type for an untied output head, e.g. {Q2_K: Q4_K}",
+                                     values=VARIANTS)
+    model_name: str = setting("llmpipe", "general.name in the GGUF files and their file-name prefix", name=True)
+
+    def __post_init__(self):
+        for field in ("embeddings", "output"):
+            unknown = [variant for variant in getattr(self, field) if variant not in self.variants]
+            if unknown:
+                raise SettingError(field, f"expected keys among {', '.join(self.variants)}, got {unknown} (list)")
 
 
 def rope_frequency_factors(config: ModelConfig) -> np.ndarray:

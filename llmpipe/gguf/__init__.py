@@ -1,0 +1,1 @@
+"""llama.cpp's block quantization formats (formats) and GGUF files of the model (files)."""

@@ -1,0 +1,83 @@
+"""The mapping between our ModelConfig and a Hugging Face LlamaForCausalLM config.json, both ways:
+`hf_llama_config` (export) and `model_config_from_hf` (import; what our model does not implement is
+refused by key)."""
+
+from __future__ import annotations
+
+from llmpipe.model.transformer import ModelConfig
+from llmpipe.pipeline.errors import InputDataError
+
+
+def hf_llama_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.context_length,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": {"rope_type": "llama3", **config.rope_scaling} if config.rope_scaling else None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+    }
+
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, Llama 3.1 scaling or None) from either config.json form: transformers 4's `rope_theta` +
+    `rope_scaling`, or transformers 5's `rope_parameters`."""
+    parameters = hf.get("rope_parameters") or {}
+    theta = float(hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
+    scaling = hf.get("rope_scaling") or parameters
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise InputDataError(f"{where}: rope scaling {kind!r} is not supported (only Llama 3.1's 'llama3')")
+    missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
+    if missing:
+        raise InputDataError(f"{where}: llama3 rope scaling lacks {missing}")
+    return theta, {key: scaling[key] for key in ROPE_SCALING_KEYS}
+
+
+def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """A LlamaForCausalLM config.json → ModelConfig; what our model does not implement is refused by key."""
+    if hf.get("model_type") != "llama":
+        raise InputDataError(f"{where}: model_type is {hf.get('model_type')!r}; only Llama-architecture checkpoints "
+                             "(model_type 'llama') are supported")
+    unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "sliding_window": None,
+                   "num_local_experts": None, "num_experts": None, "partial_rotary_factor": 1.0}
+    for key, supported in unsupported.items():
+        if hf.get(key, supported) not in (supported, None):
+            raise InputDataError(f"{where}: {key} = {hf[key]!r} is not supported (only {supported!r})")
+    theta, scaling = rope_from_hf(hf, where)
+    try:
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]), context_length=int(hf["max_position_embeddings"]),
+            n_layer=int(hf["num_hidden_layers"]), d_model=int(hf["hidden_size"]),
+            n_head=int(hf["num_attention_heads"]),
+            n_kv_head=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            ffn_hidden=int(hf["intermediate_size"]), head_dim=hf.get("head_dim"), rope_theta=theta,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_scaling=scaling)
+    except KeyError as missing:
+        raise InputDataError(f"{where}: key {missing} is missing") from None
+    except (TypeError, ValueError) as exc:
+        raise InputDataError(f"{where}: not a valid Llama config ({exc})") from None

@@ -1,0 +1,26 @@
+"""Publish a training stage's results: the report files DVC tracks and the same numbers in MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+
+from llmpipe.pipeline.tracking import StageRun
+from llmpipe.report.tables import write_training_reports
+
+
+def publish_training(run: StageRun, directory: Path, history: dict[str, list[dict]], metrics: dict,
+                     headline: tuple[str, ...], *, facts: dict | None = None, timings: dict | None = None,
+                     in_curves: Collection[str] = (), pipeline_headline: Collection[str] | None = None) -> None:
+    """Write `directory`'s curves, metrics.json (`headline` keys), details.json (the other metrics) and
+    timings.json; log to the stage's MLflow run the `facts` as params and every other number as a metric
+    (but those already logged as the curves' last point, `in_curves`), and `pipeline_headline` (default:
+    `headline`) into the pipeline run; the report files as artifacts under `reports/`."""
+    write_training_reports(directory, history, metrics, headline, timings)
+    facts = facts or {}
+    run.log_facts(facts)
+    numbers = {**metrics, **(timings or {})}
+    run.log_metrics({k: v for k, v in numbers.items() if k not in facts and k not in in_curves})
+    run.log_headline({k: metrics[k] for k in (headline if pipeline_headline is None else pipeline_headline)
+                      if k in metrics})
+    run.log_artifact(directory, "reports")
