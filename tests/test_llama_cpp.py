@@ -31,7 +31,7 @@ def test_llama_cpp_reads_our_gguf_with_our_tokens_logits_and_chat_template(tmp_p
         ours = read_gguf_model(path)(torch.tensor([ids]))[0][0].numpy()
     assert np.abs(theirs - ours).max() < tolerance
     prompt = llm.tokenize(b"<|user|> Hi<|end|><|assistant|>", add_bos=False, special=True)
-    assert prompt == tokenizer.encode("<|user|> Hi<|end|><|assistant|>")
+    assert prompt == tokenizer.encode_markup("<|user|> Hi<|end|><|assistant|>")
 
 
 @pytest.mark.parametrize("name, block_bytes", [("Q2_K", 84), ("Q4_K", 144)])

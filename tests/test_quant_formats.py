@@ -104,7 +104,7 @@ def test_rows_must_be_whole_blocks():
 
 def test_rounding_is_half_away_from_zero():
     values = np.array([0.5, 1.5, -0.5, -2.5, 0.49999997, 2.4999998], dtype=np.float32)
-    assert round_half_away_from_zero(values).tolist() == [1, 2, -1, -3, 0, 2]
+    assert [round_half_away_from_zero(value) for value in values] == [1, 2, -1, -3, 0, 2]
 
 
 def test_q4_k_beats_q4_0_at_the_same_size():
