@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import llvmlite.ir
 import numba
+import numba.extending
 import numpy as np
 from gguf import GGMLQuantizationType, quants
 
@@ -30,23 +32,32 @@ f32 = np.float32
 FLT_MAX = f32(3.4028235e38)
 # A compiled function (C's speed), cached on disk after the first call, that releases the GIL so that
 # threads can run it on several chunks of a tensor at once.
-compiled = numba.njit(cache=True, nogil=True)
+compiled = numba.njit(cache=True, nogil=True, error_model="numpy")
+inlined = numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 
 
 # -- ggml's scalar helpers ------------------------------------------------------------------------------
-@compiled
+def float32_bits(value: np.float32) -> int:
+    """The IEEE bits of a float32, as a signed int32 (C's memcpy from float to int)."""
+    return int(np.float32(value).view(np.int32))
+
+
+@numba.extending.intrinsic
+def _bitcast_float32(typing_context, value):
+    return numba.types.int32(numba.types.float32), lambda context, builder, signature, args: builder.bitcast(
+        args[0], llvmlite.ir.IntType(32))
+
+
+@numba.extending.overload(float32_bits, jit_options={"cache": True})
+def _compiled_float32_bits(value):
+    return lambda value: _bitcast_float32(value)
+
+
+@inlined
 def nearest_int(value: np.float32) -> int:
-    """ggml's nearest_int: add 1.5 · 2^23 in float32 (rounding half to even) and read the sum's 23
-    fraction bits. Beyond ±2^22 C returns whatever those bits hold; that case is worked out here too."""
-    shifted = value + f32(12582912.0)
-    if f32(8388608.0) <= shifted < f32(16777216.0):
-        return int(shifted) - 12582912
-    if shifted != shifted:               # NaN: the fraction of the default quiet NaN is 2^22
-        return 0
-    if shifted == 0 or math.isinf(shifted):
-        return -4194304
-    fraction, _ = math.frexp(abs(shifted))   # |shifted| = fraction · 2^e, fraction in [0.5, 1)
-    return int((2 * fraction - 1) * 8388608.0) - 4194304
+    """ggml's nearest_int: add 1.5 · 2^23 in float32 (rounding half to even) and read the sum's low 23
+    bits (beyond ±2^22, as in C, they no longer hold the rounded value)."""
+    return (float32_bits(value + f32(12582912.0)) & 0x007FFFFF) - 0x00400000
 
 
 @compiled
@@ -123,7 +134,7 @@ def pack_nibbles(x: np.ndarray, lowest: np.float32, inverse: np.float32, offset:
     for j in range(16):
         low = min(15, to_int8((x[j] - lowest) * inverse + offset))
         high = min(15, to_int8((x[j + 16] - lowest) * inverse + offset))
-        out[j] = (low & 0xFF) | ((high & 0xFF) << 4)
+        out[j] = ((low & 0xFF) | ((high & 0xFF) << 4)) & 0xFF
 
 
 @compiled
@@ -162,7 +173,7 @@ def quantize_q4_1_rows(blocks: np.ndarray, out: np.ndarray) -> None:
 # A K-quant block holds 256 weights in sub-blocks (16 of 16 weights in Q2_K, 8 of 32 in Q4_K). Each
 # sub-block has its own grid, lowest value −dmin·mn and step d·sc, where sc and mn are small integers
 # (4 bits in Q2_K, 6 in Q4_K) and d, dmin are the block's fp16 units.
-@compiled
+@inlined
 def weighted_error(x, weights, scale, minimum, q, absolute_error):
     """Σ w · |scale·q + minimum − x| (or its square), summed in order in float32 as C does."""
     total = f32(0)
@@ -172,7 +183,7 @@ def weighted_error(x, weights, scale, minimum, q, absolute_error):
     return total
 
 
-@compiled
+@inlined
 def fit_group(x, weights, levels, rmin, rdelta, steps, absolute_error, q, candidate):
     """llama.cpp's make_qkx2_quants for one group: finds `scale` and `minimum` (≤ 0) with x ≈ scale · q +
     minimum, q in 0..levels, minimizing the weighted absolute (or squared) error: start from the min/max fit,
@@ -212,7 +223,8 @@ def fit_group(x, weights, levels, rmin, rdelta, steps, absolute_error, q, candid
                 fit_min, fit_scale = f32(0), sum_xl / sum_l2
             error = weighted_error(x, weights, fit_scale, fit_min, candidate, absolute_error)
             if error < best_error:
-                q[:] = candidate
+                for i in range(len(x)):
+                    q[i] = candidate[i]
                 best_error, scale, low = error, fit_scale, fit_min
     return scale, low
 
@@ -265,7 +277,7 @@ def fit_sub_blocks(x, size, q, candidate, weights, scales, mins, q4_k):
     return largest_scale, largest_min
 
 
-@compiled
+@inlined
 def round_to_grid(sub, step, offset, levels, q):
     """Each weight to the nearest level of its sub-block's stored grid (step d·sc, lowest −dmin·mn). A
     sub-block whose step is 0 keeps the fit's levels, as llama.cpp does."""
@@ -346,17 +358,19 @@ def quantize_q2_k_rows(blocks: np.ndarray, out: np.ndarray) -> None:
 
 
 # -- whole tensors ----------------------------------------------------------------------------------------
-CHUNK_BLOCKS = 2048   # blocks per task: small enough to keep every core busy, large enough to cost nothing
+CHUNK_WEIGHTS = 1 << 18   # weights per task: enough tasks to keep every core busy, each long enough to cost nothing
 
 
 def in_parallel(rows_kernel: Callable[[np.ndarray, np.ndarray], None], block_bytes: int):
     """(n, block_size) float32 blocks → (n, block_bytes) uint8, chunks of blocks spread over every core.
-    Each chunk is read and written in place: no copy of the weights is made."""
+    The kernel reads each chunk where it lies and writes its bytes into the output: nothing is copied."""
     def quantize_blocks(blocks: np.ndarray) -> np.ndarray:
-        blocks = np.ascontiguousarray(blocks, dtype=np.float32)
+        blocks = np.ascontiguousarray(blocks, dtype=np.float32).view()
+        blocks.flags.writeable = False       # as a memory-mapped file's: one compiled kernel serves both
         out = np.empty((len(blocks), block_bytes), dtype=np.uint8)
-        starts = range(0, len(blocks), CHUNK_BLOCKS)
-        run = lambda start: rows_kernel(blocks[start:start + CHUNK_BLOCKS], out[start:start + CHUNK_BLOCKS])  # noqa: E731
+        chunk = max(1, CHUNK_WEIGHTS // blocks.shape[1])
+        starts = range(0, len(blocks), chunk)
+        run = lambda start: rows_kernel(blocks[start:start + chunk], out[start:start + chunk])  # noqa: E731
         workers = min(len(os.sched_getaffinity(0)), len(starts))
         if workers <= 1:
             for start in starts:
