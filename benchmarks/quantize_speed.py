@@ -1,18 +1,14 @@
 """Our quantizers against llama.cpp's own, side by side in one run, on the same F32 GGUF.
 
-Builds a random model (TinyLlama's shape by default: 22 layers of 2048x2048 / 2048x5632 matrices and a
-32000x2048 embedding and output, 1.1B weights), writes it as an F32 GGUF with our writer, then for each type:
-- llama.cpp: `llama_model_quantize` (llama-cpp-python) on that file, `pure` (every matrix in the one type),
-  one thread per core;
-- ours: the same file read with gguf's reader (memory-mapped), each matrix quantized with
-  `llmpipe.export.formats` and streamed into a GGUF with gguf's writer, one tensor at a time;
-- gguf.quants (Q8_0, Q4_0): the `gguf` package's numpy quantizers on the same matrices (not written);
-and checks that every quantized tensor of our file has the bytes of llama.cpp's. Each side runs in its
-own process, which reports its seconds and peak RSS. A process with an empty numba cache times the
-kernels' compile (what a fresh clone pays once).
+A seeded random model (default TinyLlama's shape, 1.1B weights) is written as F32 GGUF by our writer. Per
+type, each in its own process (seconds, peak RSS): llama.cpp's `llama_model_quantize` (`pure`: every matrix
+in the type; a thread per core); ours: gguf's reader (memory-mapped), each matrix quantized by
+`llmpipe.export.formats` and streamed out with gguf's writer; gguf.quants (Q8_0, Q4_0: numpy, not written).
+Every quantized tensor of ours is compared byte for byte with llama.cpp's. A process with an empty numba
+cache times the kernels' compile (paid once per fresh clone).
 
-    python benchmarks/quantize_speed.py                         # 1.1B weights: ~4.4 GB F32 file + outputs
-    python benchmarks/quantize_speed.py --layers 2 --vocab 4096 # a quick check
+    python benchmarks/quantize_speed.py                          # 1.1B: ~4.4 GB F32 file + outputs
+    python benchmarks/quantize_speed.py --layers 2 --vocab 4096  # a quick check
 """
 
 from __future__ import annotations
@@ -39,28 +35,39 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_f32_model(source: str, shape: dict) -> dict:
-    """A seeded random model of the asked shape as an F32 GGUF (our writer); returns its weight count."""
+def build_model(workdir: Path, shape: dict):
+    """The seeded random model of `shape` and a small tokenizer (trained once into `workdir`)."""
     import torch
 
     from llmpipe.data.world import WorldConfig, build_world
-    from llmpipe.export.gguf_file import F32, plan_tensors, write_gguf
     from llmpipe.model import ModelConfig, Transformer
     from llmpipe.tokenizer import LoadedTokenizer, save_tokenizer, train_bpe
 
-    specials = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
-                "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
-    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
-    path = Path(source)
-    save_tokenizer(train_bpe(texts, 512, 2, specials), specials, path.parent / "tokenizer")
+    if not (workdir / "tokenizer").exists():
+        specials = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
+                    "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
+        texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
+        save_tokenizer(train_bpe(texts, 512, 2, specials), specials, workdir / "tokenizer")
     torch.manual_seed(0)
     with torch.no_grad():
         model = Transformer(ModelConfig(vocab_size=shape["vocab"], context_length=2048, n_layer=shape["layers"],
                                         d_model=shape["d_model"], n_head=32, n_kv_head=4, ffn_hidden=shape["ffn"],
                                         tie_embeddings=False)).eval()
-    write_gguf(path, model, LoadedTokenizer(path.parent / "tokenizer"), plan_tensors(model, F32, F32, None, None),
-               F32, "quantize-speed")
-    return {"weights": sum(p.numel() for p in model.parameters())}
+    return model, LoadedTokenizer(workdir / "tokenizer")
+
+
+def run_write_gguf(destination: str, shape: dict, type_name: str) -> dict:
+    """Our writer (llmpipe.export.gguf_file.write_gguf) from the model in memory; F32 for the input file."""
+    from llmpipe.export.formats import FORMATS
+    from llmpipe.export.gguf_file import plan_tensors, write_gguf
+
+    model, tokenizer = build_model(Path(destination).parent, shape)
+    if type_name in FORMATS:
+        FORMATS[type_name].quantize(np.zeros((1, FORMATS[type_name].block_size), np.float32))   # load the kernel
+    start = time.perf_counter()
+    write_gguf(destination, model, tokenizer, plan_tensors(model, type_name, type_name, None, None), type_name,
+               "quantize-speed")
+    return {"seconds": time.perf_counter() - start, "weights": sum(p.numel() for p in model.parameters())}
 
 
 def run_llama_cpp(source: str, destination: str, type_name: str, threads: int) -> dict:
@@ -174,7 +181,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.job:
         name, *rest = json.loads(args.job)
-        jobs = {"model": write_f32_model, "llama.cpp": run_llama_cpp, "ours": run_ours, "gguf.quants": run_gguf_quants, "compile": run_compile}
+        jobs = {"write_gguf": run_write_gguf, "llama.cpp": run_llama_cpp, "ours": run_ours,
+                "gguf.quants": run_gguf_quants, "compile": run_compile}
         result = jobs[name](*rest)
         print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
         return
@@ -184,17 +192,17 @@ def main() -> None:
 
 def measure(workdir: Path, args) -> None:
     source = workdir / "model-f32.gguf"
-    start = time.perf_counter()
     shape = {"layers": args.layers, "vocab": args.vocab, "d_model": args.d_model, "ffn": args.ffn}
-    weights = in_child(["model", str(source), shape])["weights"]    # its memory is gone before anything is timed
-    print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores; model: "
-          f"{args.layers} layers, d_model {args.d_model}, ffn {args.ffn}, vocab {args.vocab}: {weights / 1e9:.3f}B "
-          f"weights, F32 GGUF {source.stat().st_size / 2**30:.2f} GiB written in {time.perf_counter() - start:.0f} s")
+    written = in_child(["write_gguf", str(source), shape, "F32"])   # its memory is gone before anything is timed
+    print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores; model: {args.layers} "
+          f"layers, d_model {args.d_model}, ffn {args.ffn}, vocab {args.vocab}: {written['weights'] / 1e9:.3f}B weights, "
+          f"F32 GGUF {source.stat().st_size / 2**30:.2f} GiB")
     with tempfile.TemporaryDirectory() as cache:
         compiled = in_child(["compile"], env={"NUMBA_CACHE_DIR": cache})
-    print("numba compile, empty cache (s): " + ", ".join(f"{k} {v:.2f}" for k, v in compiled.items() if k != "peak_rss_mib"))
-    print(f"\n| type | llama.cpp s | ours s | ratio | ours: quantize only s | gguf.quants s | bytes equal | "
-          f"peak RSS llama.cpp / ours MiB |\n|---|---|---|---|---|---|---|---|")
+    print("numba compile, empty cache (s): " + ", ".join(f"{k} {v:.2f}" for k, v in compiled.items()
+                                                          if k != "peak_rss_mib"))
+    print("\n| type | llama.cpp s | ours s | ours / llama.cpp | ours: quantize only s | gguf.quants s | bytes equal "
+          "| write_gguf from the model s | peak RSS MiB: llama.cpp / ours / write_gguf |\n" + "|---" * 9 + "|")
     loads = []
     for type_name in args.types:
         theirs, ours = workdir / f"llama-{type_name}.gguf", workdir / f"ours-{type_name}.gguf"
@@ -202,12 +210,15 @@ def measure(workdir: Path, args) -> None:
         mine = in_child(["ours", str(source), str(ours), type_name])
         reference = in_child(["gguf.quants", str(source), type_name]) if type_name in GGUF_QUANTS_TYPES else None
         equal, compared = same_bytes(ours, theirs)
-        print(f"| {type_name} | {llama['seconds']:.1f} | {mine['seconds']:.1f} | {mine['seconds'] / llama['seconds']:.2f} | "
-              f"{mine['quantize_seconds']:.1f} | {'-' if reference is None else format(reference['seconds'], '.1f')} | "
-              f"{equal}/{compared} | {llama['peak_rss_mib']:,.0f} / {mine['peak_rss_mib']:,.0f} |", flush=True)
-        loads.append(mine["jit_load_seconds"])
         theirs.unlink()
         ours.unlink()
+        whole = in_child(["write_gguf", str(ours), shape, type_name])
+        ours.unlink()
+        print(f"| {type_name} | {llama['seconds']:.1f} | {mine['seconds']:.1f} | {mine['seconds'] / llama['seconds']:.2f} "
+              f"| {mine['quantize_seconds']:.1f} | {'-' if reference is None else format(reference['seconds'], '.1f')} "
+              f"| {equal}/{compared} | {whole['seconds']:.1f} | {llama['peak_rss_mib']:,.0f} / "
+              f"{mine['peak_rss_mib']:,.0f} / {whole['peak_rss_mib']:,.0f} |", flush=True)
+        loads.append(mine["jit_load_seconds"])
     print(f"\nours: loading the cached kernel took {min(loads):.2f}-{max(loads):.2f} s per process (not in the times)")
 
 

@@ -1,8 +1,7 @@
 """llama.cpp block quantization formats, byte for byte, compiled with numba and run on every core.
 
-A tensor's rows are cut into blocks; each block stores small integers per weight plus fp16 scale(s), laid
-out as llama.cpp's `block_*` structs. The quantizers follow llama.cpp's `quantize_row_*_ref` in float32,
-operation by operation (tests compare with gguf's port and with llama.cpp's library); dequantizers are gguf's.
+Rows are cut into blocks of small integers plus fp16 scale(s), laid out as llama.cpp's `block_*` structs.
+Quantizers follow llama.cpp's `quantize_row_*_ref` in float32, operation by operation; dequantizers are gguf's.
 
 | format | block | bytes | bits/weight | a weight is                                                   |
 |--------|------:|------:|------------:|---------------------------------------------------------------|
