@@ -61,7 +61,7 @@ def nearest_int(value: np.float32) -> int:
 
 @compiled
 def round_half_away_from_zero(value: np.float32) -> np.float32:
-    """C's roundf (exact: a float32 plus 0.5 is exact in float64)."""
+    """C's roundf, in float64 (where |x| + 0.5 is not rounded up to the next integer as in float32)."""
     return f32(math.copysign(np.floor(abs(float(value)) + 0.5), value))
 
 
