@@ -424,8 +424,8 @@ class BlockFormat:
     ggml_type: int                                    # gguf.GGMLQuantizationType value
     block_size: int                                   # weights per block
     block_bytes: int                                  # bytes per block
-    quantize_blocks: Callable[[np.ndarray], np.ndarray]
-    dequantize_blocks: Callable[[np.ndarray], np.ndarray]
+    quantize_blocks: Callable[[np.ndarray], np.ndarray]     # (n, block_size) floats → (n, block_bytes) bytes
+    dequantize_blocks: Callable[[np.ndarray], np.ndarray]   # (rows, k · block_bytes) → (rows, k · block_size)
     # (blocks, their bytes) → per weight: the largest |x − dequantize(quantize(x))| the format allows
     error_bound: Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -445,7 +445,8 @@ class BlockFormat:
         return self.quantize_blocks(weights.reshape(-1, self.block_size)).reshape(rows, -1)
 
     def dequantize(self, raw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        return self.dequantize_blocks(raw.reshape(-1, self.block_bytes)).reshape(shape)
+        # whole rows: gguf's dequantizers work 16 rows at a time, so a row of one block would be slow
+        return self.dequantize_blocks(raw.reshape(shape[0], -1)).reshape(shape)
 
 
 def block_format(name: str, block_size: int, block_bytes: int, rows_kernel, error_bound) -> BlockFormat:
