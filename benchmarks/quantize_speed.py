@@ -203,7 +203,8 @@ def measure(workdir: Path, args) -> None:
     shape = {"layers": args.layers, "vocab": args.vocab, "d_model": args.d_model, "ffn": args.ffn}
     written = in_child(["write_gguf", str(source), shape, "F32"])   # its memory is gone before anything is timed
     print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores; model: {args.layers} "
-          f"layers, d_model {args.d_model}, ffn {args.ffn}, vocab {args.vocab}: {written['weights'] / 1e9:.3f}B weights, "
+          f"layers, d_model {args.d_model}, ffn {args.ffn}, vocab {args.vocab}: {written['weights'] / 1e9:.3f}B "
+          "weights, "
           f"F32 GGUF {source.stat().st_size / 2**30:.2f} GiB")
     with tempfile.TemporaryDirectory() as cache:
         compiled = in_child(["compile"], env={"NUMBA_CACHE_DIR": cache})
@@ -223,10 +224,11 @@ def measure(workdir: Path, args) -> None:
         ours.unlink()
         whole = in_child(["write_gguf", str(ours), shape, type_name])
         ours.unlink()
+        gguf_quants = "-" if reference is None else f"{reference['seconds']:.1f}"
         print(f"| {type_name} | {llama['seconds']:.1f} | {mine['seconds']:.1f} | {mine['seconds'] / llama['seconds']:.2f} "
-              f"| {mine['quantize_seconds']:.1f} | {'-' if reference is None else format(reference['seconds'], '.1f')} "
-              f"| {equal}/{compared} | {whole['seconds']:.1f} | {llama['peak_rss_mib']:,.0f} / "
-              f"{mine['peak_rss_mib']:,.0f} ({mine['anonymous_rss_mib']:,.0f}) / {whole['peak_rss_mib']:,.0f} |", flush=True)
+              f"| {mine['quantize_seconds']:.1f} | {gguf_quants} | {equal}/{compared} | {whole['seconds']:.1f} "
+              f"| {llama['peak_rss_mib']:,.0f} / {mine['peak_rss_mib']:,.0f} ({mine['anonymous_rss_mib']:,.0f}) "
+              f"/ {whole['peak_rss_mib']:,.0f} |", flush=True)
         loads.append(mine["jit_load_seconds"])
     print(f"\nours: loading the cached kernel took {min(loads):.2f}-{max(loads):.2f} s per process (not in the times)")
 

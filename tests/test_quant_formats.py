@@ -62,7 +62,8 @@ def awkward_weights() -> np.ndarray:
     largest, index = np.finfo(np.float32).max, np.arange(256)
     rows = [
         np.zeros(256), np.full(256, 0.37), np.full(256, -2.5),        # all zero; constants
-        normal[0] * 1e-30, normal[1] * 1e-40, normal[2] * 1e-6,        # tiny: fp16 scales 0; float32 subnormals; fp16 subnormal scales
+        # tiny: fp16 scales 0; float32 subnormals; fp16 subnormal scales
+        normal[0] * 1e-30, normal[1] * 1e-40, normal[2] * 1e-6,
         normal[3] * 1e5, normal[4] * 1e30,                             # fp16 scales overflow; squares overflow float32
         np.where(index % 2, largest, -largest),                        # ±FLT_MAX
         -np.abs(normal[5]), np.abs(normal[6]) + 1, index == 37,        # negative only; positive only; one spike
@@ -138,8 +139,8 @@ def test_awkward_bytes_equal_the_reference_quantizer(name):
 
 
 def test_fp16_rounding_is_numpys():
-    edges = np.array([0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, 65504, 65519.99, 65520, 1e9, 1 + 2.0 ** -11,
-                      1 + 3 * 2.0 ** -11, np.inf, -np.inf, 6.1e-5, -0.0, -1.5e-7], dtype=np.float32)
+    edges = np.array([0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, 65504, 65519.99, 65520, 1e9,
+                      1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, np.inf, -np.inf, 6.1e-5, -0.0, -1.5e-7], dtype=np.float32)
     values = np.concatenate([edges, np.random.default_rng(0).standard_normal(200).astype(np.float32) * 1e3])
     with np.errstate(over="ignore"):
         assert [fp16_bits(v) for v in values] == values.astype(np.float16).view(np.uint16).tolist()

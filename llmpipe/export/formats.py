@@ -360,6 +360,10 @@ def quantize_q2_k_rows(blocks: np.ndarray, out: np.ndarray) -> None:
 CHUNK_WEIGHTS = 1 << 18   # weights per task: enough tasks to keep every core busy, each long enough to cost nothing
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def in_parallel(rows_kernel: Callable[[np.ndarray, np.ndarray], None], block_bytes: int):
     """(n, block_size) float32 blocks → (n, block_bytes) uint8, chunks of blocks spread over every core.
     The kernel reads each chunk where it lies and writes its bytes into the output: nothing is copied."""
@@ -370,7 +374,7 @@ def in_parallel(rows_kernel: Callable[[np.ndarray, np.ndarray], None], block_byt
         chunk = max(1, CHUNK_WEIGHTS // blocks.shape[1])
         starts = range(0, len(blocks), chunk)
         run = lambda start: rows_kernel(blocks[start:start + chunk], out[start:start + chunk])  # noqa: E731
-        workers = min(len(os.sched_getaffinity(0)), len(starts))
+        workers = min(usable_cores(), len(starts))
         if workers <= 1:
             for start in starts:
                 run(start)
