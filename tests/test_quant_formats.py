@@ -1,15 +1,21 @@
-"""Block quantization formats: byte equality with the gguf package's reference quantizer and with
-llama.cpp's own K-quant quantizers, error bounds, and decoding by gguf's own dequantizer (the layout
-llama.cpp reads)."""
+"""Block quantization formats: byte equality with the gguf package's reference quantizer, with llama.cpp's
+own K-quant quantizers (recorded bytes), and of the compiled, threaded path with the same kernels run as
+plain Python one block at a time; error bounds; decoding by gguf's dequantizer (the layout llama.cpp reads)."""
 
 import hashlib
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
-from llmpipe.gguf.formats import FORMATS, fit_scale_and_min, round_half_away_from_zero
+from llmpipe.gguf import formats
+from llmpipe.gguf.formats import FORMATS, fit_scale_and_min, fp16_bits, round_half_away_from_zero
 
 
 def weights(rows: int, columns: int, seed: int = 0) -> np.ndarray:
@@ -50,6 +56,96 @@ def test_round_trip_error_stays_within_the_format_bound(name):
     assert np.all(error <= fmt.error_bound(blocks, raw.reshape(-1, fmt.block_bytes))), name
 
 
+def awkward_weights() -> np.ndarray:
+    """Rows of 256 weights (one K-quant block, eight small ones) at the edges of the formats' arithmetic."""
+    normal = np.random.default_rng(11).standard_normal((10, 256)).astype(np.float32)
+    largest, index = np.finfo(np.float32).max, np.arange(256)
+    rows = [
+        np.zeros(256), np.full(256, 0.37), np.full(256, -2.5),        # all zero; constants
+        # tiny: fp16 scales 0; float32 subnormals; fp16 subnormal scales
+        normal[0] * 1e-30, normal[1] * 1e-40, normal[2] * 1e-6,
+        normal[3] * 1e5, normal[4] * 1e30,                             # fp16 scales overflow; squares overflow float32
+        np.where(index % 2, largest, -largest),                        # ±FLT_MAX
+        -np.abs(normal[5]), np.abs(normal[6]) + 1, index == 37,        # negative only; positive only; one spike
+        index % 17 - 7.5, np.where(index == 200, 3.0, -0.01),          # halves (rounding ties); constant but one
+        np.concatenate([np.zeros(128), normal[7, :128]]),
+        np.concatenate([normal[8, :32] * 1e3, normal[9, 32:] * 1e-3]),  # one loud sub-block: the others' sc round to 0
+        # -4e6's mn takes dmin to fp16's top, so (x + dmin·mn) / (d·sc) passes ±2^22, where nearest_int's bits
+        # are no longer the rounded value (llama.cpp keeps them: so do we)
+        np.concatenate([np.full(32, -4e6), np.linspace(-5e-4, 5e-4, 32), -12000 + index[64:] % 8 * 1e-3]),
+    ]
+    return np.array(rows, dtype=np.float32)
+
+
+@contextmanager
+def kernels_as_plain_python():
+    """The formats module's compiled functions swapped for their Python source, which then runs on numpy
+    float32 scalars: a straightforward per-block reference for the compiled (and threaded) path."""
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, value in vars(formats).items():
+            if hasattr(value, "py_func"):
+                patch.setattr(formats, name, value.py_func)
+        yield formats
+
+
+def plain_python_bytes(name: str, blocks: np.ndarray) -> np.ndarray:
+    fmt = FORMATS[name]
+    blocks = blocks.reshape(-1, fmt.block_size)
+    out = np.zeros((len(blocks), fmt.block_bytes), dtype=np.uint8)
+    with kernels_as_plain_python() as plain:
+        kernel = getattr(plain, f"quantize_{name.lower()}_rows")
+        for b in range(len(blocks)):
+            kernel(blocks[b:b + 1], out[b:b + 1])
+    return out
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_compiled_bytes_equal_the_plain_python_kernel_on_awkward_weights(name):
+    data = awkward_weights()
+    assert np.array_equal(FORMATS[name].quantize(data).reshape(-1, FORMATS[name].block_bytes),
+                          plain_python_bytes(name, data))
+
+
+@st.composite
+def awkward_blocks(draw) -> np.ndarray:
+    """256 weights: halves from −8 to 8 (zeros, repeats, rounding ties) times a power of ten from float32's
+    subnormals to near its largest, maybe all of one sign, maybe with one spike anywhere in float32."""
+    halves = draw(arrays(np.int8, 256, elements=st.integers(-16, 16))).astype(np.float32) / 2
+    values = halves * np.float32(draw(st.sampled_from([1e-42, 1e-30, 1e-7, 1e-3, 1.0, 7e4, 1e30, 1e37])))
+    sign = draw(st.sampled_from([0, 1, -1]))
+    if sign:
+        values = sign * np.abs(values)
+    if draw(st.booleans()):
+        largest = float(np.finfo(np.float32).max)
+        values[draw(st.integers(0, 255))] = draw(st.floats(-largest, largest, width=32))
+    return values
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@settings(max_examples=50, deadline=None)
+@given(block=awkward_blocks())
+def test_compiled_bytes_equal_the_plain_python_kernel_on_generated_blocks(name, block):
+    data = np.tile(block, (3, 1))     # three rows: the threaded path splits them into blocks
+    assert np.array_equal(FORMATS[name].quantize(data).reshape(-1, FORMATS[name].block_bytes),
+                          plain_python_bytes(name, data))
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_awkward_bytes_equal_the_reference_quantizer(name):
+    data = awkward_weights()
+    with np.errstate(all="ignore"):
+        assert np.array_equal(FORMATS[name].quantize(data), reference.quantize(data, GGMLQuantizationType[name]))
+
+
+def test_fp16_rounding_is_numpys():
+    edges = np.array([0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, 65504, 65519.99, 65520, 1e9,
+                      1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, np.inf, -np.inf, 6.1e-5, -0.0, -1.5e-7], dtype=np.float32)
+    values = np.concatenate([edges, np.random.default_rng(0).standard_normal(200).astype(np.float32) * 1e3])
+    with np.errstate(over="ignore"):
+        assert [fp16_bits(v) for v in values] == values.astype(np.float16).view(np.uint16).tolist()
+
+
 def k_quant_golden_input() -> np.ndarray:
     """Weights from integer arithmetic only (the same floats on every machine and numpy version)."""
     index = np.arange(32 * 256, dtype=np.float64)
@@ -70,6 +166,16 @@ def test_k_quant_bytes_equal_llama_cpp(name, sha256):
     # sha256 of what llama.cpp's quantize_row_q2_K_ref / quantize_row_q4_K_ref (libggml-base from
     # llama-cpp-python 0.3.36) wrote for these weights; tests/test_llama_cpp.py compares with the library.
     raw = FORMATS[name].quantize(k_quant_golden_input())
+    assert hashlib.sha256(raw.tobytes()).hexdigest() == sha256
+
+
+@pytest.mark.parametrize("name, sha256", [
+    ("Q2_K", "05217121e5e61b033b8f09e083e4ef9018ddc527700bd79785a72493eec9a2df"),
+    ("Q4_K", "b64dc807f40753e2b9fe28365b144e0a4c42f28345844eb5cffe95c01ae3a70e"),
+])
+def test_k_quant_bytes_equal_llama_cpp_on_awkward_weights(name, sha256):
+    # sha256 of what llama.cpp's quantize_row_q2_K_ref / quantize_row_q4_K_ref (llama-cpp-python 0.3.36) wrote
+    raw = FORMATS[name].quantize(awkward_weights())
     assert hashlib.sha256(raw.tobytes()).hexdigest() == sha256
 
 
@@ -104,7 +210,7 @@ def test_rows_must_be_whole_blocks():
 
 def test_rounding_is_half_away_from_zero():
     values = np.array([0.5, 1.5, -0.5, -2.5, 0.49999997, 2.4999998], dtype=np.float32)
-    assert round_half_away_from_zero(values).tolist() == [1, 2, -1, -3, 0, 2]
+    assert [round_half_away_from_zero(value) for value in values] == [1, 2, -1, -3, 0, 2]
 
 
 def test_q4_k_beats_q4_0_at_the_same_size():
