@@ -64,8 +64,8 @@ def build_model(workdir: Path, shape: dict):
 
 def run_write_gguf(destination: str, shape: dict, type_name: str) -> dict:
     """Our writer (llmpipe.gguf.files.write_gguf) from the model in memory; F32 for the input file."""
-    from llmpipe.gguf.formats import FORMATS
     from llmpipe.gguf.files import plan_tensors, write_gguf
+    from llmpipe.gguf.formats import FORMATS
 
     model, tokenizer = build_model(Path(destination).parent, shape)
     if type_name in FORMATS:
@@ -79,7 +79,9 @@ def run_write_gguf(destination: str, shape: dict, type_name: str) -> dict:
 def run_llama_cpp(source: str, destination: str, type_name: str, threads: int) -> dict:
     import llama_cpp
 
-    from llmpipe.gguf.files import FILE_TYPES   # llama.cpp's ftype numbers (Q4_K: Q4_K_S)
+    from llmpipe.gguf.files import (
+        FILE_TYPES,  # llama.cpp's ftype numbers (Q4_K: Q4_K_S)
+    )
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[type_name]

@@ -12,7 +12,7 @@ from llmpipe.pipeline import layout
 # Lowest first; a module may import from its own layer or any layer before it.
 LAYERS = [
     {"llmpipe.pipeline"},
-    {"llmpipe.model.transformer", "llmpipe.text"},
+    {"llmpipe.model", "llmpipe.text"},
     {"llmpipe.data"},
     {"llmpipe.eval"},
     {"llmpipe.train"},

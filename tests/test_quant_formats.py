@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from llmpipe.gguf import formats
-from llmpipe.gguf.formats import FORMATS, fit_scale_and_min, fp16_bits, round_half_away_from_zero
+from llmpipe.gguf.formats import (
+    FORMATS,
+    fit_scale_and_min,
+    fp16_bits,
+    round_half_away_from_zero,
+)
 
 
 def weights(rows: int, columns: int, seed: int = 0) -> np.ndarray:

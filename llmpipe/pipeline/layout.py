@@ -1,21 +1,9 @@
-"""Every artifact of the pipeline, named once: the paths stages read and write, relative to the
-repository root (DVC runs every stage there). dvc.yaml lists the same paths as deps and outs;
-tests/test_layout.py checks that the two agree.
+"""Every artifact of the pipeline, named once: the paths stages read and write, relative to the repository
+root (DVC runs every stage there). dvc.yaml lists them as each stage's deps and outs; tests/test_layout.py
+checks the two agree.
 
-    prepare          → PREPARED: PRETRAIN_TEXT[split], FINETUNE_EXAMPLES[split], QA_FILES[qa split]
-    train_tokenizer  → TOKENIZER, TOKENIZER_REPORT, TOKENIZER_METRICS
-    tokenize         → TOKENS (TOKENS / token_shard(split, i) + TOKENS_META)
-    pretrain         → PRETRAINED, PRETRAIN_REPORTS / (TRAIN_CURVE, EVAL_CURVE, METRICS, DETAILS, TIMINGS)
-    finetune         → FINETUNED, FINETUNE_REPORTS / (TRAIN_CURVE, EVAL_CURVE, METRICS, DETAILS, SAMPLES)
-    quantize         → GGUF, HF_EXPORT, SIZES_JSON, SIZES_TABLE
-    evaluate         → EVALUATE_METRICS, VARIANTS_TABLE, FIGURES, REPORT
-
-What DVC compares (`dvc metrics diff`, `dvc exp show`) is each stage's few headline metrics (TOKENIZER_METRICS,
-METRICS, EVALUATE_METRICS). Every other number goes to files that are outputs but not metrics: TIMINGS
-(tokens per second, FLOPs utilization: machine noise), DETAILS (the rest of a stage's measurements),
-SIZES_JSON and VARIANTS_TABLE. These, the metrics and the curves are small and committed to git (`cache: false`
-in dvc.yaml), so a fresh clone compares against them; models, tokens, figures and the Markdown reports are
-in the DVC cache.
+DVC compares each stage's few headline metrics (METRICS, TOKENIZER_METRICS, EVALUATE_METRICS); DETAILS,
+TIMINGS (machine noise), SIZES_JSON and VARIANTS_TABLE are outputs it keeps but does not compare.
 """
 
 from __future__ import annotations

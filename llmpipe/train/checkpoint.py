@@ -1,30 +1,14 @@
-"""Training checkpoints for resuming a killed run: torch.distributed.checkpoint (DCP) shards in
-safetensors, plus JSON (never pickle).
+"""Training checkpoints for resuming a killed run: torch.distributed.checkpoint (DCP) shards in safetensors,
+plus JSON; nothing is unpickled.
 
-A checkpoint is a directory `step-NNNNNNN/` with
-- sharded/shard-RRRRR-model-00001-of-00001.safetensors
-                        what each process held: model weights ("model.<name>") and AdamW moments and step
-                        counts ("optimizer.state.<name>.<moment>"), written by `dcp.save` through DCP's
-                        HuggingFaceStorageWriter; each file's header records the offsets of its pieces, so
-                        `dcp.load` can reassemble them for any number of processes (save with 2 FSDP
-                        processes, resume with 1, or with DDP);
-- rng.safetensors       the torch random-number-generator state of process 0;
-- state.json            step, the metric history so far, anything else the loop needs (e.g. the best
-                        validation score), and the number of processes that wrote it.
-DCP's default FileSystemWriter/Reader keep the index of the shards in a `.metadata` file that
-FileSystemReader.read_metadata unpickles with the plain pickle module (torch 2.13): loading someone's checkpoint
-could run their code. The safetensors storage writes no such file; HuggingFaceStorageReader builds the
-index from the safetensors headers (JSON), so nothing here is unpickled. Every file is checked to be
-readable safetensors before `dcp.load` starts.
-The processes write into `.step-NNNNNNN.tmp-dcp/`, and process 0 renames it once every process has
-written (barriers on both sides), so a kill never leaves a partial checkpoint under a `step-` name.
-Saving and loading are collective: every process calls them.
+`step-NNNNNNN/` holds `sharded/shard-*.safetensors` (each process's weights and AdamW state, written through
+DCP's HuggingFaceStorageWriter, whose index lives in the safetensors headers: DCP's default `.metadata` is a
+pickle), `rng.safetensors` and `state.json` (step, metric history, best score, process count). `dcp.load`
+reassembles the shards for any number of processes (2 FSDP processes → 1, or DDP). Processes write into a
+temporary directory that rank 0 renames once all wrote, so a kill never leaves a partial checkpoint.
 
-Checkpoints live outside the stage's DVC outputs, under `<repo>/checkpoints/<stage>/<key>/`, where
-`key` hashes the stage's params and input hashes: a changed param or input starts fresh, a rerun of
-the same stage resumes. Params that do not change the arithmetic (processes, nodes, parallelism, device,
-log_every) are left out of the key, so `dvc exp run -S pretrain.processes=1` resumes a killed 2-process
-run. `<repo>` is DVC_ROOT, so experiments in temporary copies share them too.
+Checkpoints live outside the DVC outputs, in `<repo>/checkpoints/<stage>/<key>/`; `key` hashes the params
+that change the arithmetic and the input hashes, so a changed param starts fresh, a rerun resumes.
 """
 
 from __future__ import annotations

@@ -2,29 +2,16 @@
 
     result = train(model, settings.loop, batches, evaluate, process, run, checkpoints)
 
-Per optimizer step:
-1. the batch source gives the step's *global* batch as a list of micro-batches (a pure function of
-   the step number, so a resumed run sees exactly the data it would have seen);
-2. this process takes its share (micro-batches rank, rank + world_size, ...), runs forward/backward
-   on each (gradient accumulation; DDP synchronizes on the last one only, FSDP reduce-scatters every
-   backward into the gradient shards, so no process ever holds a whole unsharded gradient for long);
-3. the loss is the sum over target tokens divided by the number of target tokens in the whole global
-   batch, so 1 process × 8 micro-batches and 2 processes × 4 give the same gradient (DDP and FSDP
-   both average over processes: the loss is scaled by world_size);
-4. gradient clipping, AdamW (weight decay on matrices only), learning rate by linear warmup then
-   cosine decay to a floor.
-Every `eval_every` steps it evaluates, keeps the best weights if asked to, and logs; every
-`checkpoint_every` steps it writes a checkpoint (torch.distributed.checkpoint: every process its
-shard). A NaN or infinite loss stops the run with a message naming the step; the last good checkpoint
-stays.
+Per optimizer step: the batch source gives the step's global batch (a pure function of the step, so a resumed
+run sees the data it would have seen); this process takes its share of the micro-batches (gradient
+accumulation); the loss is the sum over target tokens divided by the global batch's target tokens, so any
+split over processes gives the same gradient; then clipping, AdamW, warmup + cosine learning rate. Every
+`eval_every` steps it evaluates (keeping the best weights if asked); every `checkpoint_every` steps it writes
+a checkpoint. A NaN or infinite loss stops the run, naming the step.
 
-Parallelism (`settings.parallelism`, with more than one process): `ddp` wraps the model in
-DistributedDataParallel; `fsdp` applies FSDP2's `fully_shard` to every transformer block, then to the
-root (embeddings, final norm, head), so each process keeps 1/world_size of the weights, gradients and
-AdamW moments, and the optimizer steps on the shards (DTensors). With one process both train the plain
-model (sharding over one process saves nothing). Everything else (data, loss scaling, clipping,
-schedule, evaluation) is the same code. Under FSDP the returned `TrainResult.model` is a plain copy
-gathered on rank 0 (None on the others); otherwise it is `model` itself.
+With several processes, `ddp` wraps the model in DistributedDataParallel and `fsdp` applies FSDP2's
+`fully_shard` to every block, then the root (each process keeps 1/world_size of weights, gradients and
+AdamW state); the returned `TrainResult.model` is then a plain copy gathered on rank 0.
 """
 
 from __future__ import annotations
