@@ -237,3 +237,13 @@ def test_no_params_key_is_spelled_in_two_places():
                     and node.value in keys | sections:
                 seen.setdefault(node.value, []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not {key: places for key, places in seen.items() if len(places) > 1}
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Long routines hide several concerns: split them (the training loop is a class of one method per step part)."""
+    long = []
+    for path in [*(ROOT / "llmpipe").rglob("*.py"), *(ROOT / "stages").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long, long
