@@ -51,11 +51,16 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def imported_modules(path: Path) -> set[str]:
+def imported_modules(path: Path, runtime_only: bool = False) -> set[str]:
     """The llmpipe modules a file imports, at top level or inside functions (`from llmpipe.a import b` counts
-    llmpipe.a and, when b is a module, llmpipe.a.b)."""
+    llmpipe.a and, when b is a module, llmpipe.a.b); `runtime_only` leaves out `if TYPE_CHECKING:` imports."""
+    tree = ast.parse(path.read_text("utf-8"))
+    if runtime_only:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                node.body = []
     found = set()
-    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("llmpipe.")}
         elif isinstance(node, ast.ImportFrom) and node.module == "llmpipe":
@@ -72,7 +77,7 @@ def import_closure(roots: list[Path]) -> set[str]:
     seen: set[Path] = set()
     todo = list(roots)
     while todo:
-        for name in imported_modules(todo.pop()):
+        for name in imported_modules(todo.pop(), runtime_only=True):
             parts = name.split(".")
             for length in range(1, len(parts) + 1):
                 path = module_file(".".join(parts[:length]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -16,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from llmpipe.model.transformer import ModelConfig, Transformer
 from llmpipe.pipeline import atomic
-from llmpipe.pipeline.atomic import json_text
 from llmpipe.pipeline.errors import InputDataError
-from llmpipe.text.tokenizer import LoadedTokenizer
+
+if TYPE_CHECKING:  # annotations only: loading weights runs no tokenizer code
+    from llmpipe.text.tokenizer import LoadedTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -38,7 +40,7 @@ def write_model(directory: Path, model: Transformer, extra_config: dict | None =
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_for_saving(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {"model": model.config.to_dict(), **(extra_config or {})}
-    (directory / CONFIG_FILE).write_text(json_text(config), encoding="utf-8")
+    (directory / CONFIG_FILE).write_text(atomic.json_text(config), encoding="utf-8")
 
 
 def save_model(directory: str | Path, model: Transformer, extra_config: dict | None = None) -> None:
