@@ -21,10 +21,12 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   DEVICE=cpu PRECISION=bf16 PRESETS="tiny small" TOKENS=1024 STEPS="--steps 1 --rounds 1"
 fi
 
-if [[ -d .whl ]] && ! python3 -c "import dvc, mlflow, hydra, gguf, datasets" 2>/dev/null; then
+if [[ -d .whl ]] && ! PYTHONPATH=/tmp/site python3 -c "import dvc, mlflow, hydra, gguf, datasets" 2>/dev/null; then
   echo "== installing the carried wheels"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
+fi
+if [[ -d /tmp/site ]]; then
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   # dvc.yaml calls `python`: a wrapper, not a link (a link to a venv's python3 loses the venv's packages)
   mkdir -p /tmp/site/bin && printf '#!/bin/sh\nexec "%s" "$@"\n' "$(command -v python3)" > /tmp/site/bin/python
@@ -42,17 +44,30 @@ print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
       f"({torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)})" if torch.cuda.is_available() else "")
 PY
 
+# bounded SECONDS LOG COMMAND...: run COMMAND in its own process group, killed whole at the timeout (a plain
+# `timeout` kills the command but not, say, the stage dvc runs, which keeps an output pipe open), each line
+# timestamped into LOG and shown.
+BOUNDED='import os, signal, subprocess, sys, threading, time
+start = time.time()
+process = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+timer = threading.Timer(float(sys.argv[1]), lambda: os.killpg(process.pid, signal.SIGKILL))
+timer.start()
+for line in process.stdout:
+    print(f"{time.time() - start:8.1f} {line}", end="", flush=True)
+timer.cancel()
+command = " ".join(sys.argv[2:])
+print(f"{time.time() - start:8.1f} exit status {process.wait()}: {command}", flush=True)'
+bounded() { local seconds=$1 log=$2; shift 2; python3 -c "$BOUNDED" "$seconds" "$@" | tee "$log"; }
+
 PARTS=${PARTS:-aec}  # a: dvc repro, e: throughput eager, c: throughput compiled (PARTS=a: dvc repro only)
 if [[ "$PARTS" == *a* ]]; then
 echo "== (a) dvc repro (timeout ${REPRO_TIMEOUT} s)"
-timeout "$REPRO_TIMEOUT" dvc repro 2>&1 | python3 -c 'import sys, time
-start = time.time()
-for line in sys.stdin:
-    print(f"{time.time() - start:8.1f} {line}", end="", flush=True)' > "$OUT/repro.log"
-echo "dvc repro exit: ${PIPESTATUS[0]}"
+bounded "$REPRO_TIMEOUT" "$OUT/repro.log" dvc repro > /dev/null
+tail -1 "$OUT/repro.log"
 grep -E "Running stage|on cuda|on cpu|precision|held_out|error" "$OUT/repro.log" | head -40
 awk '/Running stage/ {if (name) printf "  %-16s %6.1f s\n", name, $1 - t; name = $4; t = $1} END {if (name) printf "  %-16s %6.1f s (to the end of dvc repro)\n", name, $1 - t}' "$OUT/repro.log"
-python3 -c 'import json, pathlib
+grep -q "exit status 0:" "$OUT/repro.log" && python3 -c 'import json, pathlib
 for path in ["reports/pretrain/metrics.json", "reports/finetune/metrics.json", "reports/evaluate/metrics.json"]:
     if pathlib.Path(path).exists():
         print(" ", path, json.dumps(json.loads(pathlib.Path(path).read_text())))' | tee "$OUT/metrics.txt"
@@ -60,12 +75,12 @@ for path in ["reports/pretrain/metrics.json", "reports/finetune/metrics.json", "
 fi
 if [[ "$PARTS" == *e* ]]; then
 echo "== (b, c) throughput, eager (timeout ${EAGER_TIMEOUT} s)"
-timeout "$EAGER_TIMEOUT" python3 benchmarks/train_throughput.py --device "$DEVICE" --precision "$PRECISION" \
-  --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS 2>&1 | tee "$OUT/throughput_eager.log" | grep -v Warning
+bounded "$EAGER_TIMEOUT" "$OUT/throughput_eager.log" python3 benchmarks/train_throughput.py --device "$DEVICE" \
+  --precision "$PRECISION" --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS | grep -v Warning
 fi
 if [[ "$PARTS" == *c* ]]; then
 echo "== (b, c) throughput, compiled (timeout ${COMPILE_TIMEOUT} s)"
-timeout "$COMPILE_TIMEOUT" python3 benchmarks/train_throughput.py --device "$DEVICE" --precision "$PRECISION" \
-  --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS --compile 2>&1 | tee "$OUT/throughput_compiled.log" | grep -v Warning
+bounded "$COMPILE_TIMEOUT" "$OUT/throughput_compiled.log" python3 benchmarks/train_throughput.py --device "$DEVICE" \
+  --precision "$PRECISION" --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS --compile | grep -v Warning
 fi
 echo "== done"
