@@ -1,5 +1,6 @@
 """The training loop: schedule, numerical failure, checkpoint round trip (in process)."""
 
+import dataclasses
 import math
 import shutil
 
@@ -20,7 +21,12 @@ from llmpipe.train import settings as train_settings
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.loop import learning_rate_at, make_optimizer, train
-from llmpipe.train.settings import BatchGeometry, TrainSettings, precision_of
+from llmpipe.train.settings import (
+    BatchGeometry,
+    PretrainParams,
+    TrainSettings,
+    resolve_precision,
+)
 
 CPU = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -231,19 +237,16 @@ def test_lora_training_resumes_from_its_checkpoint(tmp_path):
                                                          ("fp32", True, "fp32"), ("bf16", False, "bf16")])
 def test_precision_auto_takes_bf16_only_where_the_device_has_it_and_a_set_one_wins(monkeypatch, requested, native,
                                                                                     expected):
-    from llmpipe.pipeline.params import StageParams
-
     monkeypatch.setattr(train_settings, "native_bf16", lambda device: native)
-    params = StageParams("pretrain", {"pretrain": {"precision": requested}}, ["pretrain"])
-    assert precision_of(params, "pretrain", torch.device("cpu")) == expected
+    assert resolve_precision(requested, torch.device("cpu")) == expected
 
 
 def test_an_unknown_precision_is_refused_naming_the_key():
     from llmpipe.pipeline.params import StageParams
 
     with pytest.raises(ParamError, match="pretrain.precision.*fp16"):
-        precision_of(StageParams("pretrain", {"pretrain": {"precision": "fp16"}}, ["pretrain"]), "pretrain",
-                     torch.device("cpu"))
+        section = {**dataclasses.asdict(PretrainParams()), "precision": "fp16"}
+        StageParams("pretrain", {"pretrain": section}, ["pretrain"]).section("pretrain", PretrainParams)
 
 
 def test_native_bf16_means_bf16_hardware_not_emulation(monkeypatch):
