@@ -152,7 +152,7 @@ def test_chat_tokens_refuses_weight_decay_that_would_shrink_the_frozen_rows():
     composed = yaml.safe_load((ROOT / "params.yaml").read_text())
     composed["finetune"].update(method="chat_tokens", weight_decay=0.1)
     params = StageParams("finetune", composed, ["finetune", "seed"])
-    with pytest.raises(ParamError, match="finetune.weight_decay is 0.1; finetune.method=chat_tokens needs 0"):
+    with pytest.raises(ParamError, match="finetune.weight_decay: method chat_tokens needs 0, got 0.1"):
         finetune_settings(params, validation_people=True, validation_examples=True)
 
 
