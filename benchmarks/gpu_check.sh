@@ -21,22 +21,28 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   DEVICE=cpu PRECISION=bf16 PRESETS="tiny small" TOKENS=1024 STEPS="--steps 1 --rounds 1"
 fi
 
-if [[ -d .whl ]] && ! PYTHONPATH=/tmp/site python3 -c "import dvc, mlflow, hydra, gguf, datasets" 2>/dev/null; then
-  echo "== installing the carried wheels"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
+if ! PYTHONPATH=/tmp/site python3 -c "import dvc, mlflow, hydra, gguf, datasets, numba" 2>/dev/null; then
+  if [[ -f .site/site.tar.xz ]]; then  # the wheels' contents in one archive (llvmlite alone is 60 MB as a wheel)
+    echo "== unpacking the carried packages"
+    mkdir -p /tmp/site && tar -xJf .site/site.tar.xz -C /tmp/site || { echo "unpacking failed"; exit 1; }
+  elif [[ -d .whl ]]; then
+    echo "== installing the carried wheels"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      || { echo "wheel install failed"; exit 1; }
+  fi
 fi
 if [[ -d /tmp/site ]]; then
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   # dvc.yaml calls `python`: a wrapper, not a link (a link to a venv's python3 loses the venv's packages)
   mkdir -p /tmp/site/bin && printf '#!/bin/sh\nexec "%s" "$@"\n' "$(command -v python3)" > /tmp/site/bin/python
-  chmod +x /tmp/site/bin/python
+  command -v dvc >/dev/null || printf '#!/bin/sh\nexec "%s" -m dvc "$@"\n' "$(command -v python3)" > /tmp/site/bin/dvc
+  chmod +x /tmp/site/bin/*
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 if ! command -v git >/dev/null; then
   dvc config --local core.no_scm true
 elif [[ ! -d .git ]]; then  # DVC needs a git repository
-  git init -q && echo /.whl/ >> .git/info/exclude && git add -A && git -c user.name=gpu-check -c user.email=gpu@example.com commit -qm "gpu check"
+  git init -q && printf '/.whl/\n/.site/\n' >> .git/info/exclude && git add -A && git -c user.name=gpu-check -c user.email=gpu@example.com commit -qm "gpu check"
 fi
 python3 - <<'PY'
 import torch
