@@ -127,7 +127,7 @@ def test_dvc_yaml_names_the_artifacts_of_the_layout_module():
 
     expected_outs = {
         "prepare": {layout.PREPARED},
-        "train_tokenizer": {layout.TOKENIZER, layout.TOKENIZER_REPORT},
+        "train_tokenizer": {layout.TOKENIZER, layout.TOKENIZER_REPORT, layout.TOKENIZER_DETAILS},
         "tokenize": {layout.TOKENS},
         "pretrain": {layout.PRETRAINED, layout.PRETRAIN_REPORTS / layout.TRAIN_CURVE,
                      layout.PRETRAIN_REPORTS / layout.EVAL_CURVE, layout.PRETRAIN_REPORTS / layout.DETAILS,

@@ -252,9 +252,9 @@ def test_temp_experiment_runs_are_kept_in_the_repository_store(copy_built):
     assert not (repo / "mlruns").exists()
     assert "shorter" in dvc(repo, "exp", "show", "--csv").stdout
     # Its model is registered, but a --temp experiment never applied does not take the alias (llmpipe.serve.alias).
-    versions = {v.version: v for v in client.search_model_versions("name = 'llmpipe-chat'")}
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'llmpipe-chat'")}
     assert versions["2"].tags["source"] == "temporary copy" and "alias" not in versions["2"].tags
-    assert client.get_model_version_by_alias("llmpipe-chat", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("llmpipe-chat", "champion").version) == "1"
 
 
 def test_same_params_give_byte_identical_outputs(copy_built, built_repo):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 import warnings
+from dataclasses import replace
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -51,20 +52,16 @@ class BadRequest(MlflowException):
             self._message = value
 
 
-def bad_request(message: str) -> BadRequest:
-    return BadRequest(message)
-
-
 def conversation(messages: list[ChatMessage], roles: tuple[str, ...]) -> list[dict]:
     """The request's messages as the chat template takes them: role and text content."""
     if not messages:
-        raise bad_request("the request has no messages")
+        raise BadRequest("the request has no messages")
     turns = []
     for message in messages:
         if message.role not in roles:
-            raise bad_request(f"message role {message.role!r} is not supported; roles: {', '.join(roles)}")
+            raise BadRequest(f"message role {message.role!r} is not supported; roles: {', '.join(roles)}")
         if not isinstance(message.content, str):
-            raise bad_request(f"a {message.role} message must have text content")
+            raise BadRequest(f"a {message.role} message must have text content")
         turns.append({"role": message.role, "content": message.content})
     return turns
 
@@ -75,14 +72,14 @@ def sampling_settings(params: ChatParams):
 
     refused = [name for name in ("stream", "tools", "frequency_penalty", "presence_penalty") if getattr(params, name)]
     if refused:
-        raise bad_request(f"not supported by this model: {', '.join(refused)} (the whole answer comes back at once)"
+        raise BadRequest(f"not supported by this model: {', '.join(refused)} (the whole answer comes back at once)"
                           if refused == ["stream"] else f"not supported by this model: {', '.join(refused)}")
     max_tokens = DEFAULT_MAX_TOKENS if params.max_tokens is None else params.max_tokens
     if max_tokens < 1 or params.n < 1:
-        raise bad_request("max_tokens and n must be at least 1")
+        raise BadRequest("max_tokens and n must be at least 1")
     top_p = 1.0 if params.top_p is None else float(params.top_p)
     if params.temperature < 0 or (params.top_k or 0) < 0 or not 0 < top_p <= 1:
-        raise bad_request("temperature and top_k must be at least 0, top_p in (0, 1]")
+        raise BadRequest("temperature and top_k must be at least 0, top_p in (0, 1]")
     return SamplingSettings(max_new_tokens=max_tokens, temperature=float(params.temperature),
                             top_k=params.top_k or 0, top_p=top_p)
 
@@ -106,8 +103,6 @@ class LlmpipeChatModel(ChatModel):
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         """One conversation → `n` answers of the assistant, generated as one batch."""
-        from dataclasses import replace
-
         from llmpipe.model.generation import Engine
         from llmpipe.text.chat_template import ROLES
 
@@ -115,7 +110,7 @@ class LlmpipeChatModel(ChatModel):
         prompt = self.template.encode_prompt(conversation(messages, ROLES))
         context_length = self.model.config.context_length
         if len(prompt) >= context_length:  # never cut: the answer would be to a conversation the user did not send
-            raise bad_request(f"this model's context is {context_length} tokens and the messages take {len(prompt)}, "
+            raise BadRequest(f"this model's context is {context_length} tokens and the messages take {len(prompt)}, "
                               "leaving no room for an answer: shorten the conversation")
         room = min(settings.max_new_tokens, context_length - len(prompt))  # an answer that fills it ends "length"
         settings = replace(settings, max_new_tokens=room)
