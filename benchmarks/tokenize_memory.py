@@ -136,7 +136,7 @@ def main() -> None:
                         f"{tok_s:>11.1f} {tok_rss / 2**20:>10.0f} MiB {enc_s:>10.1f} {tokens / enc_s:>10,.0f} "
                         f"{enc_rss / 2**20:>9.0f} MiB")
             print(header if len(rows) == 1 else "", rows[-1], sep="\n" if len(rows) == 1 else "", flush=True)
-            sample = json.loads((repo / "reports/tokenizer.json").read_text())
+            sample = json.loads((repo / "reports/tokenizer_details.json").read_text())
             print(f"#   tokenizer sample: {sample['train_sample_documents']:,} documents, "
                   f"{sample['train_sample_bytes']:,} bytes, whole corpus: {sample['train_sample_whole_corpus']}; "
                   f"shards: " + ", ".join(f"{name} {len(split['shards'])}" for name, split in meta["splits"].items()),

@@ -38,8 +38,8 @@ from llmpipe.report.plots import (
 )
 from llmpipe.report.tables import (
     read_curve,
+    evaluate_metrics,
     read_training_reports,
-    variant_headline,
     write_variants_table,
 )
 from llmpipe.serve.registry import register_chat_model
@@ -99,13 +99,11 @@ def evaluate(params: StageParams, run: StageRun) -> None:
                                pretrain_eval_curve=read_curve(layout.PRETRAIN_REPORTS / layout.EVAL_CURVE),
                                provenance=provenance)
     atomic.write_text(layout.REPORT, report)
-    atomic.write_json(layout.EVALUATE_METRICS, variant_headline(rows))
+    atomic.write_json(layout.EVALUATE_METRICS, evaluate_metrics(rows))
     write_variants_table(rows)
 
     for row in rows:
         run.log_metrics({f"{row['variant']}.{k}": v for k, v in row.items() if k != "variant"})
-        run.log_headline({f"{row['variant']}.{k}": row[k] for k in ("val_perplexity", "kl_divergence", "bits_per_weight",
-                                                                     "qa_accuracy_heldout_people") if k in row})
     run.log_artifact(layout.REPORT)
     run.log_artifact(layout.FIGURES, "figures")
     run.log_artifact(layout.VARIANTS_TABLE)

@@ -21,7 +21,7 @@ from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import finetune_samples
 from llmpipe.report.publish import publish_training
-from llmpipe.report.tables import FINETUNE_HEADLINE
+from llmpipe.report.tables import FINETUNE_METRICS
 from llmpipe.text.chat_template import ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer
 from llmpipe.train.chat_tokens import chat_token_ids, train_only_token_rows
@@ -107,9 +107,7 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
             save_adapter(trained, settings.lora, temp)
     atomic.write_text(layout.FINETUNE_REPORTS / layout.SAMPLES,
                       finetune_samples(answers, base_answers, settings.sample_answers))
-    publish_training(run, layout.FINETUNE_REPORTS, result.history, metrics, FINETUNE_HEADLINE,
-                     pipeline_headline=["best_step"] + [f"{prefix}qa_accuracy_{split}" for prefix in ("", "base_")
-                                                        for split in layout.QA_SPLITS])
+    publish_training(run, layout.FINETUNE_REPORTS, result.history, metrics, FINETUNE_METRICS)
     run.log_artifact(layout.FINETUNED / CONFIG_FILE)
     store.clear()
     print("finetune: best step {best_step}; ".format(**metrics) + ", ".join(
@@ -124,6 +122,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
     examples_have_validation = bool(read_prepared_examples(layout.FINETUNE_EXAMPLES["validation"]))
     settings = finetune_settings(params, validation_people=qa_files_have_validation_people,
                                  validation_examples=examples_have_validation)
+    run.log_effective_params({"finetune.learning_rate": settings.loop.learning_rate,  # null: the method's
+                              "finetune.min_learning_rate": settings.loop.min_learning_rate})
     with distributed.joined(settings.process):
         finetune_model(settings, params, run)
 

@@ -21,7 +21,7 @@ from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.publish import publish_training
-from llmpipe.report.tables import PRETRAIN_HEADLINE
+from llmpipe.report.tables import PRETRAIN_METRICS
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.loop import shards, train
@@ -44,7 +44,7 @@ def import_base_model(source: str, eval_max_tokens: int, run: StageRun, meta: di
                                           TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
     facts = {"parameters": count_parameters(model), "steps": 0, "tokens_trained": 0}
     publish_training(run, layout.PRETRAIN_REPORTS, {"train": [], "eval": [{"step": 0, **validation}]},
-                     {**metrics, **facts}, PRETRAIN_HEADLINE, facts=facts, timings={"tokens_per_second": 0.0})
+                     {**metrics, **facts}, PRETRAIN_METRICS, facts=facts, timings={"tokens_per_second": 0.0})
     print(f"pretrain: imported {source} ({facts['parameters']:,} parameters, context {model.config.context_length}); "
           f"val_bpb {metrics['val_bpb']:.3f}", flush=True)
 
@@ -82,7 +82,7 @@ def train_from_scratch(settings: PretrainSettings, params: StageParams, run: Sta
     # directory: same weights, same files.
     save_model(layout.PRETRAINED, result.model.cpu(), {"stage": "pretrain",
                                                        TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
-    publish_training(run, layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_HEADLINE, timings=timings,
+    publish_training(run, layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_METRICS, timings=timings,
                      facts={**facts, "peak_flops_per_second": timings["peak_flops_per_second"],
                             "precision_used": settings.loop.precision},
                      in_curves=result.final_metrics)
@@ -99,6 +99,7 @@ def pretrain(params: StageParams, run: StageRun) -> None:
     if base_model.source == "hf":
         return import_base_model(base_model.path, pretrain_section(params).eval_max_tokens, run, meta)
     settings = pretrain_settings(params, meta["vocab_size"])
+    run.log_effective_params(settings.effective_params())
     with distributed.joined(settings.process):
         train_from_scratch(settings, params, run, meta)
 

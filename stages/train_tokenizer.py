@@ -4,9 +4,10 @@
 Params: tokenizer.vocab_size, tokenizer.min_frequency, tokenizer.special_tokens,
 tokenizer.train_sample_bytes (BPE learns from the first documents up to this many UTF-8 bytes, streamed;
 null = all; see llmpipe.text.tokenizer.TextSample), base_model.
-Output: models/tokenizer/ (tokenizer.json, special_tokens.json); reports/tokenizer.json (metrics, and the
-sample trained on: bytes, documents, whether it was the whole corpus) and reports/tokenizer.md
-(token-count table, characters per token, longest tokens, the sample). The validation text is streamed.
+Output: models/tokenizer/ (tokenizer.json, special_tokens.json); reports/tokenizer.json (the DVC metric:
+characters per token on the validation text), reports/tokenizer_details.json (that, tokens per 100 words,
+vocabulary size, and the sample trained on: bytes, documents, whether it was the whole corpus) and
+reports/tokenizer.md (token-count table, longest tokens). The validation text is streamed.
 Run: `dvc repro train_tokenizer`, or try a size: `dvc exp run -S tokenizer.vocab_size=2048`.
 """
 
@@ -20,6 +21,7 @@ from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import tokenizer_report
+from llmpipe.report.tables import TOKENIZER_METRICS, dvc_metrics
 from llmpipe.text.tokenizer import (
     LoadedTokenizer,
     TextSample,
@@ -56,7 +58,8 @@ def train_tokenizer(params: StageParams, run: StageRun) -> None:
         save_tokenizer(tokenizer, specials, temp, chat_template)
     loaded = LoadedTokenizer(layout.TOKENIZER)
     metrics = tokenizer_metrics(loaded, texts("validation")) | sample_report
-    atomic.write_json(layout.TOKENIZER_METRICS, metrics)
+    atomic.write_json(layout.TOKENIZER_METRICS, dvc_metrics(metrics, TOKENIZER_METRICS))
+    atomic.write_json(layout.TOKENIZER_DETAILS, metrics)
     atomic.write_text(layout.TOKENIZER_REPORT, tokenizer_report(loaded, metrics, next(texts("validation"), None)))
     run.log_metrics(metrics)
     run.log_artifact(layout.TOKENIZER, "tokenizer")

@@ -1,58 +1,94 @@
-"""Everyday DVC comparisons on the tiny pipeline, once its outputs are committed: `dvc metrics diff` in a
-fresh clone (the metrics are in git, not only in a DVC cache nobody else has) and `dvc exp show
---only-changed` after a one-param experiment, narrow enough for a terminal and free of timing noise."""
+"""Everyday comparisons after a one-param fine-tuning experiment on the tiny pipeline: plain `dvc exp show
+--only-changed` fits a 120-column terminal, `dvc plots diff` tells the revisions apart, and the two pipeline runs
+compare like for like in MLflow (same metric keys, effective param values, commits)."""
 
-import re
+import json
 
-from conftest import ROOT, dvc, run
+import pytest
+from conftest import dvc, run
+from test_pipeline import STAGES, mlflow_runs, ran
 
-# DVC adds a column per changed dependency (an md5, 32-36 characters wide): for a fine-tuning param, the
-# models and reports the later stages read; and it drops the columns a terminal has no room for, params
-# last. README.md's pattern keeps the held-out accuracy, val_bpb and the params; the test uses the README's own.
-FOCUS = re.search(r"dvc exp show --only-changed --drop '([^']+)'", (ROOT / "README.md").read_text()).group(1)
-TIMINGS = ("tokens_per_second", "model_flops_utilization", "peak_flops_per_second")
+# On the default config every fine-tuning and evaluation metric moves in a fine-tuning experiment; the tiny
+# model answers no question (every accuracy is 0), so the baseline gets the default config's accuracies
+# (recorded with `dvc commit`, as a run that produced them would) for the experiment to differ from.
+DEFAULT_LIKE = {"reports/finetune/metrics.json": {"heldout_acc": 0.9775, "tuned_acc": 1.0},
+                "reports/evaluate/metrics.json": {"Q2_K": 0.885, "Q4_K": 0.9825}}
+DATE_WIDTH = len("Dec 04, 2026") - len("03:34 PM")  # `Created` of a baseline committed on an earlier day
+
+
+@pytest.fixture(scope="module")
+def experiment(built_repo, tmp_path_factory):
+    """The built repository with a committed baseline, after `dvc exp run -S finetune.learning_rate=0.002`."""
+    import shutil
+
+    repo = tmp_path_factory.mktemp("comparisons") / "repo"
+    shutil.copytree(built_repo, repo, symlinks=True)
+    for path, values in DEFAULT_LIKE.items():
+        (repo / path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    dvc(repo, "commit", "-f", "finetune", "evaluate")
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline"], repo)
+    assert ran(dvc(repo, "exp", "run", "-S", "finetune.learning_rate=0.002").stdout) == ["finetune", "quantize",
+                                                                                          "evaluate"]
+    return repo
 
 
 def width(text: str) -> int:
     return max(len(line) for line in text.splitlines())
 
 
-def test_fresh_clone_diffs_metrics_and_a_one_param_experiment_fits_120_columns(copy_built, tmp_path):
-    repo = copy_built()
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "pipeline outputs"], repo)
-    tracked = set(run(["git", "ls-files", "reports", "dvc.lock"], repo).stdout.split())
-    assert {"dvc.lock", "reports/tokenizer.json", "reports/pretrain/metrics.json", "reports/pretrain/timings.json",
-            "reports/finetune/metrics.json", "reports/evaluate/metrics.json", "reports/evaluate/variants.csv"} <= tracked
-    assert "reports/report.md" not in tracked and not any(name.startswith("reports/figures") for name in tracked)
-
-    clone = tmp_path / "clone"  # no DVC cache at all
-    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    diff = dvc(clone, "metrics", "diff", "HEAD")
-    assert "failed to load" not in diff.stdout + diff.stderr
-    shown = dvc(clone, "metrics", "show", COLUMNS="120").stdout
-    assert "val_bpb" in shown and "!" not in shown and not any(name in shown for name in TIMINGS)
-    assert len(shown.splitlines()[0].split()) <= 25  # Path and the headline metrics, not ~170 columns
-
-    dvc(repo, "exp", "run", "-S", "finetune.learning_rate=0.002")
-    changed = dvc(repo, "metrics", "diff", COLUMNS="120").stdout
-    assert "val_answer_loss" in changed and width(changed) <= 120
-    table = dvc(repo, "exp", "show", "--only-changed", "--drop", FOCUS, COLUMNS="120").stdout
-    assert width(table) <= 120, table
-    # The param is shown (the tiny model's held-out accuracy does not move; on the default config it does).
-    assert "finetune.learning_rate" in table and "0.002" in table and "0.003" in table
-    everything = dvc(repo, "exp", "show", "--only-changed", COLUMNS="120").stdout  # dependencies too: wider
-    assert "finetune.learning_rate" in everything and not any(name in everything for name in TIMINGS)
+def test_plain_exp_show_only_changed_fits_120_columns_with_the_param_and_the_heldout_accuracy(experiment):
+    table = dvc(experiment, "exp", "show", "--only-changed", "--no-pager", COLUMNS="120").stdout
+    header, baseline = (next(line for line in table.splitlines() if word in line) for word in ("Experiment", "0.003"))
+    for column in ("heldout_acc", "tuned_acc", "Q4_K", "Q2_K", "finetune.learning_rate"):
+        assert column in header, table  # every changed metric and the param, none collapsed into `…`
+    assert "0.9775" in baseline and "0.002" in table
+    assert width(table) <= 120 - DATE_WIDTH, table
+    changed = dvc(experiment, "metrics", "diff", COLUMNS="120").stdout
+    assert "heldout_acc" in changed and width(changed) <= 120
 
 
-def test_plots_show_renders_offline_with_every_axis_labelled(copy_built):
+def test_pipeline_runs_compare_like_for_like_in_mlflow(experiment):
+    client, runs = mlflow_runs(experiment)
+    pipelines = [r for r in runs if r.data.tags.get("llmpipe.kind") == "pipeline"]
+    [baseline] = [r for r in pipelines if "dvc.experiment" not in r.data.tags]
+    [changed] = [r for r in pipelines if "dvc.experiment" in r.data.tags]
+    assert set(changed.data.metrics) == set(baseline.data.metrics) == {
+        "train_tokenizer.chars_per_token", "pretrain.val_bpb", "finetune.heldout_acc", "finetune.tuned_acc",
+        "evaluate.Q4_K", "evaluate.Q2_K"}
+    assert changed.data.metrics["pretrain.val_bpb"] == baseline.data.metrics["pretrain.val_bpb"]  # not rerun
+    assert (baseline.data.params["finetune.learning_rate"], changed.data.params["finetune.learning_rate"]) == (
+        "0.003", "0.002")
+    for pipeline in (baseline, changed):  # null in params.yaml: logged as the value fine-tuning used
+        assert pipeline.data.params["finetune.min_learning_rate"] == "0.0001"
+        assert "finetune.min_learning_rate" in pipeline.data.tags["llmpipe.params_defaulted"]
+        assert "None" not in pipeline.data.params.values()
+        assert len(pipeline.data.tags["mlflow.source.git.commit"]) == 40
+    head = run(["git", "rev-parse", "HEAD"], experiment).stdout.strip()
+    assert changed.data.tags["mlflow.source.git.commit"] == head != baseline.data.tags["mlflow.source.git.commit"]
+    assert baseline.data.tags["llmpipe.stages_ran"] == ",".join(STAGES)
+    assert changed.data.tags["llmpipe.stages_ran"] == "finetune,quantize,evaluate"
+    assert changed.data.tags["llmpipe.stages_cached"] == "prepare,train_tokenizer,tokenize,pretrain"
+
+
+def test_plots_diff_labels_every_axis_and_tells_revisions_apart(experiment):
     import yaml
 
-    repo = copy_built()
-    dvc(repo, "plots", "show")
-    page = (repo / "dvc_plots" / "index.html").read_text()
-    assert "<script src=" not in page and "vegaEmbed(" in page  # vega inlined: nothing to fetch
-    plots = [next(iter(p.values())) for p in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]]
-    for plot in plots:
-        assert plot["title"] in page and f'"{plot["y_label"]}"' in page and f'"{plot["x_label"]}"' in page
-    assert page.count('"field": "variant"') >= 2  # the scatter plots say which point is which variant
+    page = dvc(experiment, "plots", "diff", "HEAD", "--json")
+    plots = json.loads(page.stdout)["data"]
+    pipeline = yaml.safe_load((experiment / "dvc.yaml").read_text())
+    defined = {name: props for entry in pipeline["plots"] for name, props in entry.items()}
+    defined |= {path: props for stage in pipeline["stages"].values() for entry in stage.get("plots") or []
+                for path, props in entry.items()}
+    assert set(plots) == set(defined)
+    for name, props in defined.items():
+        spec = plots[name][0]["content"]
+        assert spec["title"]["text"] == props["title"], name
+        assert (spec["encoding"]["x"]["title"], spec["encoding"]["y"]["title"]) == (props["x_label"], props["y_label"])
+        assert "smooth" not in json.dumps(spec.get("params", [])), name  # no meaningless smoothing slider
+        assert {point["rev"] for point in spec["data"]["values"]} == {"HEAD", "workspace"}, name
+        if props["template"] == "scatter_variants":
+            assert spec["encoding"]["color"]["field"] == "rev" and spec["encoding"]["shape"]["field"] == "variant"
+            assert spec["encoding"]["x"]["scale"]["padding"] > 0  # no point half cut off at an axis' edge
+    dvc(experiment, "plots", "show")
+    assert "<script src=" not in (experiment / "dvc_plots" / "index.html").read_text()  # vega inlined: offline

@@ -98,4 +98,4 @@ def test_lora_finetune_under_fsdp_writes_a_merged_model_that_loads(copy_built, b
     assert config["best_step"] == reference_config["best_step"]
     mine, theirs = model.state_dict(), reference.state_dict()
     assert all(torch.allclose(mine[k], theirs[k], rtol=1e-3, atol=1e-5) for k in mine)
-    assert (repo / "models/finetuned/lora_adapter.safetensors").is_file()
+    assert (repo / "models/finetuned/adapter/adapter_model.safetensors").is_file()

@@ -171,7 +171,7 @@ def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_checkpoint(
     ids = torch.randint(0, 300, (1, 60))
     with torch.no_grad():
         torch.testing.assert_close(pretrained(ids)[0][..., :300], reference(ids).logits[..., :300], atol=1e-4, rtol=0)
-    finetune = json.loads((repo / "reports/finetune/metrics.json").read_text())
+    finetune = json.loads((repo / "reports/finetune/details.json").read_text())
     assert "qa_accuracy_finetuned_people" in finetune and finetune["best_step"] >= 1
     tokenizer = LoadedTokenizer(repo / "models/tokenizer")
     for gguf_file in (repo / "models/gguf").glob("*.gguf"):  # the tokenizer, template and rope scaling travel
@@ -182,8 +182,8 @@ def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_checkpoint(
     reader = gguf.GGUFReader(str(next((repo / "models/gguf").glob("*-Q8_0.gguf"))))
     assert reader.fields["tokenizer.chat_template"].contents() == CHATML
     assert (repo / "models/hf/chat_template.jinja").read_text() == CHATML  # where transformers 5 keeps it
-    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    assert {"base", "finetuned", "Q8_0", "Q4_0"} <= set(evaluate)
+    evaluate = (repo / "reports/evaluate/variants.csv").read_text()
+    assert all(f"\n{variant}," in evaluate for variant in ("base", "finetuned", "Q8_0", "Q4_0"))
     assert "imported checkpoint" in (repo / "reports/report.md").read_text()
     size = run([str(BIN / "llmpipe"), "model-size", "--checkpoint", "base_models/tiny-llama", "--json"], repo)
     assert json.loads(size.stdout)["parameters"] == sum(p.numel() for p in reference.parameters())

@@ -132,7 +132,7 @@ def test_dvc_yaml_names_the_artifacts_of_the_layout_module():
 
     expected_outs = {
         "prepare": {layout.PREPARED},
-        "train_tokenizer": {layout.TOKENIZER, layout.TOKENIZER_REPORT},
+        "train_tokenizer": {layout.TOKENIZER, layout.TOKENIZER_REPORT, layout.TOKENIZER_DETAILS},
         "tokenize": {layout.TOKENS},
         "pretrain": {layout.PRETRAINED, layout.PRETRAIN_REPORTS / layout.TRAIN_CURVE,
                      layout.PRETRAIN_REPORTS / layout.EVAL_CURVE, layout.PRETRAIN_REPORTS / layout.DETAILS,
@@ -146,7 +146,7 @@ def test_dvc_yaml_names_the_artifacts_of_the_layout_module():
     expected_metrics = {"train_tokenizer": layout.TOKENIZER_METRICS, "pretrain": layout.PRETRAIN_REPORTS / layout.METRICS,
                         "finetune": layout.FINETUNE_REPORTS / layout.METRICS, "evaluate": layout.EVALUATE_METRICS}
     for stage, outs in expected_outs.items():
-        assert paths(stage, "outs") == {str(p) for p in outs}, stage
+        assert paths(stage, "outs") | paths(stage, "plots") == {str(p) for p in outs}, stage
     for stage in stages:
         expected = {str(expected_metrics[stage])} if stage in expected_metrics else set()
         assert paths(stage, "metrics") == expected, stage
@@ -160,28 +160,26 @@ def test_dvc_yaml_names_the_artifacts_of_the_layout_module():
         assert not missing, (stage, missing)
 
 
-def test_small_reports_are_in_git_and_the_rest_in_the_dvc_cache():
-    """Metrics, timings, details and plot data are `cache: false` (a fresh clone has them: `dvc metrics diff`
-    compares against HEAD without anyone's DVC cache) and not git-ignored; every other output is cached, and
-    git-ignored (by /.gitignore, so DVC writes no .gitignore of its own in reports/)."""
+def test_every_output_is_in_the_dvc_cache_so_the_run_cache_holds_every_stage():
+    """No output is `cache: false`, metrics and plot data included: DVC leaves a stage that has a `cache: false`
+    output other than a metric or a plot out of the run-cache (dvc/stage/__init__.py, `no_cache_outs`), and never
+    pushes a `cache: false` file to a remote, so a teammate's `dvc repro --pull` or `dvc exp run` could not restore
+    the stage from the team's remote (tests/test_team_sharing.py). Every output is git-ignored (by /.gitignore, so
+    DVC writes no .gitignore of its own in reports/)."""
     import subprocess
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text("utf-8"))["stages"]
-    in_git = {str(layout.TOKENIZER_METRICS), str(layout.SIZES_JSON), str(layout.VARIANTS_TABLE),
-              str(layout.EVALUATE_METRICS)} | {str(directory / name) for directory, names in (
-                  (layout.PRETRAIN_REPORTS, (layout.TRAIN_CURVE, layout.EVAL_CURVE, layout.METRICS, layout.DETAILS,
-                                             layout.TIMINGS)),
-                  (layout.FINETUNE_REPORTS, (layout.TRAIN_CURVE, layout.EVAL_CURVE, layout.METRICS, layout.DETAILS)))
-                  for name in names}
-    uncached, cached = set(), set()
+    outputs = set()
     for stage in stages.values():
-        for entry in (stage.get("outs") or []) + (stage.get("metrics") or []):
-            path, options = (next(iter(entry.items())) if isinstance(entry, dict) else (entry, {}))
-            (uncached if options.get("cache", True) is False else cached).add(path)
-    assert uncached == in_git
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                path, options = (next(iter(entry.items())) if isinstance(entry, dict) else (entry, {}))
+                assert (options or {}).get("cache", True) is not False, f"{path}: cache: false"
+                outputs.add(path)
+    assert {str(layout.EVALUATE_METRICS), str(layout.VARIANTS_TABLE)} <= outputs
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, capture_output=True, text=True,
-                             input="\n".join(sorted(uncached | cached))).stdout.split()
-    assert set(ignored) == cached
+                             input="\n".join(sorted(outputs))).stdout.split()
+    assert set(ignored) == outputs
 
 
 def test_every_module_a_stage_imports_is_a_dependency_of_the_stage():

@@ -1,6 +1,7 @@
 """The seed-sweep summary (llmpipe.sweep.summary) on `dvc exp show --json`-shaped input: which experiments
 belong to a sweep, which metrics are headline metrics, and their mean / min / max."""
 
+import json
 import subprocess
 from dataclasses import replace
 
@@ -8,15 +9,15 @@ import pytest
 
 from llmpipe.sweep.queue import QueueTask, queue_progress, queue_states
 from llmpipe.sweep.summary import (
-    git_json,
     headline_metrics,
+    revision_text,
     summarise,
     summary_markdown,
     sweep_experiments,
     up_to_stage,
 )
 
-DETAILS = "reports/finetune/details.json"  # not a DVC metric: read from the experiment's commit
+DETAILS = "reports/finetune/details.json"  # not a DVC metric: read from the experiment's outputs
 
 
 def details(heldout):
@@ -25,19 +26,18 @@ def details(heldout):
 
 
 def revision(name, seed, heldout, bpb=None, metrics=True):
-    files = {"reports/finetune/metrics.json": {"data": {"qa_accuracy_heldout_people": heldout}},
-             "reports/evaluate/metrics.json": {"data": {"Q4_0": {"qa_accuracy_heldout_people": heldout - 0.1,
-                                                                  "file_bytes": 100}}},
-             "reports/tokenizer.json": {"data": {"vocab_size": 1024}}}
+    files = {"reports/finetune/metrics.json": {"data": {"heldout_acc": heldout}},  # DVC's short names
+             "reports/evaluate/metrics.json": {"data": {"Q4_K": heldout - 0.1}},
+             "reports/tokenizer.json": {"data": {"chars_per_token": 3.2}}}
     if bpb is not None:
-        files["reports/pretrain/metrics.json"] = {"data": {"val_bpb": bpb, "steps": 800}}
+        files["reports/pretrain/metrics.json"] = {"data": {"val_bpb": bpb}}
     return {"rev": f"r{seed}", "name": name, "data": {"params": {"params.yaml": {"data": {"seed": seed}}},
                                                      "metrics": files if metrics else {}}}
 
 
 def committed_details(commits: dict):
-    """A stand-in for git: `{commit: heldout}` → read_json(commit, path)."""
-    return lambda commit, path: details(commits[commit]) if path == DETAILS and commit in commits else None
+    """A stand-in for DVC: `{commit: heldout}` → read_text(commit, path)."""
+    return lambda commit, path: json.dumps(details(commits[commit])) if path == DETAILS and commit in commits else None
 
 
 def exp_show(*revisions):
@@ -52,44 +52,53 @@ def test_only_the_sweeps_experiments_with_metrics_count_ordered_by_seed():
     for seed, state in ((4, "running"), (5, "queued"), (6, "success")):  # as `dvc exp show` marks queue tasks
         shown[1]["experiments"].append({"executor": {"name": "dvc-task", "state": state},
                                         "revs": [revision(f"default-seed{seed}", seed, 0.5)]})
-    experiments = sweep_experiments(shown, "default", read_json=committed_details({}))
+    experiments = sweep_experiments(shown, "default", read_text=committed_details({}))
     assert [(e.name, e.seed) for e in experiments] == [("default-seed1", 1), ("default-seed3", 3), ("default-seed6", 6)]
 
 
 def test_headline_metrics_are_named_by_stage_and_leave_out_counts():
-    files = {**revision("x-seed1", 1, 0.8, bpb=0.2)["data"]["metrics"], DETAILS: {"data": details(0.8)}}
+    files = {**revision("x-seed1", 1, 0.8, bpb=0.2)["data"]["metrics"], DETAILS: {"data": details(0.8)},
+             "reports/evaluate/variants.csv": {"data": [{"variant": "Q4_0", "qa_accuracy_heldout_people": 0.6,
+                                                         "file_bytes": 100.0}]}}
     metrics = headline_metrics(files)
     assert metrics == {"finetune.qa_accuracy_heldout_people": 0.8, "finetune.qa_accuracy_heldout_people_major": 0.4,
-                       "evaluate.Q4_0.qa_accuracy_heldout_people": pytest.approx(0.7), "pretrain.val_bpb": 0.2}
+                       "evaluate.Q4_K.qa_accuracy_heldout_people": pytest.approx(0.7),
+                       "evaluate.Q4_0.qa_accuracy_heldout_people": 0.6, "pretrain.val_bpb": 0.2}
 
 
 def test_per_attribute_accuracies_come_from_each_experiments_committed_details():
     [first, second] = sweep_experiments(exp_show(revision("s-seed1", 1, 0.6), revision("s-seed2", 2, 0.9)), "s",
-                                        read_json=committed_details({"r1": 0.6}))
+                                        read_text=committed_details({"r1": 0.6}))
     assert first.metrics["finetune.qa_accuracy_heldout_people_major"] == 0.3
     assert "finetune.qa_accuracy_heldout_people_major" not in second.metrics  # no details.json in its commit
     assert "finetune.base_qa_accuracy_heldout_people_major" not in first.metrics
 
 
-def test_git_json_reads_a_file_as_committed(tmp_path, monkeypatch):
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+def test_revision_text_reads_git_and_dvc_files_as_the_revision_holds_them(tmp_path, monkeypatch):
+    from conftest import BIN, environment
 
-    git("init", "-q")
+    def run(*args):
+        return subprocess.run(list(args), cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    run("git", "init", "-q")
+    run(str(BIN / "dvc"), "init", "-q")
     (tmp_path / "a.json").write_text('{"x": 1}')
-    git("add", "a.json")
-    git("-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "a")
+    (tmp_path / "b.json").write_text('{"y": 1}')
+    run(str(BIN / "dvc"), "add", "-q", "b.json")  # in DVC's cache, as the stages' outputs are
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "a")
     (tmp_path / "a.json").write_text('{"x": 2}')  # the workspace is not what was committed
     monkeypatch.chdir(tmp_path)
-    assert git_json(git("rev-parse", "HEAD"), "a.json") == {"x": 1}
-    assert git_json(git("rev-parse", "HEAD"), "missing.json") is None
-    assert git_json("0" * 40, "a.json") is None
+    head = run("git", "rev-parse", "HEAD")
+    assert json.loads(revision_text(head, "a.json")) == {"x": 1} and json.loads(revision_text(head, "b.json")) == {"y": 1}
+    assert revision_text(head, "missing.json") is None and revision_text("0" * 40, "a.json") is None
 
 
 def test_summary_is_mean_min_max_over_the_experiments_that_report_each_metric():
     experiments = sweep_experiments(exp_show(revision("s-seed1", 1, 0.6, bpb=0.3), revision("s-seed2", 2, 0.9),
                                              revision("s-seed3", 3, 0.9, bpb=0.1)), "s",
-                                     read_json=committed_details({}))
+                                     read_text=committed_details({}))
     summary = summarise(experiments)
     heldout = summary["finetune.qa_accuracy_heldout_people"]
     assert (heldout.mean, heldout.min, heldout.max, heldout.count) == (pytest.approx(0.8), 0.6, 0.9, 3)
@@ -100,7 +109,7 @@ def test_summary_is_mean_min_max_over_the_experiments_that_report_each_metric():
 
 
 def test_a_sweep_run_up_to_finetune_leaves_out_the_later_stages_metrics():
-    experiments = sweep_experiments(exp_show(revision("s-seed1", 1, 0.6, bpb=0.3)), "s", read_json=committed_details({}))
+    experiments = sweep_experiments(exp_show(revision("s-seed1", 1, 0.6, bpb=0.3)), "s", read_text=committed_details({}))
     experiments = [replace(experiments[0], metrics={**experiments[0].metrics, "evaluate.F16.val_bpb": 0.5})]
     stages = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
     kept = up_to_stage(experiments, "finetune", stages)[0].metrics

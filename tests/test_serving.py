@@ -100,6 +100,8 @@ def test_served_chat_model_answers_chat_completions_and_honours_max_tokens(tmp_p
             status, answer = post(port, {"messages": user, "max_tokens": max_tokens, "temperature": 0})
             assert status == 200, answer
             assert answer["object"] == "chat.completion" and len(answer["choices"]) == 1
+            assert answer["id"].startswith("chatcmpl-") and answer["model"] == "llmpipe-chat-test"
+            assert abs(answer["created"] - time.time()) < 600
             [choice] = answer["choices"]
             assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
             assert answer["usage"]["completion_tokens"] == max_tokens
@@ -123,6 +125,16 @@ def test_served_chat_model_answers_chat_completions_and_honours_max_tokens(tmp_p
 
         status, answer = post(port, {"messages": [{"role": "tool", "content": "{}"}]})
         assert status == 400 and "role 'tool' is not supported" in answer["message"]
+        assert "{}" not in answer["message"] and answer["error"]["type"] == "invalid_request_error"  # not echoed
+        status, answer = post(port, {"messages": user, "stream": True})  # refused, not answered unstreamed
+        assert status == 400 and answer["message"].startswith("not supported by this model: stream")
+        long_question = [{"role": "user", "content": " ".join([QUESTION] * 12)}]  # over the 64-token context
+        status, answer = post(port, {"messages": long_question, "max_tokens": 4, "temperature": 0})
+        assert status == 400 and "this model's context is 64 tokens" in answer["message"], answer
+        assert QUESTION not in answer["message"]
+        status, answer = post(port, {"messages": user, "max_tokens": 60, "temperature": 0})  # 19 + 60 > 64
+        assert status == 200 and answer["usage"]["total_tokens"] == 64  # the prompt whole, the answer what fits
+        assert answer["choices"][0]["finish_reason"] == "length"
         status, answer = post(port, {"inputs": [QUESTION]})  # plain questions: not this model's input
         assert status == 400
     finally:

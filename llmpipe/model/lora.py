@@ -3,13 +3,15 @@
 A target layer y = W x becomes y = W x + (alpha / rank) · B A dropout(x), with W frozen, A (rank × in)
 initialized small and random, B (out × rank) initialized to zero, so training starts exactly at the base
 model. Merging folds the update into W: W' = W + (alpha / rank) · B A, giving a plain model that later
-stages read like any other. The adapter alone (A and B of every target) is saved as safetensors.
+stages read like any other. The adapter alone (A and B of every target) is saved as PEFT saves one
+(`adapter_config.json` + `adapter_model.safetensors`), so `peft.PeftModel.from_pretrained` and vLLM load it
+onto the base model in Hugging Face layout (the pretrained model, exported as llmpipe.hf.export does).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,8 +85,25 @@ def merged_copy(model: Transformer) -> Transformer:
     return plain.eval()
 
 
+ADAPTER_DIR = "adapter"  # under the fine-tuned model's directory
+
+
+def peft_config(settings: LoRASettings) -> dict:
+    """PEFT's adapter_config.json for these adapters on a LlamaForCausalLM."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": settings.rank,
+            "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+            "target_modules": list(settings.target_modules), "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+            "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+            "alpha_pattern": {}, "revision": None}
+
+
 def save_adapter(model: Transformer, settings: LoRASettings, directory: Path) -> None:
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items() if ".lora_" in name}
-    save_file(tensors, str(directory / "lora_adapter.safetensors"), metadata={"format": "pt"})
-    (directory / "lora_adapter.json").write_text(json_text({**asdict(settings), "target_modules": list(settings.target_modules)},
-                                                           sort_keys=False), encoding="utf-8")
+    """The adapters of `model` under `directory`/adapter, as PEFT writes them: tensor names are the Hugging Face
+    module names (our names, which follow LlamaForCausalLM's, under `model.`) in PEFT's `base_model.model.` tree."""
+    tensors = {f"base_model.model.model.{name}.weight": tensor.detach().cpu().contiguous()
+               for name, tensor in model.state_dict().items() if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    (directory / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / ADAPTER_DIR / "adapter_config.json").write_text(json_text(peft_config(settings), sort_keys=False),
+                                                                 encoding="utf-8")

@@ -3,7 +3,8 @@ root (DVC runs every stage there). dvc.yaml lists them as each stage's deps and 
 checks the two agree.
 
 DVC compares each stage's few headline metrics (METRICS, TOKENIZER_METRICS, EVALUATE_METRICS); DETAILS,
-TIMINGS (machine noise), SIZES_JSON and VARIANTS_TABLE are outputs it keeps but does not compare.
+TOKENIZER_DETAILS, TIMINGS (machine noise), SIZES_JSON and VARIANTS_TABLE are outputs it keeps but does not
+compare.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ WORLD = PREPARED / "world.json"
 TOKENIZER = Path("models/tokenizer")
 TOKENIZER_REPORT = Path("reports/tokenizer.md")
 TOKENIZER_METRICS = Path("reports/tokenizer.json")
+TOKENIZER_DETAILS = Path("reports/tokenizer_details.json")
 
 TOKENS = Path("data/tokens")
 TOKENS_META = TOKENS / "meta.json"

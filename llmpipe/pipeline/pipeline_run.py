@@ -1,22 +1,38 @@
 """The parent MLflow run of one pipeline execution (`dvc repro`, `dvc exp run`): what two executions are
-compared by in the MLflow UI. It holds the whole composed configuration as params and each stage's headline
-metrics (`pretrain.val_bpb`, `evaluate.Q4_0.qa_accuracy_heldout_people`, ...); its status spans its stages:
-RUNNING while one runs, FAILED as soon as one fails."""
+compared by in the MLflow UI, like for like.
+
+- params: the whole composed configuration (a null value is left out until the stage that reads it logs the
+  value it used, e.g. `finetune.learning_rate`: the method's rate; tag `llmpipe.params_defaulted` names them);
+- metrics: every stage's DVC metrics as `<stage>.<key>` (`pretrain.val_bpb`, `finetune.heldout_acc`, ...),
+  read from the metrics files of dvc.yaml each time a stage ends, so a stage DVC did not run (unchanged, or
+  restored from the run-cache) still contributes the numbers of the outputs the execution ends with;
+- tags: the git commit, `llmpipe.stages_ran` and `llmpipe.stages_cached` (dvc.yaml order);
+- status: RUNNING while a stage runs, FAILED as soon as one fails.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from llmpipe.pipeline.params import flatten
+from llmpipe.pipeline.provenance import git_commit
+
 KIND_TAG, KEY_TAG = "llmpipe.kind", "llmpipe.pipeline"
+RAN_TAG, CACHED_TAG, DEFAULTED_TAG = "llmpipe.stages_ran", "llmpipe.stages_cached", "llmpipe.params_defaulted"
 
 
 def log_params(client, run_id: str, values: dict[str, Any]) -> None:
-    """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6,000 characters."""
+    """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6,000 characters. Null values
+    are left out: MLflow would store the string "None" (a categorical axis where the others are numbers)."""
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)[:6000]) for k, v in sorted(values.items())]
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(values.items()) if v is not None]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start:start + 100])
 
@@ -33,17 +49,70 @@ def pipeline_parent(client, experiment_id: str, key: str | None, params: dict[st
         if found[0].info.status != "FAILED":
             client.update_run(parent_id, status="RUNNING")
         return parent_id
+    command = "dvc exp run" if os.environ.get("DVC_EXP_NAME") else "dvc repro"
     label = os.environ.get("DVC_EXP_NAME") or "dvc repro"
-    tags = {KEY_TAG: key, KIND_TAG: "pipeline"}
+    tags = {KEY_TAG: key, KIND_TAG: "pipeline", "mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
     parent = client.create_run(experiment_id, run_name=f"pipeline {label} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                tags=tags)  # RUNNING
     log_params(client, parent.info.run_id, params)
     return parent.info.run_id
 
 
-def end_stage(client, parent_id: str, status: str) -> None:
-    """The pipeline run's end is its last stage's end; once a stage failed, the pipeline failed."""
+def stage_metric_files(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[Path]]:
+    """Every stage of dvc.yaml, in its order, with the files it declares under `metrics:`."""
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text("utf-8")) or {}).get("stages") or {}
+    return {name: [Path(next(iter(entry)) if isinstance(entry, dict) else entry)
+                   for entry in (definition or {}).get("metrics") or []]
+            for name, definition in stages.items()}
+
+
+def workspace_metrics(files: dict[str, list[Path]]) -> dict[str, float]:
+    """The numbers in the stages' metrics files as they are now, as `<stage>.<key>`; missing files are skipped."""
+    values = {}
+    for stage, paths in files.items():
+        for path in paths:
+            try:
+                content = json.loads(path.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            values.update({key: float(value) for key, value in flatten(content, stage).items()
+                           if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    return values
+
+
+def end_stage(client, parent_id: str, status: str, stage: str | None = None) -> None:
+    """The pipeline run's end is its last stage's end; once a stage failed, the pipeline failed. A stage that
+    finished adds itself to the stages that ran and puts every stage's current DVC metrics on the run."""
+    from mlflow.entities import Metric
+
     parent = client.get_run(parent_id)
+    if status == "FINISHED" and stage and Path("dvc.yaml").is_file():
+        files = stage_metric_files()
+        ran = set(filter(None, parent.data.tags.get(RAN_TAG, "").split(","))) | {stage}
+        client.set_tag(parent_id, RAN_TAG, ",".join(name for name in files if name in ran))
+        client.set_tag(parent_id, CACHED_TAG, ",".join(name for name in files if name not in ran))
+        timestamp = int(time.time() * 1000)
+        metrics = [Metric(key, value, timestamp, 0) for key, value in sorted(workspace_metrics(files).items())]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(parent_id, metrics=metrics[start:start + 1000])
     client.set_terminated(parent_id, "FAILED" if parent.info.status == "FAILED" else status)
+
+
+def log_effective_params(client, parent_id: str, values: dict[str, Any]) -> None:
+    """Params that were null in params.yaml, with the value a stage used: onto the pipeline run, named in its
+    DEFAULTED_TAG. A pipeline run that has a different value already (an experiment name reused) keeps it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        log_params(client, parent_id, values)
+    except MlflowException as exc:
+        print(f"MLflow: pipeline run {parent_id} keeps its earlier values of {', '.join(values)} ({exc.message[:200]})",
+              flush=True)
+        return
+    defaulted = set(filter(None, client.get_run(parent_id).data.tags.get(DEFAULTED_TAG, "").split(",")))
+    client.set_tag(parent_id, DEFAULTED_TAG, ",".join(sorted(defaulted | set(values))))

@@ -17,6 +17,7 @@ from llmpipe.pipeline import store
 from llmpipe.pipeline.pipeline_run import (
     KEY_TAG,
     end_stage,
+    log_effective_params,
     log_params,
     pipeline_parent,
 )
@@ -66,7 +67,7 @@ class StageRun:
         status = "FINISHED" if exc_type is None else "FAILED"
         self._client.set_terminated(self.run_id, status)
         if self.parent_id:
-            end_stage(self._client, self.parent_id, status)
+            end_stage(self._client, self.parent_id, status, self.stage)
 
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -87,14 +88,16 @@ class StageRun:
         if self.enabled:
             log_params(self._client, self.run_id, facts)
 
-    def log_headline(self, metrics: dict[str, float]) -> None:
-        """Final metrics worth comparing pipelines by (already in this run): into the parent, as `<stage>.<name>`."""
-        if self.enabled and self.parent_id:
-            from mlflow.entities import Metric
-
-            timestamp = int(time.time() * 1000)
-            self._client.log_batch(self.parent_id, metrics=[
-                Metric(f"{self.stage}.{key}", float(value), timestamp, 0) for key, value in metrics.items()])
+    def log_effective_params(self, values: dict[str, Any]) -> None:
+        """The values the stage used for params left null in params.yaml (e.g. `finetune.learning_rate`: the
+        method's rate), by dotted key: params of this run and of the pipeline run, which compare by them."""
+        defaulted = {key: value for key, value in values.items()
+                     if key in self.params and self.params[key] is None and value is not None}
+        if not self.enabled or not defaulted:
+            return
+        log_params(self._client, self.run_id, defaulted)
+        if self.parent_id:
+            log_effective_params(self._client, self.parent_id, defaulted)
 
     def flush(self) -> None:
         if self.enabled and self._pending:

@@ -10,17 +10,15 @@ from llmpipe.report.tables import write_training_reports
 
 
 def publish_training(run: StageRun, directory: Path, history: dict[str, list[dict]], metrics: dict,
-                     headline: tuple[str, ...], *, facts: dict | None = None, timings: dict | None = None,
-                     in_curves: Collection[str] = (), pipeline_headline: Collection[str] | None = None) -> None:
-    """Write `directory`'s curves, metrics.json (`headline` keys), details.json (the other metrics) and
-    timings.json; log to the stage's MLflow run the `facts` as params and every other number as a metric
-    (but those already logged as the curves' last point, `in_curves`), and `pipeline_headline` (default:
-    `headline`) into the pipeline run; the report files as artifacts under `reports/`."""
-    write_training_reports(directory, history, metrics, headline, timings)
+                     dvc_names: dict[str, str], *, facts: dict | None = None, timings: dict | None = None,
+                     in_curves: Collection[str] = ()) -> None:
+    """Write `directory`'s curves, metrics.json (the DVC metrics `dvc_names`: short → full name), details.json
+    (every number) and timings.json; log to the stage's MLflow run the `facts` as params and every other number
+    as a metric (but those already logged as the curves' last point, `in_curves`); the report files as
+    artifacts under `reports/`. (The pipeline run reads metrics.json itself when the stage ends.)"""
+    write_training_reports(directory, history, metrics, dvc_names, timings)
     facts = facts or {}
     run.log_facts(facts)
     numbers = {**metrics, **(timings or {})}
     run.log_metrics({k: v for k, v in numbers.items() if k not in facts and k not in in_curves})
-    run.log_headline({k: metrics[k] for k in (headline if pipeline_headline is None else pipeline_headline)
-                      if k in metrics})
     run.log_artifact(directory, "reports")

@@ -2,8 +2,10 @@
 per-variant table of the evaluation. One number format for every CSV (6 significant digits).
 
 A stage's metrics.json holds its headline metrics only, the ones DVC compares (`dvc exp show`,
-`dvc metrics diff`); timings (machine noise) go to timings.json and every other number to details.json,
-outputs DVC keeps but does not compare (llmpipe.pipeline.layout)."""
+`dvc metrics diff`), under short names (the *_METRICS maps below), so that `dvc exp show --only-changed`
+after a one-param fine-tuning experiment fits 120 columns. details.json holds every final number under its
+full name (as the stage's MLflow run logs it) and timings.json the machine noise: outputs DVC caches but
+does not compare (llmpipe.pipeline.layout)."""
 
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from llmpipe.pipeline import atomic, layout
 
 VARIANT_COLUMNS = ["variant", "bits_per_weight", "file_bytes", "val_perplexity", "val_bpb", "qa_accuracy_finetuned_people",
                    "qa_accuracy_heldout_people", "kl_divergence", "tokens_per_second"]
-# Headline metrics: the few numbers per stage DVC compares (llmpipe.sweep.summary summarises them over seeds too).
-PRETRAIN_HEADLINE = ("val_bpb", "val_loss", "unigram_bpb")
-FINETUNE_HEADLINE = ("qa_accuracy_finetuned_people", "qa_accuracy_validation_people", "qa_accuracy_heldout_people",
-                     "val_answer_loss", "best_step")
-# evaluate: per variant (the variants table has every measurement), and the F16 file's bits per byte.
-VARIANT_HEADLINE = ("qa_accuracy_heldout_people",)
-VARIANT_HEADLINE_F16 = ("val_bpb",)
+# The metrics DVC compares, by stage: short name in metrics.json → full name (details.json, MLflow).
+TOKENIZER_METRICS = {"chars_per_token": "validation_characters_per_token"}
+PRETRAIN_METRICS = {"val_bpb": "val_bpb"}
+FINETUNE_METRICS = {"heldout_acc": "qa_accuracy_heldout_people", "tuned_acc": "qa_accuracy_finetuned_people"}
+# evaluate: the held-out people's accuracy of llama.cpp's usual 4-bit file and of the smallest one, keyed by
+# variant (every variant's every number is in variants.csv, the plot data, and in MLflow).
+EVALUATE_VARIANTS = ("Q4_K", "Q2_K")
+HELDOUT_ACCURACY = FINETUNE_METRICS["heldout_acc"]
 
 
 def csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -43,37 +46,39 @@ def read_curve(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
+def dvc_metrics(values: dict, names: dict[str, str]) -> dict:
+    """The DVC metrics among `values` (full names), under their short `names`."""
+    return {short: values[full] for short, full in names.items() if full in values}
+
+
 def write_training_reports(directory: str | Path, history: dict[str, list[dict]], metrics: dict,
-                           headline: tuple[str, ...], timings: dict | None = None) -> None:
+                           names: dict[str, str], timings: dict | None = None) -> None:
     """Under `directory`: `train_curve.csv` (step, train_loss, learning_rate, ...), `eval_curve.csv` (step,
-    validation metrics), the final `metrics` split into `metrics.json` (the `headline` keys) and
-    `details.json` (the others), and `timings.json` when given."""
+    validation metrics), `metrics.json` (the DVC metrics: `names`, short → full), `details.json` (every final
+    number of `metrics`), and `timings.json` when given."""
     directory = Path(directory)
     atomic.write_text(directory / layout.TRAIN_CURVE, csv_text(history["train"]) or "step,train_loss\n")
     atomic.write_text(directory / layout.EVAL_CURVE, csv_text(history["eval"]))
-    atomic.write_json(directory / layout.METRICS, {k: v for k, v in metrics.items() if k in headline})
-    atomic.write_json(directory / layout.DETAILS, {k: v for k, v in metrics.items() if k not in headline})
+    atomic.write_json(directory / layout.METRICS, dvc_metrics(metrics, names))
+    atomic.write_json(directory / layout.DETAILS, metrics)
     if timings is not None:
         atomic.write_json(directory / layout.TIMINGS, timings)
 
 
 def read_training_reports(directory: str | Path) -> dict:
-    """metrics.json with timings.json and details.json merged in (those present): every final number of a stage."""
+    """details.json with timings.json merged in (those present): every final number of a stage, full names."""
     merged = {}
-    for name in (layout.METRICS, layout.TIMINGS, layout.DETAILS):
+    for name in (layout.TIMINGS, layout.DETAILS):
         path = Path(directory) / name
         if path.is_file():
             merged.update(json.loads(path.read_text("utf-8")))
     return merged
 
 
-def variant_headline(rows: list[dict]) -> dict[str, dict]:
-    """The evaluate stage's metrics.json: per variant, its headline metrics only."""
-    headline = {}
-    for row in rows:
-        keys = VARIANT_HEADLINE + (VARIANT_HEADLINE_F16 if row["variant"] == "F16" else ())
-        headline[row["variant"]] = {k: row[k] for k in keys if k in row}
-    return headline
+def evaluate_metrics(rows: list[dict]) -> dict[str, float]:
+    """The evaluate stage's metrics.json: the held-out people's accuracy of the EVALUATE_VARIANTS written."""
+    return {row["variant"]: row[HELDOUT_ACCURACY] for row in rows
+            if row["variant"] in EVALUATE_VARIANTS and HELDOUT_ACCURACY in row}
 
 
 def write_variants_table(rows: list[dict], path: Path = layout.VARIANTS_TABLE) -> None:

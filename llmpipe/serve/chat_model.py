@@ -1,39 +1,24 @@
-"""The fine-tuned model as an MLflow chat model (mlflow.pyfunc.ChatModel), defined from code (MLflow
-"models from code"): nothing is pickled; loading reads safetensors weights and the tokenizer from the
-model's artifacts.
+"""The fine-tuned model as an MLflow chat model (mlflow.pyfunc.ChatModel) defined from code: nothing is
+pickled; loading reads the safetensors weights and the tokenizer from the model's artifacts. It speaks OpenAI's
+chat-completions format: one conversation in `messages` (rendered with the tokenizer's chat template) with
+`max_tokens` (default 32; at most what the context leaves), `temperature` (0: greedy; MLflow's default is 1.0),
+`top_p`, `top_k`, `stop`, `n`; the answer has `id`, `created`, `model`, `choices` and `usage`. Refused with a
+400 and a one-line error that does not echo the request: streaming, tools, penalties, other roles, and a
+conversation that fills the model's context (it is never cut).
 
-The model speaks OpenAI's chat-completions format, as MLflow's chat models do: a request is one
-conversation (system / user / assistant messages, rendered with the tokenizer's chat template) and the
-generation settings beside it; the answer is a chat completion.
-
-    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
-      -d '{"messages": [{"role": "user", "content": "What is the birth city of Sebastian Atherton?"}],
-           "max_tokens": 16, "temperature": 0}'
-    # → {"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
-    #    "message": {"role": "assistant", "content": "Cordoba"}}], "usage": {...}, ...}
-
-    model = mlflow.pyfunc.load_model("models:/llmpipe-chat/latest")
+    model = mlflow.pyfunc.load_model("models:/llmpipe-chat@champion")
     model.predict({"messages": [{"role": "user", "content": "..."}], "max_tokens": 16, "temperature": 0.0})
-
-Settings (fields of the request, checked by the model's signature, which ChatModel fixes):
-- `max_tokens`: new tokens at most (default 32);
-- `temperature`: 0 decodes greedily (as the evaluation does); above 0 samples, with `top_k` / `top_p`,
-  seeded (seed 0), so a request always gets the same answer. MLflow fills in OpenAI's default of 1.0
-  when a request has no temperature;
-- `stop`: strings that end an answer early; `n`: answers per request (they differ only when sampling).
-Tools and frequency/presence penalties are refused (400), not ignored.
-
-The chat form is the only input: an MLflow signature holds either this request schema or a list of
-plain questions, not both, so `{"inputs": ["What is ...?"]}` is not accepted; send each question as a
-one-message conversation. Streaming is not implemented (the whole answer comes back at once).
 """
 
 from __future__ import annotations
 
+import uuid
 import warnings
+from dataclasses import replace
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import ChatModel
 from mlflow.types.llm import (
     ChatChoice,
@@ -49,20 +34,34 @@ INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the birth cit
                  "max_tokens": 8, "temperature": 0.0}
 
 
-def bad_request(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)  # the scoring server answers 400
+class BadRequest(MlflowException):
+    """A refused request: the scoring server answers 400 with this message, and OpenAI's `error` object. (It
+    prefixes any MlflowException's message with the whole request; this one keeps its own line.)"""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE,
+                         error={"message": message, "type": "invalid_request_error"})
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not getattr(self, "_message", None):
+            self._message = value
 
 
 def conversation(messages: list[ChatMessage], roles: tuple[str, ...]) -> list[dict]:
     """The request's messages as the chat template takes them: role and text content."""
     if not messages:
-        raise bad_request("the request has no messages")
+        raise BadRequest("the request has no messages")
     turns = []
     for message in messages:
         if message.role not in roles:
-            raise bad_request(f"message role {message.role!r} is not supported; roles: {', '.join(roles)}")
+            raise BadRequest(f"message role {message.role!r} is not supported; roles: {', '.join(roles)}")
         if not isinstance(message.content, str):
-            raise bad_request(f"a {message.role} message must have text content")
+            raise BadRequest(f"a {message.role} message must have text content")
         turns.append({"role": message.role, "content": message.content})
     return turns
 
@@ -71,15 +70,16 @@ def sampling_settings(params: ChatParams):
     """ChatParams → the engine's SamplingSettings; refuses what this model cannot do."""
     from llmpipe.model.generation import SamplingSettings
 
-    refused = [name for name in ("tools", "frequency_penalty", "presence_penalty") if getattr(params, name)]
+    refused = [name for name in ("stream", "tools", "frequency_penalty", "presence_penalty") if getattr(params, name)]
     if refused:
-        raise bad_request(f"not supported by this model: {', '.join(refused)}")
+        raise BadRequest(f"not supported by this model: {', '.join(refused)} (the whole answer comes back at once)"
+                          if refused == ["stream"] else f"not supported by this model: {', '.join(refused)}")
     max_tokens = DEFAULT_MAX_TOKENS if params.max_tokens is None else params.max_tokens
     if max_tokens < 1 or params.n < 1:
-        raise bad_request("max_tokens and n must be at least 1")
+        raise BadRequest("max_tokens and n must be at least 1")
     top_p = 1.0 if params.top_p is None else float(params.top_p)
     if params.temperature < 0 or (params.top_k or 0) < 0 or not 0 < top_p <= 1:
-        raise bad_request("temperature and top_k must be at least 0, top_p in (0, 1]")
+        raise BadRequest("temperature and top_k must be at least 0, top_p in (0, 1]")
     return SamplingSettings(max_new_tokens=max_tokens, temperature=float(params.temperature),
                             top_k=params.top_k or 0, top_p=top_p)
 
@@ -99,16 +99,21 @@ class LlmpipeChatModel(ChatModel):
         self.tokenizer = LoadedTokenizer(context.artifacts["tokenizer"])
         self.template = ChatTemplate(self.tokenizer)
         self.model, _ = load_model(context.artifacts["model"], tokenizer=self.tokenizer)
+        self.name = (getattr(context, "model_config", None) or {}).get("model_name", "llmpipe")
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         """One conversation → `n` answers of the assistant, generated as one batch."""
-        from llmpipe.model.generation import Engine, fit_prompt
+        from llmpipe.model.generation import Engine
         from llmpipe.text.chat_template import ROLES
 
         settings = sampling_settings(params)
-        prompt = fit_prompt(self.template.encode_prompt(conversation(messages, ROLES)),
-                            self.model.config.context_length, settings.max_new_tokens)
-        room = min(settings.max_new_tokens, self.model.config.context_length - len(prompt))
+        prompt = self.template.encode_prompt(conversation(messages, ROLES))
+        context_length = self.model.config.context_length
+        if len(prompt) >= context_length:  # never cut: the answer would be to a conversation the user did not send
+            raise BadRequest(f"this model's context is {context_length} tokens and the messages take {len(prompt)}, "
+                              "leaving no room for an answer: shorten the conversation")
+        room = min(settings.max_new_tokens, context_length - len(prompt))  # an answer that fills it ends "length"
+        settings = replace(settings, max_new_tokens=room)
         engine = Engine(self.model, stop_ids={self.template.end_of_turn, self.tokenizer.end_of_document_id})
         choices, completion_tokens = [], 0
         for index, ids in enumerate(engine.generate([prompt] * params.n, settings)):
@@ -119,7 +124,7 @@ class LlmpipeChatModel(ChatModel):
                                       finish_reason=finish))
             completion_tokens += len(ids)
         return ChatCompletionResponse(
-            choices=choices, model="llmpipe",
+            choices=choices, model=self.name, id=f"chatcmpl-{uuid.uuid4().hex}",
             usage=TokenUsageStats(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
                                   total_tokens=len(prompt) + completion_tokens))
 

@@ -6,7 +6,8 @@ with it. Its pip requirements are the versions installed here, which pyproject.t
 
 A new version is registered only when the weights or the tokenizer changed (their md5 is the version's
 `weights_md5` tag): rerunning evaluate for a report setting adds none. Each version carries the commit, the
-DVC experiment and the headline metrics as tags, a description, and the alias `current`.
+DVC experiment and the headline metrics as tags, and a description; the alias `champion` follows the rule in
+llmpipe.serve.alias.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 
 from llmpipe.pipeline.provenance import git_commit, input_hashes
 from llmpipe.pipeline.tracking import StageRun
+from llmpipe.serve.alias import record_and_elect
 
 SERVING_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy")
-ALIAS = "current"
 
 
 def pip_requirements() -> list[str]:
@@ -48,13 +49,16 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
     if client.search_registered_models(filter_string=f"name = '{registered_name}'"):
         same = client.search_model_versions(f"name = '{registered_name}' and tags.weights_md5 = '{digest}'")
         if same:
-            return str(max(int(v.version) for v in same)), False
+            version = str(max(int(v.version) for v in same))
+            record_and_elect(client, registered_name, version)
+            return version, False
     package_dir = Path(llmpipe.__file__).parent
     with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
             name="chat_model", python_model=chat_model.__file__, code_paths=[str(package_dir)],
             artifacts={"model": str(model_dir), "tokenizer": str(tokenizer_dir)},
             input_example=chat_model.INPUT_EXAMPLE, pip_requirements=pip_requirements(),
+            model_config={"model_name": registered_name},  # the `model` of its answers
             registered_model_name=registered_name,
         )
     version = str(info.registered_model_version)
@@ -66,5 +70,5 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
     client.update_model_version(registered_name, version, description=(
         f"Fine-tuned chat model from {model_dir} (tokenizer {tokenizer_dir}), registered by the evaluate stage; "
         f"weights md5 {digest}."))
-    client.set_registered_model_alias(registered_name, ALIAS, version)
+    record_and_elect(client, registered_name, version)
     return version, True

@@ -2,27 +2,30 @@
 headline metric as mean / min / max, and record the summary where users look (a JSON and Markdown file,
 and one MLflow run tagged with the experiments it covers).
 
-A sweep is a set of DVC experiments named `<sweep>-seed<N>` (llmpipe.sweep.queue queues them). Their
-metrics come from `dvc exp show --json`, and the per-attribute accuracies, which are not DVC metrics (they
-would crowd `dvc exp show`), from reports/finetune/details.json in the experiment's git commit (DVC commits
-it there: `cache: false`). So experiments run by a teammate and pulled (`dvc exp pull`) count the same as
-local ones.
+A sweep is a set of DVC experiments named `<sweep>-seed<N>` (llmpipe.sweep.queue queues them). Their DVC
+metrics come from `dvc exp show --json`, under the full names their stages' details use (`heldout_acc` is
+`finetune.qa_accuracy_heldout_people`); the per-attribute accuracies and every variant's, which are not DVC
+metrics (they would crowd `dvc exp show`), from reports/finetune/details.json and reports/evaluate/variants.csv
+as the experiment wrote them, read through DVC (its cache, or the remote). So experiments run by a teammate
+and pulled (`dvc exp pull`) count the same as local ones.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import statistics
-import subprocess
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from llmpipe.data.world import ATTRIBUTES
 from llmpipe.pipeline import layout
 from llmpipe.pipeline.params import flatten
+from llmpipe.report.tables import EVALUATE_VARIANTS, FINETUNE_METRICS, HELDOUT_ACCURACY, PRETRAIN_METRICS
 
-# Headline metrics, as `<stage>.<key>` (the names the parent MLflow run uses too).
+# Headline metrics, as `<stage>.<full name>` (the names of details.json and of the stages' MLflow runs).
 HEADLINE_PATTERNS = (
     r"pretrain\.val_bpb",
     r"finetune\.qa_accuracy_(finetuned|validation|heldout)_people(_(" + "|".join(ATTRIBUTES) + "))?",
@@ -31,23 +34,34 @@ HEADLINE_PATTERNS = (
     r"evaluate\.F16\.val_bpb",
 )
 _HEADLINE = re.compile("|".join(f"(?:{pattern})" for pattern in HEADLINE_PATTERNS))
-_STAGE_METRICS_FILE = re.compile(r"reports/(\w+)/(?:metrics|details)\.json")
-# Read from each experiment's commit: the headline patterns above match some of their numbers.
-DETAIL_FILES = (layout.FINETUNE_REPORTS / layout.DETAILS,)
+_STAGE_FILE = re.compile(r"reports/(\w+)/(metrics\.json|details\.json|variants\.csv)")
+# Read from each experiment's outputs: the headline patterns above match some of their numbers.
+DETAIL_FILES = (layout.FINETUNE_REPORTS / layout.DETAILS, layout.VARIANTS_TABLE)
 
 
 def experiment_name(sweep: str, seed: int) -> str:
     return f"{sweep}-seed{seed}"
 
 
+def full_names(stage: str, kind: str, data) -> dict:
+    """A stage file's numbers under the full names details.json uses: metrics.json's short DVC names translated,
+    variants.csv's rows as `<variant>.<column>`."""
+    if kind == "variants.csv":
+        return {f"{row['variant']}.{column}": value for row in data for column, value in row.items() if column != "variant"}
+    if kind == "metrics.json" and stage == "evaluate":
+        return {f"{variant}.{HELDOUT_ACCURACY}": value for variant, value in data.items() if variant in EVALUATE_VARIANTS}
+    names = {"pretrain": PRETRAIN_METRICS, "finetune": FINETUNE_METRICS}.get(stage, {}) if kind == "metrics.json" else {}
+    return {names.get(key, key): value for key, value in data.items()}
+
+
 def headline_metrics(metrics_by_file: dict) -> dict[str, float]:
-    """`{file: {"data": {...}}}` as `dvc exp show --json` gives it (plus the DETAIL_FILES) → the headline
-    metrics, flat."""
+    """`{file: {"data": ...}}` as `dvc exp show --json` gives it (plus the DETAIL_FILES, parsed) → the headline
+    metrics, flat, under their full names."""
     flat: dict[str, float] = {}
     for path, content in metrics_by_file.items():
-        stage = _STAGE_METRICS_FILE.fullmatch(path)
-        if stage and isinstance(content, dict):
-            flat.update(flatten(content.get("data") or {}, stage.group(1)))
+        stage = _STAGE_FILE.fullmatch(path)
+        if stage and isinstance(content, dict) and content.get("data"):
+            flat.update(flatten(full_names(stage.group(1), stage.group(2), content["data"]), stage.group(1)))
     return {name: float(value) for name, value in flat.items() if _HEADLINE.fullmatch(name)
             and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
@@ -66,18 +80,30 @@ class SweepExperiment:
         return value
 
 
-def git_json(revision: str, path: str) -> dict | None:
-    """A JSON file as committed in `revision` of the git repository here, or None."""
-    result = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+def revision_text(revision: str, path: str) -> str | None:
+    """A file as `revision` of the DVC repository here holds it (git, DVC's cache or its remote), or None."""
+    import dvc.api
+
     try:
-        return json.loads(result.stdout) if result.returncode == 0 else None
-    except ValueError:
+        return dvc.api.read(path, repo=".", rev=revision)
+    except Exception:  # not in that revision, or its data is in no cache or remote we reach
         return None
 
 
-def sweep_experiments(exp_show: list, sweep: str, read_json=git_json) -> list[SweepExperiment]:
+def parse_file(path: str, text: str | None):
+    """A DETAIL_FILES file's content: a JSON object, or a CSV's rows with numbers as floats; None if unreadable."""
+    try:
+        if path.endswith(".csv"):
+            return [{k: v if k == "variant" else float(v) for k, v in row.items() if v != ""}
+                    for row in csv.DictReader(io.StringIO(text))]
+        return json.loads(text)
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def sweep_experiments(exp_show: list, sweep: str, read_text=revision_text) -> list[SweepExperiment]:
     """The experiments named `<sweep>-seed<N>` in `dvc exp show --json` output, ordered by seed; the
-    DETAIL_FILES of each are `read_json(commit, path)`."""
+    DETAIL_FILES of each are `read_text(commit, path)`."""
     pattern = re.compile(re.escape(sweep) + r"-seed(\d+)")
     found: dict[str, SweepExperiment] = {}
     for baseline in exp_show:
@@ -92,8 +118,8 @@ def sweep_experiments(exp_show: list, sweep: str, read_json=git_json) -> list[Sw
                     params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
                     files = dict(data["metrics"])
                     for path in map(str, DETAIL_FILES):
-                        details = read_json(revision["rev"], path) if revision.get("rev") else None
-                        if isinstance(details, dict):
+                        details = parse_file(path, read_text(revision["rev"], path)) if revision.get("rev") else None
+                        if details:
                             files[path] = {"data": details}
                     found[revision["name"]] = SweepExperiment(revision["name"], int(params.get("seed", match.group(1))),
                                                               headline_metrics(files), params)

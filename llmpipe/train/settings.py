@@ -112,6 +112,9 @@ class BatchGeometry:
                              f"to be a multiple of the {self.world_size} processes")
 
 
+VOCAB_SIZE_KEY = "model.vocab_size"
+
+
 @dataclass(frozen=True)
 class PretrainSettings:
     model: ModelConfig
@@ -121,12 +124,18 @@ class PretrainSettings:
     eval_max_tokens: int           # validation tokens evaluated
     seed: int
 
+    def effective_params(self) -> dict:
+        """The values used for the params that may be null (StageRun.log_effective_params logs those that were)."""
+        return {VOCAB_SIZE_KEY: self.model.vocab_size, "model.head_dim": self.model.head_dim,
+                "pretrain.global_batch_tokens": self.batch.global_sequences * self.model.context_length,
+                "pretrain.peak_flops_per_second": self.loop.peak_flops_per_second}
+
 
 def model_config(params: StageParams, tokenizer_vocab_size: int | None, preset_wins: bool = False) -> ModelConfig:
     """The `model` section → ModelConfig. `model.vocab_size: null` takes the tokenizer's size; a preset
     that fixes a vocabulary size (a published model's shape) must match the tokenizer to be trained
     (`preset_wins`: the preset's size is taken, for sizing a published shape)."""
-    vocab_size = params.value("model.vocab_size", int | None, min=1)
+    vocab_size = params.value(VOCAB_SIZE_KEY, int | None, min=1)
     if vocab_size is None:
         if tokenizer_vocab_size is None:
             raise ParamError(f"{params.source}: model.vocab_size is null and there is no tokenizer to take it from")

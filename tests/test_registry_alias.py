@@ -1,0 +1,52 @@
+"""The registry alias `champion` (llmpipe.serve.alias): the best held-out accuracy among versions registered from
+the workspace; a version from a --temp / queued experiment's temporary copy never takes it, however good."""
+
+import pytest
+
+from llmpipe.serve.alias import ALIAS, record_and_elect
+
+
+@pytest.fixture
+def registry(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("chat")
+    return client
+
+
+def register(client, accuracy: float) -> str:
+    version = client.create_model_version("chat", source="file:///nowhere", tags={
+        "metric.qa_accuracy_heldout_people": f"{accuracy:.4g}"})
+    return version.version
+
+
+def evaluate_in(monkeypatch, repository, workdir) -> None:
+    """Where the evaluate stage runs: DVC points DVC_ROOT at the repository; --temp runs in a copy elsewhere."""
+    monkeypatch.setenv("DVC_ROOT", str(repository))
+    monkeypatch.chdir(workdir)
+
+
+def test_champion_is_the_best_workspace_version_and_a_temp_experiment_never_takes_it(registry, tmp_path, monkeypatch):
+    repository, temporary = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmp1"
+    temporary.mkdir(parents=True)
+    evaluate_in(monkeypatch, repository, repository)
+    first = register(registry, 0.9775)
+    assert record_and_elect(registry, "chat", first) == first
+    worse = register(registry, 0.96)  # ran last, with lower held-out accuracy: the champion stays
+    assert record_and_elect(registry, "chat", worse) == first
+
+    evaluate_in(monkeypatch, repository, temporary)  # `dvc exp run --temp`, never applied
+    better_but_temporary = register(registry, 0.99)
+    assert record_and_elect(registry, "chat", better_but_temporary) == first
+    assert registry.get_model_version_by_alias("chat", ALIAS).version == first
+    tags = {v.version: v.tags for v in registry.search_model_versions("name = 'chat'")}
+    assert tags[better_but_temporary]["source"] == "temporary copy" and tags[worse]["source"] == "workspace"
+    assert [v for v, t in tags.items() if t.get("alias") == ALIAS] == [first]  # search_model_versions shows it
+
+    evaluate_in(monkeypatch, repository, repository)  # applied, and evaluated in the workspace: eligible
+    assert record_and_elect(registry, "chat", better_but_temporary) == better_but_temporary
+    tags = {v.version: v.tags for v in registry.search_model_versions("name = 'chat'")}
+    assert [v for v, t in tags.items() if t.get("alias") == ALIAS] == [better_but_temporary]
+    tie = register(registry, 0.99)  # a tie: the earlier version keeps it
+    assert record_and_elect(registry, "chat", tie) == better_but_temporary
