@@ -6,7 +6,9 @@ Documents are streamed, in batches of the text column, never held as a list: loc
 `streaming=True` (no Arrow copy), a Hub dataset with `data.streaming` (true is the way for corpora larger
 than memory or disk; false downloads the split and reads its Arrow files batch by batch). Memory therefore
 does not grow with the corpus. Local files are checked first, also streamed, so that bad bytes or bad JSON
-get a `file:line` error.
+get a `file:line` error: each file once by its real path (a symlink loop repeats nothing), binary content
+(a NUL byte) refused from the file's first bytes, and no line or document longer than 64 MiB (a file without
+newlines is not read whole into memory).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ BUILDER_BY_SUFFIX = {".txt": "text", ".md": "text", ".text": "text",
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
 BATCH_ROWS = 1000  # rows read at a time
 MAX_DOCUMENT_BYTES = 64 << 20  # the longest text document: `datasets` holds one whole in memory
+BINARY_PROBE_BYTES = 8192  # the start of a file where a NUL byte says it is binary (as git decides)
 
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
@@ -176,6 +179,12 @@ def check_file(path: Path, builder: str, text_column: str, txt_sample_by: str = 
     so an error names the file (and the line or row) instead of a builder's generic failure."""
     if path.stat().st_size == 0:
         raise InputDataError(f"{path}: empty file (0 bytes); remove it or leave it out of data.paths")
+    if builder != "parquet":  # binary content (an image, an archive, a file of zeros): said at once, from its start
+        with open(path, "rb") as handle:
+            nul = handle.read(BINARY_PROBE_BYTES).find(b"\0")
+        if nul >= 0:
+            raise InputDataError(f"{path}: binary content (a NUL byte at byte {nul}); text and JSONL files must be "
+                                 "UTF-8 text")
     CHECKS[builder](path, text_column, txt_sample_by)
 
 

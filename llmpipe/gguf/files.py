@@ -118,7 +118,7 @@ def plan_tensors(model: Transformer, type_name: str, fallback: str, keep_embeddi
                                  f"{formats}; set quantize.fallback to F16, or use a model width that is a "
                                  f"multiple of {FORMATS[chosen].block_size}")
         if chosen != F32:
-            check_float16_range(tensor, gguf_name, chosen)
+            check_float16_range(tensor, f"{source} ({gguf_name})", chosen)
         plans.append(TensorPlan(gguf_name, source, chosen, heads))
     return plans
 
@@ -126,12 +126,12 @@ def plan_tensors(model: Transformer, type_name: str, fallback: str, keep_embeddi
 FLOAT16_MAX = 65504.0
 
 
-def check_float16_range(tensor: torch.Tensor, gguf_name: str, type_name: str) -> None:
+def check_float16_range(tensor: torch.Tensor, name: str, type_name: str) -> None:
     """F16 stores every weight in float16, the block formats their scales and minimums: a weight beyond float16's
     range would be written as infinity (a model that is finite in float32 yet broken)."""
     largest = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
     if largest > FLOAT16_MAX:
-        raise InputDataError(f"tensor {gguf_name} holds a weight of magnitude {largest:.3g}, beyond the float16 range "
+        raise InputDataError(f"tensor {name} holds a weight of magnitude {largest:.3g}, beyond the float16 range "
                              f"({FLOAT16_MAX:g}) in which {type_name} stores weights or scales: the model is broken "
                              "(check the fine-tuned model's training)")
 

@@ -32,6 +32,7 @@ from llmpipe.pipeline.params import (
     schema_keys,
 )
 from llmpipe.pipeline.provenance import input_hashes
+from llmpipe.pipeline.compose import yaml_error
 from llmpipe.pipeline.guard import guarded
 from llmpipe.pipeline.restore import stash_uncached_outputs
 from llmpipe.pipeline.tracking import StageRun
@@ -68,9 +69,7 @@ def load_params(overrides: list[str]) -> dict:
         with initialize_config_dir(config_dir=os.getcwd(), version_base="1.3"):
             values = OmegaConf.to_container(compose(config_name="params", overrides=overrides), resolve=True)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise PipelineError(f"{PARAMS_FILE}{where}: not valid YAML ({exc.problem or exc.context})") from None
+        raise PipelineError(yaml_error(exc, PARAMS_FILE)) from None
     except (HydraException, OmegaConfBaseException) as exc:
         raise PipelineError(f"{PARAMS_FILE}: {' '.join(str(exc).split())}".split(" full_key:")[0]) from None
     if not isinstance(values, dict):

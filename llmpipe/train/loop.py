@@ -295,8 +295,7 @@ class Training:
 UNIFORM_MARGIN = 1e-4  # a trained model's loss must be below the uniform distribution's by this fraction at least
 
 
-def check_learned(stage: str, loss_key: str, metrics: dict[str, float], vocab_size: int,
-                  split_counts: dict | None = None) -> None:
+def check_learned(stage: str, loss_key: str, metrics: dict[str, float], vocab_size: int) -> None:
     """Refuse to call a training stage a success when its model predicts no better than the uniform distribution
     over the vocabulary (what broken numerics give, e.g. a huge RMSNorm epsilon: exactly uniform outputs): its
     validation loss must be below ln(vocab_size), by UNIFORM_MARGIN of it. (The unigram baseline is the wrong
@@ -305,9 +304,8 @@ def check_learned(stage: str, loss_key: str, metrics: dict[str, float], vocab_si
     if loss is None or loss < uniform * (1 - UNIFORM_MARGIN):
         return
     bits = ""
-    if split_counts and "val_bpb" in metrics:
-        uniform_bpb = math.log2(vocab_size) * split_counts["tokens"] / split_counts["utf8_bytes"]
-        bits = f"; val_bpb {metrics['val_bpb']:.4f}, uniform {uniform_bpb:.4f}"
+    if "val_bpb" in metrics:  # the same tokens and bytes: bits per byte scale as the losses
+        bits = f"; val_bpb {metrics['val_bpb']:.4f}, uniform {metrics['val_bpb'] * uniform / loss:.4f}"
     raise PipelineError(f"{stage}: the trained model predicts no better than chance: {loss_key} {loss:.4f} is not "
                         f"below {uniform:.4f} = ln({vocab_size}), the loss of the uniform distribution over the "
                         f"vocabulary{bits}; nothing was written (check the model's params, e.g. rms_norm_eps, and "
