@@ -3,6 +3,7 @@ itself rejects, several processes), the previous outputs are there afterwards by
 line and MLflow's runs are not left RUNNING; values are checked for what they mean; nothing runs forever; a run
 resumes on more processes (docs/bad-input.md). Each DVC run covers what it can: they are the cost here."""
 
+import csv
 import json
 import os
 import resource
@@ -119,16 +120,17 @@ def test_a_stopped_fine_tune_keeps_its_outputs_and_resumes_on_two_processes(copy
     checkpoints = repo.parent / "checkpoints-after-stop"
     shutil.copytree(repo / "checkpoints", checkpoints)
 
-    reference = (built_repo / "reports/finetune/train_curve.csv").read_text().splitlines()
+    def train_losses(root: Path) -> list[float]:
+        with open(root / "reports/finetune/train_curve.csv") as handle:
+            return [float(row["train_loss"]) for row in csv.DictReader(handle)]
+
     for parallelism in ("ddp", "fsdp"):
         shutil.rmtree(repo / "checkpoints", ignore_errors=True)
         shutil.copytree(checkpoints, repo / "checkpoints")
         edit_params(repo, finetune__processes=2, finetune__parallelism=parallelism)
         output = dvc(repo, "repro", "finetune").stdout
         assert "resuming from checkpoint" in output and "micro-batches of 2 sequences" in output, output
-        curve = (repo / "reports/finetune/train_curve.csv").read_text().splitlines()
-        losses = [[float(line.split(",")[1]) for line in lines[1:]] for lines in (curve, reference)]
-        assert losses[0] == pytest.approx(losses[1], rel=1e-4), parallelism
+        assert train_losses(repo) == pytest.approx(train_losses(built_repo), rel=1e-4), parallelism
 
 
 def test_values_are_checked_for_what_they_mean(copy_built):
@@ -209,11 +211,11 @@ def test_line_and_document_bounds_keep_memory_flat(tmp_path, monkeypatch):
 
 def test_chat_keeps_its_history_within_the_context_and_refuses_bytes_that_are_not_text(copy_built):
     repo = copy_built()
-    turns = "".join(f"What did person {i} study?\n" for i in range(400))
+    turns = "".join(f"What did person {i} study?\n" for i in range(150))
     start = time.time()
     result = subprocess.run([str(BIN / "llmpipe"), "chat", "--history", "--max-new-tokens", "2"], cwd=repo,
                             env=environment(), input=turns, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.count("model> ") == 400, result.stderr[-2000:]
+    assert result.returncode == 0 and result.stdout.count("model> ") == 150, result.stderr[-2000:]
     assert result.stderr.count("note: the conversation is longer than the model's 32-token context") == 1
     assert time.time() - start < 120  # each turn costs one context, whatever came before
     for args, stdin, expected in [(["generate", b"ab\xffc"], b"", "error: the prompt is not valid UTF-8 (byte 2)"),

@@ -36,8 +36,8 @@ class TrainingParams:
                                       "and optimizer state sharded over the processes)", choices=PARALLELISMS)
     global_batch_sequences: int = setting(32, "sequences per optimizer step, across processes and accumulation",
                                           min=1)
-    micro_batch_sequences: int = setting(32, "sequences per forward/backward pass in one process (accumulation "
-                                             "makes up the rest)", min=1)
+    micro_batch_sequences: int = setting(32, "at most this many sequences per forward/backward pass in one process "
+                                             "(accumulation makes up the rest; not part of a checkpoint)", min=1)
     beta1: float = setting(0.9, "AdamW first-moment decay", min=0, max=0.9999)
     beta2: float = setting(0.95, "AdamW second-moment decay", min=0, max=0.99999)
     grad_clip: float = setting(1.0, "max gradient norm (0 = no clipping)", min=0)
