@@ -53,9 +53,13 @@ class StageRun:
         run = self._client.create_run(experiment_id, run_name=self.stage, tags={
             **tags, **({"mlflow.parentRunId": self.parent_id} if self.parent_id else {})})
         self.run_id = run.info.run_id
-        log_params(self._client, self.run_id, self.params)
-        log_inputs(self._client, self.run_id, self.stage, self.input_hashes)
-        self._monitor = start_system_metrics(self.run_id)
+        try:
+            log_params(self._client, self.run_id, self.params)
+            log_inputs(self._client, self.run_id, self.stage, self.input_hashes)
+            self._monitor = start_system_metrics(self.run_id)
+        except BaseException as exc:  # the run exists: end it (FAILED, or KILLED by a signal) before unwinding
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
