@@ -131,21 +131,6 @@ def test_no_code_loads_torch_files_with_pickle():
             assert "pickle.load" not in line, f"{source}: {line.strip()}"
 
 
-def test_sigkill_during_finetune_then_repro_resumes(copy_built):
-    import yaml
-
-    repo = copy_built()
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["finetune"].update(max_steps=400, checkpoint_every=5, eval_every=200)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = md5(repo / "models/finetuned/model.safetensors")
-    kill_at_first_checkpoint(repo, "finetune")
-    assert md5(repo / "models/finetuned/model.safetensors") == before  # the old output, untouched
-    output = dvc(repo, "repro", "finetune").stdout
-    assert "resuming from checkpoint" in output
-    assert set(ran(output)) == {"finetune"}
-
-
 def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_built):
     """llmpipe sweep: two seeds queued and run two at a time; each keeps its MLflow runs; the summary's
     mean/min/max agree with the metrics each experiment logged; a second call runs nothing again."""

@@ -103,25 +103,32 @@ def write_log(stage: str, exc: BaseException, rank: int) -> Path | None:
     return path
 
 
-def report(message: str, rank: int, interrupted: bool) -> None:
+KINDS = ("refused", "failed", "stopped")  # how a process ended, the most telling first
+
+
+def kind_of(exc: BaseException) -> str:
+    return "refused" if isinstance(exc, PipelineError) else "stopped" if isinstance(exc, (KeyboardInterrupt, Stopped)) \
+        else "failed"
+
+
+def report(message: str, rank: int, kind: str) -> None:
     """Print `error: <message>`, or under the launcher with several processes, leave it for the launcher."""
     errors_dir = os.environ.get(ERRORS_DIR)
     if errors_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         with contextlib.suppress(OSError):
-            Path(errors_dir, f"rank-{rank:05d}").write_text(("stopped" if interrupted else "failed") + "\n" + message,
-                                                           encoding="utf-8")
+            Path(errors_dir, f"rank-{rank:05d}").write_text(f"{kind}\n{message}", encoding="utf-8")
             return
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def collected_error(errors_dir: str | Path) -> str | None:
-    """The line to print for a launch whose processes left theirs in `errors_dir`: the lowest rank's among those
-    that failed by themselves, else the lowest rank's among those stopped."""
+def collected_error(errors_dir: str | Path) -> tuple[str, str] | None:
+    """(kind, line) of a launch whose processes left their lines in `errors_dir`: a refusal before a crash before a
+    process stopped because another one failed; the lowest rank's among equals."""
     lines = []
     for path in sorted(Path(errors_dir).glob("rank-*")):
         kind, _, message = path.read_text("utf-8").partition("\n")
-        lines.append((kind != "failed", message))
-    return min(lines, key=lambda line: line[0])[1] if lines else None
+        lines.append((KINDS.index(kind) if kind in KINDS else len(KINDS), kind, message))
+    return min(lines)[1:] if lines else None
 
 
 def put_back(stage: str, is_main: bool) -> None:
@@ -157,5 +164,5 @@ def guarded(stage: str, rank: int = 0) -> Iterator[None]:
         if not isinstance(exc, (PipelineError, KeyboardInterrupt, Stopped)):
             log = write_log(stage, exc, rank)
             message += f" (traceback in {os.path.relpath(log)})" if log else ""
-        report(message, rank, interrupted=isinstance(exc, (KeyboardInterrupt, Stopped)))
+        report(message, rank, kind_of(exc))
         sys.exit(exit_status(exc))

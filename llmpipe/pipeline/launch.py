@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 
 from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.guard import ERRORS_DIR, Stopped, collected_error, guarded
+from llmpipe.pipeline.guard import ERRORS_DIR, Stopped, collected_error, guarded, put_back
 from llmpipe.pipeline.params import PARAMS_FILE
 
 JOIN_TIMEOUT_SECONDS = 900  # how long the first agent waits for the others (the head may still be on earlier stages)
@@ -77,16 +77,16 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     stage = os.environ.get("DVC_STAGE")  # the stage DVC runs this command for; by hand, none
-    with guarded(stage or Path(args.script).stem):
+    with guarded(stage or Path(args.script).stem):  # the stage's name under DVC; by hand, the script's
         processes, nodes = count_option(args, "processes", stage), count_option(args, "nodes", stage)
         if processes == 1 and nodes == 1:
             sys.argv = [args.script, *args.script_args]
             runpy.run_path(args.script, run_name="__main__")
             return
-        launch(args, processes, nodes)
+        launch(args, processes, nodes, stage or Path(args.script).stem)
 
 
-def launch(args: argparse.Namespace, processes: int, nodes: int) -> None:
+def launch(args: argparse.Namespace, processes: int, nodes: int, stage: str) -> None:
     """Run the script in `processes` processes on each of `nodes` nodes; a failure is one line and exit status,
     the line a failed process left (llmpipe.pipeline.guard) when there is one."""
     import tempfile
@@ -111,12 +111,14 @@ def launch(args: argparse.Namespace, processes: int, nodes: int) -> None:
             elastic_launch(config, entrypoint=sys.executable)(args.script, *args.script_args)
         except ChildFailedError as failure:
             exit_code = next(iter(failure.failures.values())).exitcode
-            message = collected_error(errors)
-            if message is None:  # no process said why (killed, out of memory, ...)
+            kind, message = collected_error(errors) or ("", "")
+            if kind != "refused":  # a crash, a signal, or no process said why (killed, out of memory, a node lost)
                 lost_node = " or another node was lost" if nodes > 1 else ""
+                cause = f": {message}" if message else "; see the process output above"
                 message = (f"{args.script} failed in {len(failure.failures)} of this node's {processes} process(es) "
-                           f"of {job} (exit status {exit_code}){lost_node}; see the process output above; the next "
-                           "run resumes from the last checkpoint")
+                           f"of {job} (exit status {exit_code}){lost_node}{cause}; the next run resumes from the last "
+                           "checkpoint")
+            put_back(stage, is_main=True)  # every process has ended: now, before the line that ends the output
             print(f"error: {message}", file=sys.stderr, flush=True)
             sys.exit(exit_code if exit_code > 0 else 1)
         except SignalException as exc:  # the launcher was sent SIGTERM (or Ctrl-C): its processes are stopped
