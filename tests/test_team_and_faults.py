@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, dvc, environment, kill_at_first_checkpoint, run
+from conftest import BIN, dvc, environment, run
 from test_pipeline import md5, ran
 
 

@@ -17,7 +17,6 @@ from typing import BinaryIO, Iterable, Iterator
 
 from llmpipe.pipeline.errors import InputDataError
 
-
 MAX_LINE_BYTES = 64 << 20  # the longest line (of a user's file) held in memory: a file without newlines is not one line
 
 

@@ -29,8 +29,8 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from llmpipe.pipeline.errors import PipelineError
 from llmpipe.pipeline.layout import repository_root
@@ -157,7 +157,7 @@ def guarded(stage: str, rank: int = 0) -> Iterator[None]:
             _ignore_signals()
             put_back(stage, rank == 0)
         raise
-    except BaseException as exc:  # noqa: BLE001: whatever ended the stage, it ends here, in one line
+    except BaseException as exc:  # noqa: BLE001 (whatever ended the stage, it ends here, in one line)
         _ignore_signals()
         put_back(stage, rank == 0)
         message = describe(stage, exc)

@@ -31,7 +31,13 @@ import uuid
 from pathlib import Path
 
 from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.guard import ERRORS_DIR, Stopped, collected_error, guarded, put_back
+from llmpipe.pipeline.guard import (
+    ERRORS_DIR,
+    Stopped,
+    collected_error,
+    guarded,
+    put_back,
+)
 from llmpipe.pipeline.params import PARAMS_FILE
 
 JOIN_TIMEOUT_SECONDS = 900  # how long the first agent waits for the others (the head may still be on earlier stages)

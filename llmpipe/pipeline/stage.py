@@ -21,8 +21,10 @@ import os
 import sys
 from typing import Callable
 
+from llmpipe.pipeline.compose import yaml_error
 from llmpipe.pipeline.distributed import ProcessInfo
 from llmpipe.pipeline.errors import PipelineError
+from llmpipe.pipeline.guard import guarded
 from llmpipe.pipeline.params import (
     CONF_DIR,
     PARAMS_FILE,
@@ -32,8 +34,6 @@ from llmpipe.pipeline.params import (
     schema_keys,
 )
 from llmpipe.pipeline.provenance import input_hashes
-from llmpipe.pipeline.compose import yaml_error
-from llmpipe.pipeline.guard import guarded
 from llmpipe.pipeline.restore import stash_uncached_outputs
 from llmpipe.pipeline.tracking import StageRun
 

@@ -141,7 +141,7 @@ class ChatTemplate:
         for messages in ([{"role": "system", "content": "s"}, *probe], probe):
             try:
                 pieces = self._pieces(messages, add_generation_prompt=False)
-            except Exception:  # noqa: BLE001: a template that refuses a system turn raises its own error
+            except Exception:  # noqa: BLE001, S112 (a template that refuses a system turn raises its own error)
                 continue
             return {token for ids, index in pieces if index is None for token in ids if token in special}
         return set()

@@ -12,9 +12,9 @@ from llmpipe.pipeline.params import StageParams, setting
 from llmpipe.train.settings import (
     PRECISIONS,
     BatchGeometry,
-    batch_geometry,
     TrainingParams,
     TrainSettings,
+    batch_geometry,
     loop_settings,
     process_on,
 )
