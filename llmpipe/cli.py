@@ -56,7 +56,7 @@ def load_any_model(path: Path, tokenizer):
             return load_model(path, tokenizer=tokenizer)[0]
         if isinstance(kind, dict) and "model_type" in kind:
             model = read_hf_directory(path)
-            check_tokenizer(model, None, path, tokenizer)  # the vocabulary size, at least
+            check_tokenizer(model.config, None, path, tokenizer)  # the vocabulary size, at least
             if (path / "tokenizer.json").is_file():  # an export carries its tokenizer: it must be this one
                 from tokenizers import Tokenizer
 

@@ -23,7 +23,7 @@ from llmpipe.data.jsonl import read_rows
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.compare import EvaluateSettings, Variant, compare_variants
 from llmpipe.gguf.files import check_gguf_file, read_gguf_model
-from llmpipe.model.weights import WEIGHTS_FILE, load_model
+from llmpipe.model.weights import WEIGHTS_FILE, check_model_directory, load_model
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.provenance import git_commit
@@ -56,8 +56,10 @@ def read_json(path):
 
 
 def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer) -> list[Variant]:
-    """The base and fine-tuned models, then every GGUF file from the most to the fewest bits per weight
-    (each file's structure and token list checked now, before any measurement)."""
+    """The base and fine-tuned models, then every GGUF file from the most to the fewest bits per weight (each
+    checked now, before any measurement: config.json and tokenizer, a GGUF file's structure and token list)."""
+    for directory in (layout.PRETRAINED, layout.FINETUNED):
+        check_model_directory(directory, tokenizer)
     found = [Variant("base", lambda: load_model(layout.PRETRAINED, tokenizer=tokenizer)[0],
                      layout.PRETRAINED / WEIGHTS_FILE, 32.0),
              Variant(REFERENCE, lambda: load_model(layout.FINETUNED, tokenizer=tokenizer)[0],

@@ -105,26 +105,35 @@ def load_state_into(model: Transformer, weights_path: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def check_tokenizer(model: Transformer, recorded: str | None, model_path: str | Path,
+def check_tokenizer(config: ModelConfig, recorded: str | None, model_path: str | Path,
                     tokenizer: LoadedTokenizer) -> None:
-    """Refuse a model and a tokenizer that do not belong together (another vocabulary, or the same size
-    with other merges), naming both paths."""
-    if model.config.vocab_size == tokenizer.vocab_size and recorded in (None, tokenizer.fingerprint):
+    """Refuse a model (its `config`, and the tokenizer fingerprint it `recorded`) and a tokenizer that do not
+    belong together (another vocabulary, or the same size with other merges), naming both paths."""
+    vocab_size = config.vocab_size
+    if vocab_size == tokenizer.vocab_size and recorded in (None, tokenizer.fingerprint):
         return
     was = f"tokenizer {recorded}, " if recorded else ""
     raise InputDataError(f"{model_path} does not match {tokenizer.directory}: the model was trained with {was}"
-                         f"{model.config.vocab_size} tokens, {tokenizer.directory} is tokenizer {tokenizer.fingerprint}, "
+                         f"{vocab_size} tokens, {tokenizer.directory} is tokenizer {tokenizer.fingerprint}, "
                          f"{tokenizer.vocab_size} tokens; rerun the pipeline (dvc repro) or use the matching tokenizer")
+
+
+def check_model_directory(directory: str | Path, tokenizer: LoadedTokenizer | None = None) -> tuple[dict, ModelConfig]:
+    """(config.json, the model's shape): what `load_model` checks before it reads a weight (with `tokenizer`, that
+    the model belongs to it), for a stage to check its inputs before any work."""
+    directory = Path(directory)
+    config = read_config(directory)
+    shape = model_config_from_dict(config.get("model", {}), str(directory / CONFIG_FILE))
+    if tokenizer is not None:
+        check_tokenizer(shape, config.get(TOKENIZER_KEY), directory, tokenizer)
+    return config, shape
 
 
 def load_model(directory: str | Path, device: str = "cpu",
                tokenizer: LoadedTokenizer | None = None) -> tuple[Transformer, dict]:
     """A model directory → (model in eval mode, its full config.json); with `tokenizer`, checked to match it."""
     directory = Path(directory)
-    config = read_config(directory)
-    model_config = model_config_from_dict(config.get("model", {}), str(directory / CONFIG_FILE))
-    model = Transformer(model_config)
-    if tokenizer is not None:
-        check_tokenizer(model, config.get(TOKENIZER_KEY), directory, tokenizer)
+    config, shape = check_model_directory(directory, tokenizer)
+    model = Transformer(shape)
     load_state_into(model, directory / WEIGHTS_FILE)
     return model.to(device).eval(), config

@@ -55,10 +55,11 @@ def _stop(signal_number, frame) -> None:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP raise `Stopped`, SIGINT KeyboardInterrupt (also where a parent set it to ignore)."""
-    for number in STOP_SIGNALS:
-        signal.signal(number, _stop)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """SIGTERM and SIGHUP raise `Stopped`, SIGINT KeyboardInterrupt; a signal the parent made this process ignore
+    (`nohup`, a background job) stays ignored."""
+    for number in (*STOP_SIGNALS, signal.SIGINT):
+        if signal.getsignal(number) != signal.SIG_IGN:
+            signal.signal(number, signal.default_int_handler if number == signal.SIGINT else _stop)
 
 
 def _ignore_signals() -> None:
@@ -138,11 +139,15 @@ def put_back(stage: str, is_main: bool) -> None:
     if not is_main or stage in _restored:
         return
     _restored.add(stage)
-    restored = restore_outputs(stage)
-    if restored:
-        print(f"{stage}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
-    if os.environ.get("DVC_EXP_BASELINE_REV") and restore_params_file():
-        print(f"{stage}: put back {PARAMS_FILE} as conf/ composes it (the refused experiment's values are not kept)",
+    try:
+        restored = restore_outputs(stage)
+        if restored:
+            print(f"{stage}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
+        if os.environ.get("DVC_EXP_BASELINE_REV") and restore_params_file():
+            print(f"{stage}: put back {PARAMS_FILE} as conf/ composes it (the refused experiment's values are not "
+                  "kept)", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 (the stage's own error is the one to report)
+        print(f"{stage}: could not put back the previous outputs ({type(exc).__name__}: {exc})".splitlines()[0],
               file=sys.stderr, flush=True)
 
 
