@@ -253,3 +253,15 @@ def test_the_projects_own_export_imports_and_the_default_fine_tune_trains_its_ro
     after = load_file(repo / "models/finetuned/model.safetensors")["embed_tokens.weight"]
     changed = set((before != after).any(dim=1).nonzero().flatten().tolist())
     assert changed and changed <= {ids["<|system|>"], ids["<|user|>"], ids["<|assistant|>"]}  # <|end|> stays
+
+
+def test_the_launcher_prints_the_line_that_names_the_cause(tmp_path):
+    """Of its processes' lines, a refusal comes before a crash, a crash before a process the launcher then stopped."""
+    from llmpipe.pipeline.guard import collected_error
+
+    (tmp_path / "rank-00000").write_text("stopped\npretrain: stopped by SIGTERM")
+    (tmp_path / "rank-00001").write_text("failed\npretrain: RuntimeError: boom (traceback in logs/pretrain-rank1.log)")
+    assert collected_error(tmp_path) == ("failed", "pretrain: RuntimeError: boom (traceback in logs/pretrain-rank1.log)")
+    (tmp_path / "rank-00002").write_text("refused\nparams.yaml: pretrain.warmup_steps: expected an integer >= 0")
+    assert collected_error(tmp_path)[0] == "refused"
+    assert collected_error(tmp_path / "none") is None

@@ -79,9 +79,8 @@ def _matches(path: Path, md5: str, cache: Path) -> bool:
 
 
 def _copy_from_cache(path: Path, md5: str, cache: Path) -> bool:
-    """Put dvc.lock's version of an output at `path` (replacing whatever is there); False when the cache lacks it."""
-    if not _cache_path(cache, md5).is_file():
-        return False
+    """Put dvc.lock's version of an output at `path` (replacing whatever is there); False when the cache lacks part
+    of it."""
     if not md5.endswith(".dir"):
         with atomic.atomic_path(path) as temp:
             _copy_file(_cache_path(cache, md5), temp)
@@ -127,12 +126,13 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
     restored = []
     for out in outs:
         path, md5 = Path(out["path"]), out.get("md5", "")
-        if not md5 or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
-            continue
         try:
+            if not md5 or not _cache_path(cache, md5).is_file() \
+                    or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
+                continue  # nothing to put back from, or nothing to put back
             if _copy_from_cache(path, md5, cache):
                 restored.append(str(path))
-        except OSError as exc:  # the rest may still come back
+        except (OSError, ValueError) as exc:  # the rest may still come back
             print(f"{stage}: could not put back {path} ({exc})", file=sys.stderr, flush=True)
     return restored
 
