@@ -105,7 +105,8 @@ def launch(args: argparse.Namespace, processes: int, nodes: int, stage: str) -> 
     )
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own lines about the processes
+    for name in [name for name in logging.root.manager.loggerDict if name.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its own lines about stopping processes: ours say it
     endpoint, run_id = rendezvous(nodes, args.rdzv_endpoint, args.rdzv_id, args.script)
     config = LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=processes, run_id=run_id,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0, monitor_interval=0.5,
