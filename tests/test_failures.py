@@ -260,7 +260,8 @@ def test_the_launcher_prints_the_line_that_names_the_cause(tmp_path):
 
     (tmp_path / "rank-00000").write_text("stopped\npretrain: stopped by SIGTERM")
     (tmp_path / "rank-00001").write_text("failed\npretrain: RuntimeError: boom (traceback in logs/pretrain-rank1.log)")
-    assert collected_error(tmp_path) == ("failed", "pretrain: RuntimeError: boom (traceback in logs/pretrain-rank1.log)")
+    assert collected_error(tmp_path) == ("failed",
+                                         "pretrain: RuntimeError: boom (traceback in logs/pretrain-rank1.log)")
     (tmp_path / "rank-00002").write_text("refused\nparams.yaml: pretrain.warmup_steps: expected an integer >= 0")
     assert collected_error(tmp_path)[0] == "refused"
     assert collected_error(tmp_path / "none") is None

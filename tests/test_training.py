@@ -198,8 +198,8 @@ def test_fsdp_needs_as_many_micro_batches_in_every_process_and_the_key_ignores_r
     assert BatchGeometry("pretrain", 8, 2, world_size=2, parallelism="fsdp").world_size == 2
     assert BatchGeometry("pretrain", 6, 2, world_size=2).micro_sequences == 2  # DDP: 2 and 1 micro-batches are fine
     assert BatchGeometry("pretrain", 6, 2, world_size=2, parallelism="fsdp").micro_sequences == 1  # 3 each
-    with pytest.raises(ParamError, match=r"pretrain.parallelism: fsdp needs pretrain.global_batch_sequences \(5\) to be "
-                                         r"a multiple of the 2 processes"):
+    with pytest.raises(ParamError, match=r"pretrain.parallelism: fsdp needs pretrain.global_batch_sequences \(5\) to "
+                                         r"be a multiple of the 2 processes"):
         BatchGeometry("pretrain", 5, 5, world_size=2, parallelism="fsdp")
     params = {"pretrain.max_steps": 6, "pretrain.processes": 2, "pretrain.parallelism": "fsdp", "seed": 1}
     same = {**params, "pretrain.processes": 1, "pretrain.parallelism": "ddp", "pretrain.nodes": 2,

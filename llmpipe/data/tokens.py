@@ -111,9 +111,9 @@ class TokenShards:
     def _check_ids(self, shard: int, piece: np.ndarray, offset: int) -> None:
         if piece.size and int(piece.max()) >= self.vocab_size:
             position = int(np.argmax(piece >= self.vocab_size))
-            raise InputDataError(f"{self.paths[shard]}: token {offset + position} is id {int(piece[position])}, outside "
-                                 f"the {self.vocab_size}-token vocabulary (meta.json); rerun the tokenize stage "
-                                 "(dvc repro tokenize --force)")
+            raise InputDataError(f"{self.paths[shard]}: token {offset + position} is id {int(piece[position])}, "
+                                 f"outside the {self.vocab_size}-token vocabulary (meta.json); rerun the tokenize "
+                                 "stage (dvc repro tokenize --force)")
 
 
 def token_chunks(tokens, start: int = 0, size: int = CHUNK_TOKENS) -> Iterator[np.ndarray]:

@@ -39,7 +39,8 @@ def yaml_error(exc: yaml.MarkedYAMLError, fallback: str) -> str:
     mark = exc.problem_mark or exc.context_mark
     name = mark.name if mark and mark.name and not mark.name.startswith("<") else fallback
     where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-    return f"{os.path.relpath(name) if os.path.isabs(name) else name}{where}: not valid YAML ({exc.problem or exc.context})"
+    name = os.path.relpath(name) if os.path.isabs(name) else name
+    return f"{name}{where}: not valid YAML ({exc.problem or exc.context})"
 
 
 def write_params(params: dict, path: str | Path = "params.yaml") -> None:

@@ -64,7 +64,7 @@ def check_settings(instance: Any) -> None:
     first thing in `__post_init__`. A SettingError names the first field that fails."""
     cls = type(instance)
     hints = typing.get_type_hints(cls)
-    fields = [f for f in param_fields(cls) if not dataclasses.is_dataclass(getattr(instance, f.name))]  # checked already
+    fields = [f for f in param_fields(cls) if not dataclasses.is_dataclass(getattr(instance, f.name))]  # checked
     values = {f.name: list(value) if isinstance(value := getattr(instance, f.name), tuple) else value for f in fields}
     reader = StageParams("settings", values, list(values), source="")
     for f in fields:

@@ -107,8 +107,9 @@ class BatchGeometry:
                        if self.global_sequences % size == 0 and self.shares(self.global_sequences // size)), None)
         if usable is None and self.parallelism == "fsdp":
             # Every FSDP forward and backward is a collective: the processes must run as many of them.
-            raise ParamError(f"params.yaml: {self.section}.parallelism: fsdp needs {self.section}.global_batch_sequences "
-                             f"({self.global_sequences}) to be a multiple of the {self.world_size} processes")
+            raise ParamError(f"params.yaml: {self.section}.parallelism: fsdp needs {self.section}."
+                             f"global_batch_sequences ({self.global_sequences}) to be a multiple of the "
+                             f"{self.world_size} processes")
         if usable is None:
             raise ParamError(f"params.yaml: {self.section}.global_batch_sequences: {self.global_sequences} sequences "
                              f"cannot be shared by {self.world_size} processes (at least one each)")
