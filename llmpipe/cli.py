@@ -15,6 +15,7 @@ finetune stage's (models/finetuned); the tokenizer to models/tokenizer.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def load_any_model(path: Path, tokenizer):
             return load_model(path, tokenizer=tokenizer)[0]
         if isinstance(kind, dict) and "model_type" in kind:
             model = read_hf_directory(path)
-            check_tokenizer(model, None, path, tokenizer)  # the vocabulary size, at least
+            check_tokenizer(model.config, None, path, tokenizer)  # the vocabulary size, at least
             if (path / "tokenizer.json").is_file():  # an export carries its tokenizer: it must be this one
                 from tokenizers import Tokenizer
 
@@ -84,11 +85,22 @@ def _load(args: argparse.Namespace, default_model: str = DEFAULT_MODEL):
     return load_any_model(_existing(args.model, "--model", default_model), tokenizer), tokenizer
 
 
+def utf8_text(text: str, what: str) -> str:
+    """A command-line argument or a line read from stdin, refused unless it is UTF-8 text (Python hands undecodable
+    bytes over as lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = len(text[:exc.start].encode("utf-8", "surrogateescape"))
+        raise PipelineError(f"{what} is not valid UTF-8 (byte {byte}); pass UTF-8 text") from None
+    return text
+
+
 def _prompt_ids(model, tokenizer, text: str, max_new_tokens: int = 1) -> list[int]:
     """The prompt's token ids; a long prompt keeps its end, leaving room for the answer (said on stderr)."""
     from llmpipe.model.generation import fit_prompt
 
-    if not text.strip():
+    if not utf8_text(text, "the prompt").strip():
         raise PipelineError("the prompt is empty (or only white space)")
     ids = tokenizer.encode(text)
     fitted = fit_prompt(ids, model.config.context_length, max_new_tokens)
@@ -122,11 +134,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = _load(args)
     engine = Engine(model, stop_ids={tokenizer.end_of_document_id, tokenizer.special_ids["end_of_turn"]})
     decoder = StreamingDecoder(tokenizer)
+    prompt = _prompt_ids(model, tokenizer, args.text, args.max_new_tokens)
     sys.stdout.write(args.text)
-    for token in engine.stream(_prompt_ids(model, tokenizer, args.text, args.max_new_tokens), _sampling(args)):
+    for token in engine.stream(prompt, _sampling(args)):
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def within_context(template, messages: list[dict], limit: int) -> tuple[list[dict], list[int]]:
+    """The conversation without its oldest turns (a system message stays) until its prompt fits in `limit` tokens,
+    or down to the last message; and that prompt."""
+    prompt = template.encode_prompt(messages)
+    while len(prompt) > limit and len(messages) > 1:  # forget the oldest turns
+        messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
+        prompt = template.encode_prompt(messages)
+    return messages, prompt
 
 
 def stream_answer(model, tokenizer, template, messages: list[dict], settings) -> str:
@@ -134,10 +157,7 @@ def stream_answer(model, tokenizer, template, messages: list[dict], settings) ->
     from llmpipe.model.generation import Engine, StreamingDecoder, prompt_limit
 
     limit = prompt_limit(model.config.context_length, settings.max_new_tokens)
-    prompt = template.encode_prompt(messages)
-    while len(prompt) > limit and len(messages) > 1:  # forget the oldest turns
-        messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
-        prompt = template.encode_prompt(messages)
+    messages, prompt = within_context(template, messages, limit)
     if len(prompt) > limit:
         print(f"note: the question is {len(prompt)} tokens; the model reads at most {model.config.context_length}, "
               f"so only its last {limit} are used", file=sys.stderr)
@@ -156,31 +176,40 @@ def stream_answer(model, tokenizer, template, messages: list[dict], settings) ->
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from llmpipe.model.generation import prompt_limit
     from llmpipe.text.chat_template import ChatTemplate
 
-    if args.text is not None and not args.text.strip():
+    if args.text is not None and not utf8_text(args.text, "the question").strip():
         raise PipelineError("the question is empty (or only white space); omit it for an interactive chat")
     model, tokenizer = _load(args, DEFAULT_CHAT_MODEL)
     template = ChatTemplate(tokenizer)
     settings = _sampling(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
+    history = [{"role": "system", "content": utf8_text(args.system, "--system")}] if args.system else []
     if args.text is not None:
         stream_answer(model, tokenizer, template, history + [{"role": "user", "content": args.text}], settings)
         return
     print(f"Chatting with {args.model} (empty line or Ctrl-D to quit).")
-    while True:
+    history_limit = prompt_limit(model.config.context_length, settings.max_new_tokens)
+    told = False
+    for number in itertools.count(1):
         try:
-            question = input("you> ").strip()
+            question = utf8_text(input("you> "), f"input line {number}").strip()
         except EOFError:
             print()
             return
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"input line {number} is not valid UTF-8 (byte {exc.start}); pass UTF-8 text") from None
         if not question:
             return
         turn = history + [{"role": "user", "content": question}]
         sys.stdout.write("model> ")
         answer = stream_answer(model, tokenizer, template, turn, settings)
-        if args.history:
-            history = turn + [{"role": "assistant", "content": answer}]
+        if args.history:  # kept within the context: the oldest turns go (said once)
+            history = within_context(template, turn + [{"role": "assistant", "content": answer}], history_limit)[0]
+            if len(history) < len(turn) + 1 and not told:
+                told = True
+                print(f"note: the conversation is longer than the model's {model.config.context_length}-token "
+                      "context; its oldest turns are dropped as new ones come", file=sys.stderr)
 
 
 def cmd_model_size(args: argparse.Namespace) -> None:
@@ -315,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.compare import EvaluateSettings, Variant, compare_variants
-from llmpipe.gguf.files import read_gguf_model
-from llmpipe.model.weights import WEIGHTS_FILE, load_model
+from llmpipe.gguf.files import check_gguf_file, read_gguf_model
+from llmpipe.model.weights import WEIGHTS_FILE, check_model_directory, load_model
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.provenance import git_commit
@@ -56,8 +56,10 @@ def read_json(path):
 
 
 def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer) -> list[Variant]:
-    """The base and fine-tuned models, then every GGUF file from the most to the fewest bits per weight
-    (each checked to match the tokenizer)."""
+    """The base and fine-tuned models, then every GGUF file from the most to the fewest bits per weight (each
+    checked now, before any measurement: config.json and tokenizer, a GGUF file's structure and token list)."""
+    for directory in (layout.PRETRAINED, layout.FINETUNED):
+        check_model_directory(directory, tokenizer)
     found = [Variant("base", lambda: load_model(layout.PRETRAINED, tokenizer=tokenizer)[0],
                      layout.PRETRAINED / WEIGHTS_FILE, 32.0),
              Variant(REFERENCE, lambda: load_model(layout.FINETUNED, tokenizer=tokenizer)[0],
@@ -66,6 +68,7 @@ def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer) -> list[Variant]:
     for name, row in by_size:
         path = layout.find_gguf_file(name)
         if path is not None:
+            check_gguf_file(path, tokenizer)
             found.append(Variant(name, lambda p=path: read_gguf_model(p, tokenizer), path, row["bits_per_weight"]))
     return found
 
@@ -79,6 +82,9 @@ def evaluate(params: StageParams, run: StageRun) -> None:
     template = ChatTemplate(tokenizer)
     validation_tokens = open_tokens("validation")
     qa_sets = {split: read_rows(layout.QA_FILES[split])[:settings.max_questions_per_split] for split in ("finetuned_people", "heldout_people")}
+    training_reports = {"pretrain": read_training_reports(layout.PRETRAIN_REPORTS),  # read now: inputs before work
+                        "finetune": read_training_reports(layout.FINETUNE_REPORTS),
+                        "pretrain curve": read_curve(layout.PRETRAIN_REPORTS / layout.EVAL_CURVE)}
     rows, samples, reference_model = compare_variants(
         variants(read_json(layout.SIZES_JSON), tokenizer), REFERENCE, template, validation_tokens,
         read_meta()["splits"]["validation"], qa_sets, settings)
@@ -94,10 +100,8 @@ def evaluate(params: StageParams, run: StageRun) -> None:
                   "DVC experiment": os.environ.get("DVC_EXP_NAME", "none (dvc repro)"),
                   "MLflow pipeline run (holds every param)": run.parent_id or "none",
                   "fine-tuned weights (md5 of models/finetuned)": run.input_hashes.get(str(layout.FINETUNED), "unknown")}
-    report = evaluation_report(rows, REFERENCE, read_training_reports(layout.PRETRAIN_REPORTS),
-                               read_training_reports(layout.FINETUNE_REPORTS), samples, images,
-                               pretrain_eval_curve=read_curve(layout.PRETRAIN_REPORTS / layout.EVAL_CURVE),
-                               provenance=provenance)
+    report = evaluation_report(rows, REFERENCE, training_reports["pretrain"], training_reports["finetune"], samples,
+                               images, pretrain_eval_curve=training_reports["pretrain curve"], provenance=provenance)
     atomic.write_text(layout.REPORT, report)
     atomic.write_json(layout.EVALUATE_METRICS, evaluate_metrics(rows))
     write_variants_table(rows)

@@ -13,7 +13,7 @@ import torch
 from llmpipe.data.chat_examples import example_statistics, read_prepared_examples
 from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.qa import answer_loss, qa_metrics
-from llmpipe.model.lora import add_lora, merged_copy, save_adapter
+from llmpipe.model.lora import add_lora, check_rank, merged_copy, save_adapter
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, load_model, write_model
 from llmpipe.pipeline import atomic, distributed, layout
 from llmpipe.pipeline.params import StageParams
@@ -28,7 +28,7 @@ from llmpipe.train.chat_tokens import chat_token_ids, train_only_token_rows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.example_batches import EpochBatches
 from llmpipe.train.finetune_settings import FinetuneSettings, finetune_settings
-from llmpipe.train.loop import shards, train
+from llmpipe.train.loop import check_learned, shards, train
 
 
 def measure(model, template, qa_sets, validation, settings, prefix="") -> tuple[dict, dict]:
@@ -54,7 +54,7 @@ def encode_examples(template: ChatTemplate, examples: dict[str, list], context: 
     return train_encoded, validation, counts
 
 
-def prepare_method(model, settings: FinetuneSettings, tokenizer: LoadedTokenizer, device) -> None:
+def prepare_method(model, settings: FinetuneSettings, chat_ids: list[int], device) -> None:
     """Make only what the method trains trainable: LoRA adapters, or the chat tokens' embedding rows."""
     torch.manual_seed(settings.seed)  # LoRA initialization and dropout
     if settings.lora:
@@ -62,21 +62,24 @@ def prepare_method(model, settings: FinetuneSettings, tokenizer: LoadedTokenizer
         model.to(device)
     elif settings.method == "chat_tokens":
         # Not end_of_document's row: it starts every plain-text document, and it is the output head's too.
-        train_only_token_rows(model, chat_token_ids(tokenizer))
+        train_only_token_rows(model, chat_ids)
 
 
 def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRun) -> None:
     process = settings.process
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     template = ChatTemplate(tokenizer)
+    chat_ids = chat_token_ids(template) if settings.method == "chat_tokens" else []  # refused now, before any work
     examples = {split: read_prepared_examples(path) for split, path in layout.FINETUNE_EXAMPLES.items()}
     qa_sets = {split: read_rows(path) for split, path in layout.QA_FILES.items()}
     model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer)
+    if settings.lora:
+        check_rank(model, settings.lora, f"{params.source}: finetune.lora")
     train_encoded, validation, cut = encode_examples(template, examples, model.config.context_length, process.is_main)
 
     model.eval()
     base_metrics, base_answers = measure(model, template, qa_sets, validation, settings, prefix="base_")
-    prepare_method(model, settings, tokenizer, process.device)
+    prepare_method(model, settings, chat_ids, process.device)
 
     def evaluate(current) -> dict[str, float]:  # every eval_every steps: picks the best step
         return measure(current, template, {"validation_people": qa_sets["validation_people"]}, validation, settings)[0]
@@ -96,6 +99,7 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     trained = result.model.cpu()  # whole (gathered from the shards under FSDP)
     final_model = merged_copy(trained) if settings.lora else trained.eval()
     final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
+    check_learned("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)
     statistics = example_statistics(examples["train"])
     metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.loop.max_steps,
                "train_examples": statistics["examples"], "duplicate_examples": statistics["duplicate_examples"],

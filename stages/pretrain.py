@@ -24,7 +24,7 @@ from llmpipe.report.publish import publish_training
 from llmpipe.report.tables import PRETRAIN_METRICS
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
-from llmpipe.train.loop import shards, train
+from llmpipe.train.loop import check_learned, shards, train
 from llmpipe.train.settings import PretrainSettings, pretrain_section, pretrain_settings
 
 
@@ -60,6 +60,8 @@ def train_from_scratch(settings: PretrainSettings, params: StageParams, run: Sta
     evaluate = functools.partial(perplexity_metrics, tokens=open_tokens("validation"), split_counts=validation_counts,
                                  max_tokens=settings.eval_max_tokens, batch_size=batch.micro_sequences,
                                  device=process.device)
+    # Before training: it reads every token once, so a token id outside the vocabulary is refused now.
+    unigram_bpb = unigram_baseline(config.vocab_size, validation_counts["utf8_bytes"])
     store = CheckpointStore.for_stage("pretrain", params.declared_values(), run.input_hashes)
     if process.is_main:
         print(f"pretrain: {parameters:,} parameters, {batch.global_sequences} sequences × {config.context_length} "
@@ -71,8 +73,8 @@ def train_from_scratch(settings: PretrainSettings, params: StageParams, run: Sta
         return
     facts = {"parameters": parameters, "steps": settings.loop.max_steps,
              "tokens_trained": settings.loop.max_steps * batch.global_sequences * config.context_length}
-    metrics = {**result.final_metrics, "unigram_bpb": unigram_baseline(config.vocab_size, validation_counts["utf8_bytes"]),
-               **facts}
+    check_learned("pretrain", "val_loss", result.final_metrics, config.vocab_size)
+    metrics = {**result.final_metrics, "unigram_bpb": unigram_bpb, **facts}
     # Timings are machine noise: in MLflow and timings.json, never in the metrics DVC compares.
     timings = {"tokens_per_second": result.mean_of("tokens_per_second") or 0.0,
                "peak_flops_per_second": settings.loop.peak_flops_per_second}

@@ -118,12 +118,16 @@ def test_weights_that_do_not_match_the_config_are_refused(repo):
     assert message.startswith("error: models/pretrained/model.safetensors: tensor layers.0.mlp.") and "the config needs" in message
 
 
-def test_tampered_gguf_file_is_refused_by_evaluate(repo):
+def test_tampered_gguf_file_is_refused_by_evaluate_before_any_measurement(repo):
     gguf_file = next((repo / "models/gguf").glob("*-Q4_0.gguf"))
     data = bytearray(gguf_file.read_bytes())
     gguf_file.write_bytes(bytes(data[: len(data) - 5000]))
     message = fail(repo, "evaluate")
     assert message.startswith(f"error: models/gguf/{gguf_file.name}")
+    gguf_file.write_bytes(b"")
+    result = run([sys.executable, "stages/evaluate.py"], repo, check=False)
+    assert f"error: models/gguf/{gguf_file.name}: not a readable GGUF file" in result.stderr
+    assert "evaluate: base:" not in result.stdout  # inputs checked before the other variants are measured
 
 
 def parquet_bytes(values) -> bytes:

@@ -28,6 +28,7 @@ PLUMBING = {
     "llmpipe/pipeline/store.py": "where MLflow stores runs",
     "llmpipe/pipeline/provenance.py": "git commit and input md5s, for MLflow tags",
     "llmpipe/pipeline/restore.py": "puts the previous outputs back when a stage fails",
+    "llmpipe/pipeline/guard.py": "whatever ends a stage: outputs put back, one line, exit status",
     "llmpipe/pipeline/compose.py": "restore's params.yaml, as conf/ composes it",
     "llmpipe/pipeline/errors.py": "exception types",
     "llmpipe/pipeline/launch.py": "process launch (torchrun)",

@@ -137,6 +137,7 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
 def test_chat_tokens_finetune_changes_only_the_chat_templates_token_rows(copy_built):
     from safetensors.torch import load_file
 
+    from llmpipe.text.chat_template import ChatTemplate
     from llmpipe.text.tokenizer import LoadedTokenizer
     from llmpipe.train.chat_tokens import chat_token_ids
 
@@ -145,7 +146,7 @@ def test_chat_tokens_finetune_changes_only_the_chat_templates_token_rows(copy_bu
                  "finetune").stdout
     assert ran(output) == ["finetune"] and "finetune: chat_tokens" in output
     tokenizer = LoadedTokenizer(repo / "models/tokenizer")
-    chat_ids = set(chat_token_ids(tokenizer))
+    chat_ids = set(chat_token_ids(ChatTemplate(tokenizer)))
     assert tokenizer.end_of_document_id not in chat_ids and len(chat_ids) == len(tokenizer.special_ids) - 1
     pretrained = load_file(repo / "models/pretrained/model.safetensors")
     finetuned = load_file(repo / "models/finetuned/model.safetensors")

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, dvc, environment, kill_at_first_checkpoint, run
+from conftest import BIN, dvc, environment, run
 from test_pipeline import md5, ran
 
 
@@ -114,21 +114,6 @@ def test_no_code_loads_torch_files_with_pickle():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{source}: {line.strip()}"
             assert "pickle.load" not in line, f"{source}: {line.strip()}"
-
-
-def test_sigkill_during_finetune_then_repro_resumes(copy_built):
-    import yaml
-
-    repo = copy_built()
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["finetune"].update(max_steps=400, checkpoint_every=5, eval_every=200)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = md5(repo / "models/finetuned/model.safetensors")
-    kill_at_first_checkpoint(repo, "finetune")
-    assert md5(repo / "models/finetuned/model.safetensors") == before  # the old output, untouched
-    output = dvc(repo, "repro", "finetune").stdout
-    assert "resuming from checkpoint" in output
-    assert set(ran(output)) == {"finetune"}
 
 
 def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_built):

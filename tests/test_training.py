@@ -150,11 +150,14 @@ def test_kl_divergence_is_zero_for_the_same_distribution_and_known_otherwise():
 def test_settings_are_frozen_and_batch_geometry_is_checked_once():
     with pytest.raises(Exception):
         settings().learning_rate = 1.0  # frozen: nothing patches settings after they are built
-    assert BatchGeometry("pretrain", 32, 8, world_size=4).global_sequences == 32
-    with pytest.raises(ParamError, match="pretrain.global_batch_sequences .30. must be a multiple of pretrain.micro"):
-        BatchGeometry("pretrain", 30, 8, world_size=1)
-    with pytest.raises(ParamError, match="2 micro-batches cannot be shared by 4 processes"):
-        BatchGeometry("finetune", 16, 8, world_size=4)
+    assert BatchGeometry("pretrain", 32, 8, world_size=4).micro_sequences == 8
+    # The micro-batch is an execution detail: the largest one below the request that divides the global batch and
+    # that the processes can share is used (the gradient is the global batch's either way).
+    assert BatchGeometry("pretrain", 30, 8, world_size=1).micro_sequences == 6
+    assert BatchGeometry("finetune", 16, 8, world_size=4).micro_sequences == 4
+    assert BatchGeometry("pretrain", 32, 32, world_size=2).micro_sequences == 16  # the default, on 2 processes
+    with pytest.raises(ParamError, match="finetune.global_batch_sequences: 2 sequences cannot be shared by 4 proc"):
+        BatchGeometry("finetune", 2, 2, world_size=4)
 
 
 def test_every_checkpoint_tensor_file_is_read_without_unpickling(tmp_path):
@@ -199,13 +202,14 @@ def test_fsdp_needs_as_many_micro_batches_in_every_process_and_the_key_ignores_r
     from llmpipe.train.checkpoint import checkpoint_key
 
     assert BatchGeometry("pretrain", 8, 2, world_size=2, parallelism="fsdp").world_size == 2
-    BatchGeometry("pretrain", 6, 2, world_size=2)  # DDP: 2 and 1 micro-batches are fine
-    with pytest.raises(ParamError, match=r"pretrain.parallelism: fsdp needs .* = 3 micro-batches to be a multiple "
-                                         r"of the 2 processes"):
-        BatchGeometry("pretrain", 6, 2, world_size=2, parallelism="fsdp")
+    assert BatchGeometry("pretrain", 6, 2, world_size=2).micro_sequences == 2  # DDP: 2 and 1 micro-batches are fine
+    assert BatchGeometry("pretrain", 6, 2, world_size=2, parallelism="fsdp").micro_sequences == 1  # 3 each
+    with pytest.raises(ParamError, match=r"pretrain.parallelism: fsdp needs pretrain.global_batch_sequences \(5\) to "
+                                         r"be a multiple of the 2 processes"):
+        BatchGeometry("pretrain", 5, 5, world_size=2, parallelism="fsdp")
     params = {"pretrain.max_steps": 6, "pretrain.processes": 2, "pretrain.parallelism": "fsdp", "seed": 1}
     same = {**params, "pretrain.processes": 1, "pretrain.parallelism": "ddp", "pretrain.nodes": 2,
-            "pretrain.device": "cpu", "pretrain.log_every": 5}
+            "pretrain.device": "cpu", "pretrain.log_every": 5, "pretrain.micro_batch_sequences": 3}
     assert checkpoint_key(params, {"a": "1"}) == checkpoint_key(same, {"a": "1"})
     assert checkpoint_key(params, {"a": "1"}) != checkpoint_key({**params, "pretrain.max_steps": 7}, {"a": "1"})
 

@@ -10,11 +10,27 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from llmpipe.pipeline.errors import InputDataError
+
+MAX_LINE_BYTES = 64 << 20  # the longest line (of a user's file) held in memory: a file without newlines is not one line
+
+
+def bounded_lines(handle: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line of a file opened in binary mode, none longer than MAX_LINE_BYTES (a longer
+    one is refused once that much is read, naming the file and line), so memory stays bounded whatever the file."""
+    for number in itertools.count(1):
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            raise InputDataError(f"{path}:{number}: a line longer than {MAX_LINE_BYTES >> 20} MiB; split it into "
+                                 "lines (or documents) of reasonable size")
+        yield number, raw
 
 
 def iterate_records(path: str | Path) -> Iterator[tuple[str, object]]:
@@ -23,7 +39,7 @@ def iterate_records(path: str | Path) -> Iterator[tuple[str, object]]:
     if not path.is_file():
         raise InputDataError(f"{path}: file not found")
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in bounded_lines(handle, path):
             where = f"{path}:{number}"
             try:
                 line = raw.decode("utf-8")

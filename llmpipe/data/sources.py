@@ -6,7 +6,9 @@ Documents are streamed, in batches of the text column, never held as a list: loc
 `streaming=True` (no Arrow copy), a Hub dataset with `data.streaming` (true is the way for corpora larger
 than memory or disk; false downloads the split and reads its Arrow files batch by batch). Memory therefore
 does not grow with the corpus. Local files are checked first, also streamed, so that bad bytes or bad JSON
-get a `file:line` error.
+get a `file:line` error: each file once by its real path (a symlink loop repeats nothing), binary content
+(a NUL byte) refused from the file's first bytes, and no line or document longer than 64 MiB (a file without
+newlines is not read whole into memory).
 """
 
 from __future__ import annotations
@@ -14,26 +16,32 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from llmpipe.data.jsonl import iterate_records
+from llmpipe.data.jsonl import bounded_lines, iterate_records
 from llmpipe.pipeline.errors import InputDataError
 
 BUILDER_BY_SUFFIX = {".txt": "text", ".md": "text", ".text": "text",
                      ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
 BATCH_ROWS = 1000  # rows read at a time
+MAX_DOCUMENT_BYTES = 64 << 20  # the longest text document: `datasets` holds one whole in memory
+BINARY_PROBE_BYTES = 8192  # the start of a file where a NUL byte says it is binary (as git decides)
 
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
-    files: list[Path] = []
+    """The files the globs match, each once: by its real path, so a file reached twice (two globs, a symlink, a
+    directory symlink loop such as `d/loop -> ..`) is read once, under the first name it was matched by."""
+    files: dict[str, Path] = {}
     for pattern in patterns:
-        matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        matched = matching_files(pattern)
         if not matched:
             raise InputDataError(f"{key}: no file matches {pattern!r}")
-        files.extend(matched)
-    unique = list(dict.fromkeys(files))
+        for file in matched:
+            files.setdefault(os.path.realpath(file), file)
+    unique = list(files.values())
     for file in unique:
         if file.suffix.lower() not in BUILDER_BY_SUFFIX:
             raise InputDataError(f"{file}: unsupported file type {file.suffix!r}; expected one of "
@@ -41,13 +49,80 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
     return unique
 
 
-def _check_text_file(path: Path) -> None:
+def matching_files(pattern: str) -> list[Path]:
+    """The files a glob matches, sorted. `**` (any number of directories) walks each directory once, by its real
+    path (glob.glob follows directory symlinks round a loop, and through two loops explores exponentially many
+    paths); as in glob, `*` and `**` do not match names starting with a dot."""
+    if "**" not in pattern:
+        return sorted(Path(p) for p in glob.glob(pattern) if os.path.isfile(p))
+    parts = pattern.split("/")
+    literal = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    top = "/".join(parts[:literal]) or ("/" if pattern.startswith("/") else ".")
+    matcher = re.compile(glob_regex(pattern.removeprefix("./")))
+    visited, found = set(), []
+    for root, directories, names in os.walk(top, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in visited:
+            directories[:] = []
+            continue
+        visited.add((status.st_dev, status.st_ino))
+        directories[:] = sorted(d for d in directories if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = os.path.join(root, name).removeprefix("./")
+            if matcher.fullmatch(path) and os.path.isfile(path):
+                found.append(Path(path))
+    return found
+
+
+def glob_regex(pattern: str) -> str:
+    """A glob pattern as a regular expression over '/'-separated paths: `**/` any directories (none too), `*` and
+    `?` within one name, `[...]` a character class."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
+
+
+def _check_text_file(path: Path, sample_by: str) -> None:
+    """UTF-8 (file:line), not binary (a NUL byte: file:line), and no document longer than MAX_DOCUMENT_BYTES as
+    `sample_by` cuts the file (a line, a paragraph or the whole file), read a bounded line at a time."""
+    document_bytes, document_line = 0, 1
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in bounded_lines(handle, path):
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise InputDataError(f"{path}:{number}: binary content (a NUL byte at byte {nul} of the line); text "
+                                     "files must be UTF-8 text")
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InputDataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start} of the line)") from None
+            if sample_by == "line" or (sample_by == "paragraph" and not raw.strip()):
+                document_bytes, document_line = 0, number + 1
+            document_bytes += len(raw)
+            if document_bytes > MAX_DOCUMENT_BYTES:
+                raise InputDataError(f"{path}:{document_line}: a document (data.txt_sample_by={sample_by}) longer than "
+                                     f"{MAX_DOCUMENT_BYTES >> 20} MiB starts here; split the text, or sample by "
+                                     "paragraph or line")
 
 
 def _check_jsonl_file(path: Path, text_column: str) -> None:
@@ -94,16 +169,23 @@ def _check_parquet_file(path: Path, text_column: str) -> None:
         raise InputDataError(f"{path}: no rows")
 
 
-CHECKS = {"text": lambda path, column: _check_text_file(path), "json": _check_jsonl_file,
-          "parquet": _check_parquet_file}
+CHECKS = {"text": lambda path, column, sample_by: _check_text_file(path, sample_by),
+          "json": lambda path, column, sample_by: _check_jsonl_file(path, column),
+          "parquet": lambda path, column, sample_by: _check_parquet_file(path, column)}
 
 
-def check_file(path: Path, builder: str, text_column: str) -> None:
+def check_file(path: Path, builder: str, text_column: str, txt_sample_by: str = "paragraph") -> None:
     """Before `datasets` reads a file: it is not empty, and its bytes, records and text column are valid,
     so an error names the file (and the line or row) instead of a builder's generic failure."""
     if path.stat().st_size == 0:
         raise InputDataError(f"{path}: empty file (0 bytes); remove it or leave it out of data.paths")
-    CHECKS[builder](path, text_column)
+    if builder != "parquet":  # binary content (an image, an archive, a file of zeros): said at once, from its start
+        with open(path, "rb") as handle:
+            nul = handle.read(BINARY_PROBE_BYTES).find(b"\0")
+        if nul >= 0:
+            raise InputDataError(f"{path}: binary content (a NUL byte at byte {nul}); text and JSONL files must be "
+                                 "UTF-8 text")
+    CHECKS[builder](path, text_column, txt_sample_by)
 
 
 def root_cause(exc: BaseException) -> str:
@@ -143,7 +225,7 @@ def _stream_local_documents(files: list[Path], text_column: str, txt_sample_by: 
     for builder, group in itertools.groupby(files, key=lambda f: BUILDER_BY_SUFFIX[f.suffix.lower()]):
         group = list(group)
         for file in group:
-            check_file(file, builder, text_column)
+            check_file(file, builder, text_column, txt_sample_by)
         options = {"sample_by": txt_sample_by} if builder == "text" else {}
         names = ", ".join(str(f) for f in group)
         try:

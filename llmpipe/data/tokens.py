@@ -13,7 +13,8 @@ measured against.
 
 Writing: llmpipe.data.encode (the tokenize stage).
 Reading (`open_tokens(split)`) gives a `TokenShards`: an array-like over the split's shards that checks
-meta.json and every shard's size at once and memory-maps a shard only when first read. `len(tokens)`,
+meta.json and every shard's size at once and memory-maps a shard only when first read; every read checks
+the token ids are inside the vocabulary. `len(tokens)`,
 `tokens[a:b]` (a numpy array; a window across a shard boundary is joined) and `tokens[i]`;
 `token_chunks(tokens)` goes over a whole split in arrays of at most CHUNK_TOKENS.
 """
@@ -66,10 +67,12 @@ def read_meta(tokens_dir: str | Path = layout.TOKENS) -> dict:
 
 
 class TokenShards:
-    """A split's tokens over its shard files, read as one array: each shard is memory-mapped when first read."""
+    """A split's tokens over its shard files, read as one array: each shard is memory-mapped when first read.
+    Every read checks its token ids against the vocabulary (a max over what is read: no extra pass), so a shard
+    edited or damaged on disk is one line naming the file, not an index error deep in the model."""
 
-    def __init__(self, paths: list[Path], counts: list[int], dtype: str):
-        self.paths, self.dtype = paths, DTYPES[dtype]
+    def __init__(self, paths: list[Path], counts: list[int], dtype: str, vocab_size: int | None = None):
+        self.paths, self.dtype, self.vocab_size = paths, DTYPES[dtype], vocab_size
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # shard i: [starts[i], starts[i+1])
         self._maps: dict[int, np.memmap] = {}
 
@@ -100,7 +103,17 @@ class TokenShards:
         last = int(np.searchsorted(self.starts, stop, side="left")) - 1
         pieces = [np.asarray(self._shard(i)[max(start - self.starts[i], 0):stop - self.starts[i]])
                   for i in range(first, last + 1)]
+        if self.vocab_size is not None:
+            for index, piece in zip(range(first, last + 1), pieces):
+                self._check_ids(index, piece, max(start - self.starts[index], 0))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _check_ids(self, shard: int, piece: np.ndarray, offset: int) -> None:
+        if piece.size and int(piece.max()) >= self.vocab_size:
+            position = int(np.argmax(piece >= self.vocab_size))
+            raise InputDataError(f"{self.paths[shard]}: token {offset + position} is id {int(piece[position])}, "
+                                 f"outside the {self.vocab_size}-token vocabulary (meta.json); rerun the tokenize "
+                                 "stage (dvc repro tokenize --force)")
 
 
 def token_chunks(tokens, start: int = 0, size: int = CHUNK_TOKENS) -> Iterator[np.ndarray]:
@@ -123,4 +136,4 @@ def open_tokens(split: str, tokens_dir: str | Path = layout.TOKENS) -> TokenShar
                                  "says; rerun the tokenize stage (dvc repro tokenize --force)")
         paths.append(path)
         counts.append(shard["tokens"])
-    return TokenShards(paths, counts, meta["dtype"])
+    return TokenShards(paths, counts, meta["dtype"], meta["vocab_size"])

@@ -95,7 +95,7 @@ def gguf_tensor_names(config: ModelConfig) -> list[tuple[str, str, int | None]]:
 def plan_tensors(model: Transformer, type_name: str, fallback: str, keep_embeddings: str | None,
                  keep_output: str | None) -> list[TensorPlan]:
     """Choose each tensor's type: norms F32; embeddings/output as configured; the rest `type_name`,
-    or `fallback` when its rows are not whole blocks of the format."""
+    or `fallback` when its rows are not whole blocks of the format. Each value must fit the type chosen."""
     state = model.state_dict()
     plans = []
     for gguf_name, source, heads in gguf_tensor_names(model.config):
@@ -117,8 +117,23 @@ def plan_tensors(model: Transformer, type_name: str, fallback: str, keep_embeddi
             raise InputDataError(f"tensor {gguf_name} has rows of {tensor.shape[-1]} weights, which fit neither "
                                  f"{formats}; set quantize.fallback to F16, or use a model width that is a "
                                  f"multiple of {FORMATS[chosen].block_size}")
+        if chosen != F32:
+            check_float16_range(tensor, f"{source} ({gguf_name})", chosen)
         plans.append(TensorPlan(gguf_name, source, chosen, heads))
     return plans
+
+
+FLOAT16_MAX = 65504.0
+
+
+def check_float16_range(tensor: torch.Tensor, name: str, type_name: str) -> None:
+    """F16 stores every weight in float16, the block formats their scales and minimums: a weight beyond float16's
+    range would be written as infinity (a model that is finite in float32 yet broken)."""
+    largest = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+    if largest > FLOAT16_MAX:
+        raise InputDataError(f"tensor {name} holds a weight of magnitude {largest:.3g}, beyond the float16 range "
+                             f"({FLOAT16_MAX:g}) in which {type_name} stores weights or scales: the model is broken "
+                             "(check the fine-tuned model's training)")
 
 
 def permute_for_interleaved_rope(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -246,9 +261,9 @@ def check_gguf_tokenizer(reader, path: str | Path, tokenizer: LoadedTokenizer) -
                              f"that tokenizer's vocabulary ({len(vocabulary)} tokens); rerun the quantize stage")
 
 
-def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) -> Transformer:
-    """A GGUF file written by `write_gguf` → a PyTorch model holding exactly its (dequantized) weights.
-    The file's structure is checked first; with `tokenizer`, its token list must match."""
+def check_gguf_file(path: str | Path, tokenizer: LoadedTokenizer | None = None):
+    """A GGUF file's reader (memory-mapped: cheap), once its structure is checked and, with `tokenizer`, its token
+    list matches: what every consumer checks before it reads any weight."""
     import gguf
 
     try:
@@ -258,6 +273,13 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) 
     check_gguf_structure(reader, path)
     if tokenizer is not None:
         check_gguf_tokenizer(reader, path, tokenizer)
+    return reader
+
+
+def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) -> Transformer:
+    """A GGUF file written by `write_gguf` → a PyTorch model holding exactly its (dequantized) weights.
+    The file's structure is checked first; with `tokenizer`, its token list must match."""
+    reader = check_gguf_file(path, tokenizer)
 
     def field(key: str):
         if key not in reader.fields:
@@ -278,6 +300,8 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) 
             tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
             rope_scaling={key[len(ROPE_SCALING_PREFIX):]: float(reader.fields[key].contents())
                           for key in reader.fields if key.startswith(ROPE_SCALING_PREFIX)} or None)
+    except SettingError as exc:
+        raise InputDataError(f"{path}: inconsistent GGUF metadata ({exc.field}: {exc})") from None
     except ValueError as exc:
         raise InputDataError(f"{path}: inconsistent GGUF metadata ({exc})") from None
     model = Transformer(config)

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from llmpipe.hf.config import model_config_from_hf
 from llmpipe.model.transformer import ModelConfig, Transformer
+from llmpipe.model.weights import read_checked_tensors
 from llmpipe.pipeline.errors import InputDataError
 from llmpipe.pipeline.params import StageParams, setting
 
@@ -41,8 +40,8 @@ PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors files (one file, or the shards its index lists).
-    Pickled weights (.bin, .pt) are refused: loading them could run code."""
+    """Every tensor of the checkpoint's safetensors files (one file, or the shards its index lists), in float32 and
+    checked finite. Pickled weights (.bin, .pt) are refused: loading them could run code."""
     index = directory / HF_WEIGHTS_INDEX
     if index.is_file():
         files = sorted({directory / name for name in json.loads(index.read_text("utf-8"))["weight_map"].values()})
@@ -55,10 +54,7 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise InputDataError(f"{directory}: no *.safetensors weights{hint}")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        try:
-            tensors.update(load_file(str(file)))
-        except (OSError, SafetensorError, ValueError) as exc:
-            raise InputDataError(f"{file}: not a readable safetensors file ({exc})".splitlines()[0]) from None
+        tensors.update(read_checked_tensors(file))  # float32, finite
     return tensors
 
 
@@ -85,7 +81,7 @@ def read_hf_directory(directory: str | Path) -> Transformer:
         if tuple(tensor.shape) != tuple(expected[ours].shape):
             raise InputDataError(f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, the config needs "
                                  f"{tuple(expected[ours].shape)}")
-        state[ours] = tensor.float()
+        state[ours] = tensor
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if model.config.tie_embeddings else set()))

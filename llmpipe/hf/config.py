@@ -4,8 +4,10 @@ refused by key)."""
 
 from __future__ import annotations
 
+import math
+
 from llmpipe.model.transformer import ModelConfig
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.pipeline.errors import InputDataError, SettingError
 
 
 def hf_llama_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
@@ -44,7 +46,7 @@ def rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     """(rope_theta, Llama 3.1 scaling or None) from either config.json form: transformers 4's `rope_theta` +
     `rope_scaling`, or transformers 5's `rope_parameters`."""
     parameters = hf.get("rope_parameters") or {}
-    theta = float(hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
+    theta = hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0  # typed by ModelConfig
     scaling = hf.get("rope_scaling") or parameters
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
@@ -54,7 +56,18 @@ def rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     missing = [key for key in ROPE_SCALING_KEYS if key not in scaling]
     if missing:
         raise InputDataError(f"{where}: llama3 rope scaling lacks {missing}")
+    for key in ROPE_SCALING_KEYS:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InputDataError(f"{where}: rope scaling {key}: expected a number > 0, got {value!r}")
     return theta, {key: scaling[key] for key in ROPE_SCALING_KEYS}
+
+
+# Our ModelConfig's names for LlamaForCausalLM's config.json keys.
+HF_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "n_layer": "num_hidden_layers",
+           "d_model": "hidden_size", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+           "ffn_hidden": "intermediate_size", "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps",
+           "tie_embeddings": "tie_word_embeddings"}
 
 
 def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -68,16 +81,17 @@ def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
         if hf.get(key, supported) not in (supported, None):
             raise InputDataError(f"{where}: {key} = {hf[key]!r} is not supported (only {supported!r})")
     theta, scaling = rope_from_hf(hf, where)
+    missing = [key for key in ("vocab_size", "max_position_embeddings", "num_hidden_layers", "hidden_size",
+                               "num_attention_heads", "intermediate_size") if key not in hf]
+    if missing:
+        raise InputDataError(f"{where}: key {missing[0]!r} is missing")
+    values = {ours: hf.get(theirs) for ours, theirs in HF_KEYS.items()}  # as the file has them: typed by ModelConfig
+    values["n_kv_head"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    values["rms_norm_eps"] = hf.get("rms_norm_eps", 1e-6)
+    values["tie_embeddings"] = hf.get("tie_word_embeddings", False)
     try:
-        return ModelConfig(
-            vocab_size=int(hf["vocab_size"]), context_length=int(hf["max_position_embeddings"]),
-            n_layer=int(hf["num_hidden_layers"]), d_model=int(hf["hidden_size"]),
-            n_head=int(hf["num_attention_heads"]),
-            n_kv_head=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            ffn_hidden=int(hf["intermediate_size"]), head_dim=hf.get("head_dim"), rope_theta=theta,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            rope_scaling=scaling)
-    except KeyError as missing:
-        raise InputDataError(f"{where}: key {missing} is missing") from None
-    except (TypeError, ValueError) as exc:
+        return ModelConfig(**values, rope_theta=theta, rope_scaling=scaling)
+    except SettingError as exc:
+        raise InputDataError(f"{where}: {HF_KEYS.get(exc.field, exc.field)}: {exc}") from None
+    except ValueError as exc:
         raise InputDataError(f"{where}: not a valid Llama config ({exc})") from None

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from llmpipe.model.transformer import Transformer
 from llmpipe.pipeline.atomic import json_text
+from llmpipe.pipeline.errors import ParamError
 from llmpipe.pipeline.params import setting
 
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -54,6 +55,20 @@ class LoRALinear(nn.Linear):
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + self.scaling * (self.lora_B @ self.lora_A)
+
+
+def check_rank(model: Transformer, settings: LoRASettings, section: str) -> None:
+    """A rank above a target layer's smaller dimension adds parameters and time but no expressiveness (the update
+    B·A has at most that rank): refused, naming the key (`section`.rank) and the bound, before any work."""
+    layers = [(name, module) for name, module in model.named_modules()
+              if name.rpartition(".")[2] in settings.target_modules and isinstance(module, nn.Linear)]
+    if not layers:
+        return
+    name, layer = min(layers, key=lambda item: min(item[1].in_features, item[1].out_features))
+    bound = min(layer.in_features, layer.out_features)
+    if settings.rank > bound:
+        raise ParamError(f"{section}.rank: expected at most {bound}, the smaller dimension of {name} "
+                         f"({layer.out_features} × {layer.in_features}), got {settings.rank}")
 
 
 def add_lora(model: Transformer, settings: LoRASettings) -> list[str]:

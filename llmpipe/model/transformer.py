@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmpipe.pipeline.params import setting
+from llmpipe.pipeline.params import check_settings, setting
 
 IGNORE_INDEX = -100  # target value that contributes nothing to the loss (masked prompt tokens, padding)
 
@@ -48,10 +48,7 @@ class ModelConfig:
     #                                   original_max_position_embeddings (imported checkpoints only; not a param)
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+        check_settings(self)  # typed and ranged whatever the source: params.yaml, config.json, a checkpoint, GGUF
         problems = []
         if self.head_dim is None:
             if self.n_head > 0 and self.d_model % self.n_head:
@@ -62,9 +59,6 @@ class ModelConfig:
             problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
-        for name in ("vocab_size", "context_length", "n_layer", "d_model", "n_head", "n_kv_head", "ffn_hidden"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be positive")
         if problems:
             raise ValueError("; ".join(problems))
 

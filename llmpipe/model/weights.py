@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from llmpipe.model.transformer import ModelConfig, Transformer
 from llmpipe.pipeline import atomic
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.pipeline.errors import InputDataError, SettingError
 
 if TYPE_CHECKING:  # annotations only: loading weights runs no tokenizer code
     from llmpipe.text.tokenizer import LoadedTokenizer
@@ -62,20 +62,38 @@ def read_config(directory: str | Path) -> dict:
 
 
 def model_config_from_dict(values: dict, where: str) -> ModelConfig:
+    """config.json's "model" object → ModelConfig, each value typed and ranged as params.yaml's are."""
     try:
         return ModelConfig(**values)
+    except SettingError as exc:
+        raise InputDataError(f"{where}: model.{exc.field}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise InputDataError(f"{where}: not a valid model config: {exc}") from None
 
 
-def load_state_into(model: Transformer, weights_path: Path) -> None:
-    """Load safetensors weights into `model`, checking names and shapes first."""
+def read_checked_tensors(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, for any weights the pipeline loads: floating-point tensors converted to
+    `dtype` (what the model computes in) and only then checked finite, so a float64 1e300, finite in its file but
+    infinite in float32, is refused naming the file and the tensor. Never unpickles."""
     try:
-        state = load_file(str(weights_path))
+        state = load_file(str(path))
     except FileNotFoundError:
-        raise InputDataError(f"{weights_path}: not found") from None
+        raise InputDataError(f"{path}: not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputDataError(f"{weights_path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
+        raise InputDataError(f"{path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
+    for name, stored in state.items():
+        if stored.is_floating_point():
+            state[name] = converted = stored.to(dtype)
+            if not torch.isfinite(converted).all():
+                kind = "" if stored.dtype == dtype else (f" in {str(dtype).removeprefix('torch.')} (the file stores "
+                                                         f"{str(stored.dtype).removeprefix('torch.')})")
+                raise InputDataError(f"{path}: tensor {name} holds NaN or infinite values{kind}")
+    return state
+
+
+def load_state_into(model: Transformer, weights_path: Path) -> None:
+    """Load safetensors weights into `model`, checking names, shapes and values (read_checked_tensors) first."""
+    state = read_checked_tensors(weights_path, next(model.parameters()).dtype)
     expected = state_dict_for_saving(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -86,31 +104,38 @@ def load_state_into(model: Transformer, weights_path: Path) -> None:
         if tensor.shape != expected[name].shape:
             raise InputDataError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, the config "
                                  f"needs {tuple(expected[name].shape)}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise InputDataError(f"{weights_path}: tensor {name} holds NaN or infinite values")
     model.load_state_dict(state, strict=False)
 
 
-def check_tokenizer(model: Transformer, recorded: str | None, model_path: str | Path,
+def check_tokenizer(config: ModelConfig, recorded: str | None, model_path: str | Path,
                     tokenizer: LoadedTokenizer) -> None:
-    """Refuse a model and a tokenizer that do not belong together (another vocabulary, or the same size
-    with other merges), naming both paths."""
-    if model.config.vocab_size == tokenizer.vocab_size and recorded in (None, tokenizer.fingerprint):
+    """Refuse a model (its `config`, and the tokenizer fingerprint it `recorded`) and a tokenizer that do not
+    belong together (another vocabulary, or the same size with other merges), naming both paths."""
+    vocab_size = config.vocab_size
+    if vocab_size == tokenizer.vocab_size and recorded in (None, tokenizer.fingerprint):
         return
     was = f"tokenizer {recorded}, " if recorded else ""
     raise InputDataError(f"{model_path} does not match {tokenizer.directory}: the model was trained with {was}"
-                         f"{model.config.vocab_size} tokens, {tokenizer.directory} is tokenizer {tokenizer.fingerprint}, "
+                         f"{vocab_size} tokens, {tokenizer.directory} is tokenizer {tokenizer.fingerprint}, "
                          f"{tokenizer.vocab_size} tokens; rerun the pipeline (dvc repro) or use the matching tokenizer")
+
+
+def check_model_directory(directory: str | Path, tokenizer: LoadedTokenizer | None = None) -> tuple[dict, ModelConfig]:
+    """(config.json, the model's shape): what `load_model` checks before it reads a weight (with `tokenizer`, that
+    the model belongs to it), for a stage to check its inputs before any work."""
+    directory = Path(directory)
+    config = read_config(directory)
+    shape = model_config_from_dict(config.get("model", {}), str(directory / CONFIG_FILE))
+    if tokenizer is not None:
+        check_tokenizer(shape, config.get(TOKENIZER_KEY), directory, tokenizer)
+    return config, shape
 
 
 def load_model(directory: str | Path, device: str = "cpu",
                tokenizer: LoadedTokenizer | None = None) -> tuple[Transformer, dict]:
     """A model directory → (model in eval mode, its full config.json); with `tokenizer`, checked to match it."""
     directory = Path(directory)
-    config = read_config(directory)
-    model_config = model_config_from_dict(config.get("model", {}), str(directory / CONFIG_FILE))
-    model = Transformer(model_config)
-    if tokenizer is not None:
-        check_tokenizer(model, config.get(TOKENIZER_KEY), directory, tokenizer)
+    config, shape = check_model_directory(directory, tokenizer)
+    model = Transformer(shape)
     load_state_into(model, directory / WEIGHTS_FILE)
     return model.to(device).eval(), config

@@ -6,6 +6,7 @@ conf/ and wants plain `dvc repro` to see it, and for the test that params.yaml e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -25,10 +26,21 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = "conf")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             config = hydra_compose(config_name="config", overrides=list(overrides or []))
+    except yaml.MarkedYAMLError as exc:
+        raise ParamError(yaml_error(exc, str(config_dir))) from None
     except (HydraException, OmegaConfBaseException) as exc:
         message = " ".join(str(exc).split()).split(" Config search path")[0]
         raise ParamError(f"{config_dir}: {message}") from None
     return OmegaConf.to_container(config, resolve=True)
+
+
+def yaml_error(exc: yaml.MarkedYAMLError, fallback: str) -> str:
+    """A YAML syntax error (a duplicate key included) as `FILE:LINE:COLUMN: not valid YAML (problem)`."""
+    mark = exc.problem_mark or exc.context_mark
+    name = mark.name if mark and mark.name and not mark.name.startswith("<") else fallback
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+    name = os.path.relpath(name) if os.path.isabs(name) else name
+    return f"{name}{where}: not valid YAML ({exc.problem or exc.context})"
 
 
 def write_params(params: dict, path: str | Path = "params.yaml") -> None:

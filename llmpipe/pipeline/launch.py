@@ -14,18 +14,31 @@ node DVC runs it as the stage command (`dvc repro`); on the others a launcher su
 same line. The repository must be on a file system all nodes share: global rank 0 writes the outputs
 and checkpoints, and the rendezvous may place it on any node.
 
-A failed process, or a lost node, ends the launch with that process's exit status and a one-line
-error instead of the launcher's multi-screen report; the stage's next run resumes from its last checkpoint.
+A failed process, or a lost node, ends the launch with that process's exit status and one line (the one the
+failed process left: llmpipe.pipeline.guard) instead of the launcher's multi-screen report; the stage's next
+run resumes from its last checkpoint. The launcher runs under the same guard as the stages: whatever ends it,
+its own argument checks included, the stage's previous outputs are put back once every process has ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import runpy
 import sys
 import uuid
 from pathlib import Path
+
+from llmpipe.pipeline.errors import PipelineError
+from llmpipe.pipeline.guard import (
+    ERRORS_DIR,
+    Stopped,
+    collected_error,
+    guarded,
+    put_back,
+)
+from llmpipe.pipeline.params import PARAMS_FILE
 
 JOIN_TIMEOUT_SECONDS = 900  # how long the first agent waits for the others (the head may still be on earlier stages)
 
@@ -35,35 +48,56 @@ def rendezvous(nodes: int, endpoint: str | None, run_id: str | None, script: str
     if nodes == 1:
         return "localhost:0", run_id or str(uuid.uuid4())
     if not endpoint:
-        raise SystemExit(f"error: --nodes {nodes} needs the rendezvous endpoint every node can reach: "
-                         "--rdzv-endpoint HOST:PORT or PET_RDZV_ENDPOINT=HOST:PORT (e.g. the first node's "
-                         "hostname and a free port, the same on all nodes)")
+        raise PipelineError(f"--nodes {nodes} needs the rendezvous endpoint every node can reach: "
+                            "--rdzv-endpoint HOST:PORT or PET_RDZV_ENDPOINT=HOST:PORT (e.g. the first node's "
+                            "hostname and a free port, the same on all nodes)")
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit():
-        raise SystemExit(f"error: rendezvous endpoint {endpoint!r}: expected HOST:PORT, e.g. node001:29400")
+        raise PipelineError(f"rendezvous endpoint {endpoint!r}: expected HOST:PORT, e.g. node001:29400")
     return endpoint, run_id or f"llmpipe-{Path(script).stem}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def count_option(args: argparse.Namespace, name: str, stage: str | None) -> int:
+    """--processes / --nodes as a positive integer. Under DVC they come from the stage's params (dvc.yaml's cmd
+    passes `${pretrain.processes}`), so a bad value is named as that params key."""
+    value = getattr(args, name)
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    where = f"{PARAMS_FILE}: {stage}.{name}" if stage else f"--{name}"
+    raise PipelineError(f"{where}: expected an integer >= 1, got {value!r}")
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llmpipe.pipeline.launch", description=__doc__.split("\n")[0])
-    parser.add_argument("--processes", type=int, default=1, help="processes per node (torchrun --nproc-per-node)")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes of the job, one agent each (torchrun --nnodes)")
+    parser.add_argument("--processes", default="1", help="processes per node (torchrun --nproc-per-node)")
+    parser.add_argument("--nodes", default="1", help="nodes of the job, one agent each (torchrun --nnodes)")
     parser.add_argument("--rdzv-endpoint", default=os.environ.get("PET_RDZV_ENDPOINT"),
                         help="HOST:PORT of the c10d rendezvous, the same on every node (default: $PET_RDZV_ENDPOINT)")
     parser.add_argument("--rdzv-id", default=os.environ.get("PET_RDZV_ID"),
                         help="run id shared by the job's agents (default: $PET_RDZV_ID, else llmpipe-<script>)")
     parser.add_argument("script")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    for name in ("processes", "nodes"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
-            sys.exit(2)
-    if args.processes == 1 and args.nodes == 1:
-        sys.argv = [args.script, *args.script_args]
-        runpy.run_path(args.script, run_name="__main__")
-        return
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    stage = os.environ.get("DVC_STAGE")  # the stage DVC runs this command for; by hand, none
+    with guarded(stage or Path(args.script).stem):  # the stage's name under DVC; by hand, the script's
+        processes, nodes = count_option(args, "processes", stage), count_option(args, "nodes", stage)
+        if processes == 1 and nodes == 1:
+            sys.argv = [args.script, *args.script_args]
+            runpy.run_path(args.script, run_name="__main__")
+            return
+        launch(args, processes, nodes, stage or Path(args.script).stem)
+
+
+def launch(args: argparse.Namespace, processes: int, nodes: int, stage: str) -> None:
+    """Run the script in `processes` processes on each of `nodes` nodes; a failure is one line and exit status,
+    the line a failed process left (llmpipe.pipeline.guard) when there is one."""
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import (
         RendezvousError,
@@ -71,30 +105,39 @@ def main(argv: list[str] | None = None) -> None:
     )
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    endpoint, run_id = rendezvous(args.nodes, args.rdzv_endpoint, args.rdzv_id, args.script)
-    config = LaunchConfig(min_nodes=args.nodes, max_nodes=args.nodes, nproc_per_node=args.processes, run_id=run_id,
+    for name in [name for name in logging.root.manager.loggerDict if name.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its own lines about stopping processes: ours say it
+    endpoint, run_id = rendezvous(nodes, args.rdzv_endpoint, args.rdzv_id, args.script)
+    config = LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=processes, run_id=run_id,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0, monitor_interval=0.5,
                           rdzv_configs={"join_timeout": JOIN_TIMEOUT_SECONDS})
-    job = f"{args.nodes} node(s) × {args.processes} process(es)"
-    try:
-        elastic_launch(config, entrypoint=sys.executable)(args.script, *args.script_args)
-    except ChildFailedError as failure:
-        exit_code = next(iter(failure.failures.values())).exitcode
-        lost_node = " or another node was lost" if args.nodes > 1 else ""
-        print(f"error: {args.script} failed in {len(failure.failures)} of this node's {args.processes} process(es) "
-              f"of {job} (exit status {exit_code}){lost_node}; see the process output above; the next run resumes "
-              f"from the last checkpoint", file=sys.stderr)
-        sys.exit(exit_code if exit_code > 0 else 1)
-    except RendezvousTimeoutError:
-        print(f"error: {args.script}: the {job} did not form at {endpoint} (run id {run_id}) within "
-              f"{JOIN_TIMEOUT_SECONDS} s; start the same command on every node", file=sys.stderr)
-        sys.exit(1)
-    except RendezvousError as exc:  # e.g. the node hosting the rendezvous store stopped
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {args.script}: the {job} lost its rendezvous at {endpoint} (run id {run_id}): {reason} "
-              "If a node stopped, start the stage again on every node: it resumes from the last checkpoint",
-              file=sys.stderr)
-        sys.exit(1)
+    job = f"{nodes} node(s) × {processes} process(es)"
+    with tempfile.TemporaryDirectory(prefix="llmpipe-errors-") as errors:
+        os.environ[ERRORS_DIR] = errors
+        try:
+            elastic_launch(config, entrypoint=sys.executable)(args.script, *args.script_args)
+        except ChildFailedError as failure:
+            exit_code = next(iter(failure.failures.values())).exitcode
+            kind, message = collected_error(errors) or ("", "")
+            if kind != "refused":  # a crash, a signal, or no process said why (killed, out of memory, a node lost)
+                lost_node = " or another node was lost" if nodes > 1 else ""
+                cause = f": {message}" if message else "; see the process output above"
+                message = (f"{args.script} failed in {len(failure.failures)} of this node's {processes} process(es) "
+                           f"of {job} (exit status {exit_code}){lost_node}{cause}; the next run resumes from the last "
+                           "checkpoint")
+            put_back(stage, is_main=True)  # every process has ended: now, before the line that ends the output
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(exit_code if exit_code > 0 else 1)
+        except SignalException as exc:  # the launcher was sent SIGTERM (or Ctrl-C): its processes are stopped
+            raise Stopped(int(exc.sigval)) from None
+        except RendezvousTimeoutError:
+            raise PipelineError(f"{args.script}: the {job} did not form at {endpoint} (run id {run_id}) within "
+                                f"{JOIN_TIMEOUT_SECONDS} s; start the same command on every node") from None
+        except RendezvousError as exc:  # e.g. the node hosting the rendezvous store stopped
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PipelineError(f"{args.script}: the {job} lost its rendezvous at {endpoint} (run id {run_id}): "
+                                f"{reason} If a node stopped, start the stage again on every node: it resumes from "
+                                "the last checkpoint") from None
 
 
 if __name__ == "__main__":

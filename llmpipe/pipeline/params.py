@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -55,6 +56,22 @@ class SeedSettings:
 def param_fields(cls: type) -> list[dataclasses.Field]:
     """The fields of a settings dataclass that are params keys (declared with `setting`)."""
     return [f for f in dataclasses.fields(cls) if "doc" in f.metadata]
+
+
+def check_settings(instance: Any) -> None:
+    """Check the `setting` fields of a settings dataclass as params.yaml's values are checked (type, range, finite),
+    whatever built it (params.yaml, a model's config.json, a checkpoint's config, a GGUF file's metadata): call it
+    first thing in `__post_init__`. A SettingError names the first field that fails."""
+    cls = type(instance)
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in param_fields(cls) if not dataclasses.is_dataclass(getattr(instance, f.name))]  # checked
+    values = {f.name: list(value) if isinstance(value := getattr(instance, f.name), tuple) else value for f in fields}
+    reader = StageParams("settings", values, list(values), source="")
+    for f in fields:
+        try:
+            reader.value(f.name, hints[f.name], **f.metadata["checks"])
+        except ParamError as error:
+            raise SettingError(f.name, str(error).split(f"{f.name}: ", 1)[-1]) from None
 
 
 def flatten(tree: Any, prefix: str = "", leaves: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -196,8 +213,8 @@ class StageParams:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._fail(key, expected, value)
         value = float(value)
-        if value != value or (min is not None and value < min) or (max is not None and value > max) \
-                or (above is not None and value <= above):
+        if not math.isfinite(value) or (min is not None and value < min) or (max is not None and value > max) \
+                or (above is not None and value <= above):  # no key means infinity (or NaN)
             raise self._fail(key, expected, value)
         return value
 

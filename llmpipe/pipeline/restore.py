@@ -1,9 +1,9 @@
-"""Put a stage's previous outputs back when it refuses its input under DVC.
+"""Put a stage's previous outputs back when it fails under DVC.
 
 DVC deletes a stage's outputs before it runs the stage's command (only `persist: true` prevents that,
-and it would switch off the run-cache a team shares results through). When the stage then refuses bad
-input, the outputs of its last successful run are copied back from DVC's cache, exactly as dvc.lock
-records them: the workspace is as it was, and `dvc status` shows only the changed input.
+and it would switch off the run-cache a team shares results through). When the stage then fails, whatever
+ends it (llmpipe.pipeline.guard), the outputs of its last successful run are copied back from DVC's cache,
+exactly as dvc.lock records them: the workspace is as it was, and `dvc status` shows only the changed input.
 
 Outputs declared `cache: false` (metrics, curves: they live in git) never reach DVC's cache, so a
 successful stage files a copy of each there itself (`stash_uncached_outputs`), under the md5 DVC
@@ -12,8 +12,11 @@ records for it in dvc.lock; restoring then treats them like any other output.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -64,8 +67,53 @@ def stash_uncached_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> Non
             target.chmod(0o444)
 
 
+def _matches(path: Path, md5: str, cache: Path) -> bool:
+    """Whether `path` holds exactly what dvc.lock records (a directory: the same files, each the same md5)."""
+    if not md5.endswith(".dir"):
+        return path.is_file() and file_md5(path) == md5
+    if not path.is_dir():
+        return False
+    entries = {entry["relpath"]: entry["md5"] for entry in json.loads(_cache_path(cache, md5).read_text("utf-8"))}
+    files = {file.relative_to(path).as_posix(): file for file in path.rglob("*") if file.is_file()}
+    return files.keys() == entries.keys() and all(file_md5(files[name]) == entries[name] for name in files)
+
+
+def _copy_from_cache(path: Path, md5: str, cache: Path) -> bool:
+    """Put dvc.lock's version of an output at `path` (replacing whatever is there); False when the cache lacks part
+    of it."""
+    if not md5.endswith(".dir"):
+        with atomic.atomic_path(path) as temp:
+            _copy_file(_cache_path(cache, md5), temp)
+        return True
+    entries = json.loads(_cache_path(cache, md5).read_text("utf-8"))
+    if not all(_cache_path(cache, entry["md5"]).is_file() for entry in entries):
+        return False
+    with atomic.atomic_path(path, directory=True) as temp:
+        for entry in entries:
+            target = temp / entry["relpath"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _copy_file(_cache_path(cache, entry["md5"]), target)
+    return True
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """A copy of a cache file; where the disk is full (or a file-size limit is reached), a hard link to it instead,
+    read-only as DVC's own `hardlink` cache type leaves files (every pipeline write replaces a file, never edits it)."""
+    try:
+        shutil.copyfile(source, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        target.unlink(missing_ok=True)
+        os.link(source, target)
+
+
 def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]:
-    """Copy back every output of `stage` that is missing and whose content DVC has cached; returns their paths."""
+    """Put back the outputs of `stage` as dvc.lock records them, from DVC's cache; returns their paths.
+
+    Under DVC (DVC_STAGE is this stage), which deleted them before running it, every output that is missing or
+    differs (written by the failed run) is replaced. Run by hand, only the missing ones are put back: the others
+    are the workspace's own."""
     lock_file = Path(lock_file)
     if not lock_file.is_file():
         return []
@@ -74,24 +122,18 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
         cache = _dvc_cache(lock_file.parent)
     except Exception:  # no lock entry for the stage yet, or not a DVC repository: nothing to restore
         return []
+    under_dvc = os.environ.get("DVC_STAGE") == stage
     restored = []
     for out in outs:
         path, md5 = Path(out["path"]), out.get("md5", "")
-        if path.exists() or not md5 or not _cache_path(cache, md5).is_file():
-            continue
-        if md5.endswith(".dir"):
-            entries = json.loads(_cache_path(cache, md5).read_text("utf-8"))
-            if not all(_cache_path(cache, entry["md5"]).is_file() for entry in entries):
-                continue
-            with atomic.atomic_path(path, directory=True) as temp:
-                for entry in entries:
-                    target = temp / entry["relpath"]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(_cache_path(cache, entry["md5"]), target)
-        else:
-            with atomic.atomic_path(path) as temp:
-                shutil.copyfile(_cache_path(cache, md5), temp)
-        restored.append(str(path))
+        try:
+            if not md5 or not _cache_path(cache, md5).is_file() \
+                    or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
+                continue  # nothing to put back from, or nothing to put back
+            if _copy_from_cache(path, md5, cache):
+                restored.append(str(path))
+        except (OSError, ValueError) as exc:  # the rest may still come back
+            print(f"{stage}: could not put back {path} ({exc})", file=sys.stderr, flush=True)
     return restored
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe.pipeline import store
+from llmpipe.pipeline.guard import Stopped
 from llmpipe.pipeline.pipeline_run import (
     KEY_TAG,
     end_stage,
@@ -53,21 +54,32 @@ class StageRun:
         run = self._client.create_run(experiment_id, run_name=self.stage, tags={
             **tags, **({"mlflow.parentRunId": self.parent_id} if self.parent_id else {})})
         self.run_id = run.info.run_id
-        log_params(self._client, self.run_id, self.params)
-        log_inputs(self._client, self.run_id, self.stage, self.input_hashes)
-        self._monitor = start_system_metrics(self.run_id)
+        try:
+            log_params(self._client, self.run_id, self.params)
+            log_inputs(self._client, self.run_id, self.stage, self.input_hashes)
+            self._monitor = start_system_metrics(self.run_id)
+        except BaseException as exc:  # the run exists: end it (FAILED, or KILLED by a signal) before unwinding
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.enabled or self.run_id is None:
             return
-        if self._monitor is not None:
-            self._monitor.finish()
-        self.flush()
-        status = "FINISHED" if exc_type is None else "FAILED"
-        self._client.set_terminated(self.run_id, status)
-        if self.parent_id:
-            end_stage(self._client, self.parent_id, status, self.stage)
+        status = ("FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, (KeyboardInterrupt, Stopped))
+                  else "FAILED")
+        try:
+            if self._monitor is not None:
+                self._monitor.finish()
+            self.flush()
+            self._client.set_terminated(self.run_id, status)
+            if self.parent_id:
+                end_stage(self._client, self.parent_id, status, self.stage)
+        except Exception:
+            if exc_type is None:
+                raise
+            # Ending the run is best effort when the stage already failed (the store may be what failed): the
+            # stage's own error is the one to report.
 
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -132,6 +132,20 @@ class ChatTemplate:
         kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e.labels)]
         return kept, sum(e.truncated for e in encoded)
 
+    def markup_special_ids(self) -> set[int]:
+        """The special tokens the template's own text uses (role headers, end of turn), found by rendering a
+        system/user/assistant exchange (without the system turn where the template refuses one)."""
+        special = {token_id for token_id, token in self.tokenizer.tokenizer.get_added_tokens_decoder().items()
+                   if token.special} | set(self.tokenizer.special_ids.values())
+        probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        for messages in ([{"role": "system", "content": "s"}, *probe], probe):
+            try:
+                pieces = self._pieces(messages, add_generation_prompt=False)
+            except Exception:  # noqa: BLE001, S112 (a template that refuses a system turn raises its own error)
+                continue
+            return {token for ids, index in pieces if index is None for token in ids if token in special}
+        return set()
+
     def jinja(self) -> str:
         """The template's Jinja source, for tools that format chats themselves (llama.cpp, transformers)."""
         return self.source

@@ -9,7 +9,7 @@ each answer is what pretraining put in the model: on the embedded world this tra
 people much better than full or LoRA fine-tuning, which also learn the fine-tuning people's answers by
 heart (docs/seeds.md).
 
-    train_only_token_rows(model, chat_token_ids(tokenizer))   # before building the optimizer
+    train_only_token_rows(model, chat_token_ids(template))   # before building the optimizer
 
 Frozen rows get a zero gradient; AdamW then leaves them exactly as they were, provided the weight decay is
 0 (decoupled decay would shrink them too: `finetune_settings` refuses that combination).
@@ -22,11 +22,22 @@ from typing import Iterable
 import torch
 
 from llmpipe.model.transformer import Transformer
+from llmpipe.pipeline.errors import PipelineError
+from llmpipe.text.chat_template import ChatTemplate
 
 
-def chat_token_ids(tokenizer) -> list[int]:
-    """The ids of a LoadedTokenizer's special tokens but end-of-document's (also when a role shares its token)."""
-    return sorted(set(tokenizer.special_ids.values()) - {tokenizer.end_of_document_id})
+def chat_token_ids(template: ChatTemplate) -> list[int]:
+    """The ids of the special tokens the chat template's markup uses, but end-of-document's (also where a role
+    shares it: a checkpoint whose end of sequence is its end of turn, as the pipeline's own models/hf export).
+    None left (the template marks turns only with that token, or with plain text) is refused in one line."""
+    tokenizer = template.tokenizer
+    ids = sorted(template.markup_special_ids() - {tokenizer.end_of_document_id})
+    if not ids:
+        eod = tokenizer.special_tokens["end_of_document"]
+        raise PipelineError(f"finetune.method=chat_tokens: the chat template of {tokenizer.directory} has no special "
+                            f"token to train but {eod}, the end-of-document token, which stays frozen (every plain "
+                            "text starts with it); use finetune.method=lora or full")
+    return ids
 
 
 def train_only_token_rows(model: Transformer, token_ids: Iterable[int]) -> list[str]:

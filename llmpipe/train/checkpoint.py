@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_state_dict,
 )
 
+from llmpipe.model.weights import read_checked_tensors
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.errors import InputDataError
 
@@ -39,8 +40,9 @@ STEP_DIR = re.compile(r"^step-(\d{7})$")
 FORMAT = "llmpipe dcp-safetensors 1"   # state.json "format": the layout above
 SHARDS = "sharded"
 # Keys of a training section that do not change the arithmetic: a checkpoint written under one value
-# resumes under another (the data order and the gradients are the same for any number of processes).
-RUNTIME_KEYS = frozenset({"processes", "nodes", "parallelism", "device", "log_every"})
+# resumes under another (the data order and the gradients are the same for any number of processes and any
+# split of the global batch into micro-batches).
+RUNTIME_KEYS = frozenset({"processes", "nodes", "parallelism", "device", "log_every", "micro_batch_sequences"})
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -70,12 +72,14 @@ def _barrier() -> None:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every checkpoint tensor file goes through here: safetensors only, one clear line when unreadable."""
+    """Every checkpoint tensor file goes through here: safetensors only, float32 and finite (read_checked_tensors),
+    one clear line when unreadable."""
     try:
-        return load_file(str(path))
-    except (OSError, SafetensorError, ValueError) as exc:
-        raise InputDataError(f"{path}: unreadable checkpoint file ({exc}); delete the checkpoint directory "
-                             f"{path.parent} to start over".splitlines()[0]) from None
+        return read_checked_tensors(path)
+    except InputDataError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise InputDataError(f"{path}: unreadable checkpoint file ({reason}); delete the checkpoint directory "
+                             f"{path.parent} to start over") from None
 
 
 def _check_shards(path: Path) -> None:

@@ -14,6 +14,7 @@ from llmpipe.train.settings import (
     BatchGeometry,
     TrainingParams,
     TrainSettings,
+    batch_geometry,
     loop_settings,
     process_on,
 )
@@ -68,8 +69,8 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
     else the last step is kept."""
     section = params.section("finetune", FinetuneParams)
     process = process_on(section, params.source, "finetune")
-    batch = BatchGeometry("finetune", section.global_batch_sequences, section.micro_batch_sequences,
-                          process.world_size, section.parallelism)
+    batch = batch_geometry("finetune", section.global_batch_sequences, section.micro_batch_sequences, process,
+                           section.parallelism)
     best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
                               else ("val_answer_loss", "min") if validation_examples else (None, "min"))
     peak, floor = FINETUNE_LEARNING_RATES[section.method]

@@ -36,8 +36,8 @@ class TrainingParams:
                                       "and optimizer state sharded over the processes)", choices=PARALLELISMS)
     global_batch_sequences: int = setting(32, "sequences per optimizer step, across processes and accumulation",
                                           min=1)
-    micro_batch_sequences: int = setting(32, "sequences per forward/backward pass in one process (accumulation "
-                                             "makes up the rest)", min=1)
+    micro_batch_sequences: int = setting(32, "at most this many sequences per forward/backward pass in one process "
+                                             "(accumulation makes up the rest; not part of a checkpoint)", min=1)
     beta1: float = setting(0.9, "AdamW first-moment decay", min=0, max=0.9999)
     beta2: float = setting(0.95, "AdamW second-moment decay", min=0, max=0.99999)
     grad_clip: float = setting(1.0, "max gradient norm (0 = no clipping)", min=0)
@@ -90,26 +90,47 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class BatchGeometry:
-    """A global batch of `global_sequences`, in micro-batches of `micro_sequences`, shared by processes."""
+    """A global batch of `global_sequences`, in micro-batches of `micro_sequences`, shared by processes.
+
+    The micro-batch is an execution detail, like the process count: the gradient is the global batch's whatever the
+    split (llmpipe.train.loop), so a run may resume on more processes. When `micro_sequences` (the requested
+    micro_batch_sequences) does not divide the global batch, or gives fewer micro-batches than the processes need
+    (at least one each; under FSDP as many each), the largest micro-batch below it that does is used instead."""
     section: str                   # params section, for messages
     global_sequences: int
-    micro_sequences: int
+    micro_sequences: int           # requested; after construction, the one used
     world_size: int
     parallelism: str = "ddp"       # fsdp needs the same number of micro-batches in every process
 
     def __post_init__(self):
-        if self.global_sequences % self.micro_sequences:
-            raise ParamError(f"params.yaml: {self.section}.global_batch_sequences ({self.global_sequences}) must be "
-                             f"a multiple of {self.section}.micro_batch_sequences ({self.micro_sequences})")
-        if self.global_sequences // self.micro_sequences < self.world_size:
-            raise ParamError(f"params.yaml: {self.section}.global_batch_sequences / micro_batch_sequences = "
-                             f"{self.global_sequences // self.micro_sequences} micro-batches cannot be shared by "
-                             f"{self.world_size} processes")
-        if self.parallelism == "fsdp" and (self.global_sequences // self.micro_sequences) % self.world_size:
+        usable = next((size for size in range(min(self.micro_sequences, self.global_sequences), 0, -1)
+                       if self.global_sequences % size == 0 and self.shares(self.global_sequences // size)), None)
+        if usable is None and self.parallelism == "fsdp":
             # Every FSDP forward and backward is a collective: the processes must run as many of them.
-            raise ParamError(f"params.yaml: {self.section}.parallelism: fsdp needs global_batch_sequences / "
-                             f"micro_batch_sequences = {self.global_sequences // self.micro_sequences} micro-batches "
-                             f"to be a multiple of the {self.world_size} processes")
+            raise ParamError(f"params.yaml: {self.section}.parallelism: fsdp needs {self.section}."
+                             f"global_batch_sequences ({self.global_sequences}) to be a multiple of the "
+                             f"{self.world_size} processes")
+        if usable is None:
+            raise ParamError(f"params.yaml: {self.section}.global_batch_sequences: {self.global_sequences} sequences "
+                             f"cannot be shared by {self.world_size} processes (at least one each)")
+        object.__setattr__(self, "micro_sequences", usable)
+
+    def shares(self, micro_batches: int) -> bool:
+        """Whether the processes can share this many micro-batches."""
+        if self.parallelism == "fsdp":
+            return micro_batches % self.world_size == 0
+        return micro_batches >= self.world_size
+
+
+def batch_geometry(section: str, global_sequences: int, micro_sequences: int, process: ProcessInfo,
+                   parallelism: str) -> BatchGeometry:
+    """The batch geometry of a training stage; says (on rank 0) when the micro-batch differs from the one asked for."""
+    batch = BatchGeometry(section, global_sequences, micro_sequences, process.world_size, parallelism)
+    if batch.micro_sequences != micro_sequences and process.is_main:
+        print(f"{section}: micro-batches of {batch.micro_sequences} sequences, not {section}.micro_batch_sequences "
+              f"{micro_sequences}: {global_sequences} sequences per step in {process.world_size} process(es) need it "
+              "(the same gradient)", flush=True)
+    return batch
 
 
 VOCAB_SIZE_KEY = "model.vocab_size"
@@ -206,8 +227,7 @@ def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> Pretrai
             raise ParamError(f"{params.source}: pretrain.global_batch_tokens ({section.global_batch_tokens}) must be a "
                              f"multiple of model.context_length ({model.context_length})")
         sequences = section.global_batch_tokens // model.context_length
-    batch = BatchGeometry("pretrain", sequences, section.micro_batch_sequences, process.world_size,
-                          section.parallelism)
+    batch = batch_geometry("pretrain", sequences, section.micro_batch_sequences, process, section.parallelism)
     loop = loop_settings(section, "pretrain", params.source, process.device,
                          (section.learning_rate, section.min_learning_rate))
     peak = section.peak_flops_per_second or measure_matmul_flops_per_second(
