@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -113,13 +113,16 @@ class Engine:
                 return
             yield token
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings, batch_size: int = 64) -> list[list[int]]:
-        """Every prompt's continuation; prompts of equal length are decoded together, `batch_size` at a time."""
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings, batch_size: int = 64,
+                 on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+        """Every prompt's continuation; prompts of equal length are decoded together, `batch_size` at a time
+        (after each batch, `on_batch` gets the number of prompts done so far)."""
         answers: list[list[int]] = [[] for _ in prompts]
         by_length: dict[int, list[int]] = defaultdict(list)
         for index, prompt in enumerate(prompts):
             by_length[len(prompt)].append(index)
         generator = torch.Generator().manual_seed(settings.seed)
+        done = 0
         for _, indices in sorted(by_length.items()):
             for start in range(0, len(indices), batch_size):
                 group = indices[start:start + batch_size]
@@ -134,6 +137,9 @@ class Engine:
                             answers[group[row]].append(token)
                     if all(finished):
                         break
+                done += len(group)
+                if on_batch is not None:
+                    on_batch(done)
         return answers
 
 
