@@ -42,8 +42,8 @@ LARGE_MODEL = [
     "finetune.max_steps=10", "finetune.global_batch_sequences=4", "finetune.micro_batch_sequences=4",
     "finetune.warmup_steps=2", "finetune.eval_every=5", "finetune.log_every=1", "finetune.checkpoint_every=0",
     "finetune.max_questions_per_split=20", "finetune.max_validation_examples=16", "finetune.measure_base=false",
-    "finetune.sample_answers=4",
-    "evaluate.max_questions_per_split=20", "evaluate.eval_max_tokens=512", "evaluate.kl_max_tokens=512",
+    "finetune.sample_answers=4", "finetune.pad_prompts=true", "finetune.max_new_tokens=12",
+    "evaluate.pad_prompts=true", "evaluate.max_new_tokens=12", "evaluate.max_questions_per_split=20", "evaluate.eval_max_tokens=512", "evaluate.kl_max_tokens=512",
     "evaluate.generation_tokens=16", "evaluate.measure_base=false", "evaluate.registry_weights=dvc_cache",
 ]
 STAGE_SCRIPT = re.compile(r"stages/(\w+)\.py")

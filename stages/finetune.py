@@ -39,7 +39,8 @@ def measure(model, template, qa_sets, validation, settings, prefix="") -> tuple[
     if validation:
         metrics[f"{prefix}val_answer_loss"] = answer_loss(model, validation, template.tokenizer.end_of_document_id,
                                                           settings.batch.micro_sequences, label="finetune: ")
-    qa, answers = qa_metrics(model, template, qa_sets, settings.max_new_tokens, prefix, label="finetune: ")
+    qa, answers = qa_metrics(model, template, qa_sets, settings.max_new_tokens, prefix, label="finetune: ",
+                             padded=settings.pad_prompts)
     return {**metrics, **qa}, answers
 
 

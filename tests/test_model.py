@@ -97,6 +97,23 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     assert stopped == [answer[:answer.index(stop)] if stop in answer else answer for answer in one_by_one]
 
 
+def test_padded_batches_give_each_prompt_its_own_answer():
+    """Prompts of different lengths left-padded into one batch (pads masked; rotary angles are relative): each
+    prompt's greedy answer and logits are those it gets alone."""
+    model = tiny()
+    prompts = [[5, 17, 33, 2], [9, 1], [4, 4, 4, 4, 4, 4], [7, 3, 8], [9, 2]]
+    settings = SamplingSettings(max_new_tokens=10)
+    one_by_one = [list(Engine(model).stream(p, settings)) for p in prompts]
+    assert Engine(model).generate(prompts, settings, padded=True) == one_by_one
+    generator = torch.Generator()
+    first = next(Engine(model).decode(prompts[:2], SamplingSettings(max_new_tokens=1), generator, padded=True))
+    assert first.tolist() == [one_by_one[0][0], one_by_one[1][0]]
+    cache = model.new_cache(1, 8)
+    cache.valid = torch.tensor([[False, False, True, True, True, True, True, True]])
+    padded_logits, _ = model(torch.tensor([[0, 0, 9, 1]]), cache=cache)
+    torch.testing.assert_close(padded_logits[0, 2:], model(torch.tensor([[9, 1]]))[0][0], atol=1e-5, rtol=1e-5)
+
+
 def test_generation_reports_each_batch_and_long_loops_print_progress(capsys):
     """Engine.generate says after each batch how many prompts are done; a Heartbeat turns that into a line at
     least every interval (none when the loop is quicker than the interval)."""

@@ -319,7 +319,8 @@ def test_large_model_settings_bound_the_measurements_and_store_the_registered_we
     output = dvc(repo, "exp", "run", "-S", "finetune.max_questions_per_split=3", "-S", "finetune.measure_base=false",
                  "-S", "finetune.max_validation_examples=2", "-S", "evaluate.max_questions_per_split=4",
                  "-S", "evaluate.measure_base=false", "-S", "evaluate.registry_weights=dvc_cache",
-                 "-S", "evaluate.registered_model_name=llmpipe-chat-once").stdout
+                 "-S", "evaluate.registered_model_name=llmpipe-chat-once", "-S", "finetune.pad_prompts=true",
+                 "-S", "evaluate.pad_prompts=true").stdout
     assert {"finetune", "evaluate"} <= set(ran(output))  # quantize too when the best step's weights changed
     details = json.loads((repo / "reports/finetune/details.json").read_text())
     assert {details[f"qa_questions_{split}"] for split in ("finetuned_people", "heldout_people")} == {3}

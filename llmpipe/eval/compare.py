@@ -46,6 +46,9 @@ class EvaluateSettings:
     max_questions_per_split: int = setting(400, "QA questions per split (fine-tuned people, held-out people): the "
                                                 "first N of each file", min=1)
     max_new_tokens: int = setting(24, "longest generated answer", min=1)
+    pad_prompts: bool = setting(False, "answer questions of all lengths in one batch, left-padded (one decoding "
+                                       "pass instead of one per length: for large models; last digits of logits "
+                                       "may differ)")
     generation_tokens: int = setting(64, "tokens generated when measuring generation speed", min=1)
     measure_base: bool = setting(True, "evaluate the pretrained base model too (false: one variant fewer, for large "
                                        "models)")
@@ -87,7 +90,7 @@ def measure_variant(variant: Variant, template: ChatTemplate, validation_tokens:
     row = {"variant": variant.name, "bits_per_weight": variant.bits_per_weight,
            "file_bytes": variant.path.stat().st_size,
            **perplexity_metrics(model, validation_tokens, validation_counts, limits.eval_max_tokens, label=label)}
-    qa, answers = qa_metrics(model, template, qa_sets, limits.max_new_tokens, label=label)
+    qa, answers = qa_metrics(model, template, qa_sets, limits.max_new_tokens, label=label, padded=limits.pad_prompts)
     row.update({f"qa_accuracy_{split}": qa.get(f"qa_accuracy_{split}", 0.0) for split in qa_sets})
     log_probs = next_token_distributions(model, validation_tokens, limits.kl_max_tokens, label=label)
     row["tokens_per_second"] = generation_tokens_per_second(model, speed_prompt, limits.generation_tokens,

@@ -22,7 +22,7 @@ def normalize_answer(text: str) -> str:
 
 
 def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], max_new_tokens: int,
-                name: str, label: str = "") -> tuple[dict[str, float], list[dict]]:
+                name: str, label: str = "", padded: bool = False) -> tuple[dict[str, float], list[dict]]:
     """Exact-match accuracy over `pairs` ({question, answer, attribute}), overall and per attribute.
 
     Returns metrics `{name}` and `{name}_{attribute}`, and every (question, expected, answer, correct).
@@ -34,7 +34,8 @@ def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], m
     prompts = [template.encode_prompt([{"role": "user", "content": p["question"]}]) for p in pairs]
     engine = Engine(model, stop_ids={template.end_of_turn})
     with Heartbeat(f"{label}{name}:", len(prompts), "questions") as beat:
-        generated = engine.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens), on_batch=beat.tick)
+        generated = engine.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens), on_batch=beat.tick,
+                                    padded=padded)
     answers = [template.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
     metrics, results = score_answers(pairs, answers, name)
     too_long = sum(len(p) > prompt_limit(model.config.context_length, max_new_tokens) for p in prompts)
@@ -61,12 +62,13 @@ def score_answers(pairs: list[dict], answers: list[str], name: str) -> tuple[dic
 
 
 def qa_metrics(model: Transformer, template: ChatTemplate, qa_sets: dict[str, list[dict]], max_new_tokens: int,
-               prefix: str = "", label: str = "") -> tuple[dict[str, float], dict[str, list[dict]]]:
-    """`qa_accuracy` of every QA split: metrics `{prefix}qa_accuracy_{split}[_{attribute}]`, answers by split."""
+               prefix: str = "", label: str = "", padded: bool = False) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """`qa_accuracy` of every QA split: metrics `{prefix}qa_accuracy_{split}[_{attribute}]`, answers by split
+    (`padded`: prompts of all lengths in one batch, llmpipe.model.generation)."""
     metrics, answers = {}, {}
     for split, pairs in qa_sets.items():
         split_metrics, results = qa_accuracy(model, template, pairs, max_new_tokens, f"{prefix}qa_accuracy_{split}",
-                                             label)
+                                             label, padded)
         answers[split] = [{**result, "split": split} for result in results]
         metrics.update(split_metrics)
     return metrics, answers
