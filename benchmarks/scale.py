@@ -40,11 +40,12 @@ CHECKPOINT = "base_models/scale"
 LARGE_MODEL = [
     "pretrain.eval_max_tokens=512",
     "finetune.max_steps=10", "finetune.global_batch_sequences=4", "finetune.micro_batch_sequences=4",
-    "finetune.warmup_steps=2", "finetune.eval_every=5", "finetune.log_every=1", "finetune.checkpoint_every=0",
-    "finetune.max_questions_per_split=20", "finetune.max_validation_examples=16", "finetune.measure_base=false",
-    "finetune.sample_answers=4", "finetune.pad_prompts=true", "finetune.max_new_tokens=12",
-    "evaluate.pad_prompts=true", "evaluate.max_new_tokens=12", "evaluate.max_questions_per_split=20", "evaluate.eval_max_tokens=512", "evaluate.kl_max_tokens=512",
-    "evaluate.generation_tokens=16", "evaluate.measure_base=false", "evaluate.registry_weights=dvc_cache",
+    "finetune.warmup_steps=2", "finetune.eval_every=10", "finetune.log_every=1", "finetune.checkpoint_every=0",
+    "finetune.max_questions_per_split=10", "finetune.max_validation_examples=8", "finetune.measure_base=false",
+    "finetune.pad_prompts=true", "finetune.max_new_tokens=12", "finetune.sample_answers=4",
+    "evaluate.max_questions_per_split=10", "evaluate.pad_prompts=true", "evaluate.max_new_tokens=12",
+    "evaluate.eval_max_tokens=256", "evaluate.kl_max_tokens=256", "evaluate.generation_tokens=4",
+    "evaluate.measure_base=false", "evaluate.registry_weights=dvc_cache",
 ]
 STAGE_SCRIPT = re.compile(r"stages/(\w+)\.py")
 RUNNING = re.compile(r"Running stage '(\w+)'")
@@ -229,13 +230,13 @@ def scale_recipe(repo: Path, args) -> None:
           f"written in {time.perf_counter() - start:.0f} s", flush=True)
     weight_bytes = 4 * checkpoint["parameters"]
     base = ["base_model=hf", f"base_model.path={CHECKPOINT}", *LARGE_MODEL, *args.set]
-    runs = [("lora", dvc_exp_run(repo, [*base, "finetune.method=lora"]))]
-    if not args.lora_only:
-        runs.append(("chat_tokens", dvc_exp_run(repo, [*base, "finetune.method=chat_tokens"])))
-    disk = {name: disk_bytes(repo / name) for name in (".dvc/cache", "models", ".mlflow", CHECKPOINT)}
-    print(f"\n{machine()}\nmodel: {checkpoint['parameters']:,} parameters, fp32 weights "
-          f"{weight_bytes / 2**30:.2f} GiB\n\n{table(runs, weight_bytes)}\n\ndisk (GiB): "
-          + ", ".join(f"{name} {size / 2**30:.2f}" for name, size in disk.items()), flush=True)
+    runs = []
+    for method in ["lora"] + ([] if args.lora_only else ["chat_tokens"]):  # the second: finetune onwards
+        runs.append((method, dvc_exp_run(repo, [*base, f"finetune.method={method}"])))
+        disk = {name: disk_bytes(repo / name) for name in (".dvc/cache", "models", ".mlflow", CHECKPOINT)}
+        print(f"\n{machine()}\nmodel: {checkpoint['parameters']:,} parameters, fp32 weights "
+              f"{weight_bytes / 2**30:.2f} GiB\n\n{table(runs, weight_bytes)}\n\ndisk (GiB, each file once): "
+              + ", ".join(f"{name} {size / 2**30:.2f}" for name, size in disk.items()), flush=True)
     sizes = json.loads((repo / "reports/quantize/sizes.json").read_text())["variants"]
     print("bits per weight: " + ", ".join(f"{name} {row['bits_per_weight']:.2f}" for name, row in sizes.items()))
     for path in ("reports/pretrain/metrics.json", "reports/finetune/metrics.json", "reports/evaluate/metrics.json"):

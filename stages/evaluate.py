@@ -26,6 +26,7 @@ from llmpipe.eval.compare import EvaluateSettings, Variant, compare_variants
 from llmpipe.gguf.files import read_gguf_model
 from llmpipe.model.weights import WEIGHTS_FILE, load_model
 from llmpipe.pipeline import atomic, layout
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.provenance import git_commit
 from llmpipe.pipeline.stage import stage
@@ -118,9 +119,10 @@ def evaluate(params: StageParams, run: StageRun) -> None:
     reference_row = next(row for row in rows if row["variant"] == REFERENCE)
     print(f"evaluate: registering {layout.FINETUNED} as {settings.registered_model_name} (weights: "
           f"{settings.registry_weights})", flush=True)
-    version, new = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, settings.registered_model_name, {
-        k: v for k, v in reference_row.items() if k.startswith("qa_accuracy") or k == "val_perplexity"},
-        weights=settings.registry_weights)
+    with Heartbeat("evaluate: registering:", None):
+        version, new = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, settings.registered_model_name, {
+            k: v for k, v in reference_row.items() if k.startswith("qa_accuracy") or k == "val_perplexity"},
+            weights=settings.registry_weights)
     if version:
         print(f"evaluate: {'registered' if new else 'unchanged weights, kept'} {settings.registered_model_name} version {version}",
               flush=True)

@@ -18,6 +18,7 @@ from llmpipe.eval.qa import answer_loss, qa_metrics
 from llmpipe.model.lora import add_lora, merge_lora, save_adapter
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, load_model, write_model
 from llmpipe.pipeline import atomic, distributed, layout
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
@@ -134,7 +135,7 @@ def finetune(params: StageParams, run: StageRun) -> None:
     examples_have_validation = bool(read_prepared_examples(layout.FINETUNE_EXAMPLES["validation"]))
     settings = finetune_settings(params, validation_people=qa_files_have_validation_people,
                                  validation_examples=examples_have_validation)
-    with distributed.joined(settings.process):
+    with distributed.joined(settings.process), Heartbeat("finetune:", None, enabled=settings.process.is_main):
         finetune_model(settings, params, run)
 
 

@@ -85,16 +85,18 @@ def measure_variant(variant: Variant, template: ChatTemplate, validation_tokens:
                     ) -> tuple[dict, dict[str, list[dict]], torch.Tensor]:
     """One variant's row, answers by QA split and next-token log-probabilities (its model is loaded here and
     freed on return)."""
-    model = variant.load()
     label = f"evaluate: {variant.name}: "
-    row = {"variant": variant.name, "bits_per_weight": variant.bits_per_weight,
-           "file_bytes": variant.path.stat().st_size,
-           **perplexity_metrics(model, validation_tokens, validation_counts, limits.eval_max_tokens, label=label)}
-    qa, answers = qa_metrics(model, template, qa_sets, limits.max_new_tokens, label=label, padded=limits.pad_prompts)
-    row.update({f"qa_accuracy_{split}": qa.get(f"qa_accuracy_{split}", 0.0) for split in qa_sets})
-    log_probs = next_token_distributions(model, validation_tokens, limits.kl_max_tokens, label=label)
-    row["tokens_per_second"] = generation_tokens_per_second(model, speed_prompt, limits.generation_tokens,
-                                                            label=label)
+    with Heartbeat(label.rstrip(), None):
+        model = variant.load()
+        row = {"variant": variant.name, "bits_per_weight": variant.bits_per_weight,
+               "file_bytes": variant.path.stat().st_size,
+               **perplexity_metrics(model, validation_tokens, validation_counts, limits.eval_max_tokens, label=label)}
+        qa, answers = qa_metrics(model, template, qa_sets, limits.max_new_tokens, label=label,
+                                 padded=limits.pad_prompts)
+        row.update({f"qa_accuracy_{split}": qa.get(f"qa_accuracy_{split}", 0.0) for split in qa_sets})
+        log_probs = next_token_distributions(model, validation_tokens, limits.kl_max_tokens, label=label)
+        row["tokens_per_second"] = generation_tokens_per_second(model, speed_prompt, limits.generation_tokens,
+                                                                label=label)
     return row, answers, log_probs
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from llmpipe.pipeline.heartbeat import duration
+from llmpipe.pipeline.heartbeat import duration, printed
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
@@ -52,6 +52,7 @@ class Progress:
                   + (f" {tokens_per_second:,.0f} tok/s" if tokens_per_second else "")
                   + f" elapsed {duration(elapsed)} eta {duration(eta)}", file=self.stream, flush=True)
             self.last_line = now
+            printed()
 
     def evaluation(self, done: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -61,6 +62,7 @@ class Progress:
             self.bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
+            printed()
 
     def close(self) -> None:
         if self.bar is not None:
