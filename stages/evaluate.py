@@ -20,11 +20,13 @@ import os
 import torch
 
 from llmpipe.data.jsonl import read_rows
+from llmpipe.data.sampling import first_items
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.compare import EvaluateSettings, Variant, compare_variants
 from llmpipe.gguf.files import check_gguf_file, read_gguf_model
 from llmpipe.model.weights import WEIGHTS_FILE, check_model_directory, load_model
 from llmpipe.pipeline import atomic, layout
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.provenance import git_commit
 from llmpipe.pipeline.stage import stage
@@ -55,15 +57,16 @@ def read_json(path):
     return json.loads(path.read_text("utf-8"))
 
 
-def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer) -> list[Variant]:
-    """The base and fine-tuned models, then every GGUF file from the most to the fewest bits per weight (each
-    checked now, before any measurement: config.json and tokenizer, a GGUF file's structure and token list)."""
+def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer, measure_base: bool) -> list[Variant]:
+    """The base (unless `measure_base` is false) and fine-tuned models, then every GGUF file from the most to the
+    fewest bits per weight (each checked now, before any measurement: config.json and tokenizer, a GGUF file's
+    structure and token list)."""
     for directory in (layout.PRETRAINED, layout.FINETUNED):
         check_model_directory(directory, tokenizer)
     found = [Variant("base", lambda: load_model(layout.PRETRAINED, tokenizer=tokenizer)[0],
-                     layout.PRETRAINED / WEIGHTS_FILE, 32.0),
-             Variant(REFERENCE, lambda: load_model(layout.FINETUNED, tokenizer=tokenizer)[0],
-                     layout.FINETUNED / WEIGHTS_FILE, 32.0)]
+                     layout.PRETRAINED / WEIGHTS_FILE, 32.0)] if measure_base else []
+    found.append(Variant(REFERENCE, lambda: load_model(layout.FINETUNED, tokenizer=tokenizer)[0],
+                         layout.FINETUNED / WEIGHTS_FILE, 32.0))
     by_size = sorted(quantize_sizes["variants"].items(), key=lambda item: -item[1]["bits_per_weight"])
     for name, row in by_size:
         path = layout.find_gguf_file(name)
@@ -81,13 +84,15 @@ def evaluate(params: StageParams, run: StageRun) -> None:
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     template = ChatTemplate(tokenizer)
     validation_tokens = open_tokens("validation")
-    qa_sets = {split: read_rows(layout.QA_FILES[split])[:settings.max_questions_per_split] for split in ("finetuned_people", "heldout_people")}
+    qa_sets = {split: first_items(read_rows(layout.QA_FILES[split]), settings.max_questions_per_split)
+               for split in ("finetuned_people", "heldout_people")}
     training_reports = {"pretrain": read_training_reports(layout.PRETRAIN_REPORTS),  # read now: inputs before work
                         "finetune": read_training_reports(layout.FINETUNE_REPORTS),
                         "pretrain curve": read_curve(layout.PRETRAIN_REPORTS / layout.EVAL_CURVE)}
-    rows, samples, reference_model = compare_variants(
-        variants(read_json(layout.SIZES_JSON), tokenizer), REFERENCE, template, validation_tokens,
-        read_meta()["splits"]["validation"], qa_sets, settings)
+    rows, samples = compare_variants(
+        variants(read_json(layout.SIZES_JSON), tokenizer, settings.measure_base), REFERENCE, template,
+        validation_tokens, read_meta()["splits"]["validation"], qa_sets, settings)
+    reference_model = load_model(layout.FINETUNED, tokenizer=tokenizer)[0]  # for the attention plot
 
     with atomic.atomic_path(layout.FIGURES, directory=True) as temp:
         plot_loss_curves(temp / IMAGES["loss"])
@@ -95,11 +100,14 @@ def evaluate(params: StageParams, run: StageRun) -> None:
         plot_tokenization(tokenizer, EXAMPLE_STRINGS[:5], temp / IMAGES["tokens"])
         sentence = " ".join(read_rows(layout.PRETRAIN_TEXT["validation"])[0]["text"].split(". ")[:2]) + "."
         plot_attention(reference_model, tokenizer, sentence, temp / IMAGES["attention"])
+    del reference_model  # registering the model loads it once more
     images = {key: f"{layout.FIGURES.name}/{name}" for key, name in IMAGES.items()}
     provenance = {"git commit": git_commit() or "not a git repository",
                   "DVC experiment": os.environ.get("DVC_EXP_NAME", "none (dvc repro)"),
                   "MLflow pipeline run (holds every param)": run.parent_id or "none",
-                  "fine-tuned weights (md5 of models/finetuned)": run.input_hashes.get(str(layout.FINETUNED), "unknown")}
+                  "fine-tuned weights (md5 of models/finetuned)": run.input_hashes.get(str(layout.FINETUNED), "unknown"),
+                  "QA questions asked per split (evaluate.max_questions_per_split)": ", ".join(
+                      f"{split} {len(pairs)}" for split, pairs in qa_sets.items())}
     report = evaluation_report(rows, REFERENCE, training_reports["pretrain"], training_reports["finetune"], samples,
                                images, pretrain_eval_curve=training_reports["pretrain curve"], provenance=provenance)
     atomic.write_text(layout.REPORT, report)
@@ -112,8 +120,12 @@ def evaluate(params: StageParams, run: StageRun) -> None:
     run.log_artifact(layout.FIGURES, "figures")
     run.log_artifact(layout.VARIANTS_TABLE)
     reference_row = next(row for row in rows if row["variant"] == REFERENCE)
-    version, new = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, settings.registered_model_name, {
-        k: v for k, v in reference_row.items() if k.startswith("qa_accuracy") or k == "val_perplexity"})
+    print(f"evaluate: registering {layout.FINETUNED} as {settings.registered_model_name} (weights: "
+          f"{settings.registry_weights})", flush=True)
+    with Heartbeat("evaluate: registering:", None):
+        version, new = register_chat_model(run, layout.FINETUNED, layout.TOKENIZER, settings.registered_model_name, {
+            k: v for k, v in reference_row.items() if k.startswith("qa_accuracy") or k == "val_perplexity"},
+            weights=settings.registry_weights)
     if version:
         print(f"evaluate: {'registered' if new else 'unchanged weights, kept'} {settings.registered_model_name} version {version}",
               flush=True)

@@ -3,7 +3,8 @@
 Examples are put in the chat template and the loss is taken on the answers only; the loop is the
 pretraining one (llmpipe.train.loop). Every `eval_every` steps the validation people's QA accuracy picks
 the best step (the output is that step, not the last). Before and after: exact-match QA accuracy of the
-base and the fine-tuned model on every split, overall and per attribute.
+base and the fine-tuned model on every split, overall and per attribute (bounded for large models by
+finetune.max_questions_per_split, max_validation_examples and measure_base; docs/scaling-recipe.md).
 Run: `dvc repro finetune`; every weight: `dvc exp run -S finetune.method=full`; LoRA: `-S finetune.method=lora`;
 sharded: `-S finetune.processes=2 -S finetune.parallelism=fsdp`. Chat: `llmpipe chat`. Outputs: dvc.yaml.
 """
@@ -12,10 +13,12 @@ import torch
 
 from llmpipe.data.chat_examples import example_statistics, read_prepared_examples
 from llmpipe.data.jsonl import read_rows
+from llmpipe.data.sampling import first_items
 from llmpipe.eval.qa import answer_loss, qa_metrics
-from llmpipe.model.lora import add_lora, check_rank, merged_copy, save_adapter
+from llmpipe.model.lora import add_lora, check_rank, merge_lora, save_adapter
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, load_model, write_model
 from llmpipe.pipeline import atomic, distributed, layout
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
@@ -36,8 +39,9 @@ def measure(model, template, qa_sets, validation, settings, prefix="") -> tuple[
     metrics = {}
     if validation:
         metrics[f"{prefix}val_answer_loss"] = answer_loss(model, validation, template.tokenizer.end_of_document_id,
-                                                          settings.batch.micro_sequences)
-    qa, answers = qa_metrics(model, template, qa_sets, settings.max_new_tokens, prefix)
+                                                          settings.batch.micro_sequences, label="finetune: ")
+    qa, answers = qa_metrics(model, template, qa_sets, settings.max_new_tokens, prefix, label="finetune: ",
+                             padded=settings.pad_prompts)
     return {**metrics, **qa}, answers
 
 
@@ -71,14 +75,19 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     template = ChatTemplate(tokenizer)
     chat_ids = chat_token_ids(template) if settings.method == "chat_tokens" else []  # refused now, before any work
     examples = {split: read_prepared_examples(path) for split, path in layout.FINETUNE_EXAMPLES.items()}
-    qa_sets = {split: read_rows(path) for split, path in layout.QA_FILES.items()}
+    qa_sets = {split: first_items(read_rows(path), settings.max_questions_per_split)
+               for split, path in layout.QA_FILES.items()}
     model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer)
     if settings.lora:
         check_rank(model, settings.lora, f"{params.source}: finetune.lora")
     train_encoded, validation, cut = encode_examples(template, examples, model.config.context_length, process.is_main)
+    validation = first_items(validation, settings.max_validation_examples)
+    measured = {f"qa_questions_{split}": len(pairs) for split, pairs in qa_sets.items()}
+    measured["validation_examples_measured"] = len(validation)
 
     model.eval()
-    base_metrics, base_answers = measure(model, template, qa_sets, validation, settings, prefix="base_")
+    base_metrics, base_answers = (measure(model, template, qa_sets, validation, settings, prefix="base_")
+                                  if settings.measure_base else ({}, {}))
     prepare_method(model, settings, chat_ids, process.device)
 
     def evaluate(current) -> dict[str, float]:  # every eval_every steps: picks the best step
@@ -91,24 +100,26 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
         sharding = " (FSDP2, sharded)" if shards(settings.loop, process) else ""
         print(f"finetune: {settings.method} (learning rate {settings.loop.learning_rate:g}), {len(train_encoded)} "
               f"examples, {settings.loop.max_steps} steps of {settings.batch.global_sequences}{sharding}; base model: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in base_metrics.items() if k.endswith(("_people", "_loss"))), flush=True)
+              + (", ".join(f"{k} {v:.3f}" for k, v in base_metrics.items() if k.endswith(("_people", "_loss")))
+                 or "not measured (finetune.measure_base)"), flush=True)
     result = train(model, settings.loop, batches, evaluate, process, run, store)
     if not process.is_main:
         return
 
     trained = result.model.cpu()  # whole (gathered from the shards under FSDP)
-    final_model = merged_copy(trained) if settings.lora else trained.eval()
-    final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
-    check_learned("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)
-    statistics = example_statistics(examples["train"])
-    metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.loop.max_steps,
-               "train_examples": statistics["examples"], "duplicate_examples": statistics["duplicate_examples"],
-               "empty_examples": statistics["empty_examples"], **cut}
     with atomic.atomic_path(layout.FINETUNED, directory=True) as temp:
-        write_model(temp, final_model, {"stage": "finetune", "method": settings.method,
-                                        "best_step": metrics["best_step"], TOKENIZER_KEY: tokenizer.fingerprint})
         if settings.lora:
             save_adapter(trained, settings.lora, temp)
+            merge_lora(trained)  # in place: no second copy of the weights
+        final_model = trained.eval()
+        final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
+        check_learned("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)
+        statistics = example_statistics(examples["train"])
+        metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.loop.max_steps,
+                   "train_examples": statistics["examples"], "duplicate_examples": statistics["duplicate_examples"],
+                   "empty_examples": statistics["empty_examples"], **cut, **measured}
+        write_model(temp, final_model, {"stage": "finetune", "method": settings.method,
+                                        "best_step": metrics["best_step"], TOKENIZER_KEY: tokenizer.fingerprint})
     atomic.write_text(layout.FINETUNE_REPORTS / layout.SAMPLES,
                       finetune_samples(answers, base_answers, settings.sample_answers))
     publish_training(run, layout.FINETUNE_REPORTS, result.history, metrics, FINETUNE_METRICS)
@@ -128,7 +139,7 @@ def finetune(params: StageParams, run: StageRun) -> None:
                                  validation_examples=examples_have_validation)
     run.log_effective_params({"finetune.learning_rate": settings.loop.learning_rate,  # null: the method's
                               "finetune.min_learning_rate": settings.loop.min_learning_rate})
-    with distributed.joined(settings.process):
+    with distributed.joined(settings.process), Heartbeat("finetune:", None, enabled=settings.process.is_main):
         finetune_model(settings, params, run)
 
 

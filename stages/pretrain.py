@@ -17,6 +17,7 @@ from llmpipe.hf.checkpoint import base_model_settings, import_checkpoint
 from llmpipe.model.transformer import Transformer, count_parameters
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, save_model
 from llmpipe.pipeline import distributed, layout
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
 from llmpipe.pipeline.tracking import StageRun
@@ -99,7 +100,8 @@ def pretrain(params: StageParams, run: StageRun) -> None:
     meta = read_meta()
     base_model = base_model_settings(params)
     if base_model.source == "hf":
-        return import_base_model(base_model.path, pretrain_section(params).eval_max_tokens, run, meta)
+        with Heartbeat("pretrain: importing:", None):
+            return import_base_model(base_model.path, pretrain_section(params).eval_max_tokens, run, meta)
     settings = pretrain_settings(params, meta["vocab_size"])
     run.log_effective_params(settings.effective_params())
     with distributed.joined(settings.process):

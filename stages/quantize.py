@@ -10,12 +10,13 @@ reports/quantize/sizes.json (every variant's size; read by evaluate) and sizes.m
 Run: `dvc repro quantize`.
 """
 
+import time
 from collections import Counter
 
 from llmpipe.gguf.files import QuantizeSettings, plan_tensors, size_row, write_gguf
 from llmpipe.hf.export import write_hf_directory
 from llmpipe.model.transformer import count_parameters
-from llmpipe.model.weights import load_model
+from llmpipe.model.weights import WEIGHTS_FILE, load_model
 from llmpipe.pipeline import atomic, layout
 from llmpipe.pipeline.params import StageParams
 from llmpipe.pipeline.stage import stage
@@ -38,15 +39,16 @@ def quantize(params: StageParams, run: StageRun) -> None:
             plans = plan_tensors(model, variant, settings.fallback, settings.embeddings.get(variant),
                                  settings.output.get(variant))
             file = temp / layout.gguf_file_name(name, variant)
+            start = time.perf_counter()
             tensor_bytes = write_gguf(file, model, tokenizer, plans, variant, name)
             rows.append(size_row(variant, parameters, tensor_bytes, file.stat().st_size,
                                  dict(Counter(p.type_name for p in plans))))
             manifest[file.name] = {p.gguf_name: p.type_name for p in plans}
-            print(f"quantize: {file.name}: {rows[-1]['bits_per_weight']:.2f} bits/weight, {file.stat().st_size:,} bytes",
-                  flush=True)
+            print(f"quantize: {file.name}: {rows[-1]['bits_per_weight']:.2f} bits/weight, {file.stat().st_size:,} bytes "
+                  f"in {time.perf_counter() - start:.1f} s", flush=True)
         (temp / "manifest.json").write_text(atomic.json_text(manifest, indent=1), encoding="utf-8")
     with atomic.atomic_path(layout.HF_EXPORT, directory=True) as temp:
-        write_hf_directory(temp, model, tokenizer)
+        write_hf_directory(temp, model, tokenizer, layout.FINETUNED / WEIGHTS_FILE)
 
     table = size_table(rows, parameters)
     sizes = {"parameters": parameters, "variants": {row["format"]: {k: v for k, v in row.items() if k != "tensor_types"}

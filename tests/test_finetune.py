@@ -1,12 +1,14 @@
 """Fine-tuning: chat template and loss mask, padding, epochs, LoRA."""
 
+import copy
+
 import pytest
 import torch
 import yaml
 from conftest import ROOT, train_test_tokenizer
 
 from llmpipe.data.chat_examples import example_statistics
-from llmpipe.model.lora import LoRASettings, add_lora, merged_copy
+from llmpipe.model.lora import LoRALinear, LoRASettings, add_lora, merge_lora
 from llmpipe.model.transformer import IGNORE_INDEX, ModelConfig, Transformer
 from llmpipe.pipeline.errors import ParamError
 from llmpipe.pipeline.params import StageParams
@@ -109,14 +111,20 @@ def test_lora_starts_as_an_exact_no_op_and_merging_equals_the_adapter():
     assert trainable and all(".lora_" in n for n in trainable)
     with torch.no_grad():
         assert torch.equal(adapted(tokens)[0], expected)
-        merged = merged_copy(adapted)
+        untrained = copy.deepcopy(adapted)
+        merge_lora(untrained)
         for name, tensor in base.state_dict().items():
-            assert torch.equal(merged.state_dict()[name], tensor), name
+            assert torch.equal(untrained.state_dict()[name], tensor), name
         for name, parameter in adapted.named_parameters():  # as if trained
             if name.endswith("lora_B"):
                 parameter.normal_(0, 0.1)
         with_adapter, _ = adapted(tokens)
-        merged_logits, _ = merged_copy(adapted)(tokens)
+        weight = adapted.layers[0].self_attn.q_proj.weight
+        merged = merge_lora(adapted)
+        merged_logits, _ = merged(tokens)
+    assert merged is adapted and not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert merged.layers[0].self_attn.q_proj.weight is weight  # in place: no second copy of the weights
+    assert set(merged.state_dict()) == set(base.state_dict())
     assert not torch.allclose(with_adapter, expected)
     torch.testing.assert_close(merged_logits, with_adapter, atol=1e-5, rtol=1e-5)
 

@@ -33,6 +33,7 @@ PLUMBING = {
     "llmpipe/pipeline/errors.py": "exception types",
     "llmpipe/pipeline/launch.py": "process launch (torchrun)",
     "llmpipe/train/progress.py": "progress lines",
+    "llmpipe/pipeline/heartbeat.py": "progress lines of long loops",
 }
 
 

@@ -1,5 +1,7 @@
 """The transformer: shapes, causality, KV cache, parameter counts, generation."""
 
+import time
+
 import pytest
 import torch
 from conftest import ROOT
@@ -17,7 +19,9 @@ from llmpipe.model.transformer import (
     count_parameters,
     rotate_half,
 )
+from llmpipe.model.weights import load_model, save_model
 from llmpipe.pipeline.compose import compose
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.pipeline.params import StageParams
 from llmpipe.train.settings import model_config
 
@@ -91,6 +95,66 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     stop = one_by_one[0][-1]
     stopped = Engine(model, stop_ids={stop}).generate(prompts, settings)
     assert stopped == [answer[:answer.index(stop)] if stop in answer else answer for answer in one_by_one]
+
+
+def test_padded_batches_give_each_prompt_its_own_answer():
+    """Prompts of different lengths left-padded into one batch (pads masked; rotary angles are relative): each
+    prompt's greedy answer and logits are those it gets alone."""
+    model = tiny()
+    prompts = [[5, 17, 33, 2], [9, 1], [4, 4, 4, 4, 4, 4], [7, 3, 8], [9, 2]]
+    settings = SamplingSettings(max_new_tokens=10)
+    one_by_one = [list(Engine(model).stream(p, settings)) for p in prompts]
+    assert Engine(model).generate(prompts, settings, padded=True) == one_by_one
+    generator = torch.Generator()
+    first = next(Engine(model).decode(prompts[:2], SamplingSettings(max_new_tokens=1), generator, padded=True))
+    assert first.tolist() == [one_by_one[0][0], one_by_one[1][0]]
+    cache = model.new_cache(1, 8)
+    cache.valid = torch.tensor([[False, False, True, True, True, True, True, True]])
+    padded_logits, _ = model(torch.tensor([[0, 0, 9, 1]]), cache=cache)
+    torch.testing.assert_close(padded_logits[0, 2:], model(torch.tensor([[9, 1]]))[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_generation_reports_each_batch_and_long_loops_print_progress(capsys):
+    """Engine.generate says after each batch how many prompts are done; a Heartbeat turns that into a line at
+    least every interval (none when the loop is quicker than the interval)."""
+    done = []
+    Engine(tiny()).generate([[5, 17], [9, 1], [4, 4, 4]], SamplingSettings(max_new_tokens=2), batch_size=1,
+                            on_batch=done.append)
+    assert done == [1, 2, 3]
+    with Heartbeat("quiet:", 3, "questions") as quiet, Heartbeat("evaluate: Q4_K: qa:", 3, "questions", 0.2) as beat:
+        quiet.tick(3)
+        beat.tick(1)
+        time.sleep(0.5)  # one long step: the lines keep coming
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("evaluate: Q4_K: qa: 1/3 questions, 0:00 elapsed, eta ")
+                                   for line in lines)  # nothing from the quiet one
+
+
+def test_a_loaded_model_is_its_weights_file_mapped_not_copied(tmp_path):
+    """load_model makes the file's tensors the parameters: no random initialization first, no second copy (peak
+    memory grows by about one file), tied weights stay tied, the rotary tables are the constructor's."""
+    import subprocess
+    import sys
+
+    for tie in (True, False):
+        original = tiny(tie_embeddings=tie)
+        save_model(tmp_path / str(tie), original)
+        loaded, _ = load_model(tmp_path / str(tie))
+        assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tie
+        assert torch.equal(loaded.rope_cos, original.rope_cos) and torch.equal(loaded.rope_sin, original.rope_sin)
+        for name, tensor in original.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    big = Transformer(ModelConfig(vocab_size=1000, context_length=64, n_layer=4, d_model=512, n_head=8, n_kv_head=8,
+                                  ffn_hidden=2048))  # 17M parameters: 68 MB
+    save_model(tmp_path / "big", big)
+    size = (tmp_path / "big/model.safetensors").stat().st_size
+    code = ("import resource, torch; from llmpipe.model.weights import load_model; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"model, _ = load_model({str(tmp_path / 'big')!r}); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=ROOT).stdout.split()[-1])
+    assert grown < 1.3 * size, (grown, size)  # before: a random model, then the file copied into it (2x)
 
 
 def test_top_k_and_top_p_filter_the_distribution():

@@ -134,6 +134,12 @@ def test_finetune_only_change_reruns_finetune_and_downstream_only(copy_built):
         assert key in details, key
 
 
+def test_the_hugging_face_export_and_the_model_share_one_weights_file(built_repo):
+    """The export's weights are the fine-tuned model's file, byte for byte (a hard link): DVC caches them once."""
+    finetuned, exported = built_repo / "models/finetuned/model.safetensors", built_repo / "models/hf/model.safetensors"
+    assert md5(finetuned) == md5(exported)
+
+
 def test_chat_tokens_finetune_changes_only_the_chat_templates_token_rows(copy_built):
     from safetensors.torch import load_file
 
@@ -153,7 +159,7 @@ def test_chat_tokens_finetune_changes_only_the_chat_templates_token_rows(copy_bu
     assert set(finetuned) == set(pretrained)
     for name, tensor in pretrained.items():
         changed_rows = (finetuned[name] != tensor).reshape(len(tensor), -1).any(dim=1).nonzero().flatten().tolist()
-        if name == "embed_tokens.weight":  # tied: also the output head
+        if name == "model.embed_tokens.weight":  # tied: also the output head
             assert changed_rows and set(changed_rows) <= chat_ids
         else:
             assert not changed_rows, name
@@ -311,3 +317,38 @@ def test_two_process_ddp_matches_one_process(copy_built, built_repo):
     single, double = losses(built_repo), losses(repo)
     assert len(single) == len(double) == 6
     assert double == pytest.approx(single, rel=1e-4)
+
+
+def test_large_model_settings_bound_the_measurements_and_store_the_registered_weights_once(copy_built):
+    """docs/scaling-recipe.md's settings: questions and validation examples bounded (the first N, recorded), no
+    base-model measurement, and a registered model that names its weights in DVC's cache instead of holding a copy."""
+    repo = copy_built()
+    output = dvc(repo, "exp", "run", "-S", "finetune.max_questions_per_split=3", "-S", "finetune.measure_base=false",
+                 "-S", "finetune.max_validation_examples=2", "-S", "evaluate.max_questions_per_split=4",
+                 "-S", "evaluate.measure_base=false", "-S", "evaluate.registry_weights=dvc_cache",
+                 "-S", "evaluate.registered_model_name=llmpipe-chat-once", "-S", "finetune.pad_prompts=true",
+                 "-S", "evaluate.pad_prompts=true").stdout
+    assert {"finetune", "evaluate"} <= set(ran(output))  # quantize too when the best step's weights changed
+    details = json.loads((repo / "reports/finetune/details.json").read_text())
+    assert {details[f"qa_questions_{split}"] for split in ("finetuned_people", "heldout_people")} == {3}
+    assert details["validation_examples_measured"] <= 2 and not [key for key in details if key.startswith("base_")]
+    assert "(not measured)" in (repo / "reports/finetune/samples.md").read_text()
+    with open(repo / "reports/evaluate/variants.csv") as handle:
+        assert "base" not in [row["variant"] for row in csv.DictReader(handle)]
+    assert "finetuned_people 4, heldout_people 4" in (repo / "reports/report.md").read_text()
+
+    client, _ = mlflow_runs(repo)
+    [version] = client.search_model_versions("name = 'llmpipe-chat-once'")
+    assert version.tags["weights_storage"] == "dvc_cache"
+    code = ("import json, mlflow, pathlib; mlflow.set_tracking_uri('sqlite:///.mlflow/mlflow.db'); "
+            "logged = pathlib.Path(mlflow.artifacts.download_artifacts('models:/llmpipe-chat-once/latest')); "
+            "print(json.dumps(sorted(p.name for p in logged.rglob('*')))); "
+            "print(json.loads(next(logged.rglob('weights.json')).read_text())['md5']); "
+            "model = mlflow.pyfunc.load_model('models:/llmpipe-chat-once/latest'); "
+            "print(json.dumps(model.predict({'messages': [{'role': 'user', 'content': 'Who?'}], 'max_tokens': 2, "
+            "'temperature': 0.0})))")
+    files, digest, answer = run([sys.executable, "-c", code], repo).stdout.strip().splitlines()[-3:]
+    assert "weights.json" in json.loads(files) and "model.safetensors" not in json.loads(files)
+    assert digest == md5(repo / "models/finetuned/model.safetensors")  # DVC's cache holds it under that name
+    answer = json.loads(answer)
+    assert answer["usage"]["completion_tokens"] <= 2

@@ -1,5 +1,12 @@
-"""Evenly spaced subsets, the same on every run: the questions a bounded measurement asks, the sample
-answers a report shows. QA pairs come five per person, so the first few would all be about one person."""
+"""Subsets that are the same on every run: the questions a bounded measurement asks, the sample answers a
+report shows.
+
+- `spread_sample`: evenly spaced items (sample answers in reports).
+- `first_items`: the first items of a file (the questions a bounded QA measurement asks). Not spread:
+  the QA files list five questions per person, one per attribute, people in random order, so evenly spaced
+  questions alias on that period (every 5th question of 500 is always the same attribute) while the first N
+  are N / 5 random people with every attribute asked.
+"""
 
 from __future__ import annotations
 
@@ -11,3 +18,8 @@ def spread_sample(results: list, count: int) -> list:
     if count >= len(results):
         return list(results)
     return [results[index * len(results) // count] for index in range(count)]
+
+
+def first_items(items: list, count: int | None) -> list:
+    """The first `count` items (all of them when `count` is None or at least their number)."""
+    return list(items) if count is None else list(items[:count])

@@ -17,24 +17,28 @@ import torch
 
 from llmpipe.data.tokens import token_chunks
 from llmpipe.model.transformer import Transformer
+from llmpipe.pipeline.heartbeat import Heartbeat
 
 
 @torch.no_grad()
 def language_model_loss(model: Transformer, tokens: np.ndarray, max_tokens: int | None, batch_size: int,
-                        device="cpu") -> tuple[float, int]:
+                        device="cpu", label: str = "") -> tuple[float, int]:
     """(mean loss in nats per predicted token, number of predicted tokens) over the first `max_tokens`,
-    in non-overlapping windows of the model's context."""
+    in non-overlapping windows of the model's context (a progress line every 30 s, labelled `label`)."""
     context_length = model.config.context_length
     data = torch.from_numpy(np.asarray(tokens[:max_tokens]).astype(np.int64))  # a slice of TokenShards: an array
     windows = [data[start:start + context_length + 1] for start in range(0, len(data) - 1, context_length)]
-    total, count = 0.0, 0
-    for length in sorted({len(w) for w in windows}):  # the last window may be shorter
-        same = [w for w in windows if len(w) == length]
-        for i in range(0, len(same), batch_size):
-            batch = torch.stack(same[i:i + batch_size]).to(device)
-            _, loss = model(batch[:, :-1], batch[:, 1:], loss_reduction="sum")
-            total += float(loss)
-            count += batch[:, 1:].numel()
+    total, count, done = 0.0, 0, 0
+    with Heartbeat(f"{label}perplexity:", len(windows), "windows") as beat:
+        for length in sorted({len(w) for w in windows}):  # the last window may be shorter
+            same = [w for w in windows if len(w) == length]
+            for i in range(0, len(same), batch_size):
+                batch = torch.stack(same[i:i + batch_size]).to(device)
+                _, loss = model(batch[:, :-1], batch[:, 1:], loss_reduction="sum")
+                total += float(loss)
+                count += batch[:, 1:].numel()
+                done += len(batch)
+                beat.tick(done)
     return total / max(count, 1), count
 
 
@@ -45,9 +49,9 @@ def bits_per_byte(mean_loss: float, predicted_tokens: int, split_tokens: int, sp
 
 
 def perplexity_metrics(model: Transformer, tokens: np.ndarray, split_counts: dict, max_tokens: int,
-                       batch_size: int = 16, device="cpu") -> dict[str, float]:
+                       batch_size: int = 16, device="cpu", label: str = "") -> dict[str, float]:
     """val_loss, val_perplexity and val_bpb on the first `max_tokens` of a split (counts from meta.json)."""
-    loss, predicted = language_model_loss(model, tokens, max_tokens, batch_size, device)
+    loss, predicted = language_model_loss(model, tokens, max_tokens, batch_size, device, label)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
             "val_bpb": bits_per_byte(loss, predicted, split_counts["tokens"], split_counts["utf8_bytes"])}
 
@@ -65,12 +69,18 @@ def unigram_bits_per_byte(train_tokens, validation_tokens, vocab_size: int, vali
 
 
 @torch.no_grad()
-def next_token_distributions(model: Transformer, tokens: np.ndarray, max_tokens: int) -> torch.Tensor:
+def next_token_distributions(model: Transformer, tokens: np.ndarray, max_tokens: int,
+                             label: str = "") -> torch.Tensor:
     """Log-probabilities of the next token at every position of non-overlapping windows."""
     context = model.config.context_length
     data = torch.from_numpy(np.asarray(tokens[:max_tokens]).astype(np.int64))
     windows = [data[i:i + context] for i in range(0, len(data) - context + 1, context)] or [data]
-    return torch.cat([model(w[None])[0][0].log_softmax(-1) for w in windows])
+    log_probs = []
+    with Heartbeat(f"{label}next-token distributions:", len(windows), "windows") as beat:
+        for window in windows:
+            log_probs.append(model(window[None])[0][0].log_softmax(-1))
+            beat.tick(len(log_probs))
+    return torch.cat(log_probs)
 
 
 def mean_kl_divergence(reference_log_probs: torch.Tensor, log_probs: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """Question answering accuracy: greedy answers in the chat format, exact match, overall and per attribute.
 
-Questions are answered through the generation engine in batches of prompts of equal token length;
-each answer ends at the end-of-turn token or after `max_new_tokens`.
+Questions are answered through the generation engine (its key/value cache) in batches of prompts of equal
+token length; each answer ends at the end-of-turn token or after `max_new_tokens`. A measurement that runs
+longer than 30 s prints a progress line at least every 30 s, labelled with `label` (the stage, the variant).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from llmpipe.model.generation import Engine, SamplingSettings, prompt_limit
 from llmpipe.model.transformer import IGNORE_INDEX, Transformer
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.text.chat_template import ChatTemplate, EncodedExample, pad_batch
 
 
@@ -20,7 +22,7 @@ def normalize_answer(text: str) -> str:
 
 
 def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], max_new_tokens: int,
-                name: str) -> tuple[dict[str, float], list[dict]]:
+                name: str, label: str = "", padded: bool = False) -> tuple[dict[str, float], list[dict]]:
     """Exact-match accuracy over `pairs` ({question, answer, attribute}), overall and per attribute.
 
     Returns metrics `{name}` and `{name}_{attribute}`, and every (question, expected, answer, correct).
@@ -31,7 +33,9 @@ def qa_accuracy(model: Transformer, template: ChatTemplate, pairs: list[dict], m
         return {}, []
     prompts = [template.encode_prompt([{"role": "user", "content": p["question"]}]) for p in pairs]
     engine = Engine(model, stop_ids={template.end_of_turn})
-    generated = engine.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens))
+    with Heartbeat(f"{label}{name}:", len(prompts), "questions") as beat:
+        generated = engine.generate(prompts, SamplingSettings(max_new_tokens=max_new_tokens), on_batch=beat.tick,
+                                    padded=padded)
     answers = [template.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
     metrics, results = score_answers(pairs, answers, name)
     too_long = sum(len(p) > prompt_limit(model.config.context_length, max_new_tokens) for p in prompts)
@@ -58,11 +62,13 @@ def score_answers(pairs: list[dict], answers: list[str], name: str) -> tuple[dic
 
 
 def qa_metrics(model: Transformer, template: ChatTemplate, qa_sets: dict[str, list[dict]], max_new_tokens: int,
-               prefix: str = "") -> tuple[dict[str, float], dict[str, list[dict]]]:
-    """`qa_accuracy` of every QA split: metrics `{prefix}qa_accuracy_{split}[_{attribute}]`, answers by split."""
+               prefix: str = "", label: str = "", padded: bool = False) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """`qa_accuracy` of every QA split: metrics `{prefix}qa_accuracy_{split}[_{attribute}]`, answers by split
+    (`padded`: prompts of all lengths in one batch, llmpipe.model.generation)."""
     metrics, answers = {}, {}
     for split, pairs in qa_sets.items():
-        split_metrics, results = qa_accuracy(model, template, pairs, max_new_tokens, f"{prefix}qa_accuracy_{split}")
+        split_metrics, results = qa_accuracy(model, template, pairs, max_new_tokens, f"{prefix}qa_accuracy_{split}",
+                                             label, padded)
         answers[split] = [{**result, "split": split} for result in results]
         metrics.update(split_metrics)
     return metrics, answers
@@ -95,13 +101,16 @@ def namesake_answers(results: list[dict], pairs: list[dict], people: list[dict])
 
 
 @torch.no_grad()
-def answer_loss(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int) -> float:
+def answer_loss(model: Transformer, examples: list[EncodedExample], pad_id: int, batch_size: int,
+                label: str = "") -> float:
     """Mean loss per answer token over `examples` (the fine-tuning validation loss)."""
     device = model.embed_tokens.weight.device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        ids, labels = pad_batch(examples[start:start + batch_size], pad_id)
-        _, loss = model(ids.to(device), labels.to(device), loss_reduction="sum")
-        total += float(loss)
-        count += int((labels != IGNORE_INDEX).sum())
+    with Heartbeat(f"{label}validation answer loss:", len(examples), "examples") as beat:
+        for start in range(0, len(examples), batch_size):
+            ids, labels = pad_batch(examples[start:start + batch_size], pad_id)
+            _, loss = model(ids.to(device), labels.to(device), loss_reduction="sum")
+            total += float(loss)
+            count += int((labels != IGNORE_INDEX).sum())
+            beat.tick(min(start + batch_size, len(examples)))
     return total / max(count, 1)

@@ -25,7 +25,9 @@ import torch
 
 from llmpipe.gguf.formats import FORMATS
 from llmpipe.model.transformer import ModelConfig, Transformer, rotary_frequencies
+from llmpipe.model.weights import assign_weights, empty_model
 from llmpipe.pipeline import atomic
+from llmpipe.pipeline.heartbeat import Heartbeat
 from llmpipe.pipeline.errors import InputDataError, SettingError
 from llmpipe.pipeline.params import setting
 from llmpipe.text.chat_template import ChatTemplate
@@ -149,7 +151,7 @@ def unpermute_from_interleaved_rope(weight: np.ndarray, heads: int) -> np.ndarra
 
 def encode_tensor(values: np.ndarray, type_name: str) -> np.ndarray:
     if type_name == F32:
-        return values.astype(np.float32)
+        return np.asarray(values, dtype=np.float32)  # no copy of a float32 array
     if type_name == F16:
         return values.astype(np.float16)
     return FORMATS[type_name].quantize(values)
@@ -170,62 +172,88 @@ def _merges(tokenizer: LoadedTokenizer) -> list[str]:
 FILE_TYPES = {F32: 0, F16: 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q4_K": 14}
 
 
+def stored_shape(shape: tuple[int, ...], type_name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes) of a tensor of `shape` as stored in `type_name`: block formats as bytes per row."""
+    if type_name in FORMATS:
+        fmt = FORMATS[type_name]
+        byte_shape = (*shape[:-1], shape[-1] // fmt.block_size * fmt.block_bytes)
+        return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+    dtype = np.dtype(np.float16 if type_name == F16 else np.float32)
+    return tuple(shape), dtype, int(np.prod(shape)) * dtype.itemsize
+
+
+def add_metadata(writer, config: ModelConfig, tokenizer: LoadedTokenizer, file_type: str, name: str) -> None:
+    """The llama architecture's keys and the tokenizer."""
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(config.context_length)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.ffn_hidden)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_kv_head)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(FILE_TYPES[file_type])
+
+    vocabulary = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    special_ids = set(tokenizer.special_ids.values()) | {  # and every special token an imported tokenizer has
+        token_id for token_id, token in tokenizer.tokenizer.get_added_tokens_decoder().items() if token.special}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer.tokenizer) or "gpt-2")
+    writer.add_token_list([token for token, _ in vocabulary])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
+                            for _, i in vocabulary])
+    writer.add_token_merges(_merges(tokenizer))
+    writer.add_bos_token_id(tokenizer.end_of_document_id)
+    writer.add_eos_token_id(tokenizer.special_ids["end_of_turn"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(ChatTemplate(tokenizer).jinja())
+    if config.rope_scaling:  # Llama 3.1: llama.cpp reads the per-frequency factors (rope_freqs); we read these
+        for key, value in config.rope_scaling.items():
+            writer.add_float32(f"{ROPE_SCALING_PREFIX}{key}", float(value))
+
+
 def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer, plans: list[TensorPlan],
                file_type: str, name: str) -> int:
-    """Write the GGUF file; returns the bytes its weights take (without metadata)."""
+    """Write the GGUF file; returns the bytes its weights take (without metadata). Streamed: every tensor's
+    place is written first, then each tensor is encoded and written in turn, so memory holds one encoded
+    tensor beside the model (a progress line every 30 s)."""
     import gguf
 
     config = model.config
-    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    extra = {"rope_freqs.weight": rope_frequency_factors(config)} if config.rope_scaling else {}
     weight_bytes = 0
     with atomic.atomic_path(path) as temp:
         writer = gguf.GGUFWriter(str(temp), arch="llama")
-        writer.add_name(name)
-        writer.add_context_length(config.context_length)
-        writer.add_embedding_length(config.d_model)
-        writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(config.ffn_hidden)
-        writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(config.n_kv_head)
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type(FILE_TYPES[file_type])
-
-        vocabulary = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
-        special_ids = set(tokenizer.special_ids.values()) | {  # and every special token an imported tokenizer has
-            token_id for token_id, token in tokenizer.tokenizer.get_added_tokens_decoder().items() if token.special}
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer.tokenizer) or "gpt-2")
-        writer.add_token_list([token for token, _ in vocabulary])
-        writer.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
-                                for _, i in vocabulary])
-        writer.add_token_merges(_merges(tokenizer))
-        writer.add_bos_token_id(tokenizer.end_of_document_id)
-        writer.add_eos_token_id(tokenizer.special_ids["end_of_turn"])
-        writer.add_add_bos_token(False)
-        writer.add_chat_template(ChatTemplate(tokenizer).jinja())
-
+        add_metadata(writer, config, tokenizer, file_type, name)
         for plan in plans:
-            values = state[plan.source_name]
-            if plan.permute_heads:
-                values = permute_for_interleaved_rope(values, plan.permute_heads)
-            encoded = encode_tensor(values, plan.type_name)
-            weight_bytes += encoded.nbytes
-            if plan.type_name in FORMATS:
-                writer.add_tensor(plan.gguf_name, encoded, raw_dtype=gguf.GGMLQuantizationType(FORMATS[plan.type_name].ggml_type))
-            else:
-                writer.add_tensor(plan.gguf_name, encoded)
-        if config.rope_scaling:  # Llama 3.1: llama.cpp reads the per-frequency factors; we read our keys back
-            for key, value in config.rope_scaling.items():
-                writer.add_float32(f"{ROPE_SCALING_PREFIX}{key}", float(value))
-            writer.add_tensor("rope_freqs.weight", rope_frequency_factors(config))
+            shape, dtype, nbytes = stored_shape(tuple(state[plan.source_name].shape), plan.type_name)
+            quantized = plan.type_name in FORMATS
+            writer.add_tensor_info(plan.gguf_name, shape, dtype, nbytes, raw_dtype=gguf.GGMLQuantizationType(
+                FORMATS[plan.type_name].ggml_type) if quantized else None)
+        for tensor_name, values in extra.items():
+            writer.add_tensor_info(tensor_name, values.shape, values.dtype, values.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        with Heartbeat(f"quantize: {file_type}:", len(plans), "tensors") as beat:
+            for done, plan in enumerate(plans, 1):
+                values = state[plan.source_name].float().numpy()
+                if plan.permute_heads:
+                    values = permute_for_interleaved_rope(values, plan.permute_heads)
+                encoded = encode_tensor(values, plan.type_name)
+                weight_bytes += encoded.nbytes
+                writer.write_tensor_data(encoded)
+                beat.tick(done)
+        for values in extra.values():
+            writer.write_tensor_data(values)
         writer.close()
     return weight_bytes
 
@@ -304,8 +332,8 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) 
         raise InputDataError(f"{path}: inconsistent GGUF metadata ({exc.field}: {exc})") from None
     except ValueError as exc:
         raise InputDataError(f"{path}: inconsistent GGUF metadata ({exc})") from None
-    model = Transformer(config)
-    state = model.state_dict()
+    model = empty_model(config)
+    state = model.state_dict()  # shapes only (meta tensors), replaced tensor by tensor below
     tensors = {t.name: t for t in reader.tensors}
     type_names = {fmt.ggml_type: name for name, fmt in FORMATS.items()} | {0: F32, 1: F16}
     for gguf_name, source, heads in gguf_tensor_names(config):
@@ -326,9 +354,8 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) 
             raise InputDataError(f"{path}: tensor {gguf_name} holds NaN or infinite values")
         state[source] = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
     if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state)
-    return model.eval()
+        del state["lm_head.weight"]
+    return assign_weights(model, state).eval()
 
 
 def size_row(variant: str, parameters: int, tensor_bytes: int, file_bytes: int, type_counts: dict[str, int]) -> dict:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from llmpipe.hf.config import model_config_from_hf
 from llmpipe.model.transformer import ModelConfig, Transformer
-from llmpipe.model.weights import read_checked_tensors
+from llmpipe.model.weights import assign_weights, empty_model, read_checked_tensors
 from llmpipe.pipeline.errors import InputDataError
 from llmpipe.pipeline.params import StageParams, setting
 
@@ -71,7 +71,7 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
 def read_hf_directory(directory: str | Path) -> Transformer:
     """A Hugging Face LlamaForCausalLM directory → our Transformer with the same weights (float32)."""
     directory = Path(directory)
-    model = Transformer(read_hf_config(directory))
+    model = empty_model(read_hf_config(directory))
     expected = model.state_dict()
     state = {}
     for name, tensor in read_hf_tensors(directory).items():
@@ -81,14 +81,13 @@ def read_hf_directory(directory: str | Path) -> Transformer:
         if tuple(tensor.shape) != tuple(expected[ours].shape):
             raise InputDataError(f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, the config needs "
                                  f"{tuple(expected[ours].shape)}")
-        state[ours] = tensor
+        state[ours] = tensor  # float32 (read_checked_tensors): the memory-mapped tensor itself when stored so
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if model.config.tie_embeddings else set()))
     if missing:
         raise InputDataError(f"{directory}: tensors missing for the config: {missing[:3]}")
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+    return assign_weights(model, state).eval()
 
 
 def fit_vocabulary(model: Transformer, vocab_size: int, known_tokens: int) -> Transformer:
@@ -101,11 +100,10 @@ def fit_vocabulary(model: Transformer, vocab_size: int, known_tokens: int) -> Tr
     for name in ("embed_tokens.weight", "lm_head.weight"):
         known = state[name][:known_tokens]
         state[name] = torch.cat([known, known.mean(0, keepdim=True).expand(vocab_size - known_tokens, -1)]).clone()
-    resized = Transformer(ModelConfig(**{**model.config.to_dict(), "vocab_size": vocab_size}))
+    resized = empty_model(ModelConfig(**{**model.config.to_dict(), "vocab_size": vocab_size}))
     if resized.config.tie_embeddings:
         state.pop("lm_head.weight")
-    resized.load_state_dict(state, strict=False)
-    return resized.eval()
+    return assign_weights(resized, state).eval()
 
 
 def import_checkpoint(directory: str | Path, vocab_size: int) -> Transformer:

@@ -2,35 +2,29 @@
 
 Our module names already follow LlamaForCausalLM's (we use the same rotate_half rotary convention),
 so the tensors map by adding the "model." prefix; the output head keeps its name and is left out when
-tied to the embeddings. The quantize stage writes the export (config, safetensors weights, tokenizer
-files, chat template):
+tied to the embeddings. That is also how a model directory's weights file names them
+(llmpipe.model.weights), so the export's weights file is a hard link to the model's (or a copy, across
+file systems): the same bytes, stored once. The quantize stage writes the export (config, safetensors
+weights, tokenizer files, chat template):
 
     AutoModelForCausalLM.from_pretrained("models/hf"); AutoTokenizer.from_pretrained("models/hf")
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llmpipe.hf.config import hf_llama_config
 from llmpipe.model.transformer import Transformer
+from llmpipe.model.weights import WEIGHTS_FILE, state_dict_for_saving
 from llmpipe.pipeline.atomic import json_text
 from llmpipe.text.chat_template import ROLES, ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer
-
-
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            if not model.config.tie_embeddings:
-                state[name] = tensor
-        else:
-            state[f"model.{name}"] = tensor
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def hf_model(model: Transformer):
@@ -41,14 +35,29 @@ def hf_model(model: Transformer):
     for key in ("architectures", "model_type", "torch_dtype"):
         config.pop(key)
     hf = LlamaForCausalLM(LlamaConfig(**config))
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    missing, unexpected = hf.load_state_dict(state_dict_for_saving(model), strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     return hf.eval()
 
 
-def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTokenizer) -> None:
-    """Write the export into `directory` (callers make it atomic)."""
+def share_weights_file(weights_file: Path, target: Path, model: Transformer) -> bool:
+    """Hard-link (or copy) `weights_file`, the saved weights of `model`, to `target` when it names its tensors as
+    the export does; False when it does not (a file written before model directories used these names)."""
+    with safe_open(str(weights_file), framework="pt") as handle:
+        if set(handle.keys()) != set(state_dict_for_saving(model)):
+            return False
+    try:
+        os.link(weights_file, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(weights_file, target)
+    return True
+
+
+def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTokenizer,
+                       weights_file: Path | None = None) -> None:
+    """Write the export into `directory` (callers make it atomic); `weights_file`: the model's own saved weights,
+    shared instead of written again when they are named as the export names them."""
     from transformers import PreTrainedTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,7 +68,9 @@ def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTok
     (directory / "generation_config.json").write_text(json_text(
         {"bos_token_id": bos_id, "eos_token_id": [eos_id, bos_id], "pad_token_id": bos_id}, sort_keys=False),
         encoding="utf-8")
-    save_file(hf_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    target = directory / WEIGHTS_FILE
+    if weights_file is None or not share_weights_file(weights_file, target, model):
+        save_file(state_dict_for_saving(model), str(target), metadata={"format": "pt"})
     fast = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer.directory / "tokenizer.json"),
         bos_token=specials["end_of_document"], eos_token=specials["end_of_turn"], pad_token=specials["end_of_document"],

@@ -6,8 +6,10 @@
 
 The CLI (`llmpipe generate`, `llmpipe chat`), QA evaluation, the MLflow model and the benchmarks all
 decode through `Engine.decode`: prompts of equal length form one batch (no padding, positions line
-up); each step feeds only the newest tokens (the cache holds the keys and values of everything
-before), turns the last position's logits into a distribution and picks a token per row:
+up; or, with `padded=True`, prompts of any lengths, left-padded to the longest, their pads masked: one
+batch instead of one per length, which is what a large model's decoding costs); each step feeds only the
+newest tokens (the cache holds the keys and values of everything before), turns the last position's logits
+into a distribution and picks a token per row:
 - greedy (temperature 0): the most likely token;
 - sampling: logits / temperature, keep the `top_k` most likely and the smallest set whose probability
   reaches `top_p` (nucleus), renormalize, draw with a generator seeded by `seed`.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -78,20 +80,26 @@ class Engine:
         self.use_cache = use_cache  # False recomputes the whole sequence every step (to check and time the cache)
 
     @torch.no_grad()
-    def decode(self, prompts: list[list[int]], settings: SamplingSettings,
-               generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """The decoding loop: for prompts of one length, yield the next token of every row, step by step
-        (the caller decides when to stop listening)."""
+    def decode(self, prompts: list[list[int]], settings: SamplingSettings, generator: torch.Generator,
+               padded: bool = False) -> Iterator[torch.Tensor]:
+        """The decoding loop: for prompts of one length (of any lengths when `padded`: left-padded, with the
+        cache), yield the next token of every row, step by step (the caller decides when to stop listening)."""
         prompts = [fit_prompt(p, self.model.config.context_length, settings.max_new_tokens) for p in prompts]
-        length = len(prompts[0])
-        if length == 0 or any(len(p) != length for p in prompts):
-            raise ValueError("prompts decoded together must be non-empty and of one length")
+        length = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0 or (not padded and any(len(p) != length for p in prompts)):
+            raise ValueError("prompts decoded together must be non-empty and of one length (or padded)")
+        if padded and not self.use_cache:
+            raise ValueError("padded prompts are decoded with the cache")
         device = self.model.embed_tokens.weight.device
         steps = min(settings.max_new_tokens, self.model.config.context_length - length)
         if steps <= 0:
             return
-        tokens = torch.tensor(prompts, device=device)
+        pads = [length - len(p) for p in prompts]
+        tokens = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts)], device=device)
         cache = self.model.new_cache(len(prompts), length + steps) if self.use_cache else None
+        if any(pads):  # row r's first pads[r] positions are no tokens
+            positions = torch.arange(length + steps, device=device)[None, :]
+            cache.valid = positions >= torch.tensor(pads, device=device)[:, None]
         logits, _ = self.model(tokens, cache=cache)
         for step in range(steps):
             next_tokens = pick_tokens(logits[:, -1], settings, generator)
@@ -113,18 +121,23 @@ class Engine:
                 return
             yield token
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings, batch_size: int = 64) -> list[list[int]]:
-        """Every prompt's continuation; prompts of equal length are decoded together, `batch_size` at a time."""
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings, batch_size: int = 64,
+                 on_batch: Callable[[int], None] | None = None, padded: bool = False) -> list[list[int]]:
+        """Every prompt's continuation; prompts of equal length are decoded together (with `padded`, of any
+        lengths, shortest first), `batch_size` at a time (after each batch, `on_batch` gets the number of
+        prompts done so far)."""
         answers: list[list[int]] = [[] for _ in prompts]
         by_length: dict[int, list[int]] = defaultdict(list)
         for index, prompt in enumerate(prompts):
-            by_length[len(prompt)].append(index)
+            by_length[0 if padded else len(prompt)].append(index)
         generator = torch.Generator().manual_seed(settings.seed)
+        done = 0
         for _, indices in sorted(by_length.items()):
+            indices.sort(key=lambda index: len(prompts[index]))  # stable: same-length prompts keep their order
             for start in range(0, len(indices), batch_size):
                 group = indices[start:start + batch_size]
                 finished = [False] * len(group)
-                for column in self.decode([prompts[i] for i in group], settings, generator):
+                for column in self.decode([prompts[i] for i in group], settings, generator, padded):
                     for row, token in enumerate(column.tolist()):
                         if finished[row]:
                             continue
@@ -134,6 +147,9 @@ class Engine:
                             answers[group[row]].append(token)
                     if all(finished):
                         break
+                done += len(group)
+                if on_batch is not None:
+                    on_batch(done)
         return answers
 
 

@@ -3,8 +3,8 @@
 A target layer y = W x becomes y = W x + (alpha / rank) · B A dropout(x), with W frozen, A (rank × in)
 initialized small and random, B (out × rank) initialized to zero, so training starts exactly at the base
 model. Merging folds the update into W: W' = W + (alpha / rank) · B A, giving a plain model that later
-stages read like any other. The adapter alone (A and B of every target) is saved as PEFT saves one
-(`adapter_config.json` + `adapter_model.safetensors`), so `peft.PeftModel.from_pretrained` and vLLM load it
+stages read like any other (`merge_lora` does it in place, without a second copy of the model). The adapter
+alone (A and B of every target) is saved as PEFT saves one (`adapter_config.json` + `adapter_model.safetensors`), so `peft.PeftModel.from_pretrained` and vLLM load it
 onto the base model in Hugging Face layout (the pretrained model, exported as llmpipe.hf.export does).
 """
 
@@ -86,18 +86,19 @@ def add_lora(model: Transformer, settings: LoRASettings) -> list[str]:
     return wrapped
 
 
-def merged_copy(model: Transformer) -> Transformer:
-    """A plain Transformer whose weights include the adapters' updates."""
-    plain = Transformer(model.config)
-    state = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            state[f"{name}.weight"] = module.merged_weight().detach()
-    for name, tensor in model.state_dict().items():
-        if ".lora_" not in name and name not in state:
-            state[name] = tensor
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every adapter into its layer's weight, in place, and put a plain linear layer (holding that weight)
+    back in its place: `model` becomes a plain Transformer. Memory: one layer's update at a time, never a
+    second copy of the model. Returns `model`, in eval mode."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.weight.add_(child.scaling * (child.lora_B @ child.lora_A))
+                plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                plain.weight = child.weight
+                setattr(module, child_name, plain)
+    return model.eval()
 
 
 ADAPTER_DIR = "adapter"  # under the fine-tuned model's directory

@@ -3,18 +3,15 @@ the memory its weights need at each precision, plus training and KV-cache estima
 
 from __future__ import annotations
 
-import torch
-
-from llmpipe.model.transformer import ModelConfig, Transformer, count_parameters
+from llmpipe.model.transformer import ModelConfig, count_parameters
+from llmpipe.model.weights import empty_model
 
 # Bits per weight of each storage format (block formats include their fp16 scales: GGUF Q8_0, Q4_0).
 WEIGHT_FORMATS = [("fp32", 32.0), ("bf16", 16.0), ("int8 (Q8_0)", 8.5), ("int4 (Q4_0)", 4.5)]
 
 
 def parameter_count(config: ModelConfig) -> int:
-    with torch.device("meta"):
-        model = Transformer(config)
-    return count_parameters(model)
+    return count_parameters(empty_model(config))
 
 
 def size_report(config: ModelConfig) -> dict:

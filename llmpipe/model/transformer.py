@@ -117,7 +117,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens processed so far, preallocated to `max_length`."""
+    """Keys and values of every layer for the tokens processed so far, preallocated to `max_length`.
+    `valid` (batch, max_length), when set, marks the positions that are real tokens: rows of left-padded
+    prompts have pads first, which no token attends to."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device, dtype):
         shape = (batch_size, config.n_kv_head, max_length, config.head_dim)
@@ -125,6 +127,7 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens stored (the position of the next token)
         self.max_length = max_length
+        self.valid: torch.Tensor | None = None
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values of `layer` after the cached ones; return all of them."""
@@ -132,6 +135,18 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = keys
         self.values[layer][:, :, self.length:end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def padded_attention_mask(valid: torch.Tensor, past: int, time: int) -> torch.Tensor:
+    """(batch, 1, time, keys) boolean mask for `time` new tokens after `past` cached ones, in rows whose pads
+    (`valid` false) no token attends to: causal, real keys only, and each position itself (so a pad's own row
+    is never empty). Rotary angles depend on distances only, so a left-padded prompt's tokens attend to each
+    other as they would unpadded."""
+    keys = valid.shape[1]
+    query_positions = torch.arange(past, past + time, device=valid.device)[:, None]
+    key_positions = torch.arange(keys, device=valid.device)[None, :]
+    mask = (key_positions <= query_positions) & valid[:, None, :]
+    return (mask | (key_positions == query_positions))[:, None]
 
 
 class Attention(nn.Module):
@@ -154,7 +169,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_index, k, v)
-        if past == 0:
+        if cache is not None and cache.valid is not None:  # left-padded prompts
+            mask, causal = padded_attention_mask(cache.valid[:, :past + time], past, time), False
+        elif past == 0:
             mask, causal = None, True            # plain causal attention over the new tokens
         elif time == 1:
             mask, causal = None, False           # one new token attends to everything cached

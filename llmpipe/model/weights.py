@@ -3,6 +3,13 @@
 A model directory is what pretrain and finetune output and what generation, quantization and
 evaluation read. Loading checks every tensor's name and shape against the config, so a file that
 does not match (another preset, a truncated or corrupted file) is refused with a one-line error.
+The loaded tensors become the model's parameters as they are (`empty_model` + `assign_weights`): the
+file is memory-mapped, nothing is initialized at random first, and no second copy is made.
+
+Tensor names are Hugging Face LlamaForCausalLM's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`
+when untied), so the weights file is also the Hugging Face export's, byte for byte (llmpipe.hf.export links it
+instead of writing it again, and DVC's cache stores it once); files with our module names (written before
+that) load too.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmpipe.model.transformer import ModelConfig, Transformer
+from llmpipe.model.transformer import ModelConfig, Transformer, rotary_tables
 from llmpipe.pipeline import atomic
 from llmpipe.pipeline.errors import InputDataError, SettingError
 
@@ -25,14 +32,19 @@ if TYPE_CHECKING:  # annotations only: loading weights runs no tokenizer code
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_KEY = "tokenizer_fingerprint"  # in config.json: the tokenizer the model was trained with
+HF_PREFIX = "model."  # LlamaForCausalLM's decoder; its output head, lm_head, is outside it
+
+
+def saved_name(name: str) -> str:
+    """A module's tensor name as the weights file (and LlamaForCausalLM) names it."""
+    return name if name.startswith("lm_head.") else HF_PREFIX + name
 
 
 def state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
-    """Weights as contiguous CPU tensors; a tied output head is stored once (as embed_tokens)."""
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+    """Weights as contiguous CPU tensors under their saved names; a tied output head is stored once (as the
+    embedding)."""
+    return {saved_name(name): tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
+            if not (model.config.tie_embeddings and name == "lm_head.weight")}
 
 
 def write_model(directory: Path, model: Transformer, extra_config: dict | None = None) -> None:
@@ -71,10 +83,35 @@ def model_config_from_dict(values: dict, where: str) -> ModelConfig:
         raise InputDataError(f"{where}: not a valid model config: {exc}") from None
 
 
+def empty_model(config: ModelConfig) -> Transformer:
+    """The model's modules with no weights yet (on the meta device: no memory, no random initialization);
+    `assign_weights` fills them."""
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def assign_weights(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
+    """Make `state`'s tensors the parameters of `model` (an `empty_model`) as they are, without copying them;
+    every parameter must be in `state` (a tied output head may be left out: it is tied again). The rotary tables
+    are computed as the constructor does. Returns `model`."""
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if missing:
+        raise ValueError(f"no tensor for {missing[:3]}")
+    config, device = model.config, model.embed_tokens.weight.device
+    cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta, scaling=config.rope_scaling)
+    model.register_buffer("rope_cos", cos.to(device), persistent=False)
+    model.register_buffer("rope_sin", sin.to(device), persistent=False)
+    return model
+
+
 def read_checked_tensors(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, for any weights the pipeline loads: floating-point tensors converted to
-    `dtype` (what the model computes in) and only then checked finite, so a float64 1e300, finite in its file but
-    infinite in float32, is refused naming the file and the tensor. Never unpickles."""
+    """Every tensor of a safetensors file, memory-mapped, for any weights the pipeline loads: floating-point tensors
+    converted to `dtype` (what the model computes in; no copy when they are stored in it) and only then checked
+    finite, so a float64 1e300, finite in its file but infinite in float32, is refused naming the file and the
+    tensor. Never unpickles."""
     try:
         state = load_file(str(path))
     except FileNotFoundError:
@@ -92,9 +129,12 @@ def read_checked_tensors(path: Path, dtype: torch.dtype = torch.float32) -> dict
 
 
 def load_state_into(model: Transformer, weights_path: Path) -> None:
-    """Load safetensors weights into `model`, checking names, shapes and values (read_checked_tensors) first."""
-    state = read_checked_tensors(weights_path, next(model.parameters()).dtype)
-    expected = state_dict_for_saving(model)
+    """Load safetensors weights into `model` (an `empty_model`), checking names, shapes and values
+    (read_checked_tensors) first; saved names (Hugging Face's) and our module names both load."""
+    state = {name.removeprefix(HF_PREFIX): tensor
+             for name, tensor in read_checked_tensors(weights_path, next(model.parameters()).dtype).items()}
+    expected = {name: tensor for name, tensor in model.state_dict().items()
+                if not (model.config.tie_embeddings and name == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -104,7 +144,7 @@ def load_state_into(model: Transformer, weights_path: Path) -> None:
         if tensor.shape != expected[name].shape:
             raise InputDataError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, the config "
                                  f"needs {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)
+    assign_weights(model, state)
 
 
 def check_tokenizer(config: ModelConfig, recorded: str | None, model_path: str | Path,
@@ -131,11 +171,12 @@ def check_model_directory(directory: str | Path, tokenizer: LoadedTokenizer | No
     return config, shape
 
 
-def load_model(directory: str | Path, device: str = "cpu",
-               tokenizer: LoadedTokenizer | None = None) -> tuple[Transformer, dict]:
-    """A model directory → (model in eval mode, its full config.json); with `tokenizer`, checked to match it."""
+def load_model(directory: str | Path, device: str = "cpu", tokenizer: LoadedTokenizer | None = None,
+               weights_file: str | Path | None = None) -> tuple[Transformer, dict]:
+    """A model directory → (model in eval mode, its full config.json); with `tokenizer`, checked to match it.
+    The weights are the directory's model.safetensors unless `weights_file` names another file."""
     directory = Path(directory)
     config, shape = check_model_directory(directory, tokenizer)
-    model = Transformer(shape)
-    load_state_into(model, directory / WEIGHTS_FILE)
+    model = empty_model(shape)
+    load_state_into(model, Path(weights_file) if weights_file else directory / WEIGHTS_FILE)
     return model.to(device).eval(), config

@@ -59,9 +59,11 @@ def finetune_samples(answers: dict[str, list[dict]], base_answers: dict[str, lis
         if not results:
             continue
         lines += [f"## {split_title(split)}", "", "| question | expected | base model | fine-tuned |", "|---|---|---|---|"]
-        for result, base in spread_sample(list(zip(results, base_answers[split])), count):
+        bases = base_answers.get(split) or [None] * len(results)  # None: the base model was not measured
+        for result, base in spread_sample(list(zip(results, bases)), count):
             mark = "✓" if result["correct"] else "✗"
-            lines.append(f"| {cell(result['question'])} | {cell(result['expected'])} | {_answer(base)} | "
+            lines.append(f"| {cell(result['question'])} | {cell(result['expected'])} | "
+                         f"{_answer(base) if base else '(not measured)'} | "
                          f"{mark} {_answer(result)} |")
         lines.append("")
     return "\n".join(lines)

@@ -93,12 +93,14 @@ def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 class LlmpipeChatModel(ChatModel):
     def load_context(self, context) -> None:
         from llmpipe.model.weights import load_model
+        from llmpipe.serve.registry import referenced_weights
         from llmpipe.text.chat_template import ChatTemplate
         from llmpipe.text.tokenizer import LoadedTokenizer
 
         self.tokenizer = LoadedTokenizer(context.artifacts["tokenizer"])
         self.template = ChatTemplate(self.tokenizer)
-        self.model, _ = load_model(context.artifacts["model"], tokenizer=self.tokenizer)
+        self.model, _ = load_model(context.artifacts["model"], tokenizer=self.tokenizer,
+                                   weights_file=referenced_weights(context.artifacts["model"]))
         self.name = (getattr(context, "model_config", None) or {}).get("model_name", "llmpipe")
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:

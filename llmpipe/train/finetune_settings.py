@@ -43,6 +43,15 @@ class FinetuneParams(TrainingParams):
     checkpoint_every: int = setting(50, "resumable checkpoint every N steps (0 = none)", min=0)
     precision: str = setting("fp32", "fp32 | bf16 (autocast) | auto (as pretrain.precision)", choices=PRECISIONS)
     max_new_tokens: int = setting(24, "longest generated answer when measuring QA accuracy", min=1)
+    pad_prompts: bool = setting(False, "answer questions of all lengths in one batch, left-padded (one decoding "
+                                       "pass instead of one per length: for large models; last digits of logits "
+                                       "may differ)")
+    max_questions_per_split: int | None = setting(None, "QA questions asked per split before, during and after "
+                                                        "training: the first N of each file (null = all)", min=1)
+    max_validation_examples: int | None = setting(None, "validation examples for the answer loss: the first N "
+                                                        "(null = all)", min=1)
+    measure_base: bool = setting(True, "measure the base model before training (QA accuracy, answer loss); false "
+                                       "saves that time on large models")
     sample_answers: int = setting(8, "sample answers per split in reports/finetune/samples.md", min=0)
 
     def __post_init__(self):
@@ -59,6 +68,10 @@ class FinetuneSettings:
     batch: BatchGeometry
     process: ProcessInfo
     max_new_tokens: int            # longest generated answer when measuring QA accuracy
+    pad_prompts: bool              # questions of all lengths in one batch
+    max_questions_per_split: int | None   # QA questions per split (None: all)
+    max_validation_examples: int | None   # validation examples for the answer loss (None: all)
+    measure_base: bool             # measure the base model before training
     sample_answers: int            # sample answers per split in the report
     seed: int
 
@@ -83,5 +96,6 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
                          "finetune.parallelism=ddp (FSDP would shard the embedding those rows live in)")
     return FinetuneSettings(
         method=section.method, lora=section.lora if section.method == "lora" else None, loop=loop,
-        batch=batch, process=process, max_new_tokens=section.max_new_tokens,
-        sample_answers=section.sample_answers, seed=params.seed())
+        batch=batch, process=process, max_new_tokens=section.max_new_tokens, pad_prompts=section.pad_prompts,
+        max_questions_per_split=section.max_questions_per_split, max_validation_examples=section.max_validation_examples,
+        measure_base=section.measure_base, sample_answers=section.sample_answers, seed=params.seed())

@@ -101,10 +101,13 @@ def fully_shard_blocks(model: Transformer, process: ProcessInfo) -> Transformer:
 
 
 def _snapshot(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
-    """The weights now. Sharded: gathered whole on rank 0, in CPU memory (a collective; {} on the others)."""
+    """The weights now. Sharded: gathered whole on rank 0, in CPU memory (a collective; {} on the others).
+    Not sharded: the trained weights only (frozen ones cannot change: LoRA's base, chat_tokens' other rows),
+    so keeping the best step costs no second copy of a frozen model."""
     if sharded:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trained}
 
 
 def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -283,7 +286,7 @@ class Training:
             result.model = _materialize(self.skeleton, final_state) if self.process.is_main else None
         else:
             if self.best_state is not None:
-                self.model.load_state_dict(self.best_state)
+                self.model.load_state_dict(self.best_state, strict=False)
             result.model = self.model
         result.final_metrics = dict(result.history["eval"][-1]) if result.history["eval"] else {}
         result.final_metrics.pop("step", None)

@@ -1,0 +1,295 @@
+"""The pipeline on a ~1B-parameter model, stage by stage: wall time, peak memory, longest silence.
+
+Makes a Llama-shaped checkpoint with random weights through transformers (`LlamaForCausalLM(config)
+.save_pretrained`, TinyLlama's shape by default, the vocabulary of the pipeline's own tokenizer, whose
+tokenizer.json goes with it: nothing is downloaded), then runs the real pipeline on it in a temporary copy of
+this repository through `dvc exp run`: import (`base_model=hf`) → finetune (LoRA, then chat_tokens as a second
+experiment: finetune onwards) → quantize (every default variant) → evaluate → registry, with the large-model
+settings of docs/scaling-recipe.md (LARGE_MODEL below).
+
+While DVC runs, every process of a stage is sampled twice a second: its peak resident memory (VmHWM in /proc:
+file pages it maps, such as memory-mapped weights, count too) and the system load. Printed per stage: wall
+seconds from DVC's "Running stage" line to the next (DVC's hashing and caching of the outputs included), peak
+RSS in GiB and in fp32 weights (4 bytes × parameters), and the longest time without an output line. Then the
+disk that the weights take: DVC's cache, the workspace, MLflow's store.
+
+    python benchmarks/scale.py                       # TinyLlama's shape, 973M parameters: ~50 GB of disk
+    python benchmarks/scale.py --layers 2 --d-model 256 --ffn 512 --heads 4 --kv-heads 2   # a quick check
+    python benchmarks/scale.py --pretrain-large 200  # instead: the `large` preset, 200 pretraining steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = "base_models/scale"
+# The large-model settings (docs/scaling-recipe.md): bounded measurement, a few fine-tuning steps, the registry
+# naming the weights in DVC's cache instead of copying them.
+LARGE_MODEL = [
+    "pretrain.eval_max_tokens=512",
+    "finetune.max_steps=10", "finetune.global_batch_sequences=4", "finetune.micro_batch_sequences=4",
+    "finetune.warmup_steps=2", "finetune.eval_every=10", "finetune.log_every=1", "finetune.checkpoint_every=0",
+    "finetune.max_questions_per_split=10", "finetune.max_validation_examples=8", "finetune.measure_base=false",
+    "finetune.pad_prompts=true", "finetune.max_new_tokens=12", "finetune.sample_answers=4",
+    "evaluate.max_questions_per_split=10", "evaluate.pad_prompts=true", "evaluate.max_new_tokens=12",
+    "evaluate.eval_max_tokens=256", "evaluate.kl_max_tokens=256", "evaluate.generation_tokens=4",
+    "evaluate.measure_base=false", "evaluate.registry_weights=dvc_cache",
+]
+STAGE_SCRIPT = re.compile(r"stages/(\w+)\.py")
+RUNNING = re.compile(r"Running stage '(\w+)'")
+
+
+def environment(repo: Path = ROOT) -> dict:
+    """The environment for running `repo`'s code: its llmpipe first on the path, no MLflow/DVC settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "LLMPIPE_"))}
+    env["PYTHONPATH"] = str(repo)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def make_repo(destination: Path) -> None:
+    """The git-tracked files of this repository, committed in a fresh git repository."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+    (destination / "dvc.lock").unlink(missing_ok=True)
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=bench", "-c", "user.email=bench@invalid",
+                                                      "commit", "-qm", "benchmark copy"]):
+        subprocess.run(["git", *command], cwd=destination, check=True)
+
+
+def write_checkpoint(repo: str, shape: dict) -> dict:
+    """(in a child process) base_models/scale: random LlamaForCausalLM weights of `shape` and the pipeline's
+    tokenizer (models/tokenizer of the copy) as tokenizer.json, with its end-of-text token as eos."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llmpipe.text.tokenizer import LoadedTokenizer
+
+    tokenizer = LoadedTokenizer(Path(repo) / "models/tokenizer")
+    eos = tokenizer.special_tokens["end_of_document"]
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=shape["d_model"],
+                         intermediate_size=shape["ffn"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         max_position_embeddings=shape["context"], rope_theta=10000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.end_of_document_id,
+                         eos_token_id=tokenizer.end_of_document_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    directory = Path(repo) / CHECKPOINT
+    model.save_pretrained(str(directory))
+    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.directory / "tokenizer.json"), eos_token=eos,
+                            bos_token=eos).save_pretrained(str(directory))
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "bytes": sum(p.stat().st_size for p in directory.glob("*.safetensors"))}
+
+
+class Watcher:
+    """Samples the processes under `pid` twice a second: per stage (by its script), the peak resident memory of
+    its largest process and the largest sum over its processes; the load average; and the output lines' times."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peaks, self.sums, self.loads, self.lines = pid, {}, {}, [], []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        import psutil
+
+        root = psutil.Process(self.pid)
+        while not self.done.wait(0.5):
+            self.loads.append(os.getloadavg()[0])
+            totals: dict[str, int] = {}
+            try:
+                processes = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for process in processes:
+                try:
+                    found = STAGE_SCRIPT.search(" ".join(process.cmdline()))
+                    status = Path(f"/proc/{process.pid}/status").read_text()
+                except (psutil.NoSuchProcess, OSError):
+                    continue
+                name = found.group(1) if found else ("dvc" if process.pid == self.pid else None)
+                if name is None:
+                    continue
+                peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+                self.peaks[name] = max(self.peaks.get(name, 0), peak)
+                totals[name] = totals.get(name, 0) + int(status.split("VmRSS:")[1].split()[0]) * 1024
+            for name, total in totals.items():
+                self.sums[name] = max(self.sums.get(name, 0), total)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def dvc_exp_run(repo: Path, overrides: list[str], targets: list[str] = ()) -> dict:
+    """`dvc exp run -S ...` with its output passed through (each line with the seconds since the start);
+    returns the stages that ran, with wall seconds, peak RSS and the longest silence, and the load average."""
+    command = [str(Path(sys.executable).parent / "dvc"), "exp", "run", *[a for o in overrides for a in ("-S", o)],
+               *targets]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=repo, env=environment(repo), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    watcher = Watcher(process.pid)
+    stages: list[dict] = []
+    last = start
+    for line in process.stdout:
+        now = time.perf_counter()
+        if stages:
+            stages[-1]["silence"] = max(stages[-1]["silence"], now - last)
+        last = now
+        print(f"[{now - start:7.1f}s] {line}", end="", flush=True)
+        found = RUNNING.search(line)
+        if found:
+            if stages:
+                stages[-1]["seconds"] = now - stages[-1]["start"]
+            stages.append({"stage": found.group(1), "start": now, "silence": 0.0})
+    code = process.wait()
+    end = time.perf_counter()
+    watcher.stop()
+    if stages:
+        stages[-1]["seconds"] = end - stages[-1]["start"]
+        stages[-1]["silence"] = max(stages[-1]["silence"], end - last)
+    if code:
+        raise SystemExit(f"error: {' '.join(command)} exited {code}")
+    script = {"tokenize": "tokenize_text"}
+    for row in stages:
+        name = script.get(row["stage"], row["stage"])
+        row.update(peak_rss=watcher.peaks.get(name, 0), summed_rss=watcher.sums.get(name, 0))
+    loads = watcher.loads or [os.getloadavg()[0]]
+    return {"stages": stages, "seconds": end - start, "dvc_peak_rss": watcher.peaks.get("dvc", 0),
+            "load_mean": sum(loads) / len(loads), "load_max": max(loads)}
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of the files under `path`, each inode once (hard links to DVC's cache are not counted twice)."""
+    seen, total = set(), 0
+    for file in [path] if path.is_file() else path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            status = file.stat()
+            if (status.st_dev, status.st_ino) not in seen:
+                seen.add((status.st_dev, status.st_ino))
+                total += status.st_size
+    return total
+
+
+def table(runs: list[tuple[str, dict]], weight_bytes: int) -> str:
+    lines = ["| experiment | stage | wall s | peak RSS GiB | × fp32 weights | longest silence s | load (mean / max) |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for label, run in runs:
+        for row in run["stages"]:
+            lines.append(f"| {label} | {row['stage']} | {row['seconds']:.0f} | {row['peak_rss'] / 2**30:.2f} | "
+                         f"{row['peak_rss'] / weight_bytes:.2f} | {row['silence']:.0f} | "
+                         f"{run['load_mean']:.1f} / {run['load_max']:.1f} |")
+        lines.append(f"| {label} | **all** (dvc exp run) | **{run['seconds']:.0f}** | dvc itself: "
+                     f"{run['dvc_peak_rss'] / 2**30:.2f} | | | |")
+    return "\n".join(lines)
+
+
+def in_child(function: str, *arguments) -> dict:
+    """Run one function of this script in a fresh process (its memory is gone before anything is measured)."""
+    done = subprocess.run([sys.executable, __file__, "--job", json.dumps([function, *arguments])],
+                          capture_output=True, text=True, env=environment())
+    if done.returncode:
+        raise SystemExit(f"error: {function} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB; "
+            f"{time.strftime('%Y-%m-%d %H:%M')}; uptime: {uptime}")
+
+
+def scale_recipe(repo: Path, args) -> None:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "repro", "train_tokenizer"], cwd=repo, env=environment(repo), check=True, capture_output=True)
+    shape = {"layers": args.layers, "d_model": args.d_model, "ffn": args.ffn, "heads": args.heads,
+             "kv_heads": args.kv_heads, "context": args.context}
+    start = time.perf_counter()
+    checkpoint = in_child("write_checkpoint", str(repo), shape)
+    print(f"checkpoint: {checkpoint['parameters']:,} parameters, {checkpoint['bytes'] / 1e9:.2f} GB safetensors, "
+          f"written in {time.perf_counter() - start:.0f} s", flush=True)
+    weight_bytes = 4 * checkpoint["parameters"]
+    base = ["base_model=hf", f"base_model.path={CHECKPOINT}", *LARGE_MODEL, *args.set]
+    runs = []
+    for method in ["lora"] + ([] if args.lora_only else ["chat_tokens"]):  # the second: finetune onwards
+        runs.append((method, dvc_exp_run(repo, [*base, f"finetune.method={method}"])))
+        disk = {name: disk_bytes(repo / name) for name in (".dvc/cache", "models", ".mlflow", CHECKPOINT)}
+        print(f"\n{machine()}\nmodel: {checkpoint['parameters']:,} parameters, fp32 weights "
+              f"{weight_bytes / 2**30:.2f} GiB\n\n{table(runs, weight_bytes)}\n\ndisk (GiB, each file once): "
+              + ", ".join(f"{name} {size / 2**30:.2f}" for name, size in disk.items()), flush=True)
+    sizes = json.loads((repo / "reports/quantize/sizes.json").read_text())["variants"]
+    print("bits per weight: " + ", ".join(f"{name} {row['bits_per_weight']:.2f}" for name, row in sizes.items()))
+    for path in ("reports/pretrain/metrics.json", "reports/finetune/metrics.json", "reports/evaluate/metrics.json"):
+        print(f"{path}: {(repo / path).read_text().strip()}")
+
+
+def pretrain_large(repo: Path, args) -> None:
+    overrides = ["model=large", f"pretrain.max_steps={args.pretrain_large}", "pretrain.global_batch_sequences=4",
+                 "pretrain.micro_batch_sequences=4", "model.context_length=256", "pretrain.warmup_steps=20",
+                 f"pretrain.eval_every={args.pretrain_large}", "pretrain.checkpoint_every=0",
+                 "pretrain.eval_max_tokens=8192", *args.set]
+    run = dvc_exp_run(repo, overrides, ["pretrain"])
+    timings = json.loads((repo / "reports/pretrain/timings.json").read_text())
+    details = json.loads((repo / "reports/pretrain/details.json").read_text())
+    row = next(r for r in run["stages"] if r["stage"] == "pretrain")
+    print(f"\n{machine()}\n{' '.join(overrides)}\nlarge preset: {details['parameters']:,} parameters, "
+          f"{args.pretrain_large} steps of {4 * 256} tokens in {row['seconds']:.0f} s (stage wall, with import and "
+          f"evaluation): {row['seconds'] / args.pretrain_large:.2f} s per step; {timings['tokens_per_second']:,.0f} "
+          f"tokens/s while training; peak RSS {row['peak_rss'] / 2**30:.2f} GiB; longest silence "
+          f"{row['silence']:.0f} s; load mean {run['load_mean']:.1f}, max {run['load_max']:.1f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--lora-only", action="store_true", help="leave out the chat_tokens experiment")
+    parser.add_argument("--pretrain-large", type=int, metavar="STEPS", help="pretrain the large preset instead")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more `dvc exp run -S` overrides")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the repository copy goes (default: /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the repository copy")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        name, *rest = json.loads(args.job)
+        print(json.dumps({"write_checkpoint": write_checkpoint}[name](*rest)))
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="llmpipe-scale-", dir=args.workdir))
+    try:
+        repo = workdir / "repo"
+        repo.mkdir()
+        make_repo(repo)
+        (pretrain_large if args.pretrain_large else scale_recipe)(repo, args)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
