@@ -41,8 +41,9 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 if ! command -v git >/dev/null; then
   dvc config --local core.no_scm true
-elif [[ ! -d .git ]]; then  # DVC needs a git repository
-  git init -q && printf '/.whl/\n/.site/\n' >> .git/info/exclude && git add -A && git -c user.name=gpu-check -c user.email=gpu@example.com commit -qm "gpu check"
+elif [[ ! -d .git || -f .git/gpu-check ]]; then  # DVC needs a git repository; ours follows the copied tree
+  [[ -d .git ]] || { git init -q && printf '/.whl/\n/.site/\n' >> .git/info/exclude && touch .git/gpu-check; }
+  git add -A && git -c user.name=gpu-check -c user.email=gpu@example.com commit -qm "gpu check" --allow-empty
 fi
 python3 - <<'PY'
 import torch
@@ -88,5 +89,10 @@ if [[ "$PARTS" == *c* ]]; then
 echo "== (b, c) throughput, compiled (timeout ${COMPILE_TIMEOUT} s)"
 bounded "$COMPILE_TIMEOUT" "$OUT/throughput_compiled.log" python3 benchmarks/train_throughput.py --device "$DEVICE" \
   --precision "$PRECISION" --preset $PRESETS --tokens-per-step "$TOKENS" $STEPS --compile | grep -v Warning
+fi
+if [[ "$PARTS" == *s* ]]; then  # the 1B recipe of benchmarks/scale.py (issue 24), fine-tuning on the GPU
+echo "== (s) benchmarks/scale.py --lora-only on $DEVICE (timeout ${SCALE_TIMEOUT:-450} s)"
+bounded "${SCALE_TIMEOUT:-450}" "$OUT/scale.log" python3 benchmarks/scale.py --lora-only --workdir /tmp \
+  --set "finetune.device=$DEVICE" "finetune.precision=auto"
 fi
 echo "== done"

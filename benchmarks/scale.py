@@ -54,7 +54,7 @@ RUNNING = re.compile(r"Running stage '(\w+)'")
 def environment(repo: Path = ROOT) -> dict:
     """The environment for running `repo`'s code: its llmpipe first on the path, no MLflow/DVC settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "LLMPIPE_"))}
-    env["PYTHONPATH"] = str(repo)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -139,10 +139,15 @@ class Watcher:
         self.thread.join()
 
 
+def dvc_executable(repo: Path) -> str:
+    """The `dvc` beside this Python (a venv's) or else on PATH."""
+    return shutil.which("dvc", path=environment(repo)["PATH"]) or "dvc"
+
+
 def dvc_exp_run(repo: Path, overrides: list[str], targets: list[str] = ()) -> dict:
     """`dvc exp run -S ...` with its output passed through (each line with the seconds since the start);
     returns the stages that ran, with wall seconds, peak RSS and the longest silence, and the load average."""
-    command = [str(Path(sys.executable).parent / "dvc"), "exp", "run", *[a for o in overrides for a in ("-S", o)],
+    command = [dvc_executable(repo), "exp", "run", *[a for o in overrides for a in ("-S", o)],
                *targets]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=repo, env=environment(repo), stdout=subprocess.PIPE,
@@ -220,8 +225,7 @@ def machine() -> str:
 
 
 def scale_recipe(repo: Path, args) -> None:
-    dvc = str(Path(sys.executable).parent / "dvc")
-    subprocess.run([dvc, "repro", "train_tokenizer"], cwd=repo, env=environment(repo), check=True, capture_output=True)
+    subprocess.run([dvc_executable(repo), "repro", "train_tokenizer"], cwd=repo, env=environment(repo), check=True)
     shape = {"layers": args.layers, "d_model": args.d_model, "ffn": args.ffn, "heads": args.heads,
              "kv_heads": args.kv_heads, "context": args.context}
     start = time.perf_counter()

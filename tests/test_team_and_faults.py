@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, dvc, environment, run
-from test_pipeline import md5, ran
+from test_pipeline import md5
 
 
 def free_port() -> int:
