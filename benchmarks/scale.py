@@ -5,7 +5,7 @@ Makes a Llama-shaped checkpoint with random weights through transformers (`Llama
 tokenizer.json goes with it: nothing is downloaded), then runs the real pipeline on it in a temporary copy of
 this repository through `dvc exp run`: import (`base_model=hf`) → finetune (LoRA, then chat_tokens as a second
 experiment: finetune onwards) → quantize (every default variant) → evaluate → registry, with the large-model
-settings of docs/scaling-recipe.md (LARGE_MODEL below).
+settings of docs/scaling.md, "A 1B model through every stage" (LARGE_MODEL below).
 
 While DVC runs, every process of a stage is sampled twice a second: its peak resident memory (VmHWM in /proc:
 file pages it maps, such as memory-mapped weights, count too) and the system load. Printed per stage: wall
@@ -35,8 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "base_models/scale"
-# The large-model settings (docs/scaling-recipe.md): bounded measurement, a few fine-tuning steps, the registry
-# naming the weights in DVC's cache instead of copying them.
+# The large-model settings (docs/scaling.md, "A 1B model through every stage"): bounded measurement, a few
+# fine-tuning steps, the registry naming the weights in DVC's cache instead of copying them.
 LARGE_MODEL = [
     "pretrain.eval_max_tokens=512",
     "finetune.max_steps=10", "finetune.global_batch_sequences=4", "finetune.micro_batch_sequences=4",

@@ -4,7 +4,7 @@ Examples are put in the chat template and the loss is taken on the answers only;
 pretraining one (llmpipe.train.loop). Every `eval_every` steps the validation people's QA accuracy picks
 the best step (the output is that step, not the last). Before and after: exact-match QA accuracy of the
 base and the fine-tuned model on every split, overall and per attribute (bounded for large models by
-finetune.max_questions_per_split, max_validation_examples and measure_base; docs/scaling-recipe.md).
+finetune.max_questions_per_split, max_validation_examples and measure_base: docs/scaling.md).
 Run: `dvc repro finetune`; every weight: `dvc exp run -S finetune.method=full`; LoRA: `-S finetune.method=lora`;
 sharded: `-S finetune.processes=2 -S finetune.parallelism=fsdp`. Chat: `llmpipe chat`. Outputs: dvc.yaml.
 """

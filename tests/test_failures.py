@@ -74,16 +74,18 @@ def test_any_failure_keeps_the_outputs_under_repro_and_exp_run(copy_built):
 
     # Any other exception (here: a file-size limit, as a full disk): one line naming the stage and the cause, the
     # traceback in logs/; the outputs copied back (or hard-linked, where the limit forbids a copy); MLflow FAILED.
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))  # the F16 file fits, the HF export not
+    finetune = stage_outputs(repo, "finetune")
 
-    result = subprocess.run([str(BIN / "dvc"), "repro", "-s", "-f", "quantize"], cwd=repo, env=environment(),
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))  # the 1.9 MB fp32 weights do not fit
+
+    result = subprocess.run([str(BIN / "dvc"), "repro", "-s", "-f", "finetune"], cwd=repo, env=environment(),
                             capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300, check=False)
     line = one_error(result)
-    assert line.startswith("error: quantize: ") and line.endswith("(traceback in logs/quantize.log)"), line
-    assert "Traceback" in (repo / "logs/quantize.log").read_text()
-    assert stage_outputs(repo, "quantize") == quantize
-    stage_run, pipeline = latest_run(repo, "quantize")
+    assert line.startswith("error: finetune: ") and line.endswith("(traceback in logs/finetune.log)"), line
+    assert "Traceback" in (repo / "logs/finetune.log").read_text()
+    assert stage_outputs(repo, "finetune") == finetune
+    stage_run, pipeline = latest_run(repo, "finetune")
     assert stage_run.info.status == "FAILED" and pipeline.info.status == "FAILED"
 
     # A params section DVC checks only after deleting the outputs: dvc.yaml's `meta` makes DVC refuse it first.
@@ -157,11 +159,11 @@ def test_values_are_checked_for_what_they_mean(copy_built):
     weights = repo / "models/finetuned/model.safetensors"
     original = weights.read_bytes()
     tensors = {name: tensor.double() for name, tensor in load_file(weights).items()}
-    tensors["layers.0.mlp.up_proj.weight"][3, 7] = 1e300  # finite in float64, not in float32
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 7] = 1e300  # finite in float64, not in float32
     save_file(tensors, weights)
     result = dvc(repo, "repro", "-s", "-f", "quantize", check=False)
-    assert one_error(result) == ("error: models/finetuned/model.safetensors: tensor layers.0.mlp.up_proj.weight holds "
-                                 "NaN or infinite values in float32 (the file stores float64)")
+    assert one_error(result) == ("error: models/finetuned/model.safetensors: tensor model.layers.0.mlp.up_proj.weight "
+                                 "holds NaN or infinite values in float32 (the file stores float64)")
     assert stage_outputs(repo, "quantize") == quantize
     weights.write_bytes(original)
     config = json.loads((repo / "models/finetuned/config.json").read_text())
@@ -248,8 +250,8 @@ def test_the_projects_own_export_imports_and_the_default_fine_tune_trains_its_ro
     vocabulary = json.loads((repo / "models/tokenizer/tokenizer.json").read_text())["added_tokens"]
     ids = {token["content"]: token["id"] for token in vocabulary}
     assert specials["end_of_document"] == specials["end_of_turn"] == "<|end|>"
-    before = load_file(repo / "models/pretrained/model.safetensors")["embed_tokens.weight"]
-    after = load_file(repo / "models/finetuned/model.safetensors")["embed_tokens.weight"]
+    before = load_file(repo / "models/pretrained/model.safetensors")["model.embed_tokens.weight"]
+    after = load_file(repo / "models/finetuned/model.safetensors")["model.embed_tokens.weight"]
     changed = set((before != after).any(dim=1).nonzero().flatten().tolist())
     assert changed and changed <= {ids["<|system|>"], ids["<|user|>"], ids["<|assistant|>"]}  # <|end|> stays
 

@@ -320,8 +320,9 @@ def test_two_process_ddp_matches_one_process(copy_built, built_repo):
 
 
 def test_large_model_settings_bound_the_measurements_and_store_the_registered_weights_once(copy_built):
-    """docs/scaling-recipe.md's settings: questions and validation examples bounded (the first N, recorded), no
-    base-model measurement, and a registered model that names its weights in DVC's cache instead of holding a copy."""
+    """The large-model settings (docs/scaling.md, "A 1B model through every stage"): questions and validation examples
+    bounded (the first N, recorded), no base-model measurement, and a registered model that names its weights in
+    DVC's cache instead of holding a copy."""
     repo = copy_built()
     output = dvc(repo, "exp", "run", "-S", "finetune.max_questions_per_split=3", "-S", "finetune.measure_base=false",
                  "-S", "finetune.max_validation_examples=2", "-S", "evaluate.max_questions_per_split=4",

@@ -30,8 +30,9 @@ from mlflow.types.llm import (
 
 DEFAULT_MAX_TOKENS = 32
 # Small, so that logging the model (MLflow runs it once on this example) stays quick.
-INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the birth city of Sebastian Atherton?"}],
-                 "max_tokens": 8, "temperature": 0.0}
+# Short: MLflow answers it when the model is logged, and it must fit the smallest context a model has (a tiny
+# preset on a tokenizer with few merges spends a token per byte).
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0.0}
 
 
 class BadRequest(MlflowException):
