@@ -21,7 +21,7 @@ from llmpipe.model.transformer import (
 )
 from llmpipe.model.weights import load_model, save_model
 from llmpipe.pipeline.compose import compose
-from llmpipe.pipeline.heartbeat import Heartbeat
+from llmpipe.pipeline.heartbeat import Heartbeat, printed
 from llmpipe.pipeline.params import StageParams
 from llmpipe.train.settings import model_config
 
@@ -121,6 +121,7 @@ def test_generation_reports_each_batch_and_long_loops_print_progress(capsys):
     Engine(tiny()).generate([[5, 17], [9, 1], [4, 4, 4]], SamplingSettings(max_new_tokens=2), batch_size=1,
                             on_batch=done.append)
     assert done == [1, 2, 3]
+    printed()  # (this process has been quiet for long: the test's own line starts the count)
     with Heartbeat("quiet:", 3, "questions") as quiet, Heartbeat("evaluate: Q4_K: qa:", 3, "questions", 0.2) as beat:
         quiet.tick(3)
         beat.tick(1)

@@ -7,7 +7,8 @@ tensors to quantize, a whole variant's evaluation), so a stage working on a larg
 prints `evaluate: Q4_K: perplexity: 12/40 windows, 0:31 elapsed, eta 1:12` from a background thread when 30 s
 pass without a progress line (so also while one long step, a forward pass of a large model, runs). Heartbeats
 nest: only the innermost one prints, and the 30 s count from the last line any of them (or a training stage's
-`printed()` line) printed, so a stage that goes from one loop to the next stays within 30 s too. Work that
+`printed()` line) printed, or from the process's start, so a stage that goes from one loop to the next, or
+spends its first seconds importing and checking inputs, stays within 30 s too. Work that
 finishes sooner prints nothing (small models stay quiet). `total=None`: a line with the elapsed time only.
 """
 
@@ -18,8 +19,21 @@ import threading
 import time
 
 INTERVAL_SECONDS = 30.0
+
+
+def process_start() -> float:
+    """When this process started, on the perf_counter clock (a stage's silence counts from its start: imports and
+    input checks included)."""
+    try:
+        import psutil
+
+        return time.perf_counter() - max(time.time() - psutil.Process().create_time(), 0.0)
+    except Exception:  # noqa: BLE001 (no psutil, or no access to the process table: from now)
+        return time.perf_counter()
+
+
 _active: list[Heartbeat] = []  # the heartbeats running now, innermost last
-_last_line = [time.perf_counter()]  # when the last progress line was printed
+_last_line = [process_start()]  # when the last progress line was printed (or the process started)
 
 
 def duration(seconds: float) -> str:
@@ -48,8 +62,6 @@ class Heartbeat:
         self.started = time.perf_counter()
         if not self.enabled:
             return self
-        if not _active:  # the silence counts from the outermost start
-            _last_line[0] = self.started
         _active.append(self)
         self.thread.start()
         return self
