@@ -4,8 +4,9 @@ A target layer y = W x becomes y = W x + (alpha / rank) · B A dropout(x), with 
 initialized small and random, B (out × rank) initialized to zero, so training starts exactly at the base
 model. Merging folds the update into W: W' = W + (alpha / rank) · B A, giving a plain model that later
 stages read like any other (`merge_lora` does it in place, without a second copy of the model). The adapter
-alone (A and B of every target) is saved as PEFT saves one (`adapter_config.json` + `adapter_model.safetensors`), so `peft.PeftModel.from_pretrained` and vLLM load it
-onto the base model in Hugging Face layout (the pretrained model, exported as llmpipe.hf.export does).
+alone (A and B of every target) is saved as PEFT saves one (`adapter_config.json` +
+`adapter_model.safetensors`), so `peft.PeftModel.from_pretrained` and vLLM load it onto the base model in
+Hugging Face layout (the pretrained model, exported as llmpipe.hf.export does).
 """
 
 from __future__ import annotations

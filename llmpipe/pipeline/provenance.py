@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -10,6 +11,15 @@ from pathlib import Path
 
 
 def file_md5(path: Path) -> str:
+    """md5 of a file's content, read once per process while the file is unchanged (same inode, size and
+    modification time): a stage hashes its inputs at start, and registering the model hashes the same weights
+    again (gigabytes at 1B). The same key DVC's own state database trusts."""
+    stat = os.stat(path)
+    return _content_md5(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _content_md5(path: str, inode: int, size: int, modified_ns: int) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
