@@ -16,12 +16,12 @@ import time
 
 import torch
 
+from llmpipe.config.compose import compose
+from llmpipe.config.params import StageParams
 from llmpipe.hf.export import hf_model
 from llmpipe.model.generation import Engine, SamplingSettings
 from llmpipe.model.transformer import Transformer
 from llmpipe.model.weights import load_model
-from llmpipe.pipeline.compose import compose
-from llmpipe.pipeline.params import StageParams
 from llmpipe.train.settings import model_config
 
 

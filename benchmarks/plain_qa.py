@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 
+from llmpipe.config import layout
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.world import PLAIN_QA
 from llmpipe.eval.qa import score_answers
 from llmpipe.model.generation import Engine, SamplingSettings
 from llmpipe.model.weights import load_model
-from llmpipe.pipeline import layout
 from llmpipe.text.tokenizer import LoadedTokenizer
 
 

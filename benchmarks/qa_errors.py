@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from llmpipe.config import layout
 from llmpipe.data.jsonl import read_rows
 from llmpipe.eval.qa import namesake_answers, qa_accuracy
 from llmpipe.model.weights import load_model
-from llmpipe.pipeline import layout
 from llmpipe.text.chat_template import ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer
 

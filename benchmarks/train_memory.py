@@ -1,6 +1,6 @@
 """Peak memory per process of data-parallel training: DDP against FSDP2 (`pretrain.parallelism`).
 
-For each parallelism, launches N processes (llmpipe.pipeline.launch: torch's elastic launcher, gloo on
+For each parallelism, launches N processes (llmpipe.runner.launch: torch's elastic launcher, gloo on
 CPU) that each build the preset's model, train it for a few steps with the project's training loop
 (llmpipe.train.loop.train, random tokens, AdamW) and report their peak resident memory
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`): once after the training steps ("training") and once after
@@ -43,11 +43,11 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
+    from llmpipe.config.compose import compose
+    from llmpipe.config.params import StageParams
     from llmpipe.model.transformer import Transformer, count_parameters
-    from llmpipe.pipeline import distributed
-    from llmpipe.pipeline.compose import compose
-    from llmpipe.pipeline.params import StageParams
-    from llmpipe.pipeline.tracking import StageRun
+    from llmpipe.runner import distributed
+    from llmpipe.tracking.stage_run import StageRun
     from llmpipe.train.batches import RandomWindows
     from llmpipe.train.loop import train
     from llmpipe.train.settings import TrainSettings, model_config
@@ -100,7 +100,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         for parallelism in ("ddp", "fsdp"):
             report = Path(temp) / f"{parallelism}.jsonl"
-            command = [sys.executable, "-m", "llmpipe.pipeline.launch", "--processes", str(args.processes),
+            command = [sys.executable, "-m", "llmpipe.runner.launch", "--processes", str(args.processes),
                        __file__, "--preset", args.preset, "--vocab-size", str(args.vocab_size),
                        "--context", str(args.context), "--micro-batch", str(args.micro_batch),
                        "--steps", str(args.steps), "--processes", str(args.processes),

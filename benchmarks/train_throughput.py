@@ -22,10 +22,10 @@ import time
 
 import torch
 
+from llmpipe.config.compose import compose
+from llmpipe.config.params import StageParams
 from llmpipe.hf.export import hf_model
 from llmpipe.model.transformer import Transformer, compile_blocks, count_parameters
-from llmpipe.pipeline.compose import compose
-from llmpipe.pipeline.params import StageParams
 from llmpipe.train.flops import (
     measure_matmul_flops_per_second,
     training_flops_per_token,

@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from llmpipe.pipeline import layout
-from llmpipe.pipeline.errors import PipelineError
+from llmpipe.config import layout
+from llmpipe.errors import PipelineError
 from llmpipe.sweep import commands as sweep_commands
 
 DEFAULT_MODEL = str(layout.PRETRAINED)
@@ -30,7 +30,7 @@ DEFAULT_TOKENIZER = str(layout.TOKENIZER)
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    from llmpipe.pipeline.compose import compose, write_params
+    from llmpipe.config.compose import compose, write_params
 
     params = compose(args.overrides, args.config_dir)
     write_params(params, args.output)
@@ -213,9 +213,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_model_size(args: argparse.Namespace) -> None:
+    from llmpipe.config.compose import compose
+    from llmpipe.config.params import StageParams
     from llmpipe.model.size import human_bytes, size_report
-    from llmpipe.pipeline.compose import compose
-    from llmpipe.pipeline.params import StageParams
     from llmpipe.text.tokenizer import TokenizerSettings
     from llmpipe.train.settings import model_config
 

@@ -19,18 +19,15 @@ import os
 
 import torch
 
+from llmpipe import atomic
+from llmpipe.config import layout
+from llmpipe.config.params import StageParams
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.sampling import first_items
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.compare import EvaluateSettings, Variant, compare_variants
 from llmpipe.gguf.files import check_gguf_file, read_gguf_model
 from llmpipe.model.weights import WEIGHTS_FILE, check_model_directory, load_model
-from llmpipe.pipeline import atomic, layout
-from llmpipe.pipeline.heartbeat import Heartbeat
-from llmpipe.pipeline.params import StageParams
-from llmpipe.pipeline.provenance import git_commit
-from llmpipe.pipeline.stage import stage
-from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import evaluation_report
 from llmpipe.report.plots import (
     plot_attention,
@@ -39,14 +36,18 @@ from llmpipe.report.plots import (
     plot_tokenization,
 )
 from llmpipe.report.tables import (
-    read_curve,
     evaluate_metrics,
+    read_curve,
     read_training_reports,
     write_variants_table,
 )
+from llmpipe.runner.heartbeat import Heartbeat
+from llmpipe.runner.stage import stage
 from llmpipe.serve.registry import register_chat_model
 from llmpipe.text.chat_template import ChatTemplate
 from llmpipe.text.tokenizer import EXAMPLE_STRINGS, LoadedTokenizer
+from llmpipe.tracking.provenance import git_commit
+from llmpipe.tracking.stage_run import StageRun
 
 REFERENCE = "finetuned"
 IMAGES = {"loss": "loss_curves.png", "size": "size_vs_quality.png", "tokens": "tokenization.png",

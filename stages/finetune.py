@@ -11,22 +11,24 @@ sharded: `-S finetune.processes=2 -S finetune.parallelism=fsdp`. Chat: `llmpipe 
 
 import torch
 
+from llmpipe import atomic
+from llmpipe.config import layout
+from llmpipe.config.params import StageParams
 from llmpipe.data.chat_examples import example_statistics, read_prepared_examples
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.sampling import first_items
 from llmpipe.eval.qa import answer_loss, qa_metrics
 from llmpipe.model.lora import add_lora, check_rank, merge_lora, save_adapter
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, load_model, write_model
-from llmpipe.pipeline import atomic, distributed, layout
-from llmpipe.pipeline.heartbeat import Heartbeat
-from llmpipe.pipeline.params import StageParams
-from llmpipe.pipeline.stage import stage
-from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import finetune_samples
 from llmpipe.report.publish import publish_training
 from llmpipe.report.tables import FINETUNE_METRICS
+from llmpipe.runner import distributed
+from llmpipe.runner.heartbeat import Heartbeat
+from llmpipe.runner.stage import stage
 from llmpipe.text.chat_template import ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer
+from llmpipe.tracking.stage_run import StageRun
 from llmpipe.train.chat_tokens import chat_token_ids, train_only_token_rows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.example_batches import EpochBatches

@@ -12,6 +12,8 @@ Output: data/prepared/ (see llmpipe.data.prepared). Run: `dvc repro prepare` (or
 
 from typing import Iterator
 
+from llmpipe.config import layout
+from llmpipe.config.params import StageParams
 from llmpipe.data.prepared import user_bundle, world_bundle, write_prepared
 from llmpipe.data.settings import EmbeddedData, HubData, LocalFilesData, data_settings
 from llmpipe.data.sources import (
@@ -20,10 +22,8 @@ from llmpipe.data.sources import (
     read_local_documents,
 )
 from llmpipe.data.world import build_world
-from llmpipe.pipeline import layout
-from llmpipe.pipeline.params import StageParams
-from llmpipe.pipeline.stage import stage
-from llmpipe.pipeline.tracking import StageRun
+from llmpipe.runner.stage import stage
+from llmpipe.tracking.stage_run import StageRun
 
 
 def user_documents(data: LocalFilesData | HubData) -> Iterator[str]:

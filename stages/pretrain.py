@@ -2,7 +2,7 @@
 or, with `base_model=hf`, import a Hugging Face Llama checkpoint instead (no training).
 
 Run: `dvc repro pretrain`; a bigger preset: `dvc exp run -S model=small`; data-parallel:
-`dvc exp run -S pretrain.processes=2` (torchrun under llmpipe.pipeline.launch), sharded:
+`dvc exp run -S pretrain.processes=2` (torchrun under llmpipe.runner.launch), sharded:
 `-S pretrain.parallelism=fsdp`; a checkpoint instead: `dvc exp run -S base_model=hf -S base_model.path=DIR`.
 A killed run resumes from its last checkpoint (checkpoints/pretrain/<key>/). Outputs: dvc.yaml.
 """
@@ -11,18 +11,19 @@ import functools
 
 import torch
 
+from llmpipe.config import layout
+from llmpipe.config.params import StageParams
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
 from llmpipe.hf.checkpoint import base_model_settings, import_checkpoint
 from llmpipe.model.transformer import Transformer, count_parameters
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, save_model
-from llmpipe.pipeline import distributed, layout
-from llmpipe.pipeline.heartbeat import Heartbeat
-from llmpipe.pipeline.params import StageParams
-from llmpipe.pipeline.stage import stage
-from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.publish import publish_training
 from llmpipe.report.tables import PRETRAIN_METRICS
+from llmpipe.runner import distributed
+from llmpipe.runner.heartbeat import Heartbeat
+from llmpipe.runner.stage import stage
+from llmpipe.tracking.stage_run import StageRun
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.loop import check_learned, shards, train

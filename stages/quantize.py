@@ -13,16 +13,17 @@ Run: `dvc repro quantize`.
 import time
 from collections import Counter
 
+from llmpipe import atomic
+from llmpipe.config import layout
+from llmpipe.config.params import StageParams
 from llmpipe.gguf.files import QuantizeSettings, plan_tensors, size_row, write_gguf
 from llmpipe.hf.export import write_hf_directory
 from llmpipe.model.transformer import count_parameters
 from llmpipe.model.weights import WEIGHTS_FILE, load_model
-from llmpipe.pipeline import atomic, layout
-from llmpipe.pipeline.params import StageParams
-from llmpipe.pipeline.stage import stage
-from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import size_table
+from llmpipe.runner.stage import stage
 from llmpipe.text.tokenizer import LoadedTokenizer
+from llmpipe.tracking.stage_run import StageRun
 
 
 @stage("quantize")

@@ -7,12 +7,12 @@ Output: data/tokens/ with <split>/shard-NNNNN.bin (raw arrays, read through nump
 documents whatever the corpus size. Run: `dvc repro tokenize`.
 """
 
+from llmpipe.config import layout
+from llmpipe.config.params import StageParams
 from llmpipe.data.encode import TokenizeSettings, choose_dtype, tokenize_corpus
-from llmpipe.pipeline import layout
-from llmpipe.pipeline.params import StageParams
-from llmpipe.pipeline.stage import stage
-from llmpipe.pipeline.tracking import StageRun
+from llmpipe.runner.stage import stage
 from llmpipe.text.tokenizer import LoadedTokenizer
+from llmpipe.tracking.stage_run import StageRun
 
 
 @stage("tokenize")

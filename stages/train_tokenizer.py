@@ -13,15 +13,15 @@ Run: `dvc repro train_tokenizer`, or try a size: `dvc exp run -S tokenizer.vocab
 
 from pathlib import Path
 
+from llmpipe import atomic
+from llmpipe.config import layout
+from llmpipe.config.params import StageParams
 from llmpipe.data.prepared import read_pretrain_text
 from llmpipe.hf.checkpoint import base_model_settings
 from llmpipe.hf.tokenizer import import_tokenizer
-from llmpipe.pipeline import atomic, layout
-from llmpipe.pipeline.params import StageParams
-from llmpipe.pipeline.stage import stage
-from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.markdown import tokenizer_report
 from llmpipe.report.tables import TOKENIZER_METRICS, dvc_metrics
+from llmpipe.runner.stage import stage
 from llmpipe.text.tokenizer import (
     LoadedTokenizer,
     TextSample,
@@ -30,6 +30,7 @@ from llmpipe.text.tokenizer import (
     tokenizer_metrics,
     train_bpe,
 )
+from llmpipe.tracking.stage_run import StageRun
 
 
 def texts(split: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from llmpipe.pipeline.params import param_fields
+from llmpipe.config.params import param_fields
 
 KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_]\w*):(?P<rest>.*)$")
 

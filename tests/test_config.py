@@ -6,9 +6,9 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from llmpipe.pipeline.compose import compose
-from llmpipe.pipeline.errors import ParamError, UndeclaredParamError
-from llmpipe.pipeline.params import StageParams, declared_param_keys
+from llmpipe.config.compose import compose
+from llmpipe.config.params import StageParams, declared_param_keys
+from llmpipe.errors import ParamError, UndeclaredParamError
 
 
 def test_committed_params_yaml_equals_composition_of_conf():
@@ -96,15 +96,15 @@ def test_per_variant_types_read_as_a_mapping_without_unset_entries():
     assert params.str_map("quantize.output", keys=["Q8_0", "Q2_K"], values=["Q4_K"]) == {}
 
 
-# Every file of conf/ and the settings dataclass its keys are declared on (llmpipe.pipeline.params.setting).
+# Every file of conf/ and the settings dataclass its keys are declared on (llmpipe.config.params.setting).
 def conf_files():
+    from llmpipe.config.params import SeedSettings
     from llmpipe.data.encode import TokenizeSettings
     from llmpipe.data.settings import EmbeddedData, HubData, LocalFilesData
     from llmpipe.eval.compare import EvaluateSettings
     from llmpipe.gguf.files import QuantizeSettings
     from llmpipe.hf.checkpoint import BaseModelSettings
     from llmpipe.model.transformer import ModelConfig
-    from llmpipe.pipeline.params import SeedSettings
     from llmpipe.text.tokenizer import TokenizerSettings
     from llmpipe.train.finetune_settings import FinetuneParams
     from llmpipe.train.settings import PretrainParams

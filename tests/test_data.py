@@ -14,7 +14,7 @@ from llmpipe.data.sources import (
     read_local_documents,
 )
 from llmpipe.data.world import LAST_NAMES, WorldConfig, build_world, draw_names
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 
 
 def test_world_is_deterministic_and_split_three_ways():

@@ -204,7 +204,7 @@ def test_corpus_paths_are_resolved_once_whatever_the_symlinks(tmp_path, monkeypa
 
 def test_line_and_document_bounds_keep_memory_flat(tmp_path, monkeypatch):
     from llmpipe.data import jsonl, sources
-    from llmpipe.pipeline.errors import InputDataError
+    from llmpipe.errors import InputDataError
 
     monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 1000)
     monkeypatch.setattr(sources, "MAX_DOCUMENT_BYTES", 3000)
@@ -258,7 +258,7 @@ def test_the_projects_own_export_imports_and_the_default_fine_tune_trains_its_ro
 
 def test_the_launcher_prints_the_line_that_names_the_cause(tmp_path):
     """Of its processes' lines, a refusal comes before a crash, a crash before a process the launcher then stopped."""
-    from llmpipe.pipeline.guard import collected_error
+    from llmpipe.runner.guard import collected_error
 
     (tmp_path / "rank-00000").write_text("stopped\npretrain: stopped by SIGTERM")
     (tmp_path / "rank-00001").write_text("failed\npretrain: RuntimeError: boom (traceback in logs/pretrain-rank1.log)")

@@ -7,11 +7,11 @@ import torch
 import yaml
 from conftest import ROOT, train_test_tokenizer
 
+from llmpipe.config.params import StageParams
 from llmpipe.data.chat_examples import example_statistics
+from llmpipe.errors import ParamError
 from llmpipe.model.lora import LoRALinear, LoRASettings, add_lora, merge_lora
 from llmpipe.model.transformer import IGNORE_INDEX, ModelConfig, Transformer
-from llmpipe.pipeline.errors import ParamError
-from llmpipe.pipeline.params import StageParams
 from llmpipe.text.chat_template import ChatTemplate, pad_batch
 from llmpipe.train.chat_tokens import train_only_token_rows
 from llmpipe.train.example_batches import EpochBatches

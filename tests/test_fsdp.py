@@ -27,11 +27,11 @@ def curve(root: Path, stage: str, column: str = "train_loss") -> list[float]:
 
 
 def kill_all_at_first_checkpoint(repo: Path, stage: str, processes: int) -> None:
-    """Launch stages/<stage>.py in `processes` processes (llmpipe.pipeline.launch, torch's elastic launcher)
+    """Launch stages/<stage>.py in `processes` processes (llmpipe.runner.launch, torch's elastic launcher)
     and SIGKILL the launcher and every worker as soon as the first checkpoint exists. The workers run in
     sessions of their own (the elastic launcher starts them so), so killing the launcher's process group
     would leave them running: each process is killed by its id."""
-    launcher = subprocess.Popen([sys.executable, "-m", "llmpipe.pipeline.launch", "--processes", str(processes),
+    launcher = subprocess.Popen([sys.executable, "-m", "llmpipe.runner.launch", "--processes", str(processes),
                                  f"stages/{stage}.py"], cwd=repo, env=environment(), start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180

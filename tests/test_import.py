@@ -9,10 +9,10 @@ import torch
 from conftest import BIN, SPECIALS, dvc, make_repo_copy, run
 from safetensors.torch import load_file
 
+from llmpipe.errors import InputDataError
 from llmpipe.hf.checkpoint import fit_vocabulary, read_hf_directory
 from llmpipe.hf.export import write_hf_directory
 from llmpipe.hf.tokenizer import import_tokenizer
-from llmpipe.pipeline.errors import InputDataError
 from llmpipe.text.tokenizer import LoadedTokenizer, save_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

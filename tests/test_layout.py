@@ -1,4 +1,4 @@
-"""The package's shape: each artifact named once (llmpipe.pipeline.layout agrees with dvc.yaml), and
+"""The package's shape: each artifact named once (llmpipe.config.layout agrees with dvc.yaml), and
 imports that only point down the layers, so a reader never climbs back up."""
 
 import ast
@@ -7,11 +7,14 @@ from pathlib import Path
 import yaml
 from conftest import ROOT
 
-from llmpipe.pipeline import layout
+from llmpipe.config import layout
 
 # Lowest first; a module may import from its own layer or any layer before it.
 LAYERS = [
-    {"llmpipe.pipeline"},
+    {"llmpipe.errors", "llmpipe.atomic"},
+    {"llmpipe.config"},
+    {"llmpipe.tracking"},
+    {"llmpipe.runner"},
     {"llmpipe.model", "llmpipe.text"},
     {"llmpipe.data"},
     {"llmpipe.eval"},
@@ -22,18 +25,18 @@ LAYERS = [
 # Modules a stage imports that cannot change what it writes, so they are not its DVC dependencies (a change to
 # them reruns nothing): the entry point's plumbing, MLflow tracking, process launch, progress lines.
 PLUMBING = {
-    "llmpipe/pipeline/stage.py": "the entry point: reads params.yaml, opens the MLflow run, one-line errors",
-    "llmpipe/pipeline/tracking.py": "MLflow runs",
-    "llmpipe/pipeline/pipeline_run.py": "the pipeline execution's MLflow run",
-    "llmpipe/pipeline/store.py": "where MLflow stores runs",
-    "llmpipe/pipeline/provenance.py": "git commit and input md5s, for MLflow tags",
-    "llmpipe/pipeline/restore.py": "puts the previous outputs back when a stage fails",
-    "llmpipe/pipeline/guard.py": "whatever ends a stage: outputs put back, one line, exit status",
-    "llmpipe/pipeline/compose.py": "restore's params.yaml, as conf/ composes it",
-    "llmpipe/pipeline/errors.py": "exception types",
-    "llmpipe/pipeline/launch.py": "process launch (torchrun)",
+    "llmpipe/runner/stage.py": "the entry point: reads params.yaml, opens the MLflow run, one-line errors",
+    "llmpipe/tracking/stage_run.py": "MLflow runs",
+    "llmpipe/tracking/pipeline_run.py": "the pipeline execution's MLflow run",
+    "llmpipe/tracking/store.py": "where MLflow stores runs",
+    "llmpipe/tracking/provenance.py": "git commit and input md5s, for MLflow tags",
+    "llmpipe/runner/restore.py": "puts the previous outputs back when a stage fails",
+    "llmpipe/runner/guard.py": "whatever ends a stage: outputs put back, one line, exit status",
+    "llmpipe/config/compose.py": "restore's params.yaml, as conf/ composes it",
+    "llmpipe/errors.py": "exception types",
+    "llmpipe/runner/launch.py": "process launch (torchrun)",
     "llmpipe/train/progress.py": "progress lines",
-    "llmpipe/pipeline/heartbeat.py": "progress lines of long loops",
+    "llmpipe/runner/heartbeat.py": "progress lines of long loops",
 }
 
 
@@ -220,7 +223,7 @@ def test_no_module_calls_another_modules_private_names():
 
 
 def imported_names(path: Path) -> set[str]:
-    """The names a file binds to llmpipe modules (`from llmpipe.pipeline import atomic` binds atomic)."""
+    """The names a file binds to llmpipe modules (`from llmpipe import atomic` binds atomic)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text("utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmpipe"):
@@ -231,7 +234,7 @@ def imported_names(path: Path) -> set[str]:
 def test_no_params_key_is_spelled_in_two_places():
     """Each params key is read through its settings dataclass: a dotted key (or section) as a string literal
     appears at most once in llmpipe/ and stages/."""
-    from llmpipe.pipeline.params import schema_keys
+    from llmpipe.config.params import schema_keys
 
     keys = schema_keys(ROOT / "conf")
     sections = {".".join(key.split(".")[:depth]) for key in keys for depth in range(1, key.count(".") + 1)}

@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import ROOT
 
+from llmpipe.config.compose import compose
+from llmpipe.config.params import StageParams
 from llmpipe.model.generation import (
     Engine,
     SamplingSettings,
@@ -20,9 +22,7 @@ from llmpipe.model.transformer import (
     rotate_half,
 )
 from llmpipe.model.weights import load_model, save_model
-from llmpipe.pipeline.compose import compose
-from llmpipe.pipeline.heartbeat import Heartbeat, printed
-from llmpipe.pipeline.params import StageParams
+from llmpipe.runner.heartbeat import Heartbeat, printed
 from llmpipe.train.settings import model_config
 
 

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 def second_node(repo, endpoint: str, log) -> subprocess.Popen:
     """The other node's agent: the stage's command line from dvc.yaml, in its own process group."""
-    command = [sys.executable, "-m", "llmpipe.pipeline.launch", "--nodes", "2", "--processes", "1", "stages/pretrain.py"]
+    command = [sys.executable, "-m", "llmpipe.runner.launch", "--nodes", "2", "--processes", "1", "stages/pretrain.py"]
     return subprocess.Popen(command, cwd=repo, env=environment(PET_RDZV_ENDPOINT=endpoint), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -85,7 +85,7 @@ def test_rows_that_are_not_whole_super_blocks_fall_back(tokenizer):
 
 
 def test_tampered_gguf_is_refused(tmp_path, tokenizer):
-    from llmpipe.pipeline.errors import InputDataError
+    from llmpipe.errors import InputDataError
 
     net = model(tokenizer.vocab_size)
     path = tmp_path / "m.gguf"
@@ -118,7 +118,7 @@ def test_hugging_face_export_loads_in_transformers_with_the_same_logits_and_ids(
 
 
 def test_a_tensor_no_format_fits_is_named_with_the_formats_tried(tokenizer):
-    from llmpipe.pipeline.errors import InputDataError
+    from llmpipe.errors import InputDataError
 
     net = model(tokenizer.vocab_size, d_model=48)
     with pytest.raises(InputDataError, match=r"tensor token_embd.weight has rows of 48 weights, which fit neither "

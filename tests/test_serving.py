@@ -24,7 +24,7 @@ QUESTION = "What is the birth city of Ada?"
 REGISTER = """
 import sys
 from llmpipe.serve.registry import register_chat_model
-from llmpipe.pipeline.tracking import StageRun
+from llmpipe.tracking.stage_run import StageRun
 with StageRun("evaluate", {}, {}) as run:
     version, new = register_chat_model(run, sys.argv[1], sys.argv[2], "llmpipe-chat-test")
 print(version)

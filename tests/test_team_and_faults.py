@@ -88,8 +88,8 @@ class PlantMarker:
 def test_a_planted_pickle_in_a_checkpoint_is_never_unpickled(copy_built, tmp_path):
     repo = copy_built()
     marker = tmp_path / "code-ran"
-    code = ("import yaml, json; from llmpipe.pipeline.params import StageParams, declared_dependencies; "
-            "from llmpipe.pipeline.provenance import input_hashes; from llmpipe.train.checkpoint import CheckpointStore; "
+    code = ("import yaml, json; from llmpipe.config.params import StageParams, declared_dependencies; "
+            "from llmpipe.tracking.provenance import input_hashes; from llmpipe.train.checkpoint import CheckpointStore; "
             "p = StageParams.for_stage('pretrain', yaml.safe_load(open('params.yaml'))); "
             "print(CheckpointStore.for_stage('pretrain', p.declared_values(), "
             "input_hashes(declared_dependencies('pretrain'))).directory)")

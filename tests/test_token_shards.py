@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from conftest import train_test_tokenizer
 
+from llmpipe.config import layout
 from llmpipe.data.encode import tokenize_corpus
 from llmpipe.data.tokens import open_tokens, token_chunks
+from llmpipe.errors import InputDataError
 from llmpipe.eval.metrics import unigram_bits_per_byte
-from llmpipe.pipeline import layout
-from llmpipe.pipeline.errors import InputDataError
 from llmpipe.report.markdown import tokenizer_report
 from llmpipe.text.tokenizer import TextSample, tokenizer_metrics
 from llmpipe.train.batches import RandomWindows

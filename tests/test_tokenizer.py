@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from llmpipe.data.encode import choose_dtype
 from llmpipe.data.world import WorldConfig, build_world
-from llmpipe.pipeline.errors import ParamError
+from llmpipe.errors import ParamError
 from llmpipe.text.tokenizer import minimum_vocab_size, save_tokenizer, train_bpe
 
 

@@ -2,7 +2,7 @@
 
 import time
 
-from llmpipe.pipeline.tracking import StageRun
+from llmpipe.tracking.stage_run import StageRun
 
 
 def test_a_stage_run_lists_its_data_inputs_and_samples_system_metrics(tmp_path, monkeypatch):

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from llmpipe.errors import ParamError, PipelineError
 from llmpipe.eval.metrics import (
     bits_per_byte,
     language_model_loss,
     unigram_bits_per_byte,
 )
 from llmpipe.model.transformer import ModelConfig, Transformer
-from llmpipe.pipeline.distributed import ProcessInfo
-from llmpipe.pipeline.errors import ParamError, PipelineError
-from llmpipe.pipeline.tracking import StageRun
+from llmpipe.runner.distributed import ProcessInfo
+from llmpipe.tracking.stage_run import StageRun
 from llmpipe.train import settings as train_settings
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
@@ -246,7 +246,7 @@ def test_precision_auto_takes_bf16_only_where_the_device_has_it_and_a_set_one_wi
 
 
 def test_an_unknown_precision_is_refused_naming_the_key():
-    from llmpipe.pipeline.params import StageParams
+    from llmpipe.config.params import StageParams
 
     with pytest.raises(ParamError, match="pretrain.precision.*fp16"):
         section = {**dataclasses.asdict(PretrainParams()), "precision": "fp16"}

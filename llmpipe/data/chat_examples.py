@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from llmpipe.data.jsonl import read_records
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 
 ROLES = ("system", "user", "assistant")
 

@@ -14,11 +14,12 @@ from typing import Iterable
 
 import numpy as np
 
+from llmpipe import atomic
+from llmpipe.config import layout
+from llmpipe.config.params import setting
 from llmpipe.data.prepared import read_pretrain_text
 from llmpipe.data.tokens import DTYPES
-from llmpipe.pipeline import atomic, layout
-from llmpipe.pipeline.errors import InputDataError, ParamError
-from llmpipe.pipeline.params import setting
+from llmpipe.errors import InputDataError, ParamError
 from llmpipe.text.tokenizer import LoadedTokenizer
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 
 MAX_LINE_BYTES = 64 << 20  # the longest line (of a user's file) held in memory: a file without newlines is not one line
 

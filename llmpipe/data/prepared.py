@@ -23,11 +23,12 @@ import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from llmpipe import atomic
+from llmpipe.atomic import json_text
+from llmpipe.config import layout
 from llmpipe.data.chat_examples import qa_to_messages, read_chat_examples
 from llmpipe.data.jsonl import iterate_rows, row_line, write_rows
-from llmpipe.pipeline import atomic, layout
-from llmpipe.pipeline.atomic import json_text
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 
 
 def read_pretrain_text(path: str | Path) -> Iterator[str]:
@@ -130,7 +131,7 @@ def write_pretrain_text(pairs: Iterable[tuple[str, str]], directory: Path) -> di
 
 
 def write_prepared(bundle: dict, output_dir: str | Path = layout.PREPARED) -> dict:
-    """Write the bundle atomically as the prepared directory (names from llmpipe.pipeline.layout);
+    """Write the bundle atomically as the prepared directory (names from llmpipe.config.layout);
     returns the summary counts."""
     with atomic.atomic_path(output_dir, directory=True) as temp:
         summary = {

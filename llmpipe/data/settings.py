@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from llmpipe.config.params import StageParams, setting
 from llmpipe.data.sources import TXT_SAMPLE_BY
 from llmpipe.data.world import WorldConfig
-from llmpipe.pipeline.params import StageParams, setting
 
 SOURCE_DOC = "where the text comes from: embedded | local_files | hf_dataset (the conf/data/ option)"
 

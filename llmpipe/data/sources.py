@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from llmpipe.data.jsonl import bounded_lines, iterate_records
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 
 BUILDER_BY_SUFFIX = {".txt": "text", ".md": "text", ".text": "text",
                      ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

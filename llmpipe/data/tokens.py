@@ -27,8 +27,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llmpipe.pipeline import layout
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.config import layout
+from llmpipe.errors import InputDataError
 
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # little-endian on every machine
 CHUNK_TOKENS = 1 << 24  # tokens read at a time when going over a whole split

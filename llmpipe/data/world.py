@@ -22,9 +22,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from llmpipe.pipeline.errors import SettingError
-from llmpipe.pipeline.layout import QA_SPLITS
-from llmpipe.pipeline.params import setting
+from llmpipe.config.layout import QA_SPLITS
+from llmpipe.config.params import setting
+from llmpipe.errors import SettingError
 
 FIRST_NAMES = [
     "Amara", "Bastian", "Celeste", "Dorian", "Elowen", "Fabian", "Greta", "Hamish", "Ilse",

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from llmpipe.config.params import setting
 from llmpipe.data.sampling import spread_sample
 from llmpipe.eval.metrics import (
     mean_kl_divergence,
@@ -24,8 +25,7 @@ from llmpipe.eval.metrics import (
 from llmpipe.eval.qa import qa_metrics
 from llmpipe.model.generation import Engine, SamplingSettings
 from llmpipe.model.transformer import Transformer
-from llmpipe.pipeline.heartbeat import Heartbeat
-from llmpipe.pipeline.params import setting
+from llmpipe.runner.heartbeat import Heartbeat
 from llmpipe.text.chat_template import ChatTemplate
 
 

@@ -17,7 +17,7 @@ import torch
 
 from llmpipe.data.tokens import token_chunks
 from llmpipe.model.transformer import Transformer
-from llmpipe.pipeline.heartbeat import Heartbeat
+from llmpipe.runner.heartbeat import Heartbeat
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 
 from llmpipe.model.generation import Engine, SamplingSettings, prompt_limit
 from llmpipe.model.transformer import IGNORE_INDEX, Transformer
-from llmpipe.pipeline.heartbeat import Heartbeat
+from llmpipe.runner.heartbeat import Heartbeat
 from llmpipe.text.chat_template import ChatTemplate, EncodedExample, pad_batch
 
 

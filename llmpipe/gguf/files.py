@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmpipe import atomic
+from llmpipe.config.params import setting
+from llmpipe.errors import InputDataError, SettingError
 from llmpipe.gguf.formats import FORMATS
 from llmpipe.model.transformer import ModelConfig, Transformer, rotary_frequencies
 from llmpipe.model.weights import assign_weights, empty_model
-from llmpipe.pipeline import atomic
-from llmpipe.pipeline.heartbeat import Heartbeat
-from llmpipe.pipeline.errors import InputDataError, SettingError
-from llmpipe.pipeline.params import setting
+from llmpipe.runner.heartbeat import Heartbeat
 from llmpipe.text.chat_template import ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer, gguf_pre_tokenizer
 

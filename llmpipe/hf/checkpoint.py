@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from llmpipe.config.params import StageParams, setting
+from llmpipe.errors import InputDataError
 from llmpipe.hf.config import model_config_from_hf
 from llmpipe.model.transformer import ModelConfig, Transformer
 from llmpipe.model.weights import assign_weights, empty_model, read_checked_tensors
-from llmpipe.pipeline.errors import InputDataError
-from llmpipe.pipeline.params import StageParams, setting
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
+from llmpipe.errors import InputDataError, SettingError
 from llmpipe.model.transformer import ModelConfig
-from llmpipe.pipeline.errors import InputDataError, SettingError
 
 
 def hf_llama_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:

@@ -19,10 +19,10 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llmpipe.atomic import json_text
 from llmpipe.hf.config import hf_llama_config
 from llmpipe.model.transformer import Transformer
 from llmpipe.model.weights import WEIGHTS_FILE, state_dict_for_saving
-from llmpipe.pipeline.atomic import json_text
 from llmpipe.text.chat_template import ROLES, ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 from llmpipe.text.chat_template import end_of_turn_token
 from llmpipe.text.tokenizer import SUPPORTED_KINDS, gguf_pre_tokenizer
 

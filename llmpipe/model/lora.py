@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from llmpipe.atomic import json_text
+from llmpipe.config.params import setting
+from llmpipe.errors import ParamError
 from llmpipe.model.transformer import Transformer
-from llmpipe.pipeline.atomic import json_text
-from llmpipe.pipeline.errors import ParamError
-from llmpipe.pipeline.params import setting
 
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

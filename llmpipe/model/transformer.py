@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmpipe.pipeline.params import check_settings, setting
+from llmpipe.config.params import check_settings, setting
 
 IGNORE_INDEX = -100  # target value that contributes nothing to the loss (masked prompt tokens, padding)
 

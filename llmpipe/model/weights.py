@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmpipe import atomic
+from llmpipe.errors import InputDataError, SettingError
 from llmpipe.model.transformer import ModelConfig, Transformer, rotary_tables
-from llmpipe.pipeline import atomic
-from llmpipe.pipeline.errors import InputDataError, SettingError
 
 if TYPE_CHECKING:  # annotations only: loading weights runs no tokenizer code
     from llmpipe.text.tokenizer import LoadedTokenizer

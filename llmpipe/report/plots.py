@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from llmpipe.pipeline import layout  # noqa: E402
+from llmpipe.config import layout  # noqa: E402
 from llmpipe.report.tables import read_curve  # noqa: E402
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from llmpipe.pipeline.tracking import StageRun
 from llmpipe.report.tables import write_training_reports
+from llmpipe.tracking.stage_run import StageRun
 
 
 def publish_training(run: StageRun, directory: Path, history: dict[str, list[dict]], metrics: dict,

@@ -5,7 +5,7 @@ A stage's metrics.json holds its headline metrics only, the ones DVC compares (`
 `dvc metrics diff`), under short names (the *_METRICS maps below), so that `dvc exp show --only-changed`
 after a one-param fine-tuning experiment fits 120 columns. details.json holds every final number under its
 full name (as the stage's MLflow run logs it) and timings.json the machine noise: outputs DVC caches but
-does not compare (llmpipe.pipeline.layout)."""
+does not compare (llmpipe.config.layout)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import io
 import json
 from pathlib import Path
 
-from llmpipe.pipeline import atomic, layout
+from llmpipe import atomic
+from llmpipe.config import layout
 
 VARIANT_COLUMNS = ["variant", "bits_per_weight", "file_bytes", "val_perplexity", "val_bpb", "qa_accuracy_finetuned_people",
                    "qa_accuracy_heldout_people", "kl_divergence", "tokens_per_second"]

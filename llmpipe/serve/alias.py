@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmpipe.pipeline.layout import repository_root
+from llmpipe.config.layout import repository_root
 
 ALIAS = "champion"
 SOURCE_TAG, ALIAS_TAG, RULE_METRIC_TAG = "source", "alias", "metric.qa_accuracy_heldout_people"

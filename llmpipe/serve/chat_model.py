@@ -94,7 +94,7 @@ def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 class LlmpipeChatModel(ChatModel):
     def load_context(self, context) -> None:
         from llmpipe.model.weights import load_model
-        from llmpipe.serve.registry import referenced_weights
+        from llmpipe.serve.weights_pointer import referenced_weights
         from llmpipe.text.chat_template import ChatTemplate
         from llmpipe.text.tokenizer import LoadedTokenizer
 

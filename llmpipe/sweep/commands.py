@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from llmpipe.pipeline.errors import PipelineError
+from llmpipe.errors import PipelineError
 from llmpipe.sweep.queue import (
     exp_show,
     queue_seeds,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from llmpipe.pipeline.errors import PipelineError
+from llmpipe.errors import PipelineError
 from llmpipe.sweep.summary import experiment_name
 
 ACTIVE = ("Queued", "Running")  # states of a task not finished yet

@@ -20,10 +20,15 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from llmpipe.config import layout
+from llmpipe.config.params import flatten
 from llmpipe.data.world import ATTRIBUTES
-from llmpipe.pipeline import layout
-from llmpipe.pipeline.params import flatten
-from llmpipe.report.tables import EVALUATE_VARIANTS, FINETUNE_METRICS, HELDOUT_ACCURACY, PRETRAIN_METRICS
+from llmpipe.report.tables import (
+    EVALUATE_VARIANTS,
+    FINETUNE_METRICS,
+    HELDOUT_ACCURACY,
+    PRETRAIN_METRICS,
+)
 
 # Headline metrics, as `<stage>.<full name>` (the names of details.json and of the stages' MLflow runs).
 HEADLINE_PATTERNS = (
@@ -169,7 +174,7 @@ def summary_markdown(sweep: str, experiments: list[SweepExperiment], summary: di
 
 def write_summary(directory: Path, sweep: str, experiments: list[SweepExperiment], summary: dict[str, Spread],
                   overrides: list[str]) -> tuple[Path, Path]:
-    from llmpipe.pipeline import atomic
+    from llmpipe import atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     record = {"sweep": sweep, "overrides": overrides,
@@ -187,7 +192,7 @@ def log_summary_run(sweep: str, experiments: list[SweepExperiment], summary: dic
     covers; a rerun of the same sweep replaces its metrics in a new run. Returns the run id."""
     from mlflow.entities import Metric, Param
 
-    from llmpipe.pipeline import store
+    from llmpipe.tracking import store
 
     client, experiment_id = store.connect()
     names = ",".join(experiment.name for experiment in experiments)

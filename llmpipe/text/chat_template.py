@@ -26,8 +26,8 @@ from functools import cached_property
 
 import torch
 
+from llmpipe.errors import InputDataError
 from llmpipe.model.transformer import IGNORE_INDEX
-from llmpipe.pipeline.errors import InputDataError
 from llmpipe.text.tokenizer import LoadedTokenizer
 
 ROLES = ("system", "user", "assistant")

@@ -18,9 +18,9 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmpipe.pipeline.atomic import json_text
-from llmpipe.pipeline.errors import InputDataError, SettingError
-from llmpipe.pipeline.params import setting
+from llmpipe.atomic import json_text
+from llmpipe.config.params import setting
+from llmpipe.errors import InputDataError, SettingError
 
 BYTE_ALPHABET_SIZE = 256
 CHAT_TEMPLATE_FILE = "chat_template.json"

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (input ids, target ids) of shape (sequences, length)
 

@@ -21,8 +21,8 @@ from typing import Iterable
 
 import torch
 
+from llmpipe.errors import PipelineError
 from llmpipe.model.transformer import Transformer
-from llmpipe.pipeline.errors import PipelineError
 from llmpipe.text.chat_template import ChatTemplate
 
 

@@ -32,9 +32,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from llmpipe import atomic
+from llmpipe.config import layout
+from llmpipe.errors import InputDataError
 from llmpipe.model.weights import read_checked_tensors
-from llmpipe.pipeline import atomic, layout
-from llmpipe.pipeline.errors import InputDataError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 FORMAT = "llmpipe dcp-safetensors 1"   # state.json "format": the layout above

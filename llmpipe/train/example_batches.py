@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmpipe.pipeline.errors import InputDataError
+from llmpipe.errors import InputDataError
 from llmpipe.text.chat_template import EncodedExample, pad_batch
 from llmpipe.train.batches import MicroBatch
 

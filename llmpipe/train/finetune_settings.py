@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmpipe.config.params import StageParams, setting
+from llmpipe.errors import ParamError, SettingError
 from llmpipe.model.lora import LoRASettings
-from llmpipe.pipeline.distributed import ProcessInfo
-from llmpipe.pipeline.errors import ParamError, SettingError
-from llmpipe.pipeline.params import StageParams, setting
+from llmpipe.runner.distributed import ProcessInfo
 from llmpipe.train.settings import (
     PRECISIONS,
     BatchGeometry,

@@ -34,15 +34,15 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from llmpipe.errors import PipelineError
 from llmpipe.model.transformer import (
     IGNORE_INDEX,
     Transformer,
     compile_blocks,
     count_parameters,
 )
-from llmpipe.pipeline.distributed import ProcessInfo, all_reduce_sum, barrier
-from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.tracking import StageRun
+from llmpipe.runner.distributed import ProcessInfo, all_reduce_sum, barrier
+from llmpipe.tracking.stage_run import StageRun
 from llmpipe.train.batches import BatchSource
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.flops import training_flops_per_token

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from llmpipe.pipeline.heartbeat import duration, printed
+from llmpipe.runner.heartbeat import duration, printed
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from llmpipe.config.params import StageParams, setting
+from llmpipe.errors import ParamError
 from llmpipe.model.transformer import ModelConfig
-from llmpipe.pipeline.distributed import ProcessInfo
-from llmpipe.pipeline.errors import ParamError
-from llmpipe.pipeline.params import StageParams, setting
+from llmpipe.runner.distributed import ProcessInfo
 from llmpipe.train.flops import measure_matmul_flops_per_second
 
 DEVICES = ["auto", "cpu", "cuda"]

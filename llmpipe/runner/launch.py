@@ -1,7 +1,7 @@
 """Run a stage script in N data-parallel processes per node, on one node or several, as `torchrun` does.
 
-    python -m llmpipe.pipeline.launch --processes N stages/pretrain.py [hydra overrides]
-    PET_RDZV_ENDPOINT=head-node:29400 python -m llmpipe.pipeline.launch --nodes M --processes N stages/pretrain.py
+    python -m llmpipe.runner.launch --processes N stages/pretrain.py [hydra overrides]
+    PET_RDZV_ENDPOINT=head-node:29400 python -m llmpipe.runner.launch --nodes M --processes N stages/pretrain.py
 
 One node: with N = 1 the script runs in this process (no launcher overhead); with N > 1 it goes through
 torch.distributed's elastic launcher (what `torchrun --standalone` runs) on a free local port.
@@ -15,7 +15,7 @@ same line. The repository must be on a file system all nodes share: global rank 
 and checkpoints, and the rendezvous may place it on any node.
 
 A failed process, or a lost node, ends the launch with that process's exit status and one line (the one the
-failed process left: llmpipe.pipeline.guard) instead of the launcher's multi-screen report; the stage's next
+failed process left: llmpipe.runner.guard) instead of the launcher's multi-screen report; the stage's next
 run resumes from its last checkpoint. The launcher runs under the same guard as the stages: whatever ends it,
 its own argument checks included, the stage's previous outputs are put back once every process has ended.
 """
@@ -30,15 +30,14 @@ import sys
 import uuid
 from pathlib import Path
 
-from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.guard import (
+from llmpipe.config.params import PARAMS_FILE
+from llmpipe.errors import PipelineError, Stopped
+from llmpipe.runner.guard import (
     ERRORS_DIR,
-    Stopped,
     collected_error,
     guarded,
     put_back,
 )
-from llmpipe.pipeline.params import PARAMS_FILE
 
 JOIN_TIMEOUT_SECONDS = 900  # how long the first agent waits for the others (the head may still be on earlier stages)
 
@@ -68,7 +67,7 @@ def count_option(args: argparse.Namespace, name: str, stage: str | None) -> int:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m llmpipe.pipeline.launch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llmpipe.runner.launch", description=__doc__.split("\n")[0])
     parser.add_argument("--processes", default="1", help="processes per node (torchrun --nproc-per-node)")
     parser.add_argument("--nodes", default="1", help="nodes of the job, one agent each (torchrun --nnodes)")
     parser.add_argument("--rdzv-endpoint", default=os.environ.get("PET_RDZV_ENDPOINT"),
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def launch(args: argparse.Namespace, processes: int, nodes: int, stage: str) -> None:
     """Run the script in `processes` processes on each of `nodes` nodes; a failure is one line and exit status,
-    the line a failed process left (llmpipe.pipeline.guard) when there is one."""
+    the line a failed process left (llmpipe.runner.guard) when there is one."""
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -8,14 +8,14 @@ exception (a locked MLflow store, a full disk, a bug), SIGTERM or SIGHUP (a time
 terminal: turned into `Stopped`, so the stage unwinds like an exception) and Ctrl-C (KeyboardInterrupt).
 Each one:
 - puts back the outputs DVC deleted before running the stage, as dvc.lock records them
-  (llmpipe.pipeline.restore), and under `dvc exp run` the params.yaml conf/ composes;
-- lets the MLflow run of the stage end as FAILED or KILLED, its pipeline run too (llmpipe.pipeline.tracking
+  (llmpipe.runner.restore), and under `dvc exp run` the params.yaml conf/ composes;
+- lets the MLflow run of the stage end as FAILED or KILLED, its pipeline run too (llmpipe.tracking.stage_run
   sees the exception as it unwinds);
 - prints ONE line, `error: <message>` for a refusal, `error: <stage>: <cause>` otherwise, with the traceback
   in logs/<stage>.log rather than on the screen;
 - exits non-zero: 1, or 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
 
-The stage entry point (llmpipe.pipeline.stage) and the process launcher (llmpipe.pipeline.launch, whose own
+The stage entry point (llmpipe.runner.stage) and the process launcher (llmpipe.runner.launch, whose own
 argument checks come before any stage code) both run under it. Under the launcher, each of several processes
 writes its line into the directory ERRORS_DIR names instead of printing it, and the launcher prints the one
 that names the cause (a refusal or a crash before a process stopped because another one failed).
@@ -32,22 +32,13 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.layout import repository_root
-from llmpipe.pipeline.params import PARAMS_FILE
+from llmpipe.config.layout import repository_root
+from llmpipe.config.params import PARAMS_FILE
+from llmpipe.errors import PipelineError, Stopped
 
 ERRORS_DIR = "LLMPIPE_ERRORS_DIR"  # set by the launcher: where each of its processes leaves its error line
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _restored: set[str] = set()  # stages whose outputs this process already put back
-
-
-class Stopped(BaseException):
-    """The process received SIGTERM or SIGHUP. A BaseException, like KeyboardInterrupt, so that no
-    `except Exception` on the way swallows it."""
-
-    def __init__(self, signal_number: int):
-        super().__init__(signal.Signals(signal_number).name)
-        self.signal_number = signal_number
 
 
 def _stop(signal_number, frame) -> None:
@@ -134,7 +125,7 @@ def collected_error(errors_dir: str | Path) -> tuple[str, str] | None:
 
 def put_back(stage: str, is_main: bool) -> None:
     """The previous outputs, as dvc.lock records them, and under `dvc exp run` params.yaml as conf/ composes it."""
-    from llmpipe.pipeline.restore import restore_outputs, restore_params_file
+    from llmpipe.runner.restore import restore_outputs, restore_params_file
 
     if not is_main or stage in _restored:
         return

@@ -8,7 +8,7 @@
 
 The entry point composes params.yaml with Hydra (the repository root's; `key=value` arguments override it
 as in any Hydra app), hands the stage only the keys its dvc.yaml entry declares (refusing keys conf/ does
-not know, naming the closest), and opens the stage's MLflow run. All of it runs under llmpipe.pipeline.guard:
+not know, naming the closest), and opens the stage's MLflow run. All of it runs under llmpipe.runner.guard:
 whatever ends the stage (a refusal, any other exception, SIGTERM, Ctrl-C) is one line on stderr and a non-zero
 exit, with the previous outputs put back.
 """
@@ -21,11 +21,8 @@ import os
 import sys
 from typing import Callable
 
-from llmpipe.pipeline.compose import yaml_error
-from llmpipe.pipeline.distributed import ProcessInfo
-from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.guard import guarded
-from llmpipe.pipeline.params import (
+from llmpipe.config.compose import yaml_error
+from llmpipe.config.params import (
     CONF_DIR,
     PARAMS_FILE,
     StageParams,
@@ -33,9 +30,12 @@ from llmpipe.pipeline.params import (
     flatten,
     schema_keys,
 )
-from llmpipe.pipeline.provenance import input_hashes
-from llmpipe.pipeline.restore import stash_uncached_outputs
-from llmpipe.pipeline.tracking import StageRun
+from llmpipe.errors import PipelineError
+from llmpipe.runner.distributed import ProcessInfo
+from llmpipe.runner.guard import guarded
+from llmpipe.runner.restore import stash_uncached_outputs
+from llmpipe.tracking.provenance import input_hashes
+from llmpipe.tracking.stage_run import StageRun
 
 StageFunction = Callable[[StageParams, StageRun], None]
 

@@ -1,7 +1,7 @@
 """The MLflow run of one stage execution (`StageRun`), a child of its pipeline execution's run
-(llmpipe.pipeline.pipeline_run). It carries the stage's declared params, metrics (step metrics batched),
+(llmpipe.tracking.pipeline_run). It carries the stage's declared params, metrics (step metrics batched),
 small artifacts, the data and models it read as MLflow datasets (path and md5), system metrics while it
-runs, and tags (llmpipe.pipeline.provenance.stage_tags). Where runs are stored: llmpipe.pipeline.store.
+runs, and tags (llmpipe.tracking.provenance.stage_tags). Where runs are stored: llmpipe.tracking.store.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmpipe.pipeline import store
-from llmpipe.pipeline.guard import Stopped
-from llmpipe.pipeline.pipeline_run import (
+from llmpipe.errors import Stopped
+from llmpipe.tracking import store
+from llmpipe.tracking.pipeline_run import (
     KEY_TAG,
     end_stage,
     log_effective_params,
     log_params,
     pipeline_parent,
 )
-from llmpipe.pipeline.provenance import stage_tags
+from llmpipe.tracking.provenance import stage_tags
 
 _FLUSH_EVERY = 500
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from llmpipe.pipeline import atomic
-from llmpipe.pipeline.errors import ParamError
+from llmpipe import atomic
+from llmpipe.errors import ParamError
 
 
 def compose(overrides: list[str] | None = None, config_dir: str | Path = "conf") -> dict:

@@ -19,8 +19,8 @@ import os
 import sqlite3
 from pathlib import Path
 
-from llmpipe.pipeline.errors import PipelineError
-from llmpipe.pipeline.layout import repository_root
+from llmpipe.config.layout import repository_root
+from llmpipe.errors import PipelineError
 
 EXPERIMENT_NAME_DEFAULT = "llmpipe"
 _SERVER_TIMEOUT_SECONDS = 5

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from llmpipe.pipeline.params import flatten
-from llmpipe.pipeline.provenance import git_commit
+from llmpipe.config.params import flatten
+from llmpipe.tracking.provenance import git_commit
 
 KIND_TAG, KEY_TAG = "llmpipe.kind", "llmpipe.pipeline"
 RAN_TAG, CACHED_TAG, DEFAULTED_TAG = "llmpipe.stages_ran", "llmpipe.stages_cached", "llmpipe.params_defaulted"

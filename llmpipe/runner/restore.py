@@ -2,7 +2,7 @@
 
 DVC deletes a stage's outputs before it runs the stage's command (only `persist: true` prevents that,
 and it would switch off the run-cache a team shares results through). When the stage then fails, whatever
-ends it (llmpipe.pipeline.guard), the outputs of its last successful run are copied back from DVC's cache,
+ends it (llmpipe.runner.guard), the outputs of its last successful run are copied back from DVC's cache,
 exactly as dvc.lock records them: the workspace is as it was, and `dvc status` shows only the changed input.
 
 Outputs declared `cache: false` (metrics, curves: they live in git) never reach DVC's cache, so a
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from llmpipe.pipeline import atomic
-from llmpipe.pipeline.params import stage_definition
-from llmpipe.pipeline.provenance import file_md5
+from llmpipe import atomic
+from llmpipe.config.params import stage_definition
+from llmpipe.tracking.provenance import file_md5
 
 
 def _cache_path(cache: Path, md5: str) -> Path:
@@ -143,7 +143,7 @@ def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str
     `dvc exp run` started from, when conf/ is the source of truth); returns whether it changed."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from llmpipe.pipeline.compose import compose, write_params
+    from llmpipe.config.compose import compose, write_params
 
     params_file, config_dir = Path(params_file), Path(config_dir)
     if not (config_dir / "config.yaml").is_file() or not params_file.is_file():

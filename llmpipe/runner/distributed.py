@@ -1,6 +1,6 @@
 """Data parallelism under torchrun: who am I, and the process group.
 
-`torchrun` (or `python -m llmpipe.pipeline.launch --processes N`) sets RANK / LOCAL_RANK / WORLD_SIZE;
+`torchrun` (or `python -m llmpipe.runner.launch --processes N`) sets RANK / LOCAL_RANK / WORLD_SIZE;
 without it, this is rank 0 of 1. The backend is NCCL on CUDA and gloo on CPU.
 """
 

@@ -4,6 +4,8 @@ A stage raises `PipelineError` for anything the user can fix (bad data, bad para
 upstream output). The stage runner prints `error: <message>` and exits with status 1.
 """
 
+import signal
+
 
 class PipelineError(Exception):
     """A problem with the user's input, named precisely enough to fix it (file, line or key)."""
@@ -28,3 +30,12 @@ class SettingError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(message)
         self.field = field
+
+
+class Stopped(BaseException):
+    """The process received SIGTERM or SIGHUP. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number

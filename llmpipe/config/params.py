@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from llmpipe.pipeline.errors import (
+from llmpipe.errors import (
     ParamError,
     PipelineError,
     SettingError,

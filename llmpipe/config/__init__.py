@@ -1,0 +1,1 @@
+"""Configuration: params.yaml read into checked settings, conf/ composed, every artifact's path."""

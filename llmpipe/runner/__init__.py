@@ -1,0 +1,1 @@
+"""Running a stage: the entry point DVC calls, what guards it, process launch, progress lines."""
