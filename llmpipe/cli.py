@@ -1,6 +1,7 @@
 """The `llmpipe` command: tools around the pipeline's models.
 
-    llmpipe compose [key=value ...]          compose conf/ into params.yaml (what `dvc exp run -S` does)
+    llmpipe compose [key=value ...]          write conf/, params.yaml (with overrides), dvc.yaml, docs/params.md
+    llmpipe compose --check                  fail naming any of them that is stale
     llmpipe next-token "TEXT"                the most likely next tokens and their probabilities
     llmpipe generate "TEXT"                  continue a text (streams tokens)
     llmpipe model-size model=llama2_7b       parameters and memory of a preset, without allocating it
@@ -30,11 +31,25 @@ DEFAULT_TOKENIZER = str(layout.TOKENIZER)
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    from llmpipe.config.compose import compose, write_params
+    from llmpipe.generate.derived import COMMAND, stale_files, write_derived_files
 
-    params = compose(args.overrides, args.config_dir)
-    write_params(params, args.output)
-    print(f"wrote {args.output} from {args.config_dir}/" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    root = Path.cwd()
+    if args.params_only:
+        from llmpipe.config.compose import compose, write_params
+
+        write_params(compose(args.overrides, root / "conf"), root / "params.yaml")
+        print("wrote params.yaml from conf/ as it is" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+        return
+    if args.check:
+        stale = stale_files(root)
+        if stale:
+            raise PipelineError(f"{', '.join(map(str, stale))}: stale, not what the settings dataclasses and the "
+                                f"stage table give; run `{COMMAND}` and commit the result")
+        print("conf/, params.yaml, dvc.yaml and docs/params.md are up to date")
+        return
+    changed = write_derived_files(root, args.overrides)
+    print(f"wrote {', '.join(map(str, changed))}" if changed else "conf/, params.yaml, dvc.yaml and docs/params.md "
+          "were up to date" + (f" (params.yaml with {' '.join(args.overrides)})" if args.overrides else ""))
 
 
 def load_any_model(path: Path, tokenizer):
@@ -227,7 +242,7 @@ def cmd_model_size(args: argparse.Namespace) -> None:
         composed = compose(args.overrides, args.config_dir)
         params = StageParams("model-size", composed, ["model", "tokenizer"],
                              source=f"{args.config_dir}/ with {' '.join(args.overrides) or 'no overrides'}")
-        config = model_config(params, params.section("tokenizer", TokenizerSettings).vocab_size, preset_wins=True)
+        config = model_config(params, params.read(TokenizerSettings).vocab_size, preset_wins=True)
     report = size_report(config)
     if args.json:
         print(json.dumps({"model": config.to_dict(), **report}, indent=2))
@@ -291,10 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compose = commands.add_parser("compose", help="compose conf/ into params.yaml")
-    compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=local_files tokenizer.vocab_size=2048")
-    compose.add_argument("--config-dir", default="conf")
-    compose.add_argument("--output", default="params.yaml")
+    compose = commands.add_parser("compose", help="write conf/, params.yaml, dvc.yaml and docs/params.md from the "
+                                                  "settings dataclasses and the stage table")
+    compose.add_argument("overrides", nargs="*", help="Hydra overrides for params.yaml, e.g. data=local_files "
+                                                      "tokenizer.vocab_size=2048")
+    compose.add_argument("--check", action="store_true", help="write nothing; fail naming any stale file")
+    compose.add_argument("--params-only", action="store_true", help="compose conf/ as it is into params.yaml, as "
+                                                                   "`dvc exp run` does (after editing conf/ by hand)")
     compose.set_defaults(handler=cmd_compose)
 
     next_token = commands.add_parser("next-token", help="most likely next tokens with probabilities")

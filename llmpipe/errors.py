@@ -6,6 +6,8 @@ upstream output). The stage runner prints `error: <message>` and exits with stat
 
 import signal
 
+NOT_A_STAGE_DEPENDENCY = "exception types"  # see llmpipe.generate.code_deps
+
 
 class PipelineError(Exception):
     """A problem with the user's input, named precisely enough to fix it (file, line or key)."""

@@ -79,7 +79,7 @@ def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer, measure_base: boo
 
 @stage("evaluate")
 def evaluate(params: StageParams, run: StageRun) -> None:
-    settings = params.section("evaluate", EvaluateSettings)
+    settings = params.read(EvaluateSettings)
     torch.manual_seed(0)
 
     tokenizer = LoadedTokenizer(layout.TOKENIZER)

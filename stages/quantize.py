@@ -28,7 +28,7 @@ from llmpipe.tracking.stage_run import StageRun
 
 @stage("quantize")
 def quantize(params: StageParams, run: StageRun) -> None:
-    settings = params.section("quantize", QuantizeSettings)
+    settings = params.read(QuantizeSettings)
     name = settings.model_name
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     model, _ = load_model(layout.FINETUNED, tokenizer=tokenizer)

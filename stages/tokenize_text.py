@@ -17,7 +17,7 @@ from llmpipe.tracking.stage_run import StageRun
 
 @stage("tokenize")
 def tokenize(params: StageParams, run: StageRun) -> None:
-    settings = params.section("tokenize", TokenizeSettings)
+    settings = params.read(TokenizeSettings)
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     dtype = choose_dtype(tokenizer.vocab_size, settings.token_dtype)
     meta = tokenize_corpus(tokenizer, dtype, settings.num_proc, settings.batch_size, settings.shard_tokens)

@@ -39,7 +39,7 @@ def texts(split: str):
 
 @stage("train_tokenizer")
 def train_tokenizer(params: StageParams, run: StageRun) -> None:
-    settings = params.section("tokenizer", TokenizerSettings)
+    settings = params.read(TokenizerSettings)
     specials = settings.special_tokens.by_role()
     base_model = base_model_settings(params)
     sample_report = {}

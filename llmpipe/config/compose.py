@@ -14,6 +14,8 @@ import yaml
 from llmpipe import atomic
 from llmpipe.errors import ParamError
 
+NOT_A_STAGE_DEPENDENCY = "restore's params.yaml, as conf/ composes it"  # see llmpipe.generate.code_deps
+
 
 def compose(overrides: list[str] | None = None, config_dir: str | Path = "conf") -> dict:
     from hydra import compose as hydra_compose

@@ -1,12 +1,18 @@
 """A stage's view of params.yaml: only the keys dvc.yaml declares for it, read into settings dataclasses.
 
 Each params section is declared once, on a frozen dataclass whose fields are `setting(default, doc, checks)`
-(litgpt's args.py style; tests/test_config.py checks conf/'s keys, defaults and comments against them),
-and read with one call:
+(litgpt's args.py style) and which `@params_section` registers under its section name:
 
-    lora = params.section("finetune.lora", LoRASettings)
+    @params_section("tokenize")
+    @dataclass(frozen=True)
+    class TokenizeSettings:
+        num_proc: int = setting(2, "encoding threads", min=1)
 
-Reading a key dvc.yaml does not declare for the stage raises: DVC would not know the stage depends on it.
+    settings = params.read(TokenizeSettings)       # in the stage: checked, complete, frozen
+
+conf/, params.yaml, dvc.yaml's code deps and docs/params.md are generated from these declarations by
+`llmpipe compose` (llmpipe.generate). Reading a key dvc.yaml does not declare for the stage raises: DVC would
+not know the stage depends on it.
 """
 
 from __future__ import annotations
@@ -48,6 +54,32 @@ def setting(default: Any = dataclasses.MISSING, doc: str = "", **checks: Any) ->
     return dataclasses.field(default=default, metadata=metadata)
 
 
+# Where each params section is declared (filled by @params_section as the declaring modules are imported):
+SECTIONS: dict[str, type] = {}                  # a section of conf/config.yaml ("" = top-level keys) → its dataclass
+GROUP_OPTIONS: dict[str, dict[str, type]] = {}  # a Hydra group → option → the dataclass whose defaults it is
+PRESET_GROUPS: dict[str, type] = {}             # a Hydra group whose options are presets (values written in
+#                                                 conf/<group>/<option>.yaml by hand) → the dataclass declaring keys
+
+
+def params_section(name: str, option: str | None = None, presets: bool = False) -> Any:
+    """Class decorator: the settings dataclass declares params section `name` ("" for top-level keys).
+    `option`: the section is a Hydra group (conf/<name>/) and the class's defaults are its option `option`
+    (other options of the group are presets of the same keys); `presets`: every option of group `name` is a
+    preset whose values are written in conf/ by hand."""
+    def register(cls: type) -> type:
+        cls.params_section = name
+        if option is not None:
+            GROUP_OPTIONS.setdefault(name, {})[option] = cls
+            PRESET_GROUPS.setdefault(name, cls)
+        elif presets:
+            PRESET_GROUPS[name] = cls
+        else:
+            SECTIONS[name] = cls
+        return cls
+    return register
+
+
+@params_section("")
 @dataclasses.dataclass(frozen=True)
 class SeedSettings:
     seed: int = setting(1337, "one seed for data generation, initialization and sampling order", min=0, max=2**32 - 1)
@@ -236,7 +268,7 @@ class StageParams:
 
     def seed(self) -> int:
         """The pipeline's seed: an integer from 0 to 2**32 - 1 (what numpy and torch accept)."""
-        return self.section("", SeedSettings).seed
+        return self.read(SeedSettings).seed
 
     def name(self, key: str) -> str:
         """A name that is safe as a file name and as an MLflow model name: letters, digits, '.', '_', '-'."""
@@ -274,6 +306,10 @@ class StageParams:
             if value is not None and value not in values:
                 raise self._fail(f"{key}.{name}", "one of " + ", ".join(values), value)
         return {name: value for name, value in mapping.items() if value is not None}
+
+    def read(self, cls: type[Settings], **given: Any) -> Settings:
+        """The section that settings dataclass `cls` declares (`@params_section`), read and checked."""
+        return self.section(cls.params_section, cls, **given)
 
     def section(self, prefix: str, cls: type[Settings], **given: Any) -> Settings:
         """The settings dataclass `cls` filled from the keys under `prefix` ("" for top-level keys), each read

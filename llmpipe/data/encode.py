@@ -16,13 +16,14 @@ import numpy as np
 
 from llmpipe import atomic
 from llmpipe.config import layout
-from llmpipe.config.params import setting
+from llmpipe.config.params import params_section, setting
 from llmpipe.data.prepared import read_pretrain_text
 from llmpipe.data.tokens import DTYPES
 from llmpipe.errors import InputDataError, ParamError
 from llmpipe.text.tokenizer import LoadedTokenizer
 
 
+@params_section("tokenize")
 @dataclass(frozen=True)
 class TokenizeSettings:
     num_proc: int = setting(2, "encoding threads (the tokenizers library's encode_batch)", min=1)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from llmpipe.config.params import StageParams, setting
+from llmpipe.config.params import StageParams, params_section, setting
 from llmpipe.data.sources import TXT_SAMPLE_BY
 from llmpipe.data.world import WorldConfig
 
 SOURCE_DOC = "where the text comes from: embedded | local_files | hf_dataset (the conf/data/ option)"
 
 
+@params_section("data", option="embedded")
 @dataclass(frozen=True)
 class EmbeddedData:
     source: str = setting("embedded", SOURCE_DOC)
@@ -32,6 +33,7 @@ class UserData:
                                                        "is null", above=0, max=0.5)
 
 
+@params_section("data", option="local_files")
 @dataclass(frozen=True)
 class LocalFilesData(UserData):
     source: str = setting("local_files", SOURCE_DOC)
@@ -41,6 +43,7 @@ class LocalFilesData(UserData):
                                  choices=list(TXT_SAMPLE_BY))
 
 
+@params_section("data", option="hf_dataset")
 @dataclass(frozen=True)
 class HubData(UserData):
     source: str = setting("hf_dataset", SOURCE_DOC)
@@ -61,7 +64,7 @@ SOURCES = {"embedded": EmbeddedData, "local_files": LocalFilesData, "hf_dataset"
 def data_settings(params: StageParams, seed: int) -> EmbeddedData | LocalFilesData | HubData:
     """The `data` section of the source it names (the world takes the pipeline's `seed`)."""
     source = params.value("data.source", str, choices=list(SOURCES))
-    settings = params.section("data", SOURCES[source])
+    settings = params.read(SOURCES[source])
     if isinstance(settings, EmbeddedData):
         settings = replace(settings, world=replace(settings.world, seed=seed))
     return settings

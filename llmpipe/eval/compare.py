@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from llmpipe.config.params import setting
+from llmpipe.config.params import params_section, setting
 from llmpipe.data.sampling import spread_sample
 from llmpipe.eval.metrics import (
     mean_kl_divergence,
@@ -37,6 +37,7 @@ class Variant:
     bits_per_weight: float
 
 
+@params_section("evaluate")
 @dataclass(frozen=True)
 class EvaluateSettings:
     sample_answers: int = setting(5, "sample answers per variant in the report", min=0)

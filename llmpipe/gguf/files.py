@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from llmpipe import atomic
-from llmpipe.config.params import setting
+from llmpipe.config.params import params_section, setting
 from llmpipe.errors import InputDataError, SettingError
 from llmpipe.gguf.formats import FORMATS
 from llmpipe.model.transformer import ModelConfig, Transformer, rotary_frequencies
@@ -38,6 +38,7 @@ ROPE_SCALING_PREFIX = "llmpipe.rope_scaling."
 VARIANTS = [F16, *FORMATS]
 
 
+@params_section("quantize")
 @dataclass(frozen=True)
 class QuantizeSettings:
     variants: list[str] = setting(["F16", "Q8_0", "Q4_K", "Q4_1", "Q4_0", "Q2_K"], "GGUF files to write, one per "

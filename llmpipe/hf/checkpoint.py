@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from llmpipe.config.params import StageParams, setting
+from llmpipe.config.params import StageParams, params_section, setting
 from llmpipe.errors import InputDataError
 from llmpipe.hf.config import model_config_from_hf
 from llmpipe.model.transformer import ModelConfig, Transformer
 from llmpipe.model.weights import assign_weights, empty_model, read_checked_tensors
 
 
+@params_section("base_model", option="scratch")
 @dataclass(frozen=True)
 class BaseModelSettings:
     source: str = setting("scratch", "scratch (pretrain the model preset) | hf (import a Hugging Face Llama "
@@ -32,7 +33,7 @@ class BaseModelSettings:
 
 def base_model_settings(params: StageParams) -> BaseModelSettings:
     """The `base_model` section (train_tokenizer and pretrain read it)."""
-    return params.section("base_model", BaseModelSettings)
+    return params.read(BaseModelSettings)
 
 
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"

@@ -26,11 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmpipe.config.params import check_settings, setting
+from llmpipe.config.params import check_settings, params_section, setting
 
 IGNORE_INDEX = -100  # target value that contributes nothing to the loss (masked prompt tokens, padding)
 
 
+@params_section("model", presets=True)
 @dataclass
 class ModelConfig:
     vocab_size: int = setting(doc="tokens; null = the trained tokenizer's vocabulary size", min=1)

@@ -36,6 +36,8 @@ from llmpipe.config.layout import repository_root
 from llmpipe.config.params import PARAMS_FILE
 from llmpipe.errors import PipelineError, Stopped
 
+NOT_A_STAGE_DEPENDENCY = "whatever ends a stage: outputs put back, one line, exit status"  # see llmpipe.generate.code_deps
+
 ERRORS_DIR = "LLMPIPE_ERRORS_DIR"  # set by the launcher: where each of its processes leaves its error line
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _restored: set[str] = set()  # stages whose outputs this process already put back

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+NOT_A_STAGE_DEPENDENCY = "progress lines of long loops"  # see llmpipe.generate.code_deps
+
 INTERVAL_SECONDS = 30.0
 
 

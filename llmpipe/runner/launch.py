@@ -39,6 +39,8 @@ from llmpipe.runner.guard import (
     put_back,
 )
 
+NOT_A_STAGE_DEPENDENCY = "process launch (torchrun)"  # see llmpipe.generate.code_deps
+
 JOIN_TIMEOUT_SECONDS = 900  # how long the first agent waits for the others (the head may still be on earlier stages)
 
 

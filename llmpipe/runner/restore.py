@@ -25,6 +25,8 @@ from llmpipe import atomic
 from llmpipe.config.params import stage_definition
 from llmpipe.tracking.provenance import file_md5
 
+NOT_A_STAGE_DEPENDENCY = "puts the previous outputs back when a stage fails"  # see llmpipe.generate.code_deps
+
 
 def _cache_path(cache: Path, md5: str) -> Path:
     return cache / md5[:2] / md5[2:]

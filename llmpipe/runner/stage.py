@@ -37,6 +37,8 @@ from llmpipe.runner.restore import stash_uncached_outputs
 from llmpipe.tracking.provenance import input_hashes
 from llmpipe.tracking.stage_run import StageRun
 
+NOT_A_STAGE_DEPENDENCY = "the entry point: reads params.yaml, opens the MLflow run, one-line errors"  # see llmpipe.generate.code_deps
+
 StageFunction = Callable[[StageParams, StageRun], None]
 
 

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmpipe.atomic import json_text
-from llmpipe.config.params import setting
+from llmpipe.config.params import params_section, setting
 from llmpipe.errors import InputDataError, SettingError
 
 BYTE_ALPHABET_SIZE = 256
@@ -45,6 +45,7 @@ class SpecialTokens:
 SPECIAL_TOKEN_ROLES = tuple(f.name for f in fields(SpecialTokens))
 
 
+@params_section("tokenizer")
 @dataclass(frozen=True)
 class TokenizerSettings:
     vocab_size: int = setting(1024, "tokens in the vocabulary, including 256 byte tokens and the special tokens",

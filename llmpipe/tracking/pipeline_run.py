@@ -23,6 +23,8 @@ import yaml
 from llmpipe.config.params import flatten
 from llmpipe.tracking.provenance import git_commit
 
+NOT_A_STAGE_DEPENDENCY = "the pipeline execution's MLflow run"  # see llmpipe.generate.code_deps
+
 KIND_TAG, KEY_TAG = "llmpipe.kind", "llmpipe.pipeline"
 RAN_TAG, CACHED_TAG, DEFAULTED_TAG = "llmpipe.stages_ran", "llmpipe.stages_cached", "llmpipe.params_defaulted"
 

@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+NOT_A_STAGE_DEPENDENCY = "git commit and input md5s, for MLflow tags"  # see llmpipe.generate.code_deps
+
 
 def file_md5(path: Path) -> str:
     """md5 of a file's content, read once per process while the file is unchanged (same inode, size and

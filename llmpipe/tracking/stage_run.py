@@ -24,6 +24,8 @@ from llmpipe.tracking.pipeline_run import (
 )
 from llmpipe.tracking.provenance import stage_tags
 
+NOT_A_STAGE_DEPENDENCY = "MLflow runs"  # see llmpipe.generate.code_deps
+
 _FLUSH_EVERY = 500
 
 

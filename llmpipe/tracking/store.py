@@ -22,6 +22,8 @@ from pathlib import Path
 from llmpipe.config.layout import repository_root
 from llmpipe.errors import PipelineError
 
+NOT_A_STAGE_DEPENDENCY = "where MLflow stores runs"  # see llmpipe.generate.code_deps
+
 EXPERIMENT_NAME_DEFAULT = "llmpipe"
 _SERVER_TIMEOUT_SECONDS = 5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmpipe.config.params import StageParams, setting
+from llmpipe.config.params import StageParams, params_section, setting
 from llmpipe.errors import ParamError, SettingError
 from llmpipe.model.lora import LoRASettings
 from llmpipe.runner.distributed import ProcessInfo
@@ -25,6 +25,7 @@ METHODS = ["chat_tokens", "full", "lora"]
 FINETUNE_LEARNING_RATES = {"chat_tokens": (1e-2, 1e-3), "full": (3e-4, 1e-4), "lora": (3e-3, 1e-4)}
 
 
+@params_section("finetune")
 @dataclass(frozen=True)
 class FinetuneParams(TrainingParams):
     method: str = setting("chat_tokens", "chat_tokens (only the chat tokens' embeddings) | full (every weight) | lora",
@@ -80,7 +81,7 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
     """Everything the finetune stage needs. The best step is picked by the validation people's QA
     accuracy when there are validation people (the embedded world), else by the validation answer loss,
     else the last step is kept."""
-    section = params.section("finetune", FinetuneParams)
+    section = params.read(FinetuneParams)
     process = process_on(section, params.source, "finetune")
     batch = batch_geometry("finetune", section.global_batch_sequences, section.micro_batch_sequences, process,
                            section.parallelism)

@@ -11,6 +11,8 @@ import time
 
 from llmpipe.runner.heartbeat import duration, printed
 
+NOT_A_STAGE_DEPENDENCY = "progress lines"  # see llmpipe.generate.code_deps
+
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
     """Leave out breakdowns: a key that extends another key (`qa_accuracy_x_people_major` of `qa_accuracy_x_people`)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llmpipe.config.params import StageParams, setting
+from llmpipe.config.params import StageParams, params_section, setting
 from llmpipe.errors import ParamError
 from llmpipe.model.transformer import ModelConfig
 from llmpipe.runner.distributed import ProcessInfo
@@ -44,6 +44,7 @@ class TrainingParams:
     compile: bool = setting(False, "torch.compile each transformer block (for GPUs)")
 
 
+@params_section("pretrain")
 @dataclass(frozen=True)
 class PretrainParams(TrainingParams):
     max_steps: int = setting(800, "optimizer steps", min=1)
@@ -164,7 +165,7 @@ def model_config(params: StageParams, tokenizer_vocab_size: int | None, preset_w
     elif tokenizer_vocab_size is not None and vocab_size != tokenizer_vocab_size and not preset_wins:
         raise ParamError(f"{params.source}: model.vocab_size is {vocab_size} but the tokenizer has "
                          f"{tokenizer_vocab_size} tokens; set model.vocab_size: null to follow the tokenizer")
-    return params.section("model", ModelConfig, vocab_size=vocab_size)
+    return params.read(ModelConfig, vocab_size=vocab_size)
 
 
 def loop_settings(section: TrainingParams, name: str, source: str, device: torch.device,
@@ -212,7 +213,7 @@ def process_on(section: TrainingParams, source: str, name: str) -> ProcessInfo:
 
 
 def pretrain_section(params: StageParams) -> PretrainParams:
-    return params.section("pretrain", PretrainParams)
+    return params.read(PretrainParams)
 
 
 def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> PretrainSettings:
