@@ -50,7 +50,7 @@ def worker(args) -> None:
     from llmpipe.tracking.stage_run import StageRun
     from llmpipe.train.batches import RandomWindows
     from llmpipe.train.loop import train
-    from llmpipe.train.settings import TrainSettings, model_config
+    from llmpipe.train.settings import TrainingParams, model_config
 
     process = distributed.start(distributed.ProcessInfo.from_environment("cpu"))
     composed = compose([f"model={args.preset}", f"model.context_length={args.context}"], ROOT / "conf")
@@ -61,9 +61,9 @@ def worker(args) -> None:
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, 200_000).astype(np.uint16)
     sequences = args.processes * args.micro_batch
     batches = RandomWindows(tokens, config.context_length, sequences, args.micro_batch, 0)
-    settings = TrainSettings(max_steps=args.steps, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=1,
-                             weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=args.steps,
-                             checkpoint_every=0, log_every=args.steps, parallelism=args.parallelism)
+    settings = TrainingParams(max_steps=args.steps, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=1,
+                              weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=args.steps,
+                              checkpoint_every=0, log_every=args.steps, parallelism=args.parallelism, precision="fp32")
     peaks = {}
 
     def measure_training_peak(_model) -> dict[str, float]:  # called once, after the last step

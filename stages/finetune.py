@@ -42,8 +42,8 @@ def measure(model, template, qa_sets, validation, settings, prefix="") -> tuple[
     if validation:
         metrics[f"{prefix}val_answer_loss"] = answer_loss(model, validation, template.tokenizer.end_of_document_id,
                                                           settings.batch.micro_sequences, label="finetune: ")
-    qa, answers = qa_metrics(model, template, qa_sets, settings.max_new_tokens, prefix, label="finetune: ",
-                             padded=settings.pad_prompts)
+    qa, answers = qa_metrics(model, template, qa_sets, settings.finetune.max_new_tokens, prefix, label="finetune: ",
+                             padded=settings.finetune.pad_prompts)
     return {**metrics, **qa}, answers
 
 
@@ -66,7 +66,7 @@ def prepare_method(model, settings: FinetuneSettings, chat_ids: list[int], devic
     if settings.lora:
         add_lora(model, settings.lora)
         model.to(device)
-    elif settings.method == "chat_tokens":
+    elif settings.finetune.method == "chat_tokens":
         # Not end_of_document's row: it starts every plain-text document, and it is the output head's too.
         train_only_token_rows(model, chat_ids)
 
@@ -75,21 +75,21 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     process = settings.process
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     template = ChatTemplate(tokenizer)
-    chat_ids = chat_token_ids(template) if settings.method == "chat_tokens" else []  # refused now, before any work
+    chat_ids = chat_token_ids(template) if settings.finetune.method == "chat_tokens" else []  # refused now, before any work
     examples = {split: read_prepared_examples(path) for split, path in layout.FINETUNE_EXAMPLES.items()}
-    qa_sets = {split: first_items(read_rows(path), settings.max_questions_per_split)
+    qa_sets = {split: first_items(read_rows(path), settings.finetune.max_questions_per_split)
                for split, path in layout.QA_FILES.items()}
     model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer)
     if settings.lora:
         check_rank(model, settings.lora, f"{params.source}: finetune.lora")
     train_encoded, validation, cut = encode_examples(template, examples, model.config.context_length, process.is_main)
-    validation = first_items(validation, settings.max_validation_examples)
+    validation = first_items(validation, settings.finetune.max_validation_examples)
     measured = {f"qa_questions_{split}": len(pairs) for split, pairs in qa_sets.items()}
     measured["validation_examples_measured"] = len(validation)
 
     model.eval()
     base_metrics, base_answers = (measure(model, template, qa_sets, validation, settings, prefix="base_")
-                                  if settings.measure_base else ({}, {}))
+                                  if settings.finetune.measure_base else ({}, {}))
     prepare_method(model, settings, chat_ids, process.device)
 
     def evaluate(current) -> dict[str, float]:  # every eval_every steps: picks the best step
@@ -99,12 +99,12 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
                            tokenizer.end_of_document_id, settings.seed)
     store = CheckpointStore.for_stage("finetune", params.declared_values(), run.input_hashes)
     if process.is_main:
-        sharding = " (FSDP2, sharded)" if shards(settings.loop, process) else ""
-        print(f"finetune: {settings.method} (learning rate {settings.loop.learning_rate:g}), {len(train_encoded)} "
-              f"examples, {settings.loop.max_steps} steps of {settings.batch.global_sequences}{sharding}; base model: "
+        sharding = " (FSDP2, sharded)" if shards(settings.finetune, process) else ""
+        print(f"finetune: {settings.finetune.method} (learning rate {settings.finetune.learning_rate:g}), {len(train_encoded)} "
+              f"examples, {settings.finetune.max_steps} steps of {settings.batch.global_sequences}{sharding}; base model: "
               + (", ".join(f"{k} {v:.3f}" for k, v in base_metrics.items() if k.endswith(("_people", "_loss")))
                  or "not measured (finetune.measure_base)"), flush=True)
-    result = train(model, settings.loop, batches, evaluate, process, run, store)
+    result = train(model, settings.finetune, batches, evaluate, process, run, store)
     if not process.is_main:
         return
 
@@ -117,13 +117,13 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
         final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
         check_learned("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)
         statistics = example_statistics(examples["train"])
-        metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.loop.max_steps,
+        metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.finetune.max_steps,
                    "train_examples": statistics["examples"], "duplicate_examples": statistics["duplicate_examples"],
                    "empty_examples": statistics["empty_examples"], **cut, **measured}
-        write_model(temp, final_model, {"stage": "finetune", "method": settings.method,
+        write_model(temp, final_model, {"stage": "finetune", "method": settings.finetune.method,
                                         "best_step": metrics["best_step"], TOKENIZER_KEY: tokenizer.fingerprint})
     atomic.write_text(layout.FINETUNE_REPORTS / layout.SAMPLES,
-                      finetune_samples(answers, base_answers, settings.sample_answers))
+                      finetune_samples(answers, base_answers, settings.finetune.sample_answers))
     publish_training(run, layout.FINETUNE_REPORTS, result.history, metrics, FINETUNE_METRICS)
     run.log_artifact(layout.FINETUNED / CONFIG_FILE)
     store.clear()
@@ -139,8 +139,8 @@ def finetune(params: StageParams, run: StageRun) -> None:
     examples_have_validation = bool(read_prepared_examples(layout.FINETUNE_EXAMPLES["validation"]))
     settings = finetune_settings(params, validation_people=qa_files_have_validation_people,
                                  validation_examples=examples_have_validation)
-    run.log_effective_params({"finetune.learning_rate": settings.loop.learning_rate,  # null: the method's
-                              "finetune.min_learning_rate": settings.loop.min_learning_rate})
+    run.log_effective_params({"finetune.learning_rate": settings.finetune.learning_rate,  # null: the method's rate
+                              "finetune.min_learning_rate": settings.finetune.min_learning_rate})
     with distributed.joined(settings.process), Heartbeat("finetune:", None, enabled=settings.process.is_main):
         finetune_model(settings, params, run)
 

@@ -27,7 +27,7 @@ from llmpipe.tracking.stage_run import StageRun
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.loop import check_learned, shards, train
-from llmpipe.train.settings import PretrainSettings, pretrain_section, pretrain_settings
+from llmpipe.train.settings import PretrainParams, PretrainSettings, pretrain_settings
 
 
 def unigram_baseline(model_vocab_size: int, validation_bytes: int) -> float:
@@ -67,19 +67,19 @@ def train_from_scratch(settings: PretrainSettings, params: StageParams, run: Sta
     store = CheckpointStore.for_stage("pretrain", params.declared_values(), run.input_hashes)
     if process.is_main:
         print(f"pretrain: {parameters:,} parameters, {batch.global_sequences} sequences × {config.context_length} "
-              f"tokens per step, {settings.loop.max_steps} steps, {process.world_size} process(es) "
-              f"{'(FSDP2, sharded) ' if shards(settings.loop, process) else ''}on {process.device}, "
-              f"{settings.loop.precision}", flush=True)
-    result = train(model, settings.loop, batches, evaluate, process, run, store)
+              f"tokens per step, {settings.pretrain.max_steps} steps, {process.world_size} process(es) "
+              f"{'(FSDP2, sharded) ' if shards(settings.pretrain, process) else ''}on {process.device}, "
+              f"{settings.pretrain.precision}", flush=True)
+    result = train(model, settings.pretrain, batches, evaluate, process, run, store)
     if not process.is_main:
         return
-    facts = {"parameters": parameters, "steps": settings.loop.max_steps,
-             "tokens_trained": settings.loop.max_steps * batch.global_sequences * config.context_length}
+    facts = {"parameters": parameters, "steps": settings.pretrain.max_steps,
+             "tokens_trained": settings.pretrain.max_steps * batch.global_sequences * config.context_length}
     check_learned("pretrain", "val_loss", result.final_metrics, config.vocab_size)
     metrics = {**result.final_metrics, "unigram_bpb": unigram_bpb, **facts}
     # Timings are machine noise: in MLflow and timings.json, never in the metrics DVC compares.
     timings = {"tokens_per_second": result.mean_of("tokens_per_second") or 0.0,
-               "peak_flops_per_second": settings.loop.peak_flops_per_second}
+               "peak_flops_per_second": settings.pretrain.peak_flops_per_second}
     if result.mean_of("model_flops_utilization") is not None:
         timings["model_flops_utilization"] = result.mean_of("model_flops_utilization")
     # result.model: the trained weights, whole (gathered from the shards under FSDP). No timings in the model
@@ -88,7 +88,7 @@ def train_from_scratch(settings: PretrainSettings, params: StageParams, run: Sta
                                                        TOKENIZER_KEY: meta.get("tokenizer_fingerprint")})
     publish_training(run, layout.PRETRAIN_REPORTS, result.history, metrics, PRETRAIN_METRICS, timings=timings,
                      facts={**facts, "peak_flops_per_second": timings["peak_flops_per_second"],
-                            "precision_used": settings.loop.precision},
+                            "precision_used": settings.pretrain.precision},
                      in_curves=result.final_metrics)
     run.log_artifact(layout.PRETRAINED / CONFIG_FILE)
     store.clear()
@@ -102,7 +102,7 @@ def pretrain(params: StageParams, run: StageRun) -> None:
     base_model = base_model_settings(params)
     if base_model.source == "hf":
         with Heartbeat("pretrain: importing:", None):
-            return import_base_model(base_model.path, pretrain_section(params).eval_max_tokens, run, meta)
+            return import_base_model(base_model.path, params.read(PretrainParams).eval_max_tokens, run, meta)
     settings = pretrain_settings(params, meta["vocab_size"])
     run.log_effective_params(settings.effective_params())
     with distributed.joined(settings.process):

@@ -87,3 +87,37 @@ def test_per_variant_types_read_as_a_mapping_without_unset_entries():
                          ["quantize"])
     assert params.str_map("quantize.embeddings", keys=["Q8_0", "Q2_K"], values=["Q4_K"]) == {"Q2_K": "Q4_K"}
     assert params.str_map("quantize.output", keys=["Q8_0", "Q2_K"], values=["Q4_K"]) == {}
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("q_proj", "expected a list of strings, such as [q_proj, k_proj], got 'q_proj' (str)"),
+    ([], "expected a list of at least one string, got [] (list)"),
+    (["q_proj", "q_proj"], "expected each value once, got ['q_proj'] (list)"),
+    (["q_proj", "x_proj"], "expected values among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, "
+                           "got ['x_proj'] (list)"),
+])
+def test_a_list_is_checked_for_shape_not_only_values(value, expected):
+    """A string never passes for a list (it would become a list of characters), an empty list says what is
+    missing, and a list that is a set refuses repeats."""
+    from llmpipe.train.finetune_settings import LoRASettings
+
+    params = StageParams("finetune", {"finetune": {"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0,
+                                                            "target_modules": value}}}, ["finetune"])
+    with pytest.raises(ParamError) as error:
+        params.section("finetune.lora", LoRASettings)
+    assert str(error.value) == f"params.yaml: finetune.lora.target_modules: {expected}"
+
+
+def test_a_key_the_chosen_method_does_not_use_is_accepted_with_a_warning(capsys):
+    from llmpipe.train.finetune_settings import FinetuneParams
+
+    composed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    composed["finetune"]["lora"]["rank"] = 4
+    settings = StageParams("finetune", composed, ["finetune"]).read(FinetuneParams)
+    assert settings.method == "chat_tokens"
+    warning = capsys.readouterr().err.strip()
+    assert warning == ("warning: params.yaml: finetune.lora is set, but finetune.method is chat_tokens, which does "
+                       "not use it")
+    composed["finetune"]["method"] = "lora"
+    StageParams("finetune", composed, ["finetune"]).read(FinetuneParams)
+    assert capsys.readouterr().err == ""

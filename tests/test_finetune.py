@@ -10,14 +10,14 @@ from conftest import ROOT, train_test_tokenizer
 from llmpipe.config.params import StageParams
 from llmpipe.data.chat_examples import example_statistics
 from llmpipe.errors import ParamError
-from llmpipe.model.lora import LoRALinear, LoRASettings, add_lora, merge_lora
+from llmpipe.model.lora import LoRALinear, add_lora, merge_lora
 from llmpipe.model.transformer import IGNORE_INDEX, ModelConfig, Transformer
 from llmpipe.text.chat_template import ChatTemplate, pad_batch
 from llmpipe.train.chat_tokens import train_only_token_rows
 from llmpipe.train.example_batches import EpochBatches
-from llmpipe.train.finetune_settings import finetune_settings
+from llmpipe.train.finetune_settings import LoRASettings, finetune_settings
 from llmpipe.train.loop import make_optimizer
-from llmpipe.train.settings import TrainSettings
+from llmpipe.train.settings import TrainingParams
 
 QA = [{"role": "user", "content": "What is the birth city of Ada?"}, {"role": "assistant", "content": "Lisbon"}]
 
@@ -137,7 +137,7 @@ def test_chat_tokens_training_changes_only_the_special_tokens_rows(tied):
     before = {name: tensor.clone() for name, tensor in trained.state_dict().items()}
     names = train_only_token_rows(trained, [3, 7])
     assert names == (["embed_tokens.weight"] if tied else ["embed_tokens.weight", "lm_head.weight"])
-    settings = TrainSettings(max_steps=3, learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=0,
+    settings = TrainingParams(max_steps=3, learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=0,
                              weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0, log_every=1, eval_every=0,
                              checkpoint_every=0, precision="fp32", compile=False, parallelism="ddp")
     optimizer = make_optimizer(trained, settings, torch.device("cpu"))
@@ -168,10 +168,14 @@ def test_chat_tokens_refuses_weight_decay_that_would_shrink_the_frozen_rows():
 def test_null_learning_rates_take_the_methods_own_and_a_set_one_wins(method, peak, floor):
     composed = yaml.safe_load((ROOT / "params.yaml").read_text())
     composed["finetune"].update(method=method, learning_rate=None, min_learning_rate=None)
-    loop = finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True).loop
-    assert (loop.learning_rate, loop.min_learning_rate) == (peak, floor)
-    composed["finetune"].update(learning_rate=0.02)
-    assert finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True).loop.learning_rate == 0.02
+    section = finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True).finetune
+    assert (section.learning_rate, section.min_learning_rate) == (peak, floor)
+    composed["finetune"].update(learning_rate=peak / 20)  # below the method's floor: the floor follows the peak
+    section = finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True).finetune
+    assert (section.learning_rate, section.min_learning_rate) == (peak / 20, pytest.approx(floor / 20))
+    composed["finetune"].update(min_learning_rate=peak)  # a floor above the peak is the user's input error
+    with pytest.raises(ParamError, match=r"finetune.min_learning_rate: .* must not exceed learning_rate"):
+        finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True)
 
 
 def test_chat_streams_the_greedy_answer_until_end_of_turn(template, capsys):

@@ -24,18 +24,19 @@ from llmpipe.train.loop import learning_rate_at, make_optimizer, train
 from llmpipe.train.settings import (
     BatchGeometry,
     PretrainParams,
-    TrainSettings,
+    TrainingParams,
     resolve_precision,
 )
 
 CPU = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def settings(**changes) -> TrainSettings:
+def settings(**changes) -> TrainingParams:
     values = dict(max_steps=6, learning_rate=1e-2, min_learning_rate=1e-3, warmup_steps=2, weight_decay=0.1,
                   beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=3, checkpoint_every=2, log_every=1)
     values.update(changes)
-    return TrainSettings(**values)
+    values.setdefault("precision", "fp32")
+    return TrainingParams(**values)
 
 
 def setup(seed=0):
@@ -216,7 +217,8 @@ def test_fsdp_needs_as_many_micro_batches_in_every_process_and_the_key_ignores_r
 
 def test_lora_training_resumes_from_its_checkpoint(tmp_path):
     """LoRA trains matrices only (no parameter without weight decay): the sharded checkpoint still restores."""
-    from llmpipe.model.lora import LoRASettings, add_lora
+    from llmpipe.model.lora import add_lora
+    from llmpipe.train.finetune_settings import LoRASettings
 
     def lora_setup():
         model, batches = setup()

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -44,11 +45,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
 Settings = TypeVar("Settings")
 
 
-def setting(default: Any = dataclasses.MISSING, doc: str = "", **checks: Any) -> Any:
+def setting(default: Any = dataclasses.MISSING, doc: str = "", used_when: tuple[str, Any] | None = None,
+            **checks: Any) -> Any:
     """A params key declared on its settings dataclass: the default conf/ gives it, the one-line comment conf/
     carries, and the checks its value must pass: min / max / above (numbers), choices (strings, or each item
-    of a list), name (a plain name), values (each value of a mapping), non_empty (lists)."""
-    metadata = {"doc": doc, "checks": checks}
+    of a list), name (a plain name), values (each value of a mapping), non_empty and unique (lists).
+    `used_when=(field, value)`: the key matters only when that field of the section has that value (else a
+    changed value is accepted with a warning)."""
+    metadata = {"doc": doc, "checks": checks, "used_when": used_when}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -277,17 +281,23 @@ class StageParams:
             raise self._fail(key, "a name of letters, digits, '.', '_' or '-' (no '/', no '..')", value)
         return value
 
-    def str_list(self, key: str, *, choices: list[str] | None = None, non_empty: bool = True) -> list[str]:
+    def str_list(self, key: str, *, choices: list[str] | None = None, non_empty: bool = True,
+                 unique: bool = False) -> list[str]:
+        """A YAML list of non-empty strings (a lone string is refused: `[q_proj]`, not `q_proj`), with at least one
+        item when `non_empty`, each among `choices`, none twice when `unique`."""
         value = self.get(key)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) \
-                or (non_empty and not value):
-            raise self._fail(key, "a list of strings", value)
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self._fail(key, "a list of strings, such as [" + ", ".join((choices or ["a", "b"])[:2]) + "]",
+                             value)
+        if non_empty and not value:
+            raise self._fail(key, "a list of at least one string", value)
         if choices is not None:
             unknown = [v for v in value if v not in choices]
             if unknown:
                 raise self._fail(key, "values among " + ", ".join(choices), unknown)
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if unique and repeated:
+            raise self._fail(key, "each value once", repeated)
         return list(value)
 
     def str_map(self, key: str, *, keys: list[str] | None, values: list[str]) -> dict[str, str]:
@@ -321,11 +331,26 @@ class StageParams:
                 values[f.name] = self.value(f"{prefix}.{f.name}" if prefix else f.name, hints[f.name],
                                             **f.metadata["checks"])
         try:
-            return cls(**values)
+            settings = cls(**values)
         except SettingError as error:
             raise ParamError(f"{self.source}: {prefix}.{error.field}: {error}") from None
         except ValueError as error:
             raise ParamError(f"{self.source}: {prefix}: {error}") from None
+        self.warn_unused(prefix, settings)
+        return settings
+
+    def warn_unused(self, prefix: str, settings: Any) -> None:
+        """One warning line for each key set away from its default that the chosen option does not use (a field
+        declared with `used_when=(other_field, value)`): accepted, but it changes nothing."""
+        for f in param_fields(type(settings)):
+            condition = f.metadata.get("used_when")
+            if condition is None or getattr(settings, condition[0]) == condition[1]:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(settings, f.name) != default:
+                key = f"{prefix}.{f.name}" if prefix else f.name
+                print(f"warning: {self.source}: {key} is set, but {prefix}.{condition[0]} is "
+                      f"{getattr(settings, condition[0])}, which does not use it", file=sys.stderr, flush=True)
 
     def value(self, key: str, kind: Any, **checks: Any) -> Any:
         """The value at `key`, checked as type `kind` (int, float, bool, str, a list / tuple of str, a dict of
@@ -348,7 +373,8 @@ class StageParams:
         if origin is str:
             return self.name(key) if checks.get("name") else self.str(key, choices=checks.get("choices"))
         if origin in (list, tuple):
-            items = self.str_list(key, choices=checks.get("choices"), non_empty=checks.get("non_empty", True))
+            items = self.str_list(key, choices=checks.get("choices"), non_empty=checks.get("non_empty", True),
+                                  unique=checks.get("unique", False))
             return tuple(items) if origin is tuple else items
         if origin is dict:
             return self.str_map(key, keys=None, values=checks.get("values"))

@@ -180,7 +180,8 @@ FINETUNED, VALIDATION, HELDOUT = QA_SPLITS  # the three groups of people
 @dataclass(frozen=True)
 class WorldConfig:
     num_people: int = setting(200, "people in the world (up to 250, no two share a first or a last name)", min=3)
-    attributes: tuple[str, ...] = setting(tuple(ATTRIBUTES), "facts per person", choices=ATTRIBUTES)
+    attributes: tuple[str, ...] = setting(tuple(ATTRIBUTES), "facts per person", choices=ATTRIBUTES,
+                                          unique=True)
     paraphrases: int = setting(10, "pretraining biographies per person (paraphrased, shuffled)", min=1)
     validation_biography_fraction: float = setting(0.25, "share of people with one extra, unseen biography "
                                                          "(validation text)", above=0, max=1)

@@ -42,7 +42,7 @@ VARIANTS = [F16, *FORMATS]
 @dataclass(frozen=True)
 class QuantizeSettings:
     variants: list[str] = setting(["F16", "Q8_0", "Q4_K", "Q4_1", "Q4_0", "Q2_K"], "GGUF files to write, one per "
-                                  "format", choices=VARIANTS)
+                                  "format", choices=VARIANTS, unique=True)
     fallback: str = setting("Q4_0", "type for tensors whose rows are not whole blocks of a variant's format",
                             choices=["Q8_0", "Q4_0", "Q4_1", F16])
     embeddings: dict[str, str] = setting({"Q2_K": "Q4_K"}, "per variant: type for the token embeddings, which are "

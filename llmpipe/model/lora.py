@@ -12,8 +12,8 @@ Hugging Face layout (the pretrained model, exported as llmpipe.hf.export does).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -21,26 +21,24 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from llmpipe.atomic import json_text
-from llmpipe.config.params import setting
 from llmpipe.errors import ParamError
 from llmpipe.model.transformer import Transformer
 
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class LoRASettings:
-    rank: int = setting(16, "rank of each adapter's update", min=1)
-    alpha: float = setting(32.0, "update scale is alpha / rank", above=0)
-    dropout: float = setting(0.0, "dropout on the adapters' input", min=0, max=0.9)
-    target_modules: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "layers that get adapters "
-                                              "(also: gate_proj, up_proj, down_proj)", choices=list(TARGETABLE))
+class AdapterShape(Protocol):
+    """What the adapters look like (finetune's `lora` section: llmpipe.train.finetune_settings.LoRASettings)."""
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
 
 
 class LoRALinear(nn.Linear):
     """A linear layer with a frozen weight and a trainable low-rank update."""
 
-    def __init__(self, base: nn.Linear, settings: LoRASettings):
+    def __init__(self, base: nn.Linear, settings: AdapterShape):
         super().__init__(base.in_features, base.out_features, bias=False, device=base.weight.device,
                          dtype=base.weight.dtype)
         self.weight = base.weight
@@ -58,7 +56,7 @@ class LoRALinear(nn.Linear):
         return self.weight + self.scaling * (self.lora_B @ self.lora_A)
 
 
-def check_rank(model: Transformer, settings: LoRASettings, section: str) -> None:
+def check_rank(model: Transformer, settings: AdapterShape, section: str) -> None:
     """A rank above a target layer's smaller dimension adds parameters and time but no expressiveness (the update
     B·A has at most that rank): refused, naming the key (`section`.rank) and the bound, before any work."""
     layers = [(name, module) for name, module in model.named_modules()
@@ -72,7 +70,7 @@ def check_rank(model: Transformer, settings: LoRASettings, section: str) -> None
                          f"({layer.out_features} × {layer.in_features}), got {settings.rank}")
 
 
-def add_lora(model: Transformer, settings: LoRASettings) -> list[str]:
+def add_lora(model: Transformer, settings: AdapterShape) -> list[str]:
     """Freeze every parameter and put adapters on the target layers; returns their names."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -105,7 +103,7 @@ def merge_lora(model: Transformer) -> Transformer:
 ADAPTER_DIR = "adapter"  # under the fine-tuned model's directory
 
 
-def peft_config(settings: LoRASettings) -> dict:
+def peft_config(settings: AdapterShape) -> dict:
     """PEFT's adapter_config.json for these adapters on a LlamaForCausalLM."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": settings.rank,
             "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
@@ -115,7 +113,7 @@ def peft_config(settings: LoRASettings) -> dict:
             "alpha_pattern": {}, "revision": None}
 
 
-def save_adapter(model: Transformer, settings: LoRASettings, directory: Path) -> None:
+def save_adapter(model: Transformer, settings: AdapterShape, directory: Path) -> None:
     """The adapters of `model` under `directory`/adapter, as PEFT writes them: tensor names are the Hugging Face
     module names (our names, which follow LlamaForCausalLM's, under `model.`) in PEFT's `base_model.model.` tree."""
     tensors = {f"base_model.model.model.{name}.weight": tensor.detach().cpu().contiguous()

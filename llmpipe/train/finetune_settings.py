@@ -1,5 +1,6 @@
-"""Settings of the finetune stage: the `finetune` section (declared once, below) and what the stage builds from
-it, complete and checked before any work starts. What it shares with pretraining: llmpipe.train.settings."""
+"""Settings of the finetune stage: the `finetune` section, its LoRA adapters included, and what the stage builds
+from it, complete and checked before any work starts. The keys it shares with pretraining, which the training
+loop reads: llmpipe.train.settings.TrainingParams."""
 
 from __future__ import annotations
 
@@ -7,22 +8,30 @@ from dataclasses import dataclass
 
 from llmpipe.config.params import StageParams, params_section, setting
 from llmpipe.errors import ParamError, SettingError
-from llmpipe.model.lora import LoRASettings
+from llmpipe.model.lora import TARGETABLE
 from llmpipe.runner.distributed import ProcessInfo
 from llmpipe.train.settings import (
     PRECISIONS,
     BatchGeometry,
     TrainingParams,
-    TrainSettings,
     batch_geometry,
-    loop_settings,
     process_on,
 )
 
 METHODS = ["chat_tokens", "full", "lora"]
-# Peak and floor learning rates of each fine-tuning method, taken when finetune.learning_rate or
-# finetune.min_learning_rate is null (measured on the embedded world: docs/seeds.md).
+# Peak and floor learning rates of each fine-tuning method, taken when finetune.learning_rate is null (measured on
+# the embedded world: docs/seeds.md). A null min_learning_rate under a set learning_rate keeps the method's ratio.
 FINETUNE_LEARNING_RATES = {"chat_tokens": (1e-2, 1e-3), "full": (3e-4, 1e-4), "lora": (3e-3, 1e-4)}
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    rank: int = setting(16, "rank of each adapter's update", min=1)
+    alpha: float = setting(32.0, "update scale is alpha / rank", above=0)
+    dropout: float = setting(0.0, "dropout on the adapters' input", min=0, max=0.9)
+    target_modules: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "layers that get adapters "
+                                              "(also: gate_proj, up_proj, down_proj)", choices=list(TARGETABLE),
+                                              unique=True)
 
 
 @params_section("finetune")
@@ -30,12 +39,12 @@ FINETUNE_LEARNING_RATES = {"chat_tokens": (1e-2, 1e-3), "full": (3e-4, 1e-4), "l
 class FinetuneParams(TrainingParams):
     method: str = setting("chat_tokens", "chat_tokens (only the chat tokens' embeddings) | full (every weight) | lora",
                           choices=METHODS)
-    lora: LoRASettings = setting(LoRASettings(), "the adapters of method lora")
+    lora: LoRASettings = setting(LoRASettings(), "the adapters of method lora", used_when=("method", "lora"))
     max_steps: int = setting(200, "optimizer steps", min=1)
     learning_rate: float | None = setting(None, "peak after warmup; null: the method's (chat_tokens 1e-2, full 3e-4, "
                                                 "lora 3e-3)", above=0, max=10.0)
     min_learning_rate: float | None = setting(None, "floor of the cosine decay; null: the method's (1e-3, 1e-4, "
-                                                    "1e-4)", min=0)
+                                                    "1e-4), scaled with a set learning_rate", min=0)
     warmup_steps: int = setting(10, "linear warmup steps", min=0)
     weight_decay: float = setting(0.0, "AdamW weight decay, on matrices only (chat_tokens needs 0)", min=0)
     log_every: int = setting(5, "training metrics every N steps", min=1)
@@ -56,6 +65,14 @@ class FinetuneParams(TrainingParams):
     sample_answers: int = setting(8, "sample answers per split in reports/finetune/samples.md", min=0)
 
     def __post_init__(self):
+        """Null learning rates become the method's (the loop reads numbers); then TrainingParams' checks."""
+        peak, floor = FINETUNE_LEARNING_RATES[self.method]
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", peak)
+        if self.min_learning_rate is None:
+            object.__setattr__(self, "min_learning_rate", floor if self.learning_rate == peak
+                               else self.learning_rate * floor / peak)
+        super().__post_init__()
         if self.method == "chat_tokens" and self.weight_decay > 0:
             raise SettingError("weight_decay", f"method chat_tokens needs 0, got {self.weight_decay} (decay would also "
                                                "shrink the frozen rows of the embedding)")
@@ -63,18 +80,15 @@ class FinetuneParams(TrainingParams):
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    method: str                    # chat_tokens | full | lora
-    lora: LoRASettings | None      # None unless method is lora
-    loop: TrainSettings
+    finetune: FinetuneParams       # the section, learning rates resolved, as the loop runs it (on_device)
     batch: BatchGeometry
     process: ProcessInfo
-    max_new_tokens: int            # longest generated answer when measuring QA accuracy
-    pad_prompts: bool              # questions of all lengths in one batch
-    max_questions_per_split: int | None   # QA questions per split (None: all)
-    max_validation_examples: int | None   # validation examples for the answer loss (None: all)
-    measure_base: bool             # measure the base model before training
-    sample_answers: int            # sample answers per split in the report
     seed: int
+
+    @property
+    def lora(self) -> LoRASettings | None:
+        """The adapters, when the method is lora."""
+        return self.finetune.lora if self.finetune.method == "lora" else None
 
 
 def finetune_settings(params: StageParams, validation_people: bool, validation_examples: bool) -> FinetuneSettings:
@@ -87,16 +101,8 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
                            section.parallelism)
     best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
                               else ("val_answer_loss", "min") if validation_examples else (None, "min"))
-    peak, floor = FINETUNE_LEARNING_RATES[section.method]
-    rates = (peak if section.learning_rate is None else section.learning_rate,
-             floor if section.min_learning_rate is None else section.min_learning_rate)
-    loop = loop_settings(section, "finetune", params.source, process.device, rates, best_metric=best_metric,
-                         best_mode=best_mode)
+    section = section.on_device(process.device, best_metric=best_metric, best_mode=best_mode)
     if section.method == "chat_tokens" and batch.parallelism == "fsdp" and process.distributed:
         raise ParamError(f"{params.source}: finetune.method=chat_tokens trains a few embedding rows: use "
                          "finetune.parallelism=ddp (FSDP would shard the embedding those rows live in)")
-    return FinetuneSettings(
-        method=section.method, lora=section.lora if section.method == "lora" else None, loop=loop,
-        batch=batch, process=process, max_new_tokens=section.max_new_tokens, pad_prompts=section.pad_prompts,
-        max_questions_per_split=section.max_questions_per_split, max_validation_examples=section.max_validation_examples,
-        measure_base=section.measure_base, sample_answers=section.sample_answers, seed=params.seed())
+    return FinetuneSettings(finetune=section, batch=batch, process=process, seed=params.seed())

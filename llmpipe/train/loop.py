@@ -1,6 +1,6 @@
 """The one training loop of the project, used by pretraining and fine-tuning.
 
-    result = train(model, settings.loop, batches, evaluate, process, run, checkpoints)
+    result = train(model, settings.pretrain, batches, evaluate, process, run, checkpoints)
 
 Per optimizer step: the batch source gives the step's global batch (a pure function of the step, so a resumed
 run sees the data it would have seen); this process takes its share of the micro-batches (gradient
@@ -47,7 +47,7 @@ from llmpipe.train.batches import BatchSource
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.flops import training_flops_per_token
 from llmpipe.train.progress import Progress
-from llmpipe.train.settings import TrainSettings
+from llmpipe.train.settings import TrainingParams
 
 
 @dataclass
@@ -65,7 +65,7 @@ class TrainResult:
         return sum(values) / len(values) if values else None
 
 
-def learning_rate_at(step: int, s: TrainSettings) -> float:
+def learning_rate_at(step: int, s: TrainingParams) -> float:
     """Linear warmup over `warmup_steps`, then cosine from the peak down to the floor at `max_steps`."""
     if step < s.warmup_steps:
         return s.learning_rate * (step + 1) / s.warmup_steps
@@ -73,7 +73,7 @@ def learning_rate_at(step: int, s: TrainSettings) -> float:
     return s.min_learning_rate + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (s.learning_rate - s.min_learning_rate)
 
 
-def make_optimizer(model: torch.nn.Module, s: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, s: TrainingParams, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (dim >= 2) only; norms' gains are not decayed."""
     trainable = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad}.values()
     decay = [p for n, p in trainable if p.dim() >= 2]
@@ -85,7 +85,7 @@ def make_optimizer(model: torch.nn.Module, s: TrainSettings, device: torch.devic
                              fused=device.type == "cuda")
 
 
-def shards(settings: TrainSettings, process: ProcessInfo) -> bool:
+def shards(settings: TrainingParams, process: ProcessInfo) -> bool:
     """Whether this run shards the model with FSDP2 (fsdp asked for, and more than one process)."""
     return settings.parallelism == "fsdp" and process.distributed
 
@@ -131,7 +131,7 @@ def _materialize(skeleton: torch.nn.Module, state: dict[str, torch.Tensor]) -> t
     return skeleton.cpu()
 
 
-def train(model: Transformer, settings: TrainSettings, batches: BatchSource,
+def train(model: Transformer, settings: TrainingParams, batches: BatchSource,
           evaluate: Callable[[Transformer], dict[str, float]], process: ProcessInfo, run: StageRun,
           checkpoints: CheckpointStore | None) -> TrainResult:
     """Train `model` in place; on return it holds the final weights, or the best ones with `best_metric`
@@ -158,7 +158,7 @@ class Training:
     """One training run's state, step by step: the (wrapped) model, optimizer, curves, best weights and the
     throughput window. `train` drives it."""
 
-    def __init__(self, model: Transformer, settings: TrainSettings, process: ProcessInfo, run: StageRun,
+    def __init__(self, model: Transformer, settings: TrainingParams, process: ProcessInfo, run: StageRun,
                  checkpoints: CheckpointStore | None):
         model.to(process.device)
         self.model, self.settings, self.process, self.run, self.checkpoints = model, settings, process, run, checkpoints

@@ -1,11 +1,12 @@
-"""Settings of the training stages: the `pretrain` and `finetune` sections (declared once, below), turned into
-what the loop and the stages use, complete and checked before any work starts (litgpt's args.py style).
+"""Settings of the training stages: the keys a training section shares (`TrainingParams`, which the one training
+loop reads), the `pretrain` section, and what the pretrain stage builds from it, complete and checked before any
+work starts (litgpt's args.py style). finetune's section extends the same keys in llmpipe.train.finetune_settings.
 
-    settings = pretrain_settings(params, tokenizer_vocab_size)                    # stages/pretrain.py
-    settings = finetune_settings(params, ...)      # stages/finetune.py (llmpipe.train.finetune_settings)
+    settings = pretrain_settings(params, tokenizer_vocab_size)      # stages/pretrain.py
+    train(model, settings.pretrain, ...)                            # llmpipe.train.loop
 
-`TrainSettings` is what the training loop reads; `BatchGeometry` how a global batch splits into
-micro-batches and processes. Every error names the params.yaml key.
+`BatchGeometry` says how a global batch splits into micro-batches and processes. Every error names the
+params.yaml key.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from llmpipe.config.params import StageParams, params_section, setting
-from llmpipe.errors import ParamError
+from llmpipe.errors import ParamError, SettingError
 from llmpipe.model.transformer import ModelConfig
 from llmpipe.runner.distributed import ProcessInfo
 from llmpipe.train.flops import measure_matmul_flops_per_second
@@ -27,66 +28,57 @@ PRECISIONS = ["auto", "fp32", "bf16"]
 
 @dataclass(frozen=True)
 class TrainingParams:
-    """The keys pretrain and finetune share, with the same meaning and default."""
+    """The keys of a training section, which the one training loop reads (pretrain's; finetune's give some other
+    defaults), and what a stage resolves before training starts (the last three fields: not params)."""
     processes: int = setting(1, "data-parallel processes per node (torchrun --nproc_per_node); the global batch "
                                 "stays the same", min=1)
     nodes: int = setting(1, "machines (torchrun --nnodes; see docs/distributed.md); processes is per node", min=1)
     device: str = setting("auto", "auto (cuda when available) | cpu | cuda", choices=DEVICES)
     parallelism: str = setting("ddp", "ddp (every process holds the whole model) | fsdp (FSDP2: weights, gradients "
                                       "and optimizer state sharded over the processes)", choices=PARALLELISMS)
+    max_steps: int = setting(800, "optimizer steps", min=1)
     global_batch_sequences: int = setting(32, "sequences per optimizer step, across processes and accumulation",
                                           min=1)
     micro_batch_sequences: int = setting(32, "at most this many sequences per forward/backward pass in one process "
                                              "(accumulation makes up the rest; not part of a checkpoint)", min=1)
+    learning_rate: float = setting(3e-3, "peak learning rate after warmup", above=0, max=10.0)
+    min_learning_rate: float = setting(3e-4, "floor of the cosine decay", min=0)
+    warmup_steps: int = setting(50, "linear warmup steps", min=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", min=0)
     beta1: float = setting(0.9, "AdamW first-moment decay", min=0, max=0.9999)
     beta2: float = setting(0.95, "AdamW second-moment decay", min=0, max=0.99999)
     grad_clip: float = setting(1.0, "max gradient norm (0 = no clipping)", min=0)
+    log_every: int = setting(10, "training metrics every N steps", min=1)
+    eval_every: int = setting(100, "validation loss / bits per byte every N steps", min=1)
+    checkpoint_every: int = setting(100, "resumable checkpoint every N steps (0 = none)", min=0)
+    precision: str = setting("auto", "auto (bf16 where the CPU/GPU has bf16 hardware, else fp32) | fp32 | bf16 "
+                                     "(autocast)", choices=PRECISIONS)
     compile: bool = setting(False, "torch.compile each transformer block (for GPUs)")
+    peak_flops_per_second: float | None = None  # for model FLOPs utilization; None: not reported
+    best_metric: str | None = None  # keep the weights of the best evaluation by this metric ...
+    best_mode: str = "min"          # ... lower (min) or higher (max) is better
+
+    def __post_init__(self):
+        if self.learning_rate is not None and self.min_learning_rate is not None \
+                and self.min_learning_rate > self.learning_rate:
+            raise SettingError("min_learning_rate", f"{self.min_learning_rate} must not exceed learning_rate "
+                                                    f"({self.learning_rate})")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be min or max, got {self.best_mode!r}")
+
+    def on_device(self, device: torch.device, **resolved) -> "TrainingParams":
+        """The section as the loop runs it on `device`: precision `auto` resolved, and what the stage resolved."""
+        return replace(self, precision=resolve_precision(self.precision, device), **resolved)
 
 
 @params_section("pretrain")
 @dataclass(frozen=True)
 class PretrainParams(TrainingParams):
-    max_steps: int = setting(800, "optimizer steps", min=1)
     global_batch_tokens: int | None = setting(None, "alternatively tokens per step (a multiple of "
                                                     "model.context_length); overrides sequences", min=1)
-    learning_rate: float = setting(3e-3, "peak learning rate after warmup", above=0, max=10.0)
-    min_learning_rate: float = setting(3e-4, "floor of the cosine decay", min=0)
-    warmup_steps: int = setting(50, "linear warmup steps", min=0)
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", min=0)
-    log_every: int = setting(10, "training metrics every N steps", min=1)
-    eval_every: int = setting(100, "validation loss / bits per byte every N steps", min=1)
     eval_max_tokens: int = setting(65536, "validation tokens evaluated (from the start of the split)", min=2)
-    checkpoint_every: int = setting(100, "resumable checkpoint every N steps (0 = none)", min=0)
-    precision: str = setting("auto", "auto (bf16 where the CPU/GPU has bf16 hardware, else fp32) | fp32 | bf16 "
-                                     "(autocast)", choices=PRECISIONS)
     peak_flops_per_second: float | None = setting(None, "device peak for model FLOPs utilization; null = measure a "
                                                         "matmul at start", above=0)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    max_steps: int                 # optimizer steps
-    learning_rate: float           # peak learning rate, reached after warmup
-    min_learning_rate: float       # floor of the cosine decay
-    warmup_steps: int              # linear warmup from 0
-    weight_decay: float            # AdamW decoupled weight decay, on matrices only
-    beta1: float                   # AdamW first-moment decay
-    beta2: float                   # AdamW second-moment decay
-    grad_clip: float               # max global gradient norm (0 disables)
-    eval_every: int                # evaluate every N steps (and at the end)
-    checkpoint_every: int          # checkpoint every N steps (0 disables)
-    log_every: int = 10            # training metrics every N steps
-    precision: str = "fp32"        # fp32 | bf16 (autocast); `auto` in params is resolved before this
-    compile: bool = False          # torch.compile the model
-    best_metric: str | None = None     # keep the weights of the best evaluation by this metric ...
-    best_mode: str = "min"             # ... lower (min) or higher (max) is better
-    peak_flops_per_second: float | None = None  # for model FLOPs utilization; None: not reported
-    parallelism: str = "ddp"       # ddp (replicated weights) | fsdp (FSDP2 fully_shard per block); 1 process: plain
-
-    def __post_init__(self):
-        if self.best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be min or max, got {self.best_mode!r}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +132,7 @@ VOCAB_SIZE_KEY = "model.vocab_size"
 @dataclass(frozen=True)
 class PretrainSettings:
     model: ModelConfig
-    loop: TrainSettings
+    pretrain: PretrainParams       # the section, resolved for the loop (TrainingParams.on_device)
     batch: BatchGeometry
     process: ProcessInfo
     eval_max_tokens: int           # validation tokens evaluated
@@ -150,7 +142,7 @@ class PretrainSettings:
         """The values used for the params that may be null (StageRun.log_effective_params logs those that were)."""
         return {VOCAB_SIZE_KEY: self.model.vocab_size, "model.head_dim": self.model.head_dim,
                 "pretrain.global_batch_tokens": self.batch.global_sequences * self.model.context_length,
-                "pretrain.peak_flops_per_second": self.loop.peak_flops_per_second}
+                "pretrain.peak_flops_per_second": self.pretrain.peak_flops_per_second}
 
 
 def model_config(params: StageParams, tokenizer_vocab_size: int | None, preset_wins: bool = False) -> ModelConfig:
@@ -166,22 +158,6 @@ def model_config(params: StageParams, tokenizer_vocab_size: int | None, preset_w
         raise ParamError(f"{params.source}: model.vocab_size is {vocab_size} but the tokenizer has "
                          f"{tokenizer_vocab_size} tokens; set model.vocab_size: null to follow the tokenizer")
     return params.read(ModelConfig, vocab_size=vocab_size)
-
-
-def loop_settings(section: TrainingParams, name: str, source: str, device: torch.device,
-                  learning_rates: tuple[float, float], **extra) -> TrainSettings:
-    """The loop's settings from training section `name` (read from `source`), for training on `device` at
-    (peak, floor) learning rates; `extra` adds what is not a key of the section."""
-    if learning_rates[1] > learning_rates[0]:
-        raise ParamError(f"{source}: {name}.min_learning_rate ({learning_rates[1]}) must not exceed "
-                         f"{name}.learning_rate ({learning_rates[0]})")
-    return TrainSettings(
-        max_steps=section.max_steps, learning_rate=learning_rates[0], min_learning_rate=learning_rates[1],
-        warmup_steps=section.warmup_steps, weight_decay=section.weight_decay, beta1=section.beta1,
-        beta2=section.beta2, grad_clip=section.grad_clip, eval_every=section.eval_every,
-        checkpoint_every=section.checkpoint_every, log_every=section.log_every,
-        precision=resolve_precision(section.precision, device), compile=section.compile,
-        parallelism=section.parallelism, **extra)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -212,15 +188,11 @@ def process_on(section: TrainingParams, source: str, name: str) -> ProcessInfo:
     return ProcessInfo.from_environment(section.device)
 
 
-def pretrain_section(params: StageParams) -> PretrainParams:
-    return params.read(PretrainParams)
-
-
 def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> PretrainSettings:
     """Everything the pretrain stage needs. With `pretrain.peak_flops_per_second: null` the device's matmul
     throughput is measured here, so the settings are complete before training starts."""
     model = model_config(params, tokenizer_vocab_size)
-    section = pretrain_section(params)
+    section = params.read(PretrainParams)
     process = process_on(section, params.source, "pretrain")
     sequences = section.global_batch_sequences
     if section.global_batch_tokens is not None:
@@ -229,9 +201,8 @@ def pretrain_settings(params: StageParams, tokenizer_vocab_size: int) -> Pretrai
                              f"multiple of model.context_length ({model.context_length})")
         sequences = section.global_batch_tokens // model.context_length
     batch = batch_geometry("pretrain", sequences, section.micro_batch_sequences, process, section.parallelism)
-    loop = loop_settings(section, "pretrain", params.source, process.device,
-                         (section.learning_rate, section.min_learning_rate))
+    section = section.on_device(process.device)
     peak = section.peak_flops_per_second or measure_matmul_flops_per_second(
-        process.device, torch.bfloat16 if loop.precision == "bf16" else torch.float32)
-    return PretrainSettings(model=model, loop=replace(loop, peak_flops_per_second=peak), batch=batch, process=process,
-                            eval_max_tokens=section.eval_max_tokens, seed=params.seed())
+        process.device, torch.bfloat16 if section.precision == "bf16" else torch.float32)
+    return PretrainSettings(model=model, pretrain=replace(section, peak_flops_per_second=peak), batch=batch,
+                            process=process, eval_max_tokens=section.eval_max_tokens, seed=params.seed())
