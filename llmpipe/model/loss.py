@@ -65,9 +65,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        if getattr(ctx, "done", False):  # the saved gradients are scaled in place: one backward pass only
+            raise RuntimeError("the chunked cross-entropy's graph supports one backward pass (retain_graph unsupported)")
+        ctx.done = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_total,
-                None if grad_weight is None else grad_weight * grad_total, None, None, None)
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_total),
+                None if grad_weight is None else grad_weight.mul_(grad_total), None, None, None)
 
 
 def _losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
@@ -77,7 +80,7 @@ def _losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     inputs, head = hidden.to(dtype), weight.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if hidden_grad else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
+    grad_weight = None  # fp32, the sum over chunks
     for start in range(0, hidden.shape[0], chunk_tokens):
         chunk, chunk_targets = inputs[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         log_probs = F.linear(chunk, head).float().log_softmax(dim=-1)
@@ -92,11 +95,12 @@ def _losses_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         del log_probs
         if hidden_grad:
             grad_hidden[start:start + chunk_tokens] = grad_logits @ head
-        if weight_grad:
-            if dtype == grad_weight.dtype:
-                grad_weight.addmm_(grad_logits.T, chunk)
-            else:
-                grad_weight += grad_logits.T @ chunk
+        if weight_grad and grad_weight is None:
+            grad_weight = (grad_logits.T @ chunk).float()
+        elif weight_grad and dtype == grad_weight.dtype:
+            grad_weight.addmm_(grad_logits.T, chunk)
+        elif weight_grad:
+            grad_weight += grad_logits.T @ chunk
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return total, grad_hidden, grad_weight
