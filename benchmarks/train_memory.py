@@ -137,7 +137,7 @@ def loss_worker(args) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
 
     step()  # warm-up: AdamW's state exists from here on
     start = time.perf_counter()
