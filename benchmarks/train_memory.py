@@ -1,6 +1,7 @@
-"""Peak memory per process of data-parallel training: DDP against FSDP2 (`pretrain.parallelism`).
+"""Peak memory of training: DDP against FSDP2 (`pretrain.parallelism`), or the chunked loss against the
+full-logits one and transformers' LlamaForCausalLM (`--compare loss`).
 
-For each parallelism, launches N processes (llmpipe.runner.launch: torch's elastic launcher, gloo on
+`--compare parallelism` (the default): for each parallelism, launches N processes (llmpipe.runner.launch: torch's elastic launcher, gloo on
 CPU) that each build the preset's model, train it for a few steps with the project's training loop
 (llmpipe.train.loop.train, random tokens, AdamW) and report their peak resident memory
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`): once after the training steps ("training") and once after
@@ -18,6 +19,17 @@ torch freed it: FSDP allocates and frees every block's gathered weights in each 
 with glibc's default (dynamic) mmap threshold those frees stay in the process's heap, so RSS hardly shows
 the sharding. The workers therefore run with MALLOC_MMAP_THRESHOLD_=131072 (large blocks are mmapped and
 given back when freed), for DDP and FSDP alike; `--malloc-mmap-threshold 0` measures glibc's default.
+
+`--compare loss`: one process per variant, at a Llama 3 shape cut down to fit a CPU (the llama3_8b preset's
+128,256-token vocabulary and untied head, 2 layers of width 256 by default): llmpipe with its chunked loss
+(llmpipe.model.loss), llmpipe with the loss from all logits at once (`Transformer.full_logits_loss`), and
+transformers' LlamaForCausalLM of the same shape (`labels=`, its own loss over all logits), the same batch of
+random tokens, the same autocast and AdamW. Each trains `--steps` steps after one warm-up step; it reports its
+peak RSS and its tokens/s over the measured steps. The variants alternate for `--rounds` rounds (the best
+tokens/s and the highest peak of each are kept), so background load hits all alike.
+
+    python benchmarks/train_memory.py --compare loss                          # 4 × 512 tokens, bf16
+    python benchmarks/train_memory.py --compare loss --micro-batch 8 --precision fp32
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,21 +93,134 @@ def worker(args) -> None:
     distributed.stop()
 
 
+LOSS_VARIANTS = ("chunked", "full logits", "transformers")
+
+
+def loss_worker(args) -> None:
+    """One variant of `--compare loss` in this process: train, append its peak RSS and tokens/s to args.report."""
+    import torch
+
+    from llmpipe.config.compose import compose
+    from llmpipe.config.params import StageParams
+    from llmpipe.hf.config import hf_llama_config
+    from llmpipe.model.transformer import Transformer, count_parameters
+    from llmpipe.train.settings import model_config
+
+    overrides = [f"model={args.preset}", f"model.context_length={args.context}"]
+    overrides += [f"model.{key}={value}" for key, value in (
+        ("n_layer", args.layers), ("d_model", args.d_model), ("n_head", args.heads), ("n_kv_head", args.kv_heads),
+        ("ffn_hidden", args.ffn_hidden)) if value is not None]
+    config = model_config(StageParams("benchmark", compose(overrides, ROOT / "conf"), ["model"]), args.vocab_size)
+    torch.manual_seed(0)
+    if args.loss_variant == "transformers":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf_config = {k: v for k, v in hf_llama_config(config).items()
+                     if k not in ("architectures", "model_type", "torch_dtype")}
+        model = LlamaForCausalLM(LlamaConfig(**hf_config))
+    else:
+        model = Transformer(config)
+        model.full_logits_loss = args.loss_variant == "full logits"
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    tokens = torch.randint(0, config.vocab_size, (args.micro_batch, config.context_length + 1),
+                           generator=torch.Generator().manual_seed(0))
+    losses = []
+
+    def step() -> None:
+        with autocast:
+            if args.loss_variant == "transformers":  # shifts the labels itself; no KV cache in training
+                loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1], use_cache=False).loss
+            else:
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    step()  # warm-up: AdamW's state exists from here on
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - start
+    with open(args.report, "a", encoding="utf-8") as report:
+        report.write(json.dumps({"variant": args.loss_variant, "parameters": count_parameters(model),
+                                 "vocab_size": config.vocab_size, "d_model": config.d_model,
+                                 "n_layer": config.n_layer, "peak": peak_mib(), "first_loss": losses[0],
+                                 "tokens_per_second": args.micro_batch * config.context_length * args.steps / seconds})
+                     + "\n")
+
+
+def compare_losses(args) -> None:
+    """Run every loss variant `args.rounds` times, alternating, each in its own process; print the table."""
+    rows = []
+    with tempfile.TemporaryDirectory() as temp:
+        report = Path(temp) / "loss.jsonl"
+        for _ in range(args.rounds):
+            for variant in LOSS_VARIANTS:
+                command = [sys.executable, __file__, *sys.argv[1:], "--loss-variant", variant, "--report", str(report)]
+                env = {**os.environ, "PYTHONPATH": str(ROOT)}
+                if args.malloc_mmap_threshold:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+                subprocess.run(command, cwd=ROOT, check=True, env=env)
+        rows = [json.loads(line) for line in report.read_text().splitlines()]
+    best = {variant: {"peak": max(r["peak"] for r in rows if r["variant"] == variant),
+                      "tokens_per_second": max(r["tokens_per_second"] for r in rows if r["variant"] == variant),
+                      "first_loss": next(r["first_loss"] for r in rows if r["variant"] == variant)}
+            for variant in LOSS_VARIANTS}
+    first = rows[0]
+    print(f"\npreset {args.preset} cut to {first['n_layer']} layers × {first['d_model']} "
+          f"({first['parameters']:,} parameters, vocabulary {first['vocab_size']:,}), batch {args.micro_batch} × "
+          f"{args.context} tokens, {args.precision} on CPU, {args.steps} measured steps after 1 warm-up, best of "
+          f"{args.rounds} rounds; MALLOC_MMAP_THRESHOLD_ {args.malloc_mmap_threshold or 'glibc default'}")
+    reference = best["full logits"]
+    print("| variant | peak RSS MiB | vs full logits | tokens/s | vs full logits | first loss |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant, row in best.items():
+        print(f"| {variant} | {row['peak']:,.0f} | {row['peak'] / reference['peak']:.2f} | "
+              f"{row['tokens_per_second']:,.0f} | {row['tokens_per_second'] / reference['tokens_per_second']:.2f} | "
+              f"{row['first_loss']:.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="medium", help="conf/model preset")
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--context", type=int, default=128, help="model.context_length (activations stay small)")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per process per step")
+    parser.add_argument("--compare", choices=["parallelism", "loss"], default="parallelism")
+    parser.add_argument("--preset", help="conf/model preset (default: medium; llama3_8b with --compare loss)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="for presets whose vocab_size is null (default 1024)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="model.context_length (default 128; 512 with --compare loss)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per process per step (default 1; 4 with --compare loss)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
                         help="MALLOC_MMAP_THRESHOLD_ of the workers, bytes (0: glibc's default, dynamic)")
+    loss = parser.add_argument_group("--compare loss: the preset's shape cut down (null: the preset's own)")
+    loss.add_argument("--layers", type=int, default=None, help="model.n_layer (default 2)")
+    loss.add_argument("--d-model", type=int, default=None, help="model.d_model (default 256)")
+    loss.add_argument("--heads", type=int, default=None, help="model.n_head (default 4)")
+    loss.add_argument("--kv-heads", type=int, default=None, help="model.n_kv_head (default 2)")
+    loss.add_argument("--ffn-hidden", type=int, default=None, help="model.ffn_hidden (default 768)")
+    loss.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="autocast bf16, or fp32")
+    loss.add_argument("--rounds", type=int, default=2, help="variants alternate this many times")
     parser.add_argument("--parallelism", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
+    parser.add_argument("--loss-variant", choices=LOSS_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    defaults = ({"preset": "llama3_8b", "context": 512, "micro_batch": 4, "layers": 2, "d_model": 256, "heads": 4,
+                 "kv_heads": 2, "ffn_hidden": 768} if args.compare == "loss"
+                else {"preset": "medium", "context": 128, "micro_batch": 1, "vocab_size": 1024})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.loss_variant:
+        return loss_worker(args)
     if args.report:
         return worker(args)
+    if args.compare == "loss":
+        return compare_losses(args)
 
     rows = []
     with tempfile.TemporaryDirectory() as temp:

@@ -7,7 +7,7 @@ held-out people, KL divergence of next-token distributions from the reference, s
 and generation speed (llmpipe.eval.compare). The fine-tuned model is logged as an MLflow pyfunc model
 and registered.
 
-Params: evaluate.* only (e.g. `dvc exp run -S evaluate.sample_answers=10` reruns this stage alone).
+Params: evaluate.* only (`evaluate.device`: where the variants are measured) (e.g. `dvc exp run -S evaluate.sample_answers=10` reruns this stage alone).
 Output: reports/evaluate/metrics.json (DVC metrics: each variant's held-out people's QA accuracy, and the
 F16 file's bits per byte), reports/evaluate/variants.csv (every measurement of every variant; DVC plots),
 reports/report.md with PNG plots in reports/figures/.
@@ -25,7 +25,12 @@ from llmpipe.config.params import StageParams
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.sampling import first_items
 from llmpipe.data.tokens import open_tokens, read_meta
-from llmpipe.eval.compare import EvaluateSettings, Variant, compare_variants
+from llmpipe.eval.compare import (
+    EvaluateSettings,
+    Variant,
+    compare_variants,
+    evaluation_device,
+)
 from llmpipe.gguf.files import check_gguf_file, read_gguf_model
 from llmpipe.model.weights import WEIGHTS_FILE, check_model_directory, load_model
 from llmpipe.report.markdown import evaluation_report
@@ -80,6 +85,8 @@ def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer, measure_base: boo
 @stage("evaluate")
 def evaluate(params: StageParams, run: StageRun) -> None:
     settings = params.read(EvaluateSettings)
+    device = evaluation_device(settings, params.source)
+    print(f"evaluate: every variant is measured on {device}", flush=True)
     torch.manual_seed(0)
 
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
@@ -92,7 +99,7 @@ def evaluate(params: StageParams, run: StageRun) -> None:
                         "pretrain curve": read_curve(layout.PRETRAIN_REPORTS / layout.EVAL_CURVE)}
     rows, samples = compare_variants(
         variants(read_json(layout.SIZES_JSON), tokenizer, settings.measure_base), REFERENCE, template,
-        validation_tokens, read_meta()["splits"]["validation"], qa_sets, settings)
+        validation_tokens, read_meta()["splits"]["validation"], qa_sets, settings, device)
     reference_model = load_model(layout.FINETUNED, tokenizer=tokenizer)[0]  # for the attention plot
 
     with atomic.atomic_path(layout.FIGURES, directory=True) as temp:

@@ -295,6 +295,8 @@ def test_refused_input_under_dvc_repro_and_exp_run_keeps_every_previous_output(r
      "error: params.yaml: pretrain.learning_rate: expected a number > 0 and <= 10.0"),
     (lambda text: text.replace("device: auto", "device: cuda", 1), "pretrain",
      "error: params.yaml: pretrain.device: cuda, but this PyTorch sees no CUDA device"),
+    (lambda text: text.replace("registry_weights: copy\n  device: auto", "registry_weights: copy\n  device: cuda"),
+     "evaluate", "error: params.yaml: evaluate.device: cuda, but this PyTorch sees no CUDA device"),
     (lambda text: text.replace("model_name: llmpipe", "model_name: ../../escaped"), "quantize",
      "error: params.yaml: quantize.model_name: expected a name of letters, digits"),
     (lambda text: text.replace("registered_model_name: llmpipe-chat", "registered_model_name: bad/name:x"), "evaluate",

@@ -2,7 +2,8 @@
 
 Each variant (the base model, the fine-tuned reference, every GGUF file read back) gets validation
 perplexity and bits per byte, exact-match QA accuracy per split, KL divergence of its next-token
-distributions from the reference, file size and bits per weight, and greedy generation speed.
+distributions from the reference, file size and bits per weight, and greedy generation speed. Every variant
+is measured on the device `evaluate.device` names (a GGUF file on its dequantized weights).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from llmpipe.eval.metrics import (
 from llmpipe.eval.qa import qa_metrics
 from llmpipe.model.generation import Engine, SamplingSettings
 from llmpipe.model.transformer import Transformer
+from llmpipe.runner.distributed import check_device_available, resolve_device
 from llmpipe.runner.heartbeat import Heartbeat
 from llmpipe.text.chat_template import ChatTemplate
 
@@ -58,20 +60,29 @@ class EvaluateSettings:
     registry_weights: str = setting("copy", "copy (the registered model holds the weights) | dvc_cache (it names "
                                     "them in DVC's cache by md5: stored once, for large models)",
                                     choices=["copy", "dvc_cache"])
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda: where every variant is measured (a GGUF "
+                                  "file on its dequantized weights)", choices=["auto", "cpu", "cuda"])
+
+
+def evaluation_device(settings: EvaluateSettings, source: str) -> torch.device:
+    """The device every variant is measured on; `cuda` without CUDA is refused naming evaluate.device."""
+    check_device_available(settings.device, "evaluate.device", source)
+    return resolve_device(settings.device)
 
 
 def compare_variants(variants: list[Variant], reference: str, template: ChatTemplate, validation_tokens: np.ndarray,
                      validation_counts: dict, qa_sets: dict[str, list[dict]], limits: EvaluateSettings,
-                     ) -> tuple[list[dict], dict[str, list[dict]]]:
-    """(one row of measurements per variant, sample answers per variant). One variant's model is in memory at a
-    time."""
+                     device: torch.device = torch.device("cpu")) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(one row of measurements per variant, sample answers per variant), measured on `device`. One variant's
+    model is in memory at a time."""
     first_question = next((pairs[0]["question"] for pairs in qa_sets.values() if pairs), "Hello")
     speed_prompt = template.encode_prompt([{"role": "user", "content": first_question}])
     sample_split = "heldout_people" if qa_sets.get("heldout_people") else next(iter(qa_sets))
     rows, samples, log_probs = [], {}, {}
     for variant in variants:
         row, answers, log_probs[variant.name] = measure_variant(variant, template, validation_tokens,
-                                                                validation_counts, qa_sets, speed_prompt, limits)
+                                                                validation_counts, qa_sets, speed_prompt, limits,
+                                                                device)
         samples[variant.name] = spread_sample(answers[sample_split], limits.sample_answers)
         rows.append(row)
         print(f"evaluate: {variant.name}: perplexity {row['val_perplexity']:.3f}, held-out accuracy "
@@ -83,12 +94,12 @@ def compare_variants(variants: list[Variant], reference: str, template: ChatTemp
 
 def measure_variant(variant: Variant, template: ChatTemplate, validation_tokens: np.ndarray, validation_counts: dict,
                     qa_sets: dict[str, list[dict]], speed_prompt: list[int], limits: EvaluateSettings,
-                    ) -> tuple[dict, dict[str, list[dict]], torch.Tensor]:
-    """One variant's row, answers by QA split and next-token log-probabilities (its model is loaded here and
-    freed on return)."""
+                    device: torch.device = torch.device("cpu")) -> tuple[dict, dict[str, list[dict]], torch.Tensor]:
+    """One variant's row, answers by QA split and next-token log-probabilities (in CPU memory), measured on
+    `device` (its model is loaded here, moved there, and freed on return)."""
     label = f"evaluate: {variant.name}: "
     with Heartbeat(label.rstrip(), None):
-        model = variant.load()
+        model = variant.load().to(device)
         row = {"variant": variant.name, "bits_per_weight": variant.bits_per_weight,
                "file_bytes": variant.path.stat().st_size,
                **perplexity_metrics(model, validation_tokens, validation_counts, limits.eval_max_tokens, label=label)}

@@ -22,9 +22,11 @@ from llmpipe.runner.heartbeat import Heartbeat
 
 @torch.no_grad()
 def language_model_loss(model: Transformer, tokens: np.ndarray, max_tokens: int | None, batch_size: int,
-                        device="cpu", label: str = "") -> tuple[float, int]:
+                        device=None, label: str = "") -> tuple[float, int]:
     """(mean loss in nats per predicted token, number of predicted tokens) over the first `max_tokens`,
-    in non-overlapping windows of the model's context (a progress line every 30 s, labelled `label`)."""
+    in non-overlapping windows of the model's context (a progress line every 30 s, labelled `label`), on
+    `device` (default: the model's)."""
+    device = device or model.embed_tokens.weight.device
     context_length = model.config.context_length
     data = torch.from_numpy(np.asarray(tokens[:max_tokens]).astype(np.int64))  # a slice of TokenShards: an array
     windows = [data[start:start + context_length + 1] for start in range(0, len(data) - 1, context_length)]
@@ -49,7 +51,7 @@ def bits_per_byte(mean_loss: float, predicted_tokens: int, split_tokens: int, sp
 
 
 def perplexity_metrics(model: Transformer, tokens: np.ndarray, split_counts: dict, max_tokens: int,
-                       batch_size: int = 16, device="cpu", label: str = "") -> dict[str, float]:
+                       batch_size: int = 16, device=None, label: str = "") -> dict[str, float]:
     """val_loss, val_perplexity and val_bpb on the first `max_tokens` of a split (counts from meta.json)."""
     loss, predicted = language_model_loss(model, tokens, max_tokens, batch_size, device, label)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
@@ -71,14 +73,16 @@ def unigram_bits_per_byte(train_tokens, validation_tokens, vocab_size: int, vali
 @torch.no_grad()
 def next_token_distributions(model: Transformer, tokens: np.ndarray, max_tokens: int,
                              label: str = "") -> torch.Tensor:
-    """Log-probabilities of the next token at every position of non-overlapping windows."""
+    """Log-probabilities of the next token at every position of non-overlapping windows (computed on the model's
+    device, returned in CPU memory)."""
+    device = model.embed_tokens.weight.device
     context = model.config.context_length
     data = torch.from_numpy(np.asarray(tokens[:max_tokens]).astype(np.int64))
     windows = [data[i:i + context] for i in range(0, len(data) - context + 1, context)] or [data]
     log_probs = []
     with Heartbeat(f"{label}next-token distributions:", len(windows), "windows") as beat:
         for window in windows:
-            log_probs.append(model(window[None])[0][0].log_softmax(-1))
+            log_probs.append(model(window[None].to(device))[0][0].log_softmax(-1).cpu())
             beat.tick(len(log_probs))
     return torch.cat(log_probs)
 

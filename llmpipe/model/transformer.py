@@ -27,8 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmpipe.config.params import check_settings, params_section, setting
-
-IGNORE_INDEX = -100  # target value that contributes nothing to the loss (masked prompt tokens, padding)
+from llmpipe.model.loss import (  # noqa: F401 (IGNORE_INDEX: the targets' convention, imported from here)
+    IGNORE_INDEX,
+    chunked_cross_entropy,
+    full_logits_cross_entropy,
+)
 
 
 @params_section("model", presets=True)
@@ -230,6 +233,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.full_logits_loss = False  # True: the loss from all logits at once (the reference; benchmarks)
         cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta, scaling=config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -254,10 +258,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, loss_reduction: str = "mean"):
-        """Logits for every position; with `targets`, also the cross-entropy loss.
+        """(logits, None) for every position; with `targets`, (None, the cross-entropy loss).
 
-        Targets equal to IGNORE_INDEX are left out. `loss_reduction="sum"` returns the summed loss
-        (the training loop divides by the number of target tokens in the whole global batch).
+        The loss is computed from the last hidden states a chunk of tokens at a time (llmpipe.model.loss), so
+        no tensor of all tokens × vocabulary exists; `full_logits_loss` computes it from all logits at once
+        and returns them too. Targets equal to IGNORE_INDEX are left out. `loss_reduction="sum"` returns the
+        summed loss (the training loop divides by the number of target tokens in the whole global batch).
         With a `cache`, `tokens` continue the cached sequence and the cache is advanced.
         """
         start = cache.length if cache is not None else 0
@@ -267,12 +273,13 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += tokens.shape[1]
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction=loss_reduction)
-        return logits, loss
+            return self.lm_head(hidden), None
+        if self.full_logits_loss:
+            logits = self.lm_head(hidden)
+            return logits, full_logits_cross_entropy(logits, targets, loss_reduction)
+        return None, chunked_cross_entropy(hidden, self.lm_head.weight, targets, loss_reduction)
 
     @torch.no_grad()
     def attention_weights(self, tokens: torch.Tensor) -> list[torch.Tensor]:

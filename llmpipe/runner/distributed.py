@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from llmpipe.errors import ParamError
+
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -36,6 +38,13 @@ class ProcessInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def check_device_available(requested: str, key: str, source: str) -> None:
+    """`cuda` where this PyTorch sees no CUDA device is refused in one line naming the params key (`key`)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ParamError(f"{source}: {key}: cuda, but this PyTorch sees no CUDA device "
+                         "(a CPU-only build, or no GPU); use auto or cpu")
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -5,7 +5,8 @@
 Per optimizer step: the batch source gives the step's global batch (a pure function of the step, so a resumed
 run sees the data it would have seen); this process takes its share of the micro-batches (gradient
 accumulation); the loss is the sum over target tokens divided by the global batch's target tokens, so any
-split over processes gives the same gradient; then clipping, AdamW, warmup + cosine learning rate. Every
+split over processes gives the same gradient (the model computes it a chunk of tokens at a time, never holding
+the logits of all of them: llmpipe.model.loss); then clipping, AdamW, warmup + cosine learning rate. Every
 `eval_every` steps it evaluates (keeping the best weights if asked); every `checkpoint_every` steps it writes
 a checkpoint. A NaN or infinite loss stops the run, naming the step; a model that ends no better than chance is
 refused by `check_learned` before the stage writes it.

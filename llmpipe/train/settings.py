@@ -18,7 +18,7 @@ import torch
 from llmpipe.config.params import StageParams, params_section, setting
 from llmpipe.errors import ParamError, SettingError
 from llmpipe.model.transformer import ModelConfig
-from llmpipe.runner.distributed import ProcessInfo
+from llmpipe.runner.distributed import ProcessInfo, check_device_available
 from llmpipe.train.flops import measure_matmul_flops_per_second
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -182,9 +182,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def process_on(section: TrainingParams, source: str, name: str) -> ProcessInfo:
     """This process (rank, world size from torchrun) on the device the section asks for."""
-    if section.device == "cuda" and not torch.cuda.is_available():
-        raise ParamError(f"{source}: {name}.device: cuda, but this PyTorch sees no CUDA device "
-                         "(a CPU-only build, or no GPU); use auto or cpu")
+    check_device_available(section.device, f"{name}.device", source)
     return ProcessInfo.from_environment(section.device)
 
 
