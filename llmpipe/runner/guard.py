@@ -35,6 +35,7 @@ from pathlib import Path
 from llmpipe.config.layout import repository_root
 from llmpipe.config.params import PARAMS_FILE
 from llmpipe.errors import PipelineError, Stopped
+from llmpipe.runner.restore import restore_outputs, restore_params_file
 
 ERRORS_DIR = "LLMPIPE_ERRORS_DIR"  # set by the launcher: where each of its processes leaves its error line
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -125,8 +126,6 @@ def collected_error(errors_dir: str | Path) -> tuple[str, str] | None:
 
 def put_back(stage: str, is_main: bool) -> None:
     """The previous outputs, as dvc.lock records them, and under `dvc exp run` params.yaml as conf/ composes it."""
-    from llmpipe.runner.restore import restore_outputs, restore_params_file
-
     if not is_main or stage in _restored:
         return
     _restored.add(stage)
