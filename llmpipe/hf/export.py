@@ -29,7 +29,7 @@ from llmpipe.text.tokenizer import LoadedTokenizer
 
 def hf_model(model: Transformer):
     """A transformers LlamaForCausalLM holding the same weights (needs the optional `transformers`)."""
-    # deferred: transformers' Llama model takes ~4 s to import; only the reference comparisons build one
+    # deferred: transformers' Llama model takes seconds to import; only the reference comparisons build one
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = hf_llama_config(model.config)

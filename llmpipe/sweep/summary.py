@@ -88,7 +88,7 @@ class SweepExperiment:
 
 def revision_text(revision: str, path: str) -> str | None:
     """A file as `revision` of the DVC repository here holds it (git, DVC's cache or its remote), or None."""
-    import dvc.api  # deferred: dvc takes ~0.5 s to import; `llmpipe --help` starts without it
+    import dvc.api  # deferred: dvc takes ~0.3 s to import; `llmpipe --help` starts without it
 
     try:
         return dvc.api.read(path, repo=".", rev=revision)
@@ -189,7 +189,7 @@ def log_summary_run(sweep: str, experiments: list[SweepExperiment], summary: dic
                     overrides: list[str], markdown_path: Path) -> str:
     """One MLflow run holding the aggregate (`<metric>.mean/.min/.max`), tagged with the experiments it
     covers; a rerun of the same sweep replaces its metrics in a new run. Returns the run id."""
-    # deferred: mlflow takes ~1.2 s to import and the store (sqlite3, urllib) ~20 ms; `llmpipe --help` starts
+    # deferred: mlflow takes ~1.2 s to import and the store (sqlite3, urllib) ~30 ms; `llmpipe --help` starts
     # without them
     from mlflow.entities import Metric, Param
 
