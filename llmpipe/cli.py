@@ -22,8 +22,13 @@ import sys
 from pathlib import Path
 
 from llmpipe.config import layout
+from llmpipe.config.compose import compose, write_params
+from llmpipe.config.params import StageParams
 from llmpipe.errors import PipelineError
 from llmpipe.sweep import commands as sweep_commands
+
+# Deferred imports: the commands that load a model import its modules inside themselves. Those import torch
+# (~1.1 s) and the tokenizers library, which `llmpipe --help`, compose and sweep do without (~0.1 s to start).
 
 DEFAULT_MODEL = str(layout.PRETRAINED)
 DEFAULT_CHAT_MODEL = str(layout.FINETUNED)
@@ -31,12 +36,11 @@ DEFAULT_TOKENIZER = str(layout.TOKENIZER)
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
+    # deferred: the stage table imports every settings module, torch with them (1.1 s); --help needs none
     from llmpipe.generate.derived import COMMAND, stale_files, write_derived_files
 
     root = Path.cwd()
     if args.params_only:
-        from llmpipe.config.compose import compose, write_params
-
         write_params(compose(args.overrides, root / "conf"), root / "params.yaml")
         print("wrote params.yaml from conf/ as it is" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
         return
@@ -55,6 +59,7 @@ def cmd_compose(args: argparse.Namespace) -> None:
 def load_any_model(path: Path, tokenizer):
     """A model in any form the pipeline writes: a model directory (config.json + model.safetensors), a
     Hugging Face export (models/hf), or a GGUF file; checked to match the tokenizer."""
+    # deferred: torch (top comment)
     from llmpipe.gguf.files import read_gguf_model
     from llmpipe.hf.checkpoint import read_hf_directory
     from llmpipe.model.weights import CONFIG_FILE, check_tokenizer, load_model
@@ -73,7 +78,7 @@ def load_any_model(path: Path, tokenizer):
             model = read_hf_directory(path)
             check_tokenizer(model.config, None, path, tokenizer)  # the vocabulary size, at least
             if (path / "tokenizer.json").is_file():  # an export carries its tokenizer: it must be this one
-                from tokenizers import Tokenizer
+                from tokenizers import Tokenizer  # deferred (top comment)
 
                 exported = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab(with_added_tokens=True)
                 if exported != tokenizer.tokenizer.get_vocab(with_added_tokens=True):
@@ -94,7 +99,7 @@ def _existing(path: str, flag: str, default: str) -> Path:
 
 
 def _load(args: argparse.Namespace, default_model: str = DEFAULT_MODEL):
-    from llmpipe.text.tokenizer import LoadedTokenizer
+    from llmpipe.text.tokenizer import LoadedTokenizer  # deferred (top comment)
 
     tokenizer = LoadedTokenizer(_existing(args.tokenizer, "--tokenizer", DEFAULT_TOKENIZER))
     return load_any_model(_existing(args.model, "--model", default_model), tokenizer), tokenizer
@@ -113,7 +118,7 @@ def utf8_text(text: str, what: str) -> str:
 
 def _prompt_ids(model, tokenizer, text: str, max_new_tokens: int = 1) -> list[int]:
     """The prompt's token ids; a long prompt keeps its end, leaving room for the answer (said on stderr)."""
-    from llmpipe.model.generation import fit_prompt
+    from llmpipe.model.generation import fit_prompt  # deferred: torch (top comment)
 
     if not utf8_text(text, "the prompt").strip():
         raise PipelineError("the prompt is empty (or only white space)")
@@ -126,7 +131,9 @@ def _prompt_ids(model, tokenizer, text: str, max_new_tokens: int = 1) -> list[in
 
 
 def cmd_next_token(args: argparse.Namespace) -> None:
-    from llmpipe.model.generation import top_next_tokens
+    from llmpipe.model.generation import (
+        top_next_tokens,  # deferred: torch (top comment)
+    )
 
     model, tokenizer = _load(args)
     ranked = top_next_tokens(model, _prompt_ids(model, tokenizer, args.text), args.top_k)
@@ -137,14 +144,19 @@ def cmd_next_token(args: argparse.Namespace) -> None:
 
 
 def _sampling(args: argparse.Namespace):
-    from llmpipe.model.generation import SamplingSettings
+    from llmpipe.model.generation import (
+        SamplingSettings,  # deferred: torch (top comment)
+    )
 
     return SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llmpipe.model.generation import Engine, StreamingDecoder
+    from llmpipe.model.generation import (  # deferred: torch (top comment)
+        Engine,
+        StreamingDecoder,
+    )
 
     model, tokenizer = _load(args)
     engine = Engine(model, stop_ids={tokenizer.end_of_document_id, tokenizer.special_ids["end_of_turn"]})
@@ -169,7 +181,11 @@ def within_context(template, messages: list[dict], limit: int) -> tuple[list[dic
 
 def stream_answer(model, tokenizer, template, messages: list[dict], settings) -> str:
     """Generate the assistant's turn for `messages`, printing it as it comes; returns its text."""
-    from llmpipe.model.generation import Engine, StreamingDecoder, prompt_limit
+    from llmpipe.model.generation import (  # deferred: torch (top comment)
+        Engine,
+        StreamingDecoder,
+        prompt_limit,
+    )
 
     limit = prompt_limit(model.config.context_length, settings.max_new_tokens)
     messages, prompt = within_context(template, messages, limit)
@@ -191,6 +207,7 @@ def stream_answer(model, tokenizer, template, messages: list[dict], settings) ->
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    # deferred: torch (top comment)
     from llmpipe.model.generation import prompt_limit
     from llmpipe.text.chat_template import ChatTemplate
 
@@ -228,14 +245,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_model_size(args: argparse.Namespace) -> None:
-    from llmpipe.config.compose import compose
-    from llmpipe.config.params import StageParams
+    # deferred: torch (top comment)
     from llmpipe.model.size import human_bytes, size_report
     from llmpipe.text.tokenizer import TokenizerSettings
     from llmpipe.train.settings import model_config
 
     if args.checkpoint:  # a Hugging Face checkpoint's config.json alone: no weights are read
-        from llmpipe.hf.checkpoint import read_hf_config
+        from llmpipe.hf.checkpoint import (
+            read_hf_config,  # deferred: torch (top comment)
+        )
 
         config = read_hf_config(args.checkpoint)
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 from llmpipe import atomic
 from llmpipe.config import layout
@@ -82,10 +83,6 @@ def encode_documents(texts: Iterable[str], tokenizer: LoadedTokenizer, writer: S
                      batch_size: int) -> dict:
     """Encode documents `batch_size` at a time, each followed by the end-of-document token, into `writer`;
     returns the counts (documents, tokens, utf8_bytes)."""
-    from tqdm import (
-        tqdm,  # switched off (TQDM_DISABLE) when the output is not a terminal
-    )
-
     counts = {"documents": 0, "tokens": 0, "utf8_bytes": 0}
     texts = iter(texts)
     with tqdm(desc=f"tokenizing {writer.split}", unit=" documents") as progress:

@@ -141,6 +141,7 @@ def _check_jsonl_file(path: Path, text_column: str) -> None:
 
 def _check_parquet_file(path: Path, text_column: str) -> None:
     """The text column exists, holds strings, and has no nulls: the checks JSONL lines get."""
+    # deferred: pyarrow takes ~0.15 s to import; only Parquet input needs it
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -220,7 +221,7 @@ def read_local_documents(patterns: list[str], key: str, text_column: str, txt_sa
 
 
 def _stream_local_documents(files: list[Path], text_column: str, txt_sample_by: str) -> Iterator[str]:
-    import datasets
+    import datasets  # deferred: see read_hub_documents
 
     for builder, group in itertools.groupby(files, key=lambda f: BUILDER_BY_SUFFIX[f.suffix.lower()]):
         group = list(group)
@@ -242,6 +243,8 @@ def read_hub_documents(name: str, config: str | None, split: str, text_column: s
                        data_files: list[str] | None = None) -> Iterator[str]:
     """Documents from `datasets.load_dataset(name, config, split=...)`, streamed (at most `max_documents`);
     needs the network for Hub names. Without `streaming` the split is downloaded (and prepared) now."""
+    # deferred: datasets takes ~0.7 s to import, which the embedded data does not need, and it reads
+    # HF_DATASETS_DISABLE_PROGRESS_BARS when imported, which the stage's entry point sets after the imports
     import datasets
 
     source = f"data.name={name}"

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -185,8 +186,6 @@ def stored_shape(shape: tuple[int, ...], type_name: str) -> tuple[tuple[int, ...
 
 def add_metadata(writer, config: ModelConfig, tokenizer: LoadedTokenizer, file_type: str, name: str) -> None:
     """The llama architecture's keys and the tokenizer."""
-    import gguf
-
     writer.add_name(name)
     writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.d_model)
@@ -225,8 +224,6 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
     """Write the GGUF file; returns the bytes its weights take (without metadata). Streamed: every tensor's
     place is written first, then each tensor is encoded and written in turn, so memory holds one encoded
     tensor beside the model (a progress line every 30 s)."""
-    import gguf
-
     config = model.config
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     extra = {"rope_freqs.weight": rope_frequency_factors(config)} if config.rope_scaling else {}
@@ -293,8 +290,6 @@ def check_gguf_tokenizer(reader, path: str | Path, tokenizer: LoadedTokenizer) -
 def check_gguf_file(path: str | Path, tokenizer: LoadedTokenizer | None = None):
     """A GGUF file's reader (memory-mapped: cheap), once its structure is checked and, with `tokenizer`, its token
     list matches: what every consumer checks before it reads any weight."""
-    import gguf
-
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # truncated or not GGUF at all

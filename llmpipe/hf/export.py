@@ -28,7 +28,8 @@ from llmpipe.text.tokenizer import LoadedTokenizer
 
 
 def hf_model(model: Transformer):
-    """A transformers LlamaForCausalLM holding the same weights (needs the optional `transformers`)."""
+    """A transformers LlamaForCausalLM holding the same weights."""
+    # deferred: transformers' Llama model takes seconds to import; only the reference comparisons build one
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = hf_llama_config(model.config)
@@ -58,6 +59,7 @@ def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTok
                        weights_file: Path | None = None) -> None:
     """Write the export into `directory` (callers make it atomic); `weights_file`: the model's own saved weights,
     shared instead of written again when they are named as the export names them."""
+    # deferred: transformers takes ~1.3 s to import; quantize starts (and checks its inputs) without it
     from transformers import PreTrainedTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 from llmpipe.config.layout import repository_root
 from llmpipe.config.params import PARAMS_FILE
 from llmpipe.errors import PipelineError, Stopped
+from llmpipe.runner.restore import restore_outputs, restore_params_file
 
 NOT_A_STAGE_DEPENDENCY = "whatever ends a stage: outputs put back, one line, exit status"  # see llmpipe.generate.code_deps
 
@@ -127,8 +128,6 @@ def collected_error(errors_dir: str | Path) -> tuple[str, str] | None:
 
 def put_back(stage: str, is_main: bool) -> None:
     """The previous outputs, as dvc.lock records them, and under `dvc exp run` params.yaml as conf/ composes it."""
-    from llmpipe.runner.restore import restore_outputs, restore_params_file
-
     if not is_main or stage in _restored:
         return
     _restored.add(stage)

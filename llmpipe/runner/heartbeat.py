@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+import psutil
+
 NOT_A_STAGE_DEPENDENCY = "progress lines of long loops"  # see llmpipe.generate.code_deps
 
 INTERVAL_SECONDS = 30.0
@@ -27,10 +29,8 @@ def process_start() -> float:
     """When this process started, on the perf_counter clock (a stage's silence counts from its start: imports and
     input checks included)."""
     try:
-        import psutil
-
         return time.perf_counter() - max(time.time() - psutil.Process().create_time(), 0.0)
-    except Exception:  # noqa: BLE001 (no psutil, or no access to the process table: from now)
+    except Exception:  # noqa: BLE001 (no access to the process table: from now)
         return time.perf_counter()
 
 

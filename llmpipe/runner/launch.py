@@ -27,6 +27,7 @@ import logging
 import os
 import runpy
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
 def launch(args: argparse.Namespace, processes: int, nodes: int, stage: str) -> None:
     """Run the script in `processes` processes on each of `nodes` nodes; a failure is one line and exit status,
     the line a failed process left (llmpipe.runner.guard) when there is one."""
-    import tempfile
-
+    # deferred: torch's elastic launcher takes ~1.2 s to import (torch included); one process (the default) runs
+    # the script in this process without it
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import (

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from llmpipe import atomic
+from llmpipe.config.compose import compose, write_params
 from llmpipe.config.params import stage_definition
 from llmpipe.tracking.provenance import file_md5
 
@@ -34,7 +35,9 @@ def _cache_path(cache: Path, md5: str) -> Path:
 
 def _dvc_cache(root: Path) -> Path:
     """The local cache directory of the DVC repository at `root` (it may be configured elsewhere)."""
-    from dvc.repo import Repo
+    from dvc.repo import (
+        Repo,  # deferred: dvc takes ~0.2 s to import; only putting outputs back needs it
+    )
 
     return Path(Repo(str(root.resolve())).cache.local.path)
 
@@ -143,9 +146,9 @@ def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str
     """Under `dvc exp run`, DVC writes the experiment's `-S` values into params.yaml before the stages run and
     leaves them there when a stage fails. Put back params.yaml as conf/ composes it without them (the file
     `dvc exp run` started from, when conf/ is the source of truth); returns whether it changed."""
+    # deferred: Hydra takes ~0.2 s to import; the multi-process launcher imports this module and needs it only
+    # when an experiment's stage fails
     from hydra.core.global_hydra import GlobalHydra
-
-    from llmpipe.config.compose import compose, write_params
 
     params_file, config_dir = Path(params_file), Path(config_dir)
     if not (config_dir / "config.yaml").is_file() or not params_file.is_file():

@@ -21,6 +21,12 @@ import os
 import sys
 from typing import Callable
 
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from llmpipe.config.compose import yaml_error
 from llmpipe.config.params import (
     CONF_DIR,
@@ -58,12 +64,6 @@ def run_stage(name: str, config: dict, body: StageFunction) -> None:
 def load_params(overrides: list[str]) -> dict:
     """params.yaml, composed once by Hydra with the command line's overrides and resolved; a syntax error,
     a duplicate key or an interpolation that points nowhere is one line naming the place."""
-    import yaml
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     if not os.path.exists(PARAMS_FILE):
         raise PipelineError(f"{PARAMS_FILE} not found in the current directory; run stages from the repository root")
     try:

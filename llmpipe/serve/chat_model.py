@@ -28,6 +28,12 @@ from mlflow.types.llm import (
     TokenUsageStats,
 )
 
+from llmpipe.model.generation import Engine, SamplingSettings
+from llmpipe.model.weights import load_model
+from llmpipe.serve.weights_pointer import referenced_weights
+from llmpipe.text.chat_template import ROLES, ChatTemplate
+from llmpipe.text.tokenizer import LoadedTokenizer
+
 DEFAULT_MAX_TOKENS = 32
 # Small, so that logging the model (MLflow runs it once on this example) stays quick.
 # Short: MLflow answers it when the model is logged, and it must fit the smallest context a model has (a tiny
@@ -69,8 +75,6 @@ def conversation(messages: list[ChatMessage], roles: tuple[str, ...]) -> list[di
 
 def sampling_settings(params: ChatParams):
     """ChatParams → the engine's SamplingSettings; refuses what this model cannot do."""
-    from llmpipe.model.generation import SamplingSettings
-
     refused = [name for name in ("stream", "tools", "frequency_penalty", "presence_penalty") if getattr(params, name)]
     if refused:
         raise BadRequest(f"not supported by this model: {', '.join(refused)} (the whole answer comes back at once)"
@@ -93,11 +97,6 @@ def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 
 class LlmpipeChatModel(ChatModel):
     def load_context(self, context) -> None:
-        from llmpipe.model.weights import load_model
-        from llmpipe.serve.weights_pointer import referenced_weights
-        from llmpipe.text.chat_template import ChatTemplate
-        from llmpipe.text.tokenizer import LoadedTokenizer
-
         self.tokenizer = LoadedTokenizer(context.artifacts["tokenizer"])
         self.template = ChatTemplate(self.tokenizer)
         self.model, _ = load_model(context.artifacts["model"], tokenizer=self.tokenizer,
@@ -106,9 +105,6 @@ class LlmpipeChatModel(ChatModel):
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         """One conversation → `n` answers of the assistant, generated as one batch."""
-        from llmpipe.model.generation import Engine
-        from llmpipe.text.chat_template import ROLES
-
         settings = sampling_settings(params)
         prompt = self.template.encode_prompt(conversation(messages, ROLES))
         context_length = self.model.config.context_length

@@ -25,6 +25,11 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import mlflow
+from mlflow.tracking import MlflowClient
+
+import llmpipe
+from llmpipe.serve import chat_model
 from llmpipe.serve.alias import record_and_elect
 from llmpipe.serve.weights_pointer import model_artifact
 from llmpipe.tracking.provenance import git_commit, input_hashes
@@ -48,12 +53,6 @@ def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str
     tokenizer exists; returns (version, whether it is new). `weights`: copy | dvc_cache (module docstring)."""
     if not run.enabled:
         return None, False
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    import llmpipe
-    from llmpipe.serve import chat_model
-
     client = MlflowClient()
     digest = content_md5(model_dir, tokenizer_dir)
     if client.search_registered_models(filter_string=f"name = '{registered_name}'"):

@@ -21,6 +21,7 @@ CACHE_ENVIRONMENT = "LLMPIPE_DVC_CACHE"
 def dvc_cache_object(path: Path, md5: str) -> Path | None:
     """The file in this repository's DVC cache that holds `path`'s content (md5 `md5`), or None."""
     try:
+        # deferred and optional: the registered model's environment (registry.SERVING_PACKAGES) has no dvc
         from dvc.repo import Repo
 
         with Repo(str(repository_root())) as repo:

@@ -93,6 +93,7 @@ def summary(args) -> None:
 
 
 def compare(args) -> None:
+    # deferred: matplotlib and torch take ~2 s to import; only `sweep compare --param` plots
     from llmpipe.report.plots import plot_spread_against_param
 
     lines = ["| sweep | " + (f"{args.param} | " if args.param else "") + "seeds | "

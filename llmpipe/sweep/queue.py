@@ -29,7 +29,9 @@ class QueueTask:
 
 def queue_tasks() -> list[QueueTask]:
     """Every task DVC's experiment queue knows, as `dvc queue status` lists them."""
-    from dvc.repo import Repo
+    from dvc.repo import (
+        Repo,  # deferred: dvc takes ~0.2 s to import; `llmpipe --help` starts without it
+    )
 
     with Repo(".") as repo:
         return [QueueTask(task["rev"], task.get("name"), task["status"]) for task in repo.experiments.celery_queue.status()]

@@ -20,6 +20,7 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from llmpipe import atomic
 from llmpipe.config import layout
 from llmpipe.config.params import flatten
 from llmpipe.data.world import ATTRIBUTES
@@ -87,7 +88,7 @@ class SweepExperiment:
 
 def revision_text(revision: str, path: str) -> str | None:
     """A file as `revision` of the DVC repository here holds it (git, DVC's cache or its remote), or None."""
-    import dvc.api
+    import dvc.api  # deferred: dvc takes ~0.3 s to import; `llmpipe --help` starts without it
 
     try:
         return dvc.api.read(path, repo=".", rev=revision)
@@ -174,8 +175,6 @@ def summary_markdown(sweep: str, experiments: list[SweepExperiment], summary: di
 
 def write_summary(directory: Path, sweep: str, experiments: list[SweepExperiment], summary: dict[str, Spread],
                   overrides: list[str]) -> tuple[Path, Path]:
-    from llmpipe import atomic
-
     directory.mkdir(parents=True, exist_ok=True)
     record = {"sweep": sweep, "overrides": overrides,
               "experiments": [{"name": e.name, "seed": e.seed} for e in experiments],
@@ -190,6 +189,8 @@ def log_summary_run(sweep: str, experiments: list[SweepExperiment], summary: dic
                     overrides: list[str], markdown_path: Path) -> str:
     """One MLflow run holding the aggregate (`<metric>.mean/.min/.max`), tagged with the experiments it
     covers; a rerun of the same sweep replaces its metrics in a new run. Returns the run id."""
+    # deferred: mlflow takes ~1.2 s to import and the store (sqlite3, urllib) ~30 ms; `llmpipe --help` starts
+    # without them
     from mlflow.entities import Metric, Param
 
     from llmpipe.tracking import store

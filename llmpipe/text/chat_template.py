@@ -59,6 +59,7 @@ def _jinja_string(text: str) -> str:
 
 def compile_template(source: str):
     """A Jinja chat template compiled in a sandbox (a checkpoint's template is untrusted code)."""
+    # deferred: Jinja's sandbox takes ~40 ms to import; train_tokenizer imports this module without rendering
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -32,7 +32,7 @@ RAN_TAG, CACHED_TAG, DEFAULTED_TAG = "llmpipe.stages_ran", "llmpipe.stages_cache
 def log_params(client, run_id: str, values: dict[str, Any]) -> None:
     """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6,000 characters. Null values
     are left out: MLflow would store the string "None" (a categorical axis where the others are numbers)."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # deferred: mlflow takes ~1.2 s (store.connect)
 
     params = [Param(k, str(v)[:6000]) for k, v in sorted(values.items()) if v is not None]
     for start in range(0, len(params), 100):
@@ -90,7 +90,7 @@ def workspace_metrics(files: dict[str, list[Path]]) -> dict[str, float]:
 def end_stage(client, parent_id: str, status: str, stage: str | None = None) -> None:
     """The pipeline run's end is its last stage's end; once a stage failed, the pipeline failed. A stage that
     finished adds itself to the stages that ran and puts every stage's current DVC metrics on the run."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # deferred: mlflow takes ~1.2 s (store.connect)
 
     parent = client.get_run(parent_id)
     if status == "FINISHED" and stage and Path("dvc.yaml").is_file():
@@ -108,7 +108,9 @@ def end_stage(client, parent_id: str, status: str, stage: str | None = None) -> 
 def log_effective_params(client, parent_id: str, values: dict[str, Any]) -> None:
     """Params that were null in params.yaml, with the value a stage used: onto the pipeline run, named in its
     DEFAULTED_TAG. A pipeline run that has a different value already (an experiment name reused) keeps it."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import (
+        MlflowException,  # deferred: mlflow takes ~1.2 s (store.connect)
+    )
 
     try:
         log_params(client, parent_id, values)

@@ -63,7 +63,7 @@ def pipeline_execution_key() -> str | None:
     if os.environ.get("DVC_EXP_NAME"):
         return f"exp:{os.environ['DVC_EXP_NAME']}:{os.environ.get('DVC_EXP_BASELINE_REV', '')}"
     try:
-        import psutil
+        import psutil  # optional: the registered model's environment (registry.SERVING_PACKAGES) has none
 
         process = psutil.Process().parent()
         while process is not None:

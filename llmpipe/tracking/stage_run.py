@@ -88,7 +88,9 @@ class StageRun:
         """Record metrics (at `step` for curves); batched, flushed every few hundred points."""
         if not self.enabled:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import (
+            Metric,  # deferred: mlflow takes ~1.2 s (store.connect)
+        )
 
         timestamp = int(time.time() * 1000)
         for key, value in metrics.items():
@@ -140,7 +142,11 @@ class StageRun:
 
 def log_inputs(client, run_id: str, stage: str, hashes: dict[str, str]) -> None:
     """The data and models a stage read, as MLflow datasets: path and DVC's md5 (code files are tags only)."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.entities import (  # deferred: mlflow takes ~1.2 s (store.connect)
+        Dataset,
+        DatasetInput,
+        InputTag,
+    )
 
     inputs = [DatasetInput(Dataset(name=path, digest=digest[:32], source_type="local",
                                    source=json.dumps({"uri": path})),
@@ -155,6 +161,7 @@ def start_system_metrics(run_id: str):
     stage runs, as MLflow's `system/*` metrics; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false switches them off."""
     if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0"):
         return None
+    # deferred: mlflow takes ~1.2 s (store.connect)
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from llmpipe.config.layout import repository_root
@@ -47,9 +49,6 @@ def check_server_answers(uri: str) -> None:
     """Fail fast, before any work, when a configured tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=_SERVER_TIMEOUT_SECONDS):
             pass
@@ -66,6 +65,8 @@ def connect():
     uri = tracking_uri()
     check_server_answers(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # deferred: mlflow takes ~1.2 s to import; a process that logs nothing (ranks other than 0, a
+    # StageRun(enabled=False), `llmpipe --help`) never loads it
     import mlflow
     from mlflow.tracking import MlflowClient
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm import tqdm
+
 from llmpipe.runner.heartbeat import duration, printed
 
 NOT_A_STAGE_DEPENDENCY = "progress lines"  # see llmpipe.generate.code_deps
@@ -30,8 +32,6 @@ class Progress:
         self.started = self.last_line = self.previous_step = time.perf_counter()
         self.bar = None
         if enabled and self.stream.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", file=self.stream,
                             dynamic_ncols=True)
 
