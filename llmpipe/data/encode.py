@@ -85,7 +85,8 @@ def encode_documents(texts: Iterable[str], tokenizer: LoadedTokenizer, writer: S
     returns the counts (documents, tokens, utf8_bytes)."""
     counts = {"documents": 0, "tokens": 0, "utf8_bytes": 0}
     texts = iter(texts)
-    with tqdm(desc=f"tokenizing {writer.split}", unit=" documents") as progress:
+    # disable=None: no bar when stderr is not a terminal (DVC's log, CI); TQDM_DISABLE is read before a stage sets it
+    with tqdm(desc=f"tokenizing {writer.split}", unit=" documents", disable=None) as progress:
         while batch := list(itertools.islice(texts, batch_size)):
             ids = tokenizer.encode_batch(batch)
             tokens = np.fromiter(itertools.chain.from_iterable((*i, tokenizer.end_of_document_id) for i in ids),
