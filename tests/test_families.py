@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SPECIALS
+from conftest import SPECIALS, dvc, make_repo_copy
 
 from llmpipe.errors import InputDataError
 from llmpipe.hf.checkpoint import import_checkpoint, read_hf_directory
@@ -85,10 +85,10 @@ def make_family_checkpoint(directory, family: str, **changes):
     class_name, shape, make_tokenizer = FAMILIES[family]
     tokenizer = make_tokenizer(directory)
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(
-        family, vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
-        rope_theta=10000.0, **{**shape, **changes})
+    config = transformers.AutoConfig.for_model(family, **{
+        "vocab_size": tokenizer.get_vocab_size(), "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, **shape, **changes})
     model = getattr(transformers, class_name)(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -248,3 +248,37 @@ def test_a_mistral_sliding_window_of_at_least_the_context_is_full_attention(tmp_
     ids = torch.randint(0, reference.config.vocab_size, (1, 128))
     with torch.no_grad():
         assert (read_hf_directory(tmp_path / "ckpt")(ids)[0] - reference(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_the_pipeline_fine_tunes_quantizes_evaluates_and_exports_a_family(tmp_path, family):
+    from llmpipe.gguf.files import read_gguf_model
+    from llmpipe.model.weights import load_model
+
+    repo = make_repo_copy(tmp_path / "repo")
+    checkpoint = repo / "base_models/tiny"
+    make_family_checkpoint(checkpoint, family, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                           **({"head_dim": 64} if family == "qwen3" else {}))
+    dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny")
+    sequence = json.loads((repo / "models/tokenizer/sequence_tokens.json").read_text())
+    assert sequence == {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
+    finetuned, _ = load_model(repo / "models/finetuned")
+    assert finetuned.config.family == family
+    exported = transformers.AutoModelForCausalLM.from_pretrained(repo / "models/hf").eval()
+    assert type(exported).__name__ == FAMILIES[family][0]
+    ids = torch.randint(0, finetuned.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert (exported(ids).logits - finetuned(ids)[0]).abs().max() <= 1e-4
+    tokenizer = LoadedTokenizer(repo / "models/tokenizer")
+    for gguf_file in (repo / "models/gguf").glob("*.gguf"):
+        assert read_gguf_model(gguf_file, tokenizer).config.family == family
+    evaluate = (repo / "reports/evaluate/variants.csv").read_text()
+    assert all(f"\n{variant}," in evaluate for variant in ("base", "finetuned", "Q8_0", "Q4_0"))
+
+
+def test_an_unreadable_tokenizer_config_is_named(tmp_path):
+    qwen_tokenizer(tmp_path / "ckpt")
+    (tmp_path / "ckpt/tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>",')
+    with pytest.raises(InputDataError, match=r"tokenizer_config.json: not valid JSON \(.*line 1\)"):
+        import_tokenizer(tmp_path / "ckpt", SPECIALS)

@@ -59,26 +59,32 @@ def import_tokenizer(source: Path, special_tokens: dict[str, str]) -> ImportedTo
     bos = declared_token(source, tokenizer, "bos") or prefix
     add_bos = tokenizer_config(source).get("add_bos_token")
     sequence_tokens = {"bos": bos, "eos": specials["end_of_document"], "pad": declared_token(source, tokenizer, "pad"),
-                       "add_bos": add_bos if isinstance(add_bos, bool) else prefix is not None}
+                       "add_bos": bos is not None and (add_bos if isinstance(add_bos, bool) else prefix is not None)}
     return ImportedTokenizer(tokenizer, specials, template, added, sequence_tokens)
 
 
 def tokenizer_config(source: Path) -> dict:
     path = source / "tokenizer_config.json"
-    return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    try:
+        config = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise InputDataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise InputDataError(f"{path}: expected a JSON object")
+    return config
 
 
 def declared_token(source: Path, tokenizer: Tokenizer, kind: str) -> str | None:
     """The `kind` ("bos", "eos", "pad") token a checkpoint declares: tokenizer_config.json's (or
     special_tokens_map.json's) `<kind>_token`, else config.json's `<kind>_token_id` (as llama.cpp's converter
     reads them); None when neither names a token of the vocabulary."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = source / name
-        if path.is_file():
-            token = json.loads(path.read_text("utf-8")).get(f"{kind}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-                return token
+    special_map = source / "special_tokens_map.json"
+    for declared in (tokenizer_config(source),
+                     json.loads(special_map.read_text("utf-8")) if special_map.is_file() else {}):
+        token = declared.get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return token
     config = source / "config.json"
     if config.is_file():
         token_id = json.loads(config.read_text("utf-8")).get(f"{kind}_token_id")
