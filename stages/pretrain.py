@@ -1,5 +1,5 @@
 """Stage `pretrain`: train the transformer from scratch on next-token prediction over the token files,
-or, with `base_model=hf`, import a Hugging Face Llama checkpoint instead (no training).
+or, with `base_model=hf`, import a Hugging Face checkpoint instead (no training).
 
 Run: `dvc repro pretrain`; a bigger preset: `dvc exp run -S model=small`; data-parallel:
 `dvc exp run -S pretrain.processes=2` (torchrun under llmpipe.runner.launch), sharded:

@@ -4,7 +4,8 @@
 Params: tokenizer.vocab_size, tokenizer.min_frequency, tokenizer.special_tokens,
 tokenizer.train_sample_bytes (BPE learns from the first documents up to this many UTF-8 bytes, streamed;
 null = all; see llmpipe.text.tokenizer.TextSample), base_model.
-Output: models/tokenizer/ (tokenizer.json, special_tokens.json); reports/tokenizer.json (the DVC metric:
+Output: models/tokenizer/ (tokenizer.json, special_tokens.json; imported: chat_template.json,
+sequence_tokens.json); reports/tokenizer.json (the DVC metric:
 characters per token on the validation text), reports/tokenizer_details.json (that, tokens per 100 words,
 vocabulary size, and the sample trained on: bytes, documents, whether it was the whole corpus) and
 reports/tokenizer.md (token-count table, longest tokens). The validation text is streamed.
@@ -44,19 +45,23 @@ def train_tokenizer(params: StageParams, run: StageRun) -> None:
     base_model = base_model_settings(params)
     sample_report = {}
     if base_model.source == "hf":
-        tokenizer, specials, chat_template, added = import_tokenizer(Path(base_model.path), specials)
+        imported = import_tokenizer(Path(base_model.path), specials)
+        tokenizer, specials, chat_template = imported.tokenizer, imported.special_tokens, imported.chat_template
+        sequence_tokens = imported.sequence_tokens
         print(f"train_tokenizer: took the tokenizer of {base_model.path}"
-              + (f", adding {', '.join(added)}" if added else "")
-              + (" and its chat template" if chat_template else ""), flush=True)
+              + (f", adding {', '.join(imported.added)}" if imported.added else "")
+              + (" and its chat template" if chat_template else "")
+              + f"; BOS {sequence_tokens['bos']} ({'added' if sequence_tokens['add_bos'] else 'not added'}), "
+              f"EOS {sequence_tokens['eos']}, padding {sequence_tokens['pad']}", flush=True)
     else:
         sample = TextSample(texts("train"), settings.train_sample_bytes)
         tokenizer = train_bpe(sample, settings.vocab_size, settings.min_frequency, specials)
         sample_report = sample.report()
         print(f"train_tokenizer: learned from {sample.documents} documents, {sample.utf8_bytes} bytes: "
               + ("the whole corpus" if sample.whole_corpus else "a prefix (tokenizer.train_sample_bytes)"), flush=True)
-        chat_template = None
+        chat_template = sequence_tokens = None
     with atomic.atomic_path(layout.TOKENIZER, directory=True) as temp:
-        save_tokenizer(tokenizer, specials, temp, chat_template)
+        save_tokenizer(tokenizer, specials, temp, chat_template, sequence_tokens)
     loaded = LoadedTokenizer(layout.TOKENIZER)
     metrics = tokenizer_metrics(loaded, texts("validation")) | sample_report
     atomic.write_json(layout.TOKENIZER_METRICS, dvc_metrics(metrics, TOKENIZER_METRICS))

@@ -82,8 +82,9 @@ def test_imported_logits_equal_transformers_and_export_gives_back_the_tensors(tm
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], reference(ids).logits, atol=1e-4, rtol=0)
     tokenizer_dir = tmp_path / "tok"
-    tokenizer, specials, template, _ = import_tokenizer(tmp_path / "ckpt", SPECIALS)
-    save_tokenizer(tokenizer, specials, tokenizer_dir, template)
+    imported = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    save_tokenizer(imported.tokenizer, imported.special_tokens, tokenizer_dir, imported.chat_template,
+                   imported.sequence_tokens)
     write_hf_directory(tmp_path / "export", ours, LoadedTokenizer(tokenizer_dir))
     original, exported = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(
         str(tmp_path / "export" / "model.safetensors"))
@@ -93,7 +94,9 @@ def test_imported_logits_equal_transformers_and_export_gives_back_the_tensors(tm
 
 def test_the_imported_tokenizer_keeps_its_end_of_sequence_and_gains_the_chat_tokens(tmp_path):
     make_checkpoint(tmp_path / "ckpt")
-    tokenizer, specials, template, added = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    imported = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    tokenizer, specials, template, added = imported.tokenizer, imported.special_tokens, imported.chat_template, \
+        imported.added
     assert template is None  # without a chat template of its own, the pipeline's chat tokens are added
     assert specials["end_of_document"] == "</s>"
     save_tokenizer(tokenizer, specials, tmp_path / "tok")
@@ -111,7 +114,9 @@ def test_a_checkpoint_with_its_own_chat_template_keeps_it_token_for_token(tmp_pa
     from llmpipe.text.chat_template import ChatTemplate
 
     make_checkpoint(tmp_path / "ckpt", chat_template=CHATML)
-    tokenizer, specials, template, added = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    imported = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    tokenizer, specials, template, added = imported.tokenizer, imported.special_tokens, imported.chat_template, \
+        imported.added
     assert added == [] and specials == {"end_of_document": "</s>", "end_of_turn": "<|im_end|>"}
     save_tokenizer(tokenizer, specials, tmp_path / "tok", template)
     chat = ChatTemplate(LoadedTokenizer(tmp_path / "tok"))
@@ -129,7 +134,8 @@ def test_a_checkpoint_with_its_own_chat_template_keeps_it_token_for_token(tmp_pa
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "mistral"}, "model_type is 'mistral'; only Llama-architecture checkpoints"),
+    ({"model_type": "gemma2"}, "model_type is 'gemma2'; supported: llama, mistral, qwen2, qwen3"),
+    ({"model_type": "phi3"}, "model_type is 'phi3'; supported: llama, mistral, qwen2, qwen3"),
     ({"attention_bias": True}, "attention_bias = True is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}},
      "rope scaling 'yarn' is not supported"),

@@ -1,13 +1,17 @@
 """GGUF files for llama.cpp (and Ollama, LM Studio, ...), written with the `gguf` package's GGUFWriter.
 
 What goes in:
-- llama architecture metadata: context length, embedding length, block count, feed-forward length,
-  head counts, rope dimension and base, RMS epsilon, file type;
-- the tokenizer: byte-level BPE tokens and merges ("gpt2" model, "gpt-2" pre-tokenizer), token types
-  (control for our special tokens), bos/eos ids, and the chat template as Jinja;
-- the weights under llama.cpp's tensor names. llama.cpp's llama rope rotates interleaved pairs while
-  our model (like Hugging Face's) rotates halves, so the rows of attn_q and attn_k are permuted
-  within each head on export (and back on import).
+- the architecture llama.cpp runs the family as (`llama` for Llama and Mistral, `qwen2`, `qwen3`) and its
+  metadata: context length, embedding length, block count, feed-forward length, head counts, rope
+  dimension and base, RMS epsilon, file type;
+- the tokenizer: byte-level BPE tokens and merges ("gpt2" model; "gpt-2", "llama-bpe" or "qwen2"
+  pre-tokenizer), token types (control for special tokens), the BOS, EOS, end-of-turn and padding ids and
+  whether llama.cpp adds BOS (the tokenizer's `sequence_tokens`: an imported checkpoint's own), and the
+  chat template as Jinja;
+- the weights under llama.cpp's tensor names (with `attn_q.bias`.. for Qwen2, `attn_q_norm`/`attn_k_norm`
+  for Qwen3). llama.cpp's llama rope rotates interleaved pairs while our model (like Hugging Face's)
+  rotates halves, so for the llama architecture the rows of attn_q and attn_k are permuted within each
+  head on export (and back on import); qwen2 and qwen3 rotate halves in llama.cpp too.
 
 Each tensor is stored as the variant's block format when its rows are whole blocks, else as the
 fallback format (as llama.cpp's quantizer falls back); 1-D tensors (norms) stay F32.
@@ -75,15 +79,28 @@ class TensorPlan:
     permute_heads: int | None = None  # number of heads whose rows to permute (attn_q / attn_k)
 
 
+# llama.cpp's architecture for each family (llmpipe.model.transformer.FAMILIES), and back.
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+FAMILY_OF_ARCHITECTURE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
 def gguf_tensor_names(config: ModelConfig) -> list[tuple[str, str, int | None]]:
+    """(llama.cpp's name, ours, heads whose rows to permute for llama's interleaved rope or None) per tensor."""
+    interleaved = GGUF_ARCHITECTURES[config.family] == "llama"
     names = [("token_embd.weight", "embed_tokens.weight", None)]
     for i in range(config.n_layer):
         prefix = f"layers.{i}."
         names += [
             (f"blk.{i}.attn_norm.weight", prefix + "input_layernorm.weight", None),
-            (f"blk.{i}.attn_q.weight", prefix + "self_attn.q_proj.weight", config.n_head),
-            (f"blk.{i}.attn_k.weight", prefix + "self_attn.k_proj.weight", config.n_kv_head),
+            (f"blk.{i}.attn_q.weight", prefix + "self_attn.q_proj.weight", config.n_head if interleaved else None),
+            (f"blk.{i}.attn_k.weight", prefix + "self_attn.k_proj.weight", config.n_kv_head if interleaved else None),
             (f"blk.{i}.attn_v.weight", prefix + "self_attn.v_proj.weight", None),
+        ]
+        if config.qkv_bias:
+            names += [(f"blk.{i}.attn_{x}.bias", f"{prefix}self_attn.{x}_proj.bias", None) for x in "qkv"]
+        if config.qk_norm:
+            names += [(f"blk.{i}.attn_{x}_norm.weight", f"{prefix}self_attn.{x}_norm.weight", None) for x in "qk"]
+        names += [
             (f"blk.{i}.attn_output.weight", prefix + "self_attn.o_proj.weight", None),
             (f"blk.{i}.ffn_norm.weight", prefix + "post_attention_layernorm.weight", None),
             (f"blk.{i}.ffn_gate.weight", prefix + "mlp.gate_proj.weight", None),
@@ -185,7 +202,7 @@ def stored_shape(shape: tuple[int, ...], type_name: str) -> tuple[tuple[int, ...
 
 
 def add_metadata(writer, config: ModelConfig, tokenizer: LoadedTokenizer, file_type: str, name: str) -> None:
-    """The llama architecture's keys and the tokenizer."""
+    """The architecture's keys (the writer prefixes them with its name) and the tokenizer."""
     writer.add_name(name)
     writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.d_model)
@@ -210,9 +227,14 @@ def add_metadata(writer, config: ModelConfig, tokenizer: LoadedTokenizer, file_t
     writer.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
                             for _, i in vocabulary])
     writer.add_token_merges(_merges(tokenizer))
-    writer.add_bos_token_id(tokenizer.end_of_document_id)
-    writer.add_eos_token_id(tokenizer.special_ids["end_of_turn"])
-    writer.add_add_bos_token(False)
+    sequence = tokenizer.sequence_tokens
+    if sequence.bos is not None:
+        writer.add_bos_token_id(tokenizer.token_id(sequence.bos))
+    writer.add_eos_token_id(tokenizer.token_id(sequence.eos))
+    writer.add_eot_token_id(tokenizer.special_ids["end_of_turn"])
+    if sequence.pad is not None:
+        writer.add_pad_token_id(tokenizer.token_id(sequence.pad))
+    writer.add_add_bos_token(sequence.add_bos)
     writer.add_chat_template(ChatTemplate(tokenizer).jinja())
     if config.rope_scaling:  # Llama 3.1: llama.cpp reads the per-frequency factors (rope_freqs); we read these
         for key, value in config.rope_scaling.items():
@@ -229,7 +251,7 @@ def write_gguf(path: str | Path, model: Transformer, tokenizer: LoadedTokenizer,
     extra = {"rope_freqs.weight": rope_frequency_factors(config)} if config.rope_scaling else {}
     weight_bytes = 0
     with atomic.atomic_path(path) as temp:
-        writer = gguf.GGUFWriter(str(temp), arch="llama")
+        writer = gguf.GGUFWriter(str(temp), arch=GGUF_ARCHITECTURES[config.family])
         add_metadata(writer, config, tokenizer, file_type, name)
         for plan in plans:
             shape, dtype, nbytes = stored_shape(tuple(state[plan.source_name].shape), plan.type_name)
@@ -310,18 +332,23 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) 
             raise InputDataError(f"{path}: GGUF metadata key {key} is missing")
         return reader.fields[key].contents()
 
-    if field("general.architecture") != "llama":
-        raise InputDataError(f"{path}: general.architecture is {field('general.architecture')!r}; expected 'llama'")
-
+    arch = field("general.architecture")
+    if arch not in FAMILY_OF_ARCHITECTURE:
+        raise InputDataError(f"{path}: general.architecture is {arch!r}; expected one of "
+                             f"{', '.join(FAMILY_OF_ARCHITECTURE)}")
+    names = {t.name for t in reader.tensors}
+    family = FAMILY_OF_ARCHITECTURE[arch]
     try:
         config = ModelConfig(
-            vocab_size=int(field("llama.vocab_size")), context_length=int(field("llama.context_length")),
-            n_layer=int(field("llama.block_count")), d_model=int(field("llama.embedding_length")),
-            n_head=int(field("llama.attention.head_count")), n_kv_head=int(field("llama.attention.head_count_kv")),
-            ffn_hidden=int(field("llama.feed_forward_length")), head_dim=int(field("llama.attention.key_length")),
-            rope_theta=float(field("llama.rope.freq_base")),
-            rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
-            tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+            vocab_size=int(field(f"{arch}.vocab_size")), context_length=int(field(f"{arch}.context_length")),
+            n_layer=int(field(f"{arch}.block_count")), d_model=int(field(f"{arch}.embedding_length")),
+            n_head=int(field(f"{arch}.attention.head_count")),
+            n_kv_head=int(field(f"{arch}.attention.head_count_kv")),
+            ffn_hidden=int(field(f"{arch}.feed_forward_length")), head_dim=int(field(f"{arch}.attention.key_length")),
+            rope_theta=float(field(f"{arch}.rope.freq_base")),
+            rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+            tie_embeddings="output.weight" not in names, family=family,
+            qkv_bias="blk.0.attn_q.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
             rope_scaling={key[len(ROPE_SCALING_PREFIX):]: float(reader.fields[key].contents())
                           for key in reader.fields if key.startswith(ROPE_SCALING_PREFIX)} or None)
     except SettingError as exc:

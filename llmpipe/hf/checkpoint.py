@@ -1,8 +1,8 @@
-"""Importing a Hugging Face Llama-family checkpoint's weights (`base_model=hf`) as the pipeline's base model
-(its tokenizer: llmpipe.hf.tokenizer).
+"""Importing the weights of a Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3; `base_model=hf`) as the
+pipeline's base model (its tokenizer: llmpipe.hf.tokenizer).
 
 - `read_hf_directory`: config.json + safetensors (one file or shards; pickles refused) → our Transformer,
-  refusing by key what our model does not implement (biases, sliding windows, experts, other ropes);
+  refusing by key what our model does not implement (output biases, sliding windows, experts, other ropes);
 - `import_checkpoint`: the same, with the vocabulary fitted to the imported tokenizer.
 """
 
@@ -70,7 +70,7 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
 
 
 def read_hf_directory(directory: str | Path) -> Transformer:
-    """A Hugging Face LlamaForCausalLM directory → our Transformer with the same weights (float32)."""
+    """A Hugging Face checkpoint directory of a supported family → our Transformer with the same weights (float32)."""
     directory = Path(directory)
     model = empty_model(read_hf_config(directory))
     expected = model.state_dict()
@@ -78,7 +78,7 @@ def read_hf_directory(directory: str | Path) -> Transformer:
     for name, tensor in read_hf_tensors(directory).items():
         ours = name.removeprefix("model.")
         if ours not in expected:
-            raise InputDataError(f"{directory}: tensor {name} has no place in a Llama model")
+            raise InputDataError(f"{directory}: tensor {name} has no place in a {model.config.family} model")
         if tuple(tensor.shape) != tuple(expected[ours].shape):
             raise InputDataError(f"{directory}: tensor {name} has shape {tuple(tensor.shape)}, the config needs "
                                  f"{tuple(expected[ours].shape)}")
@@ -108,7 +108,7 @@ def fit_vocabulary(model: Transformer, vocab_size: int, known_tokens: int) -> Tr
 
 
 def import_checkpoint(directory: str | Path, vocab_size: int) -> Transformer:
-    """A Hugging Face Llama checkpoint as the pipeline's base model, for its tokenizer plus what the import
+    """A Hugging Face checkpoint as the pipeline's base model, for its tokenizer plus what the import
     added (`vocab_size` tokens in all)."""
 
     known = Tokenizer.from_file(str(Path(directory) / "tokenizer.json")).get_vocab_size()

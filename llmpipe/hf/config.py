@@ -1,19 +1,33 @@
-"""The mapping between our ModelConfig and a Hugging Face LlamaForCausalLM config.json, both ways:
-`hf_llama_config` (export) and `model_config_from_hf` (import; what our model does not implement is
-refused by key)."""
+"""The mapping between our ModelConfig and a Hugging Face config.json of the families our transformer covers
+(Llama, Mistral, Qwen2, Qwen3), both ways: `hf_config` (export, as the family's own transformers class) and
+`model_config_from_hf` (import; what our model does not implement is refused by key)."""
 
 from __future__ import annotations
 
 import math
 
 from llmpipe.errors import InputDataError, SettingError
-from llmpipe.model.transformer import ModelConfig
+from llmpipe.model.transformer import FAMILIES, ModelConfig
+
+# Each family's transformers class, and what it adds to the Llama layout (ModelConfig's options).
+FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+FAMILY_OPTIONS = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}
 
 
-def hf_llama_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict:
+def hf_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+              pad_token_id: int | None = None) -> dict:
+    """config.json for `config` as its family's transformers class (LlamaForCausalLM, Qwen2ForCausalLM, ...)."""
+    family = {
+        "llama": {"attention_bias": False, "mlp_bias": False},
+        "mistral": {"sliding_window": None},
+        "qwen2": {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer},
+        "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                  "max_window_layers": config.n_layer},
+    }[config.family]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [FAMILY_CLASSES[config.family]],
+        "model_type": config.family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.ffn_hidden,
@@ -27,16 +41,15 @@ def hf_llama_config(config: ModelConfig, bos_token_id: int | None = None, eos_to
         "rope_scaling": {"rope_type": "llama3", **config.rope_scaling} if config.rope_scaling else None,
         "hidden_act": "silu",
         "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
+        **family,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "initializer_range": 0.02,
         "use_cache": True,
         "torch_dtype": "float32",
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
     }
-
 
 
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -63,23 +76,41 @@ def rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     return theta, {key: scaling[key] for key in ROPE_SCALING_KEYS}
 
 
-# Our ModelConfig's names for LlamaForCausalLM's config.json keys.
+# Our ModelConfig's names for the config.json keys.
 HF_KEYS = {"vocab_size": "vocab_size", "context_length": "max_position_embeddings", "n_layer": "num_hidden_layers",
            "d_model": "hidden_size", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
            "ffn_hidden": "intermediate_size", "head_dim": "head_dim", "rms_norm_eps": "rms_norm_eps",
            "tie_embeddings": "tie_word_embeddings"}
 
+# Keys whose other values need what our model does not implement, and the value (or null) that it does.
+UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "num_local_experts": None,
+               "num_experts": None, "partial_rotary_factor": 1.0, "use_sliding_window": False}
+
+
+def check_attention_is_full(hf: dict, where: str) -> None:
+    """Every layer attends to the whole context: Mistral's `sliding_window` at least the context length (or null),
+    Qwen's only where `use_sliding_window` is on, and `layer_types` (transformers 5) all full attention."""
+    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings")
+    if hf.get("model_type") in ("llama", "mistral") and window is not None and not (
+            isinstance(window, int) and isinstance(context, int) and window >= context):
+        raise InputDataError(f"{where}: sliding_window = {window!r} is smaller than the context length "
+                             f"(max_position_embeddings = {context!r}); sliding-window attention is not supported "
+                             "(only null or a window at least the context length)")
+    layer_types = hf.get("layer_types") or []
+    partial = sorted({kind for kind in layer_types if kind != "full_attention"})
+    if partial:
+        raise InputDataError(f"{where}: layer_types has {partial[0]!r} layers; only 'full_attention' is supported")
+
 
 def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
-    """A LlamaForCausalLM config.json → ModelConfig; what our model does not implement is refused by key."""
-    if hf.get("model_type") != "llama":
-        raise InputDataError(f"{where}: model_type is {hf.get('model_type')!r}; only Llama-architecture checkpoints "
-                             "(model_type 'llama') are supported")
-    unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "sliding_window": None,
-                   "num_local_experts": None, "num_experts": None, "partial_rotary_factor": 1.0}
-    for key, supported in unsupported.items():
+    """A config.json of a supported family → ModelConfig; what our model does not implement is refused by key."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise InputDataError(f"{where}: model_type is {family!r}; supported: {', '.join(FAMILIES)}")
+    for key, supported in UNSUPPORTED.items():
         if hf.get(key, supported) not in (supported, None):
             raise InputDataError(f"{where}: {key} = {hf[key]!r} is not supported (only {supported!r})")
+    check_attention_is_full(hf, where)
     theta, scaling = rope_from_hf(hf, where)
     missing = [key for key in ("vocab_size", "max_position_embeddings", "num_hidden_layers", "hidden_size",
                                "num_attention_heads", "intermediate_size") if key not in hf]
@@ -90,8 +121,8 @@ def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
     values["rms_norm_eps"] = hf.get("rms_norm_eps", 1e-6)
     values["tie_embeddings"] = hf.get("tie_word_embeddings", False)
     try:
-        return ModelConfig(**values, rope_theta=theta, rope_scaling=scaling)
+        return ModelConfig(**values, rope_theta=theta, rope_scaling=scaling, family=family, **FAMILY_OPTIONS[family])
     except SettingError as exc:
         raise InputDataError(f"{where}: {HF_KEYS.get(exc.field, exc.field)}: {exc}") from None
     except ValueError as exc:
-        raise InputDataError(f"{where}: not a valid Llama config ({exc})") from None
+        raise InputDataError(f"{where}: not a valid {FAMILY_CLASSES[family]} config ({exc})") from None

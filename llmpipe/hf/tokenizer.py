@@ -1,9 +1,11 @@
-"""A Hugging Face checkpoint's tokenizer (`base_model=hf`): its tokenizer.json (byte-level BPE only), its
-end-of-sequence token, and its chat template when it has one (else the pipeline's chat tokens are added)."""
+"""A Hugging Face checkpoint's tokenizer (`base_model=hf`): its tokenizer.json (byte-level BPE only), the tokens
+that frame its sequences (BOS, EOS, padding, whether it adds BOS), and its chat template when it has one (else
+the pipeline's chat tokens are added)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
@@ -13,10 +15,18 @@ from llmpipe.text.chat_template import end_of_turn_token
 from llmpipe.text.tokenizer import SUPPORTED_KINDS, gguf_pre_tokenizer
 
 
-def import_tokenizer(source: Path, special_tokens: dict[str, str]
-                     ) -> tuple[Tokenizer, dict[str, str], dict | None, list[str]]:
-    """A checkpoint's `tokenizer.json` as the pipeline's tokenizer: (tokenizer, special tokens by role, its chat
-    template or None, tokens added). Only byte-level BPE is supported (SentencePiece-style is refused).
+@dataclass
+class ImportedTokenizer:
+    tokenizer: Tokenizer
+    special_tokens: dict[str, str]     # by role (end_of_document, end_of_turn, and the pipeline's chat roles)
+    chat_template: dict | None         # the checkpoint's own, or None
+    added: list[str]                   # tokens the import added to the vocabulary
+    sequence_tokens: dict              # the checkpoint's {bos, eos, pad, add_bos} (llmpipe.text.tokenizer)
+
+
+def import_tokenizer(source: Path, special_tokens: dict[str, str]) -> ImportedTokenizer:
+    """A checkpoint's `tokenizer.json` as the pipeline's tokenizer. Only byte-level BPE is supported
+    (SentencePiece-style is refused).
 
     With a chat template (tokenizer_config.json `chat_template`, or chat_template.jinja), that template is
     the chat format: the end of a turn is the special token that closes an assistant turn in it. Without
@@ -34,41 +44,71 @@ def import_tokenizer(source: Path, special_tokens: dict[str, str]
     if gguf_pre_tokenizer(tokenizer) is None:
         raise InputDataError(f"{path}: this tokenizer kind is not supported; supported: {SUPPORTED_KINDS}")
     template = checkpoint_chat_template(source)
+    eos = declared_token(source, tokenizer, "eos")
     if template is not None:  # its own chat format: the end of a document and of a turn come from it
-        specials = {"end_of_document": checkpoint_eos_token(source, tokenizer) or template["eos_token"],
+        specials = {"end_of_document": eos or template["eos_token"],
                     "end_of_turn": end_of_turn_token(template, tokenizer, path)}
-        return tokenizer, specials, template, []
-    specials = dict(special_tokens)
-    eos = checkpoint_eos_token(source, tokenizer)
-    if eos is not None:
-        specials["end_of_document"] = eos
-    missing = [token for token in dict.fromkeys(specials.values()) if tokenizer.token_to_id(token) is None]
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in missing])
-    return tokenizer, specials, None, missing
+        added = []
+    else:
+        specials = dict(special_tokens)
+        if eos is not None:
+            specials["end_of_document"] = eos
+        added = [token for token in dict.fromkeys(specials.values()) if tokenizer.token_to_id(token) is None]
+        tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in added])
+    prefix = post_processor_prefix(tokenizer)
+    bos = declared_token(source, tokenizer, "bos") or prefix
+    add_bos = tokenizer_config(source).get("add_bos_token")
+    sequence_tokens = {"bos": bos, "eos": specials["end_of_document"], "pad": declared_token(source, tokenizer, "pad"),
+                       "add_bos": bos is not None and (add_bos if isinstance(add_bos, bool) else prefix is not None)}
+    return ImportedTokenizer(tokenizer, specials, template, added, sequence_tokens)
 
 
-def checkpoint_eos_token(source: Path, tokenizer: Tokenizer) -> str | None:
-    """The end-of-sequence token a checkpoint declares (tokenizer_config.json, or config.json's id)."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = source / name
-        if path.is_file():
-            eos = json.loads(path.read_text("utf-8")).get("eos_token")
-            eos = eos.get("content") if isinstance(eos, dict) else eos
-            if isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
-                return eos
+def tokenizer_config(source: Path) -> dict:
+    path = source / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise InputDataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise InputDataError(f"{path}: expected a JSON object")
+    return config
+
+
+def declared_token(source: Path, tokenizer: Tokenizer, kind: str) -> str | None:
+    """The `kind` ("bos", "eos", "pad") token a checkpoint declares: tokenizer_config.json's (or
+    special_tokens_map.json's) `<kind>_token`, else config.json's `<kind>_token_id` (as llama.cpp's converter
+    reads them); None when neither names a token of the vocabulary."""
+    special_map = source / "special_tokens_map.json"
+    for declared in (tokenizer_config(source),
+                     json.loads(special_map.read_text("utf-8")) if special_map.is_file() else {}):
+        token = declared.get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return token
     config = source / "config.json"
     if config.is_file():
-        eos_id = json.loads(config.read_text("utf-8")).get("eos_token_id")
-        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
-        if isinstance(eos_id, int):
-            return tokenizer.id_to_token(eos_id)
+        token_id = json.loads(config.read_text("utf-8")).get(f"{kind}_token_id")
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+        if isinstance(token_id, int) and not isinstance(token_id, bool):
+            return tokenizer.id_to_token(token_id)
+    return None
+
+
+def post_processor_prefix(tokenizer: Tokenizer) -> str | None:
+    """The special token the tokenizer's post-processor puts before every text (Llama's BOS), or None."""
+    processor = json.loads(tokenizer.to_str()).get("post_processor") or {}
+    steps = processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0]
+            if "SpecialToken" in first:
+                return first["SpecialToken"]["id"]
     return None
 
 
 def checkpoint_chat_template(source: Path) -> dict | None:
     """{template, bos_token, eos_token} from tokenizer_config.json (or chat_template.jinja), or None."""
-    config_path = source / "tokenizer_config.json"
-    config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+    config = tokenizer_config(source)
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)

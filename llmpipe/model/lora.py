@@ -43,6 +43,7 @@ class LoRALinear(nn.Linear):
                          dtype=base.weight.dtype)
         self.weight = base.weight
         self.weight.requires_grad_(False)
+        self.bias = base.bias  # frozen too (Qwen2's query/key/value biases), or None
         self.scaling = settings.alpha / settings.rank
         self.lora_A = nn.Parameter(torch.empty(settings.rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, settings.rank, device=base.weight.device))
@@ -50,7 +51,7 @@ class LoRALinear(nn.Linear):
         self.dropout = nn.Dropout(settings.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + self.scaling * (self.lora_B @ self.lora_A)
@@ -95,7 +96,7 @@ def merge_lora(model: Transformer) -> Transformer:
                 with torch.no_grad():
                     child.weight.add_(child.scaling * (child.lora_B @ child.lora_A))
                 plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-                plain.weight = child.weight
+                plain.weight, plain.bias = child.weight, child.bias
                 setattr(module, child_name, plain)
     return model.eval()
 

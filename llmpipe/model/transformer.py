@@ -10,7 +10,8 @@
 - Grouped-query attention: `n_kv_head` key/value heads shared by `n_head` query heads, computed by
   `torch.nn.functional.scaled_dot_product_attention` (causal).
 - SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
-- Optional tied input/output embeddings; no biases anywhere.
+- Optional tied input/output embeddings; no biases, except on the query/key/value projections where a
+  family has them (`qkv_bias`, Qwen2); optionally an RMSNorm over each query and key head (`qk_norm`, Qwen3).
 - A key/value cache for generation: each layer keeps the keys and values of the tokens seen so far.
 
 Module names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.N.self_attn.q_proj, ...),
@@ -33,6 +34,8 @@ from llmpipe.model.loss import (  # noqa: F401 (IGNORE_INDEX: the targets' conve
     full_logits_cross_entropy,
 )
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the Hugging Face model_types this layout covers
+
 
 @params_section("model", presets=True)
 @dataclass
@@ -50,6 +53,10 @@ class ModelConfig:
     tie_embeddings: bool = setting(True, "share the embedding matrix with the output head")
     rope_scaling: dict | None = None  # Llama 3.1 rotary scaling: factor, low_freq_factor, high_freq_factor,
     #                                   original_max_position_embeddings (imported checkpoints only; not a param)
+    # What some imported families add to this Llama layout (not params; to_dict leaves them out at their defaults):
+    qkv_bias: bool = False    # biases on the query, key and value projections (Qwen2)
+    qk_norm: bool = False     # RMSNorm over each query and key head before the rotation (Qwen3)
+    family: str = "llama"     # the Hugging Face model_type the weights came from, which the exports write back
 
     def __post_init__(self):
         check_settings(self)  # typed and ranged whatever the source: params.yaml, config.json, a checkpoint, GGUF
@@ -61,6 +68,8 @@ class ModelConfig:
             self.head_dim = self.d_model // max(self.n_head, 1)
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.family not in FAMILIES:
+            problems.append(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.head_dim % 2:
             problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if problems:
@@ -68,9 +77,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        if self.rope_scaling is None:
-            values.pop("rope_scaling")
+        for name, default in IMPORTED_ONLY_DEFAULTS.items():
+            if values[name] == default:
+                values.pop(name)
         return values
+
+
+IMPORTED_ONLY_DEFAULTS = {"rope_scaling": None, "qkv_bias": False, "qk_norm": False, "family": "llama"}
 
 
 class RMSNorm(nn.Module):
@@ -158,16 +171,19 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, return_weights: bool = False):
         batch, time, _ = x.shape
         q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)  # per head (qk_norm), before the rotation
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         past = 0
         if cache is not None:
@@ -247,6 +263,8 @@ class Transformer(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length

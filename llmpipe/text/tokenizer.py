@@ -2,7 +2,10 @@
 
 The tokenizer directory holds `tokenizer.json` (the `tokenizers` file, readable by transformers and
 llama.cpp exporters) and `special_tokens.json`, which maps each role of a special token
-(end_of_document, user, assistant, system, end_of_turn) to its string, for the chat template.
+(end_of_document, user, assistant, system, end_of_turn) to its string, for the chat template. A tokenizer
+imported from a checkpoint also keeps that checkpoint's chat template (`chat_template.json`) and the tokens
+that frame its sequences (`sequence_tokens.json`: BOS, EOS, padding, whether it adds BOS itself), which the
+exports carry (`LoadedTokenizer.sequence_tokens`).
 Training reads a bounded sample of the text (`TextSample`: the first documents up to a number of UTF-8
 bytes, streamed), so a corpus larger than memory trains in bounded time and memory.
 """
@@ -24,6 +27,21 @@ from llmpipe.errors import InputDataError, SettingError
 
 BYTE_ALPHABET_SIZE = 256
 CHAT_TEMPLATE_FILE = "chat_template.json"
+SEQUENCE_TOKENS_FILE = "sequence_tokens.json"
+
+
+@dataclass(frozen=True)
+class SequenceTokens:
+    """The tokens that frame a sequence for the tools that run an exported model (transformers, llama.cpp): its
+    beginning (BOS; None when the tokenizer has none), its end (EOS), the end of a chat turn (EOT: generation
+    stops there too), padding (or None), and whether the tokenizer puts BOS before a text itself. An imported
+    checkpoint's own; for the pipeline's tokenizer, end_of_document begins and pads, end_of_turn ends, no BOS
+    is added (the pipeline places ids itself)."""
+    bos: str | None
+    eos: str
+    end_of_turn: str
+    pad: str | None
+    add_bos: bool
 
 
 @dataclass(frozen=True)
@@ -119,15 +137,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
     return tokenizer
 
 
-# Pre-tokenizers llama.cpp recognizes by name (GGUF `tokenizer.ggml.pre`), as they appear in tokenizer.json.
+# Pre-tokenizers llama.cpp recognizes by name (GGUF `tokenizer.ggml.pre`), by their split pattern in tokenizer.json
+# (a Split followed by a ByteLevel without its own regex). Qwen2's differs from Llama 3's in single digits.
 LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
                 "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-SUPPORTED_KINDS = ("byte-level BPE with the GPT-2 pre-tokenizer (GPT-2, this pipeline's own) or Llama 3's "
-                   "(Llama 3.x)")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
+GGUF_PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+SUPPORTED_KINDS = ("byte-level BPE with the GPT-2 pre-tokenizer (GPT-2, this pipeline's own), Llama 3's (Llama 3.x) "
+                   "or Qwen2's (Qwen2, Qwen2.5, Qwen3)")
 
 
 def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str | None:
-    """llama.cpp's name for this byte-level BPE's pre-tokenizer ("gpt-2", "llama-bpe"), or None."""
+    """llama.cpp's name for this byte-level BPE's pre-tokenizer ("gpt-2", "llama-bpe", "qwen2"), or None."""
     spec = json.loads(tokenizer.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -136,19 +157,21 @@ def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str | None:
         return "gpt-2"
     steps = pre.get("pretokenizers") or []
     if pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split" \
-            and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT and steps[1].get("type") == "ByteLevel" \
-            and not steps[1].get("use_regex", True):
-        return "llama-bpe"
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
+        return GGUF_PRE_TOKENIZERS.get(steps[0].get("pattern", {}).get("Regex"))
     return None
 
 
 def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directory: Path,
-                   chat_template: dict | None = None) -> None:
+                   chat_template: dict | None = None, sequence_tokens: dict | None = None) -> None:
+    """`chat_template` and `sequence_tokens` ({bos, eos, pad, add_bos}): an imported checkpoint's own."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "special_tokens.json").write_text(json_text(special_tokens), encoding="utf-8")
     if chat_template is not None:  # an imported checkpoint's own chat format
         (directory / CHAT_TEMPLATE_FILE).write_text(json_text(chat_template), encoding="utf-8")
+    if sequence_tokens is not None:
+        (directory / SEQUENCE_TOKENS_FILE).write_text(json_text(sequence_tokens), encoding="utf-8")
 
 
 class LoadedTokenizer:
@@ -178,6 +201,30 @@ class LoadedTokenizer:
         missing = [role for role, token_id in self.special_ids.items() if token_id is None]
         if missing:
             raise InputDataError(f"{directory / 'tokenizer.json'}: special tokens {missing} are not in the vocabulary")
+        self.sequence_tokens = self._read_sequence_tokens(directory / SEQUENCE_TOKENS_FILE)
+
+    def _read_sequence_tokens(self, path: Path) -> SequenceTokens:
+        specials = self.special_tokens
+        if not path.is_file():  # the pipeline's own tokenizer
+            return SequenceTokens(bos=specials["end_of_document"], eos=specials["end_of_turn"],
+                                  end_of_turn=specials["end_of_turn"], pad=specials["end_of_document"], add_bos=False)
+        try:
+            values = json.loads(path.read_text("utf-8"))
+            tokens = SequenceTokens(bos=values["bos"], eos=values["eos"], end_of_turn=specials["end_of_turn"],
+                                    pad=values["pad"], add_bos=values["add_bos"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InputDataError(f"{path}: expected an object with bos, eos, pad and add_bos ({exc!r}); rerun the "
+                                 "train_tokenizer stage") from None
+        unknown = [token for token in (tokens.bos, tokens.eos, tokens.pad)
+                   if token is not None and self.tokenizer.token_to_id(token) is None]
+        if unknown or not isinstance(tokens.eos, str) or not isinstance(tokens.add_bos, bool):
+            raise InputDataError(f"{path}: expected bos/pad as tokens of the vocabulary or null, eos a token, "
+                                 f"add_bos true or false; got {values}")
+        return tokens
+
+    def token_id(self, token: str | None) -> int | None:
+        """A token's id, None for None."""
+        return None if token is None else self.tokenizer.token_to_id(token)
 
     @property
     def vocab_size(self) -> int:

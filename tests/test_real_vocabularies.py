@@ -1,0 +1,220 @@
+"""Real vocabularies and llama.cpp's own converter, references that nobody here wrote, from the llama-cpp-python
+sdist:
+- llama.cpp's ggml-vocab-*.gguf files hold each vocabulary's tokens and merges, with test texts (.inp) and the
+  ids the original tokenizer gives them (.out). The tokenizer.json each family ships (same tokens and merges, the
+  family's pre-tokenizer) goes through the pipeline's import, and its encoding must give those ids; the GGUF
+  metadata we would write (pre-tokenizer name, tokens, merges) must be the vocabulary file's.
+- convert_hf_to_gguf.py converts a random checkpoint of each family carrying a real vocabulary; our F16 GGUF of
+  the same checkpoint must have its architecture, tensor names, types, shapes and bytes, and its metadata
+  (the extra keys we write aside).
+
+The sdist (about 77 MB) is not in the repository: .ci/run downloads it with
+`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d ~/.cache/llmpipe`; the test extracts the
+few files it needs next to it and is skipped, with that command as the reason, where it is absent."""
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import SPECIALS
+from test_families import LLAMA3_TEMPLATE, QWEN_TEMPLATE
+
+from llmpipe.hf.tokenizer import import_tokenizer
+from llmpipe.text.tokenizer import (
+    LLAMA3_SPLIT,
+    QWEN2_SPLIT,
+    LoadedTokenizer,
+    gguf_pre_tokenizer,
+    save_tokenizer,
+)
+
+SDIST_NAME = "llama_cpp_python-0.3.36"
+SDIST = Path(os.environ.get("LLMPIPE_LLAMA_CPP_SDIST",
+                            Path.home() / ".cache" / "llmpipe" / f"{SDIST_NAME}.tar.gz"))
+VOCABULARIES = {  # llama.cpp's vocabulary → the pre-tokenizer its family's tokenizer.json has
+    "gpt-2": {"split": None, "nfc": False, "ignore_merges": False},
+    "llama-bpe": {"split": LLAMA3_SPLIT, "nfc": False, "ignore_merges": True},  # as Llama 3's tokenizer.json
+    "qwen2": {"split": QWEN2_SPLIT, "nfc": True, "ignore_merges": False},
+}
+
+
+def vocabulary(name: str) -> tuple[dict, list[str], list[list[int]]]:
+    """ggml-vocab-`name`.gguf's tokenizer metadata (tokens, merges, token types, pre, eos id), its test texts and
+    their ids; extracted once from the sdist into a cache beside it (the metadata as JSON: gguf's reader takes
+    about a minute over a 150k-token list)."""
+    if not SDIST.is_file():
+        pytest.skip(f"{SDIST} not found: pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 "
+                    f"-d {SDIST.parent}")
+    cache = SDIST.parent / f"{SDIST_NAME}-vocab"
+    base = cache / f"ggml-vocab-{name}"
+    if not all(Path(f"{base}{suffix}").is_file() for suffix in (".json", ".inp", ".out")):
+        import gguf
+
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SDIST) as archive:
+            for suffix in (".gguf", ".gguf.inp", ".gguf.out"):
+                member = archive.getmember(f"{SDIST_NAME}/vendor/llama.cpp/models/ggml-vocab-{name}{suffix}")
+                Path(f"{base}{suffix}.part").write_bytes(archive.extractfile(member).read())
+        fields = gguf.GGUFReader(f"{base}.gguf.part").fields
+        metadata = {key: fields[f"tokenizer.ggml.{key}"].contents()
+                    for key in ("tokens", "merges", "token_type", "pre", "eos_token_id")}
+        Path(f"{base}.json.part").write_text(json.dumps(metadata), encoding="utf-8")
+        for suffix in (".json", ".inp", ".out"):
+            Path(f"{base}{'' if suffix == '.json' else '.gguf'}{suffix}.part").rename(f"{base}{suffix}")
+        Path(f"{base}.gguf.part").unlink()
+    metadata = json.loads(Path(f"{base}.json").read_text("utf-8"))
+    texts = Path(f"{base}.inp").read_text("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    expected = [[int(i) for i in line.split()] for line in Path(f"{base}.out").read_text("utf-8").split("\n")]
+    return metadata, texts, expected[:len(texts)]
+
+
+def family_tokenizer_json(metadata: dict, directory: Path, split: str | None, nfc: bool, ignore_merges: bool):
+    """The tokenizer.json a checkpoint of this vocabulary ships: byte-level BPE with the GGUF's tokens and merges,
+    its control tokens special, and its family's pre-tokenizer."""
+    import gguf
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
+
+    tokens = metadata["tokens"]
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
+                                     ignore_merges=ignore_merges))
+    if split is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if nfc:
+        tokenizer.normalizer = normalizers.NFC()
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token, kind in zip(tokens, metadata["token_type"])
+                                  if kind == gguf.TokenType.CONTROL])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokens[metadata["eos_token_id"]]}))
+
+
+@pytest.mark.parametrize("name", VOCABULARIES)
+def test_a_real_vocabulary_encodes_llama_cpps_test_texts_to_the_original_ids(tmp_path, name):
+    from llmpipe.gguf.files import _merges
+
+    metadata, texts, expected = vocabulary(name)
+    family_tokenizer_json(metadata, tmp_path / "ckpt", **VOCABULARIES[name])
+    imported = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    save_tokenizer(imported.tokenizer, imported.special_tokens, tmp_path / "tok", imported.chat_template,
+                   imported.sequence_tokens)
+    tokenizer = LoadedTokenizer(tmp_path / "tok")
+    assert gguf_pre_tokenizer(tokenizer.tokenizer) == metadata["pre"] == name
+    vocabulary_list = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    added = len(imported.added)  # the pipeline's chat tokens, after the vocabulary (no chat template here)
+    assert [token for token, _ in vocabulary_list][:len(vocabulary_list) - added] == metadata["tokens"]
+    assert _merges(tokenizer) == metadata["merges"]
+    assert len(texts) >= 40
+    mismatches = [(text, ids) for text, ids in zip(texts, expected) if tokenizer.encode(text) != ids]
+    assert mismatches == []
+
+
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/ packages, extracted once from the sdist."""
+    vocabulary("qwen2")  # skips where the sdist is absent
+    root = SDIST.parent / f"{SDIST_NAME}-converter"
+    if not (root / "convert_hf_to_gguf.py").is_file():
+        prefix = f"{SDIST_NAME}/vendor/llama.cpp/"
+        temp = SDIST.parent / f".{root.name}.part"
+        with tarfile.open(SDIST) as archive:
+            for member in archive.getmembers():
+                relative = member.name[len(prefix):]
+                if member.isfile() and member.name.startswith(prefix) and relative.startswith(CONVERTER_FILES):
+                    (temp / relative).parent.mkdir(parents=True, exist_ok=True)
+                    (temp / relative).write_bytes(archive.extractfile(member).read())
+        # It imports sentencepiece before it looks for a tokenizer.model, which these checkpoints do not have.
+        (temp / "stub").mkdir(exist_ok=True)
+        (temp / "stub/sentencepiece.py").write_text("class SentencePieceProcessor:\n    pass\n")
+        temp.rename(root)
+    return root
+
+
+LLAMA3_CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": LLAMA3_TEMPLATE}
+QWEN_CONFIG = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": QWEN_TEMPLATE}
+CONVERTED = {  # transformers class, the real vocabulary its family uses, tokenizer_config.json, config.json ids
+    "llama": ("LlamaForCausalLM", "llama-bpe", LLAMA3_CONFIG, {"bos_token_id": 128000, "eos_token_id": 128001}),
+    "mistral": ("MistralForCausalLM", "llama-bpe", LLAMA3_CONFIG,
+                {"bos_token_id": 128000, "eos_token_id": 128001, "sliding_window": None}),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", QWEN_CONFIG,
+              {"bos_token_id": 151643, "eos_token_id": 151645, "tie_word_embeddings": True}),
+    "qwen3": ("Qwen3ForCausalLM", "qwen2", QWEN_CONFIG, {"bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 32}),
+}
+# The converter names a pre-tokenizer by hashing the ids transformers gives a test text: for our Llama 3 tokenizer.json
+# (which gives llama.cpp's llama-bpe test ids, above) under transformers 5.24 that hash is the one it lists as
+# "smaug-bpe", so that key alone is not compared for the llama-bpe vocabulary.
+PRE_TOKENIZER_NOT_COMPARED = {"llama-bpe"}
+
+
+@pytest.mark.slow  # minutes: gguf's reader parses 150k-token lists element by element
+@pytest.mark.parametrize("family", CONVERTED)
+def test_our_f16_gguf_is_what_llama_cpps_converter_writes(tmp_path, family):
+    import subprocess
+    import sys
+
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+
+    from llmpipe.gguf.files import plan_tensors, write_gguf
+    from llmpipe.hf.checkpoint import import_checkpoint
+
+    class_name, name, tokenizer_config, ids = CONVERTED[family]
+    script = converter()
+    metadata, _, _ = vocabulary(name)
+    checkpoint = tmp_path / "ckpt"
+    family_tokenizer_json(metadata, checkpoint, **VOCABULARIES[name])
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(family, **{
+        "vocab_size": len(metadata["tokens"]), "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+        "rope_theta": 500000.0, "tie_word_embeddings": False, **ids})
+    model = getattr(transformers, class_name)(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:  # biases and norms random too
+                parameter.normal_(1.0, 0.5)
+    model.save_pretrained(checkpoint)
+    reference = tmp_path / "reference.gguf"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(str(script / d) for d in ("gguf-py", ".", "stub"))}
+    subprocess.run([sys.executable, str(script / "convert_hf_to_gguf.py"), str(checkpoint), "--outtype", "f16",
+                    "--outfile", str(reference)], check=True, env=environment, capture_output=True, timeout=600)
+
+    imported = import_tokenizer(checkpoint, SPECIALS)
+    save_tokenizer(imported.tokenizer, imported.special_tokens, tmp_path / "tok", imported.chat_template,
+                   imported.sequence_tokens)
+    tokenizer = LoadedTokenizer(tmp_path / "tok")
+    ours = import_checkpoint(checkpoint, tokenizer.vocab_size)
+    write_gguf(tmp_path / "ours.gguf", ours, tokenizer, plan_tensors(ours, "F16", "Q4_0", None, None), "F16", "m")
+    theirs, mine = gguf.GGUFReader(str(reference)), gguf.GGUFReader(str(tmp_path / "ours.gguf"))
+    theirs_tensors, mine_tensors = ({t.name: t for t in r.tensors} for r in (theirs, mine))
+    assert sorted(mine_tensors) == sorted(theirs_tensors)
+    for tensor_name, tensor in theirs_tensors.items():
+        other = mine_tensors[tensor_name]
+        assert (other.tensor_type, list(other.shape)) == (tensor.tensor_type, list(tensor.shape)), tensor_name
+        assert np.array_equal(np.asarray(other.data), np.asarray(tensor.data)), tensor_name
+    ignored = {"GGUF.kv_count", "general.name", "general.size_label", "general.type", "general.quantization_version",
+               *({"tokenizer.ggml.pre"} if name in PRE_TOKENIZER_NOT_COMPARED else ())}
+    shared = (set(theirs.fields) & set(mine.fields)) - ignored
+    assert set(theirs.fields) - ignored <= shared  # every key the converter writes, we write
+    assert {key: mine.fields[key].contents() for key in shared} == {key: theirs.fields[key].contents() for key in shared}
