@@ -32,6 +32,7 @@ PLUMBING = {
     "llmpipe/tracking/provenance.py": "git commit and input md5s, for MLflow tags",
     "llmpipe/runner/restore.py": "puts the previous outputs back when a stage fails",
     "llmpipe/runner/guard.py": "whatever ends a stage: outputs put back, one line, exit status",
+    "llmpipe/runner/culprit.py": "the root cause of an unexpected exception, for the one line",
     "llmpipe/config/compose.py": "restore's params.yaml, as conf/ composes it",
     "llmpipe/errors.py": "exception types",
     "llmpipe/runner/launch.py": "process launch (torchrun)",

@@ -11,7 +11,8 @@ Each one:
   (llmpipe.runner.restore), and under `dvc exp run` the params.yaml conf/ composes;
 - lets the MLflow run of the stage end as FAILED or KILLED, its pipeline run too (llmpipe.tracking.stage_run
   sees the exception as it unwinds);
-- prints ONE line, `error: <message>` for a refusal, `error: <stage>: <cause>` otherwise, with the traceback
+- prints ONE line, `error: <message>` for a refusal, `error: <stage>: <cause>` otherwise (the root cause, with
+  the file it concerns, however the libraries on the way wrapped it: llmpipe.runner.culprit), with the traceback
   in logs/<stage>.log rather than on the screen;
 - exits non-zero: 1, or 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from llmpipe.config.layout import repository_root
 from llmpipe.config.params import PARAMS_FILE
 from llmpipe.errors import PipelineError, Stopped
+from llmpipe.runner.culprit import culprit
 
 ERRORS_DIR = "LLMPIPE_ERRORS_DIR"  # set by the launcher: where each of its processes leaves its error line
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -75,8 +77,7 @@ def describe(stage: str, exc: BaseException) -> str:
         return f"{stage}: interrupted (Ctrl-C)"
     if isinstance(exc, Stopped):
         return f"{stage}: stopped by {exc}"
-    cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{stage}: {type(exc).__name__}" + (f": {cause[:300]}" if cause else "")
+    return f"{stage}: {culprit(exc)}"
 
 
 def log_path(stage: str, rank: int = 0) -> Path:

@@ -1,0 +1,102 @@
+"""What reaches the user when something unexpected ends a stage names the root cause and its file, however a
+library wrapped it; and what a killed process leaves (temporary paths, MLflow runs left RUNNING, outputs DVC
+deleted) is cleaned up, or said, by the next stage (docs/bad-input.md)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(script: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DVC_", "MLFLOW_", "LLMPIPE_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def test_a_checkpoint_write_that_hits_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path):
+    # The file-size limit stands in for a full disk: torch.distributed.checkpoint reports it as
+    # `CheckpointException ranks:dict_keys([0])`; the line must name the shard and the OS error instead.
+    result = python("""
+        import resource, signal, torch
+        from llmpipe.runner.guard import guarded
+        from llmpipe.train.checkpoint import CheckpointStore
+        model = torch.nn.Linear(256, 256)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.ones(1, 256)).sum().backward(); optimizer.step()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        with guarded("pretrain"):
+            CheckpointStore(__import__("pathlib").Path("checkpoints/pretrain/key")).save(2, model, optimizer, {})
+    """, tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: pretrain: checkpoints/pretrain/key/.step-0000002.tmp-"), errors[0]
+    assert (".safetensors: [Errno 27] File too large (writing) (raised as CheckpointException) "
+            "(traceback in logs/pretrain.log)") in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+    assert list((tmp_path / "checkpoints/pretrain/key").iterdir()) == []  # no .tmp- directory left
+
+
+def test_the_culprit_is_the_root_os_error_and_its_file():
+    from llmpipe.runner.culprit import culprit
+
+    def wrapped(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except OSError as exc:
+                raise RuntimeError("could not save") from exc
+        except RuntimeError as outer:
+            return outer
+
+    assert culprit(wrapped(PermissionError(13, "Permission denied", "models/x.bin"))) == \
+        "models/x.bin: [Errno 13] Permission denied (raised as RuntimeError)"
+    assert culprit(wrapped(OSError(18, "Invalid cross-device link", "a", None, "b"))) == \
+        "a -> b: [Errno 18] Invalid cross-device link (raised as RuntimeError)"
+    # No OSError: the innermost explicit cause; an error while handling another is reported itself.
+    try:
+        try:
+            raise KeyError("n_layer")
+        except KeyError as exc:
+            raise ValueError("bad config") from exc
+    except ValueError as error:
+        assert culprit(error) == "KeyError: 'n_layer' (raised as ValueError)"
+    try:
+        try:
+            raise KeyError("n_layer")
+        except KeyError:
+            raise ValueError("bad config")
+    except ValueError as error:
+        assert culprit(error) == "ValueError: bad config"
+    # Exception groups are walked too.
+    group = ExceptionGroup("two", [ValueError("x"), OSError(28, "No space left on device", "data/a")])
+    assert culprit(group) == "data/a: [Errno 28] No space left on device (raised as ExceptionGroup)"
+
+
+def test_temporaries_of_dead_processes_are_removed_and_those_of_live_ones_kept(tmp_path):
+    from llmpipe.atomic import remove_orphaned_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "models").mkdir()
+    orphan_file = tmp_path / f"models/.model-Q4_K.gguf.tmp-{dead.pid}"
+    orphan_file.write_bytes(b"half")
+    orphan_dir = tmp_path / f"models/ckpt/.step-0000002.tmp-{dead.pid}"
+    (orphan_dir / "sharded").mkdir(parents=True)
+    old_dir = tmp_path / f"models/.finetuned.old-{dead.pid}"
+    old_dir.mkdir()
+    live = tmp_path / f"models/.pretrained.tmp-{os.getpid()}"
+    live.write_bytes(b"being written")
+    other = tmp_path / "models/.notes.tmp-backup"  # not ours: no PID
+    other.write_bytes(b"")
+    removed = remove_orphaned_temporaries([tmp_path / "models"])
+    assert sorted(removed) == sorted([orphan_file, orphan_dir, old_dir])
+    assert not orphan_file.exists() and not orphan_dir.exists() and not old_dir.exists()
+    assert live.exists() and other.exists()
