@@ -30,6 +30,7 @@ PLUMBING = {
     "llmpipe/tracking/pipeline_run.py": "the pipeline execution's MLflow run",
     "llmpipe/tracking/store.py": "where MLflow stores runs",
     "llmpipe/tracking/provenance.py": "git commit and input md5s, for MLflow tags",
+    "llmpipe/tracking/orphans.py": "closes the MLflow runs of killed processes",
     "llmpipe/runner/restore.py": "puts the previous outputs back when a stage fails",
     "llmpipe/runner/guard.py": "whatever ends a stage: outputs put back, one line, exit status",
     "llmpipe/runner/culprit.py": "the root cause of an unexpected exception, for the one line",

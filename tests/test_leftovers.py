@@ -100,3 +100,61 @@ def test_temporaries_of_dead_processes_are_removed_and_those_of_live_ones_kept(t
     assert sorted(removed) == sorted([orphan_file, orphan_dir, old_dir])
     assert not orphan_file.exists() and not orphan_dir.exists() and not old_dir.exists()
     assert live.exists() and other.exists()
+
+
+def test_runs_left_running_by_a_killed_stage_are_closed_by_the_next_stage(tmp_path, monkeypatch):
+    import mlflow
+
+    from llmpipe.tracking.stage_run import StageRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = python(f"""
+        import os, signal
+        os.environ.update(MLFLOW_TRACKING_URI="{uri}", LLMPIPE_PIPELINE_ID="killed-pipeline",
+                          MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false")
+        from llmpipe.tracking.stage_run import StageRun
+        with StageRun("pretrain", {{}}, {{}}):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """, tmp_path)
+    assert killed.returncode == -9, killed.stderr
+    client = mlflow.tracking.MlflowClient(uri)
+    [killed_stage] = client.search_runs(["1"], filter_string="attributes.run_name = 'pretrain'")
+    killed_pipeline = client.get_run(killed_stage.data.tags["mlflow.parentRunId"])
+    assert killed_stage.info.status == killed_pipeline.info.status == "RUNNING"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    monkeypatch.setenv("LLMPIPE_PIPELINE_ID", "killed-pipeline")  # the same execution key again: a new pipeline run
+    with StageRun("pretrain", {}, {}) as rerun:
+        pass
+    for run_id in (killed_stage.info.run_id, killed_pipeline.info.run_id):
+        closed = client.get_run(run_id)
+        assert closed.info.status == "FAILED", closed.info.run_name
+        assert closed.data.tags["llmpipe.end_reason"].startswith("its process (PID "), closed.data.tags
+    assert rerun.parent_id != killed_pipeline.info.run_id
+    assert client.get_run(rerun.run_id).info.status == client.get_run(rerun.parent_id).info.status == "FINISHED"
+
+
+def test_a_restore_that_cannot_put_an_output_back_says_which(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from llmpipe.runner.restore import restore_outputs
+
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    cache = tmp_path / ".dvc/cache/files/md5"
+    kept = b"kept\n"
+    import hashlib
+    kept_md5 = hashlib.md5(kept).hexdigest()
+    (cache / kept_md5[:2]).mkdir(parents=True)
+    (cache / kept_md5[:2] / kept_md5[2:]).write_bytes(kept)
+    lock = {"schema": "2.0", "stages": {"quantize": {"cmd": "x", "outs": [
+        {"path": "reports/sizes.json", "md5": kept_md5, "size": 5},
+        {"path": "models/gguf", "md5": "0123456789abcdef0123456789abcdef.dir", "size": 1, "nfiles": 1}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_STAGE", "quantize")
+    assert restore_outputs("quantize") == ["reports/sizes.json"]
+    assert (tmp_path / "reports/sizes.json").read_bytes() == kept
+    message = capsys.readouterr().err
+    assert message.startswith("quantize: could not put back models/gguf: DVC's cache lacks 1 of its objects "
+                              "(.dvc/cache/files/md5/01/23456789abcdef0123456789abcdef.dir; `dvc pull quantize`"), message

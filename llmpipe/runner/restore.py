@@ -4,6 +4,8 @@ DVC deletes a stage's outputs before it runs the stage's command (only `persist:
 and it would switch off the run-cache a team shares results through). When the stage then fails, whatever
 ends it (llmpipe.runner.guard), the outputs of its last successful run are copied back from DVC's cache,
 exactly as dvc.lock records them: the workspace is as it was, and `dvc status` shows only the changed input.
+An output whose cache objects are missing (a cache cleaned by `dvc gc`, a clone that never pulled) cannot come
+back: the stage says which, and which object it lacks.
 
 Outputs declared `cache: false` (metrics, curves: they live in git) never reach DVC's cache, so a
 successful stage files a copy of each there itself (`stash_uncached_outputs`), under the md5 DVC
@@ -71,29 +73,26 @@ def _matches(path: Path, md5: str, cache: Path) -> bool:
     """Whether `path` holds exactly what dvc.lock records (a directory: the same files, each the same md5)."""
     if not md5.endswith(".dir"):
         return path.is_file() and file_md5(path) == md5
-    if not path.is_dir():
-        return False
+    if not path.is_dir() or not _cache_path(cache, md5).is_file():
+        return False  # (without the listing, it cannot be told)
     entries = {entry["relpath"]: entry["md5"] for entry in json.loads(_cache_path(cache, md5).read_text("utf-8"))}
     files = {file.relative_to(path).as_posix(): file for file in path.rglob("*") if file.is_file()}
     return files.keys() == entries.keys() and all(file_md5(files[name]) == entries[name] for name in files)
 
 
-def _copy_from_cache(path: Path, md5: str, cache: Path) -> bool:
-    """Put dvc.lock's version of an output at `path` (replacing whatever is there); False when the cache lacks part
-    of it."""
+def _copy_from_cache(path: Path, md5: str, cache: Path) -> None:
+    """Put dvc.lock's version of an output at `path` (replacing whatever is there) from a cache that holds all of
+    it (`_missing_cache_objects`)."""
     if not md5.endswith(".dir"):
         with atomic.atomic_path(path) as temp:
             _copy_file(_cache_path(cache, md5), temp)
-        return True
+        return
     entries = json.loads(_cache_path(cache, md5).read_text("utf-8"))
-    if not all(_cache_path(cache, entry["md5"]).is_file() for entry in entries):
-        return False
     with atomic.atomic_path(path, directory=True) as temp:
         for entry in entries:
             target = temp / entry["relpath"]
             target.parent.mkdir(parents=True, exist_ok=True)
             _copy_file(_cache_path(cache, entry["md5"]), target)
-    return True
 
 
 def _copy_file(source: Path, target: Path) -> None:
@@ -127,14 +126,32 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
     for out in outs:
         path, md5 = Path(out["path"]), out.get("md5", "")
         try:
-            if not md5 or not _cache_path(cache, md5).is_file() \
-                    or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
-                continue  # nothing to put back from, or nothing to put back
-            if _copy_from_cache(path, md5, cache):
-                restored.append(str(path))
+            if not md5 or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
+                continue  # nothing recorded, or nothing to put back
+            missing = _missing_cache_objects(md5, cache)
+            if missing:
+                print(f"{stage}: could not put back {path}: DVC's cache lacks {len(missing)} of its objects "
+                      f"({os.path.relpath(missing[0])}{', ...' if len(missing) > 1 else ''}; `dvc pull {stage}` "
+                      "fetches them from the remote, or the stage's next run writes it again)", file=sys.stderr,
+                      flush=True)
+                continue
+            _copy_from_cache(path, md5, cache)
+            restored.append(str(path))
         except (OSError, ValueError) as exc:  # the rest may still come back
-            print(f"{stage}: could not put back {path} ({exc})", file=sys.stderr, flush=True)
+            print(f"{stage}: could not put back {path} ({exc})".splitlines()[0], file=sys.stderr, flush=True)
     return restored
+
+
+def _missing_cache_objects(md5: str, cache: Path) -> list[Path]:
+    """The cache files an output recorded as `md5` needs that are not there (for a directory: its listing, or the
+    files the listing names)."""
+    listing = _cache_path(cache, md5)
+    if not listing.is_file():
+        return [listing]
+    if not md5.endswith(".dir"):
+        return []
+    return [_cache_path(cache, entry["md5"]) for entry in json.loads(listing.read_text("utf-8"))
+            if not _cache_path(cache, entry["md5"]).is_file()]
 
 
 def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str | Path = "conf") -> bool:
