@@ -158,3 +158,32 @@ def test_a_restore_that_cannot_put_an_output_back_says_which(tmp_path, monkeypat
     message = capsys.readouterr().err
     assert message.startswith("quantize: could not put back models/gguf: DVC's cache lacks 1 of its objects "
                               "(.dvc/cache/files/md5/01/23456789abcdef0123456789abcdef.dir; `dvc pull quantize`"), message
+
+
+def test_a_model_no_better_than_chance_is_recorded_not_refused(capsys):
+    import math
+
+    from llmpipe.report.markdown import chance_level_lines, finetune_samples
+    from llmpipe.report.publish import flag_chance_level
+    from llmpipe.report.tables import FINETUNE_METRICS, dvc_metrics
+    from llmpipe.tracking.stage_run import StageRun
+    from llmpipe.train.loop import chance_level_warning
+
+    uniform = math.log(300)
+    assert chance_level_warning("finetune", "val_answer_loss", {"val_answer_loss": uniform - 1}, 300) is None
+    warning = chance_level_warning("finetune", "val_answer_loss", {"val_answer_loss": uniform}, 300)
+    assert warning.startswith("finetune: the trained model predicts no better than chance: val_answer_loss 5.7038 ")
+
+    tags = {}
+    run = StageRun("finetune", {}, {}, enabled=False)
+    run.set_tags = tags.update
+    metrics = {"qa_accuracy_heldout_people": 0.0, "qa_accuracy_finetuned_people": 0.0,
+               **flag_chance_level(run, warning)}
+    assert capsys.readouterr().err.startswith(f"warning: {warning}; recorded (no_better_than_chance = 1")
+    assert tags == {"llmpipe.no_better_than_chance": warning}
+    assert dvc_metrics(metrics, FINETUNE_METRICS) == {"heldout_acc": 0.0, "tuned_acc": 0.0, "no_better_than_chance": 1}
+    assert flag_chance_level(run, None) == {}  # a model that learned: no flag, metrics.json as before
+    assert f"**Warning:** {warning}." in finetune_samples({}, {}, 2, warning)
+    assert chance_level_lines({"Pretraining": {"val_bpb": 1.0}, "Fine-tuning": metrics}) == [
+        "**Warning:** Fine-tuning: the trained model predicts no better than chance (its validation loss is not below "
+        "the uniform distribution's; `no_better_than_chance` in its metrics).", ""]
