@@ -83,6 +83,7 @@ def test_any_failure_keeps_the_outputs_under_repro_and_exp_run(copy_built):
                             capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300, check=False)
     line = one_error(result)
     assert line.startswith("error: finetune: ") and line.endswith("(traceback in logs/finetune.log)"), line
+    assert ": [Errno 27] File too large" in line, line  # the OS error and its file, not a wrapper's type
     assert "Traceback" in (repo / "logs/finetune.log").read_text()
     assert stage_outputs(repo, "finetune") == finetune
     stage_run, pipeline = latest_run(repo, "finetune")

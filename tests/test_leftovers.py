@@ -187,3 +187,41 @@ def test_a_model_no_better_than_chance_is_recorded_not_refused(capsys):
     assert chance_level_lines({"Pretraining": {"val_bpb": 1.0}, "Fine-tuning": metrics}) == [
         "**Warning:** Fine-tuning: the trained model predicts no better than chance (its validation loss is not below "
         "the uniform distribution's; `no_better_than_chance` in its metrics).", ""]
+
+
+@pytest.mark.slow
+def test_after_a_kill_9_the_next_stage_closes_its_runs_and_removes_what_it_left(copy_built):
+    import signal
+    import time
+
+    import mlflow
+    from conftest import dvc, environment
+
+    repo = copy_built()
+    # kill -9 of a stage inside a pipeline execution: its run and the pipeline's stay RUNNING.
+    stage = subprocess.Popen([sys.executable, "stages/pretrain.py"], cwd=repo,
+                             env=environment(LLMPIPE_PIPELINE_ID="killed-pipeline"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((repo / "checkpoints/pretrain").glob("*/step-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    stage.send_signal(signal.SIGKILL)
+    assert stage.wait() == -signal.SIGKILL
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{repo / '.mlflow/mlflow.db'}")
+    running = client.search_runs([client.get_experiment_by_name("llmpipe").experiment_id],
+                                 filter_string="attributes.status = 'RUNNING'")
+    assert sorted(run.info.run_name.split(" ")[0] for run in running) == ["pipeline", "pretrain"]
+    # What a killed write leaves (the PID in the name is its owner's, gone).
+    gguf_leftover = repo / f"models/.model-Q4_K.gguf.tmp-{stage.pid}"
+    gguf_leftover.write_bytes(b"half a file")
+    checkpoint_leftover = next((repo / "checkpoints/pretrain").iterdir()) / f".step-0000004.tmp-{stage.pid}"
+    (checkpoint_leftover / "sharded").mkdir(parents=True)
+
+    result = dvc(repo, "repro", "-f", "-s", "prepare")  # any stage
+    assert "MLflow: 2 run(s) left RUNNING by a process that is gone now marked FAILED" in result.stderr, result.stderr
+    for run in running:
+        closed = client.get_run(run.info.run_id)
+        assert closed.info.status == "FAILED" and "llmpipe.end_reason" in closed.data.tags
+    assert not gguf_leftover.exists() and not checkpoint_leftover.exists()
+    assert "removed what 2 write(s) of processes that are gone left" in result.stderr
+    assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."
