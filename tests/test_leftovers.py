@@ -225,3 +225,36 @@ def test_after_a_kill_9_the_next_stage_closes_its_runs_and_removes_what_it_left(
     assert not gguf_leftover.exists() and not checkpoint_leftover.exists()
     assert "removed what 2 write(s) of processes that are gone left" in result.stderr
     assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+def workspace(repo: Path) -> dict[str, str]:
+    """md5 of params.yaml, dvc.lock and every file of the outputs' directories."""
+    import hashlib
+
+    files = [repo / "params.yaml", repo / "dvc.lock"]
+    files += sorted(path for top in ("data", "models", "reports") for path in (repo / top).rglob("*") if path.is_file())
+    return {str(path.relative_to(repo)): hashlib.md5(path.read_bytes()).hexdigest() for path in files}
+
+
+@pytest.mark.slow
+def test_a_failed_experiment_leaves_the_workspace_as_it_found_it(copy_built):
+    from conftest import dvc
+
+    repo = copy_built()
+    before = workspace(repo)
+    # A later stage refuses after the earlier ones ran with the experiment's seed: their new outputs and dvc.lock
+    # entries go too, not only the -S values.
+    result = dvc(repo, "exp", "run", "-S", "seed=7", "-S", "finetune.lora.rank=100000", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "finetune: put back dvc.lock and what the experiment's earlier stages wrote" in output, output[-3000:]
+    assert workspace(repo) == before
+    assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."
+
+    # A refused experiment right after an applied one: params.yaml keeps the applied experiment's values.
+    dvc(repo, "exp", "run", "-S", "finetune.max_steps=3")
+    applied = workspace(repo)
+    result = dvc(repo, "exp", "run", "-S", "finetune.lora.rank=100000", check=False)
+    assert result.returncode != 0
+    assert workspace(repo) == applied
+    assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."

@@ -223,3 +223,12 @@ def test_only_the_stages_an_experiment_ran_itself_give_numbers():
     [experiment] = sweep_experiments(shown, "s", read_text=lambda rev, path: yaml.safe_dump(lock)
                                      if path == "dvc.lock" else None, listing=listing)
     assert set(experiment.metrics) == {"finetune.qa_accuracy_heldout_people"}
+
+
+def test_dvc_lock_is_read_as_dvc_writes_it():
+    # DVC writes YAML 1.2: `1e-05` is a number there (PyYAML would read a string and take the stage for not ours).
+    lock = "stages:\n  pretrain:\n    params:\n      params.yaml:\n        model.rms_norm_eps: 1e-05\n"
+    shown = exp_show(revision("s-seed1", 1, 0.6, bpb=0.2))
+    shown[1]["experiments"][0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"] = {"rms_norm_eps": 1e-05}
+    [experiment] = sweep_experiments(shown, "s", read_text=lambda rev, path: lock if path == "dvc.lock" else None)
+    assert experiment.metrics["pretrain.val_bpb"] == 0.2

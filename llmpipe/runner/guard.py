@@ -8,7 +8,8 @@ exception (a locked MLflow store, a full disk, a bug), SIGTERM or SIGHUP (a time
 terminal: turned into `Stopped`, so the stage unwinds like an exception) and Ctrl-C (KeyboardInterrupt).
 Each one:
 - puts back the outputs DVC deleted before running the stage, as dvc.lock records them
-  (llmpipe.runner.restore), and under `dvc exp run` the params.yaml conf/ composes;
+  (llmpipe.runner.restore), and under `dvc exp run` the whole workspace as the experiment found it: dvc.lock
+  and the outputs its earlier stages rewrote, and params.yaml as conf/ composes it with dvc.lock's values;
 - lets the MLflow run of the stage end as FAILED or KILLED, its pipeline run too (llmpipe.tracking.stage_run
   sees the exception as it unwinds);
 - prints ONE line, `error: <message>` for a refusal, `error: <stage>: <cause>` otherwise (the root cause, with
@@ -126,7 +127,11 @@ def collected_error(errors_dir: str | Path) -> tuple[str, str] | None:
 
 def put_back(stage: str, is_main: bool) -> None:
     """The previous outputs, as dvc.lock records them, and under `dvc exp run` params.yaml as conf/ composes it."""
-    from llmpipe.runner.restore import restore_outputs, restore_params_file
+    from llmpipe.runner.restore import (
+        restore_experiment_start,
+        restore_outputs,
+        restore_params_file,
+    )
 
     if not is_main or stage in _restored:
         return
@@ -135,9 +140,14 @@ def put_back(stage: str, is_main: bool) -> None:
         restored = restore_outputs(stage)
         if restored:
             print(f"{stage}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
-        if os.environ.get("DVC_EXP_BASELINE_REV") and restore_params_file():
-            print(f"{stage}: put back {PARAMS_FILE} as conf/ composes it (the refused experiment's values are not "
-                  "kept)", file=sys.stderr, flush=True)
+        if os.environ.get("DVC_EXP_BASELINE_REV"):
+            earlier = restore_experiment_start(stage)
+            if earlier:
+                print(f"{stage}: put back dvc.lock and what the experiment's earlier stages wrote, as the experiment "
+                      f"found them ({', '.join(earlier)})", file=sys.stderr, flush=True)
+            if restore_params_file():
+                print(f"{stage}: put back {PARAMS_FILE} as conf/ composes it, with the values dvc.lock records (the "
+                      "refused experiment's values are not kept)", file=sys.stderr, flush=True)
     except Exception as exc:  # noqa: BLE001 (the stage's own error is the one to report)
         print(f"{stage}: could not put back the previous outputs ({type(exc).__name__}: {exc})".splitlines()[0],
               file=sys.stderr, flush=True)

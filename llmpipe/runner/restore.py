@@ -154,10 +154,82 @@ def _missing_cache_objects(md5: str, cache: Path) -> list[Path]:
             if not _cache_path(cache, entry["md5"]).is_file()]
 
 
-def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str | Path = "conf") -> bool:
+EXPERIMENT_START = "refs/exps/exec/EXEC_MERGE"  # while `dvc exp run` runs: the commit of the workspace it started from
+
+
+def experiment_start_lock(lock_file: Path) -> str | None:
+    """dvc.lock as it was when the running `dvc exp run` started (its stash commit, which DVC keeps under
+    EXPERIMENT_START while the experiment runs); None outside an experiment, or if git cannot tell."""
+    import subprocess
+
+    try:
+        shown = subprocess.run(["git", "show", f"{EXPERIMENT_START}:{lock_file.name}"], cwd=lock_file.parent or ".",
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return shown.stdout if shown.returncode == 0 and shown.stdout else None
+
+
+def restore_experiment_start(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]:
+    """Under `dvc exp run`, a failed stage leaves the earlier stages' new outputs and dvc.lock entries in the
+    workspace. Put back dvc.lock as the experiment found it, and every output whose recorded md5 the experiment
+    changed, from DVC's cache; returns the outputs put back."""
+    lock_file = Path(lock_file)
+    start_text = experiment_start_lock(lock_file)
+    if start_text is None or not lock_file.is_file() or lock_file.read_text("utf-8") == start_text:
+        return []
+    start = (yaml.safe_load(start_text) or {}).get("stages") or {}
+    now = (yaml.safe_load(lock_file.read_text("utf-8")) or {}).get("stages") or {}
+    cache = _dvc_cache(lock_file.parent)
+    restored = []
+    for name, entry in start.items():
+        recorded_now = {out["path"]: out.get("md5") for out in (now.get(name) or {}).get("outs") or []}
+        for out in entry.get("outs") or []:
+            path, md5 = Path(out["path"]), out.get("md5", "")
+            if not md5 or recorded_now.get(out["path"]) == md5:
+                continue
+            missing = _missing_cache_objects(md5, cache)
+            if missing:
+                print(f"{stage}: could not put back {path} as the experiment found it: DVC's cache lacks "
+                      f"{os.path.relpath(missing[0])}", file=sys.stderr, flush=True)
+                continue
+            _copy_from_cache(path, md5, cache)
+            restored.append(str(path))
+    atomic.write_text(lock_file, start_text)
+    return restored
+
+
+def _recorded_params(lock_file: Path) -> dict[str, object]:
+    """The params.yaml values dvc.lock records, by dotted key, where every stage that records a key agrees."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:  # YAML 1.2, as DVC writes it (PyYAML would read `1e-05` as a string)
+        stages = (YAML(typ="safe", pure=True).load(lock_file.read_text("utf-8")) or {}).get("stages") or {}
+    except (OSError, YAMLError):
+        return {}
+    values: dict[str, object] = {}
+    disagree = set()
+    for entry in stages.values():
+        for key, value in ((entry or {}).get("params") or {}).get("params.yaml", {}).items():
+            if key in values and values[key] != value:
+                disagree.add(key)
+            values.setdefault(key, value)
+    return {key: value for key, value in values.items() if key not in disagree}
+
+
+def _set_dotted(params: dict, key: str, value) -> None:
+    *sections, last = key.split(".")
+    for section in sections:
+        params = params.setdefault(section, {})
+    params[last] = value
+
+
+def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str | Path = "conf",
+                        lock_file: str | Path = "dvc.lock") -> bool:
     """Under `dvc exp run`, DVC writes the experiment's `-S` values into params.yaml before the stages run and
-    leaves them there when a stage fails. Put back params.yaml as conf/ composes it without them (the file
-    `dvc exp run` started from, when conf/ is the source of truth); returns whether it changed."""
+    leaves them there when a stage fails. Put back params.yaml as conf/ composes it without them, with the values
+    dvc.lock records for its stages (those of an experiment applied before: `dvc exp apply`), so params.yaml and
+    dvc.lock agree as they did; returns whether it changed."""
     from hydra.core.global_hydra import GlobalHydra
 
     from llmpipe.config.compose import compose, write_params
@@ -171,6 +243,8 @@ def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str
         current = yaml.safe_load(params_file.read_text("utf-8"))
     except Exception:  # conf/ itself is broken: leave everything as it is
         return False
+    for key, value in _recorded_params(Path(lock_file)).items():
+        _set_dotted(composed, key, value)
     if current == composed:
         return False
     write_params(composed, params_file)

@@ -27,7 +27,7 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from llmpipe.config import layout
 from llmpipe.config.params import flatten
@@ -192,9 +192,9 @@ def _experiment(revision: dict, seed: int, read_text, listing, failed: bool) -> 
             files[path] = {"data": details}
     metrics = headline_metrics(files)
     lock_text = read_text(revision["rev"], "dvc.lock") if revision.get("rev") else None
-    try:
-        lock = yaml.safe_load(lock_text) if lock_text else None
-    except yaml.YAMLError:
+    try:  # YAML 1.2, as DVC writes it (PyYAML would read `1e-05` as a string)
+        lock = YAML(typ="safe", pure=True).load(lock_text) if lock_text else None
+    except YAMLError:
         lock = None
     if isinstance(lock, dict):
         stages, own = set((lock.get("stages") or {})), own_stages(lock, params, listing)
