@@ -240,7 +240,11 @@ def workspace(repo: Path) -> dict[str, str]:
 def test_a_failed_experiment_leaves_the_workspace_as_it_found_it(copy_built):
     from conftest import dvc
 
+    from conftest import run
+
     repo = copy_built()
+    run(["git", "add", "dvc.lock"], repo)  # as a team keeps it: the experiment's starting commit then holds it
+    run(["git", "commit", "-qm", "dvc.lock"], repo)
     before = workspace(repo)
     # A later stage refuses after the earlier ones ran with the experiment's seed: their new outputs and dvc.lock
     # entries go too, not only the -S values.
