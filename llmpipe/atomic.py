@@ -2,6 +2,10 @@
 
 A stage that fails or is killed therefore never leaves a half-written file or directory
 at an output path, where DVC or a later stage could take it for a valid result.
+
+Every temporary path is `.<name>.tmp-<PID>` (a directory being replaced is moved aside as `.<name>.old-<PID>`):
+the process that owns it is in its name, so what a killed process left (SIGKILL, out of memory, a power cut)
+is told apart from what a live one is writing, and `remove_orphaned_temporaries` deletes it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -17,19 +22,65 @@ from typing import Iterator
 TEMP_MARKER = ".tmp-"
 
 
-def _temp_sibling(path: Path) -> Path:
+OWNED_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")  # a temporary path, the owner's PID in its name
+
+
+def temp_sibling(path: str | Path) -> Path:
+    """The temporary path this process writes `path` through."""
+    path = Path(path)
     return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+
+
+def temporaries_of(path: str | Path) -> list[Path]:
+    """The temporary siblings of `path` there are now (this process's and others')."""
+    path = Path(path)
+    return [Path(name) for name in sorted(glob.glob(glob.escape(str(path.with_name(f".{path.name}{TEMP_MARKER}")))
+                                                    + "*"))]
+
+
+def _remove(path: str | Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def remove_stale_temporaries(path: str | Path) -> None:
     """Delete leftovers of earlier killed writes to `path` (`.name.tmp-PID` siblings)."""
-    path = Path(path)
-    for leftover in glob.glob(str(path.with_name(f".{path.name}{TEMP_MARKER}*"))):
-        if os.path.isdir(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(leftover)
+    for leftover in temporaries_of(path):
+        _remove(leftover)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user counts: it may be writing)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:  # not a process (kill(0) would signal this process's group)
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def remove_orphaned_temporaries(roots: list[str | Path]) -> list[Path]:
+    """Delete, under each of `roots`, every temporary path whose owner process is gone; returns them. Only
+    processes of this machine are checked: the repository is written by one machine at a time (under several
+    nodes, by global rank 0, which cleans before it writes)."""
+    removed = []
+    for root in roots:
+        for directory, subdirectories, files in os.walk(root):
+            for name in [*subdirectories, *files]:
+                owner = OWNED_TEMPORARY.match(name)
+                if owner and not process_alive(int(owner.group(1))):
+                    _remove(os.path.join(directory, name))
+                    removed.append(Path(directory, name))
+            subdirectories[:] = [name for name in subdirectories if not OWNED_TEMPORARY.match(name)]
+    return removed
 
 
 def _replace(temp: Path, final: Path) -> None:
@@ -52,18 +103,14 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
-    temp = _temp_sibling(final)
+    temp = temp_sibling(final)
     if directory:
         temp.mkdir()
     try:
         yield temp
         publish(temp, final)
     except BaseException:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp)
+        _remove(temp)
         raise
 
 

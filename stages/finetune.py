@@ -21,7 +21,7 @@ from llmpipe.eval.qa import answer_loss, qa_metrics
 from llmpipe.model.lora import add_lora, check_rank, merge_lora, save_adapter
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, load_model, write_model
 from llmpipe.report.markdown import finetune_samples
-from llmpipe.report.publish import publish_training
+from llmpipe.report.publish import flag_chance_level, publish_training
 from llmpipe.report.tables import FINETUNE_METRICS
 from llmpipe.runner import distributed
 from llmpipe.runner.heartbeat import Heartbeat
@@ -33,7 +33,7 @@ from llmpipe.train.chat_tokens import chat_token_ids, train_only_token_rows
 from llmpipe.train.checkpoint import CheckpointStore
 from llmpipe.train.example_batches import EpochBatches
 from llmpipe.train.finetune_settings import FinetuneSettings, finetune_settings
-from llmpipe.train.loop import check_learned, shards, train
+from llmpipe.train.loop import chance_level_warning, shards, train
 
 
 def measure(model, template, qa_sets, validation, settings, prefix="") -> tuple[dict, dict]:
@@ -115,15 +115,16 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
             merge_lora(trained)  # in place: no second copy of the weights
         final_model = trained.eval()
         final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
-        check_learned("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)
+        warning = chance_level_warning("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)
         statistics = example_statistics(examples["train"])
-        metrics = {**final_metrics, **base_metrics, "best_step": result.best_step or settings.finetune.max_steps,
+        metrics = {**final_metrics, **base_metrics, **flag_chance_level(run, warning),
+                   "best_step": result.best_step or settings.finetune.max_steps,
                    "train_examples": statistics["examples"], "duplicate_examples": statistics["duplicate_examples"],
                    "empty_examples": statistics["empty_examples"], **cut, **measured}
         write_model(temp, final_model, {"stage": "finetune", "method": settings.finetune.method,
                                         "best_step": metrics["best_step"], TOKENIZER_KEY: tokenizer.fingerprint})
     atomic.write_text(layout.FINETUNE_REPORTS / layout.SAMPLES,
-                      finetune_samples(answers, base_answers, settings.finetune.sample_answers))
+                      finetune_samples(answers, base_answers, settings.finetune.sample_answers, warning))
     publish_training(run, layout.FINETUNE_REPORTS, result.history, metrics, FINETUNE_METRICS)
     run.log_artifact(layout.FINETUNED / CONFIG_FILE)
     store.clear()

@@ -18,7 +18,7 @@ from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
 from llmpipe.hf.checkpoint import base_model_settings, import_checkpoint
 from llmpipe.model.transformer import Transformer, count_parameters
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, save_model
-from llmpipe.report.publish import publish_training
+from llmpipe.report.publish import flag_chance_level, publish_training
 from llmpipe.report.tables import PRETRAIN_METRICS
 from llmpipe.runner import distributed
 from llmpipe.runner.heartbeat import Heartbeat
@@ -26,7 +26,7 @@ from llmpipe.runner.stage import stage
 from llmpipe.tracking.stage_run import StageRun
 from llmpipe.train.batches import RandomWindows
 from llmpipe.train.checkpoint import CheckpointStore
-from llmpipe.train.loop import check_learned, shards, train
+from llmpipe.train.loop import chance_level_warning, shards, train
 from llmpipe.train.settings import PretrainParams, PretrainSettings, pretrain_settings
 
 
@@ -75,8 +75,9 @@ def train_from_scratch(settings: PretrainSettings, params: StageParams, run: Sta
         return
     facts = {"parameters": parameters, "steps": settings.pretrain.max_steps,
              "tokens_trained": settings.pretrain.max_steps * batch.global_sequences * config.context_length}
-    check_learned("pretrain", "val_loss", result.final_metrics, config.vocab_size)
-    metrics = {**result.final_metrics, "unigram_bpb": unigram_bpb, **facts}
+    chance = flag_chance_level(run, chance_level_warning("pretrain", "val_loss", result.final_metrics,
+                                                        config.vocab_size))
+    metrics = {**result.final_metrics, "unigram_bpb": unigram_bpb, **facts, **chance}
     # Timings are machine noise: in MLflow and timings.json, never in the metrics DVC compares.
     timings = {"tokens_per_second": result.mean_of("tokens_per_second") or 0.0,
                "peak_flops_per_second": settings.pretrain.peak_flops_per_second}

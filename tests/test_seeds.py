@@ -144,3 +144,91 @@ def test_a_task_of_the_same_name_from_an_earlier_sweep_is_not_taken_for_ours():
     failed = tasks(("311b682", "s-seed5", "Failed"), ("c6490e8", "s-seed5", "Success"))
     assert queue_states(failed, earlier) == {"s-seed5": "Failed"}
     assert queue_progress(failed, ["s-seed5"], earlier) == ([], False)
+
+
+def failed_run(name, seed, heldout):
+    """A queued experiment that failed or was killed, as `dvc exp show --json` lists it: the files of the commit it
+    started from (the baseline's numbers), an error, executor state "failed"."""
+    failed = revision(name, seed, heldout)
+    failed["error"] = {"type": "", "msg": "Experiment run failed"}
+    return {"executor": {"name": "dvc-task", "state": "failed"}, "revs": [failed]}
+
+
+def test_a_failed_or_killed_seed_is_failed_excluded_and_a_later_success_replaces_it():
+    shown = exp_show(revision("s-seed1", 1, 0.4), revision("s-seed2", 2, 0.6))
+    shown[1]["experiments"].append(failed_run("s-seed3", 3, 0.9775))  # the baseline's numbers: never counted
+    experiments = sweep_experiments(shown, "s", read_text=committed_details({}))
+    assert [(e.seed, e.failed, e.metrics) for e in experiments if e.failed] == [(3, True, {})]
+    spread = summarise(experiments)["finetune.qa_accuracy_heldout_people"]
+    assert (spread.mean, spread.count) == (pytest.approx(0.5), 2)
+    markdown = summary_markdown("s", experiments, summarise(experiments))
+    assert "Seeds: 1, 2 (2 experiments)" in markdown
+    assert "Failed: seed 3 (1 of 3 experiments, excluded from the statistics; `dvc queue logs s-seed3`" in markdown
+    assert "0.9775" not in markdown and "seed 3 |" not in markdown
+
+    shown[1]["experiments"].append({"executor": {"name": "dvc-task", "state": "success"},
+                                    "revs": [revision("s-seed3", 3, 0.5)]})  # rerun: it succeeded
+    shown[1]["experiments"].append(failed_run("s-seed3", 3, 0.9775))  # the old failed task is still listed
+    assert [(e.seed, e.failed) for e in sweep_experiments(shown, "s", read_text=committed_details({}))] == \
+        [(1, False), (2, False), (3, False)]
+
+
+def test_a_sweep_run_reruns_the_failed_seeds_only(monkeypatch, capsys):
+    from argparse import Namespace
+
+    from llmpipe.sweep import commands
+    from llmpipe.sweep.summary import SweepExperiment
+
+    listed = [SweepExperiment("s-seed1", 1, {"finetune.x": 1.0}, {}), SweepExperiment("s-seed2", 2, {}, {}, failed=True)]
+    queued = []
+    monkeypatch.setattr(commands, "experiments_of", lambda sweep, *args, **kwargs: listed)
+    monkeypatch.setattr(commands, "queue_tasks", lambda: [])
+    monkeypatch.setattr(commands, "queue_seeds", lambda sweep, seeds, *args: queued.extend(seeds) or [])
+    monkeypatch.setattr(commands, "summary", lambda args: None)
+    commands.run(Namespace(sweep="s", seeds=[1, 2, 3], set=[], targets=[], jobs=1, poll_seconds=0))
+    assert queued == [2, 3]
+    assert capsys.readouterr().out.splitlines() == ["s-seed1: already run, kept",
+                                                    "s-seed2: failed or killed earlier; running it again"]
+
+
+def test_only_the_stages_an_experiment_ran_itself_give_numbers():
+    from llmpipe.sweep.summary import own_stages
+
+    params = {"seed": 2, "finetune": {"max_steps": 4}, "evaluate": {"n": 1}}
+    lock = {"stages": {
+        "prepare": {"params": {"params.yaml": {"seed": 2}}, "outs": [{"path": "data/prepared", "md5": "p2.dir"}]},
+        "pretrain": {"params": {"params.yaml": {"seed": 2}},
+                     "deps": [{"path": "data/prepared/train.jsonl", "md5": "t2"}],
+                     "outs": [{"path": "models/pretrained", "md5": "m2.dir"}]},
+        "finetune": {"params": {"params.yaml": {"finetune": {"max_steps": 4}}},
+                     "deps": [{"path": "models/pretrained", "md5": "m2.dir"}],
+                     "outs": [{"path": "models/finetuned", "md5": "f2.dir"}]},
+        # Not run by the experiment (--target finetune): the baseline's entry, its input the baseline's model.
+        "evaluate": {"params": {"params.yaml": {"evaluate": {"n": 1}}},
+                     "deps": [{"path": "models/finetuned", "md5": "f1.dir"}]}}}
+    listing = {"p2.dir": [{"relpath": "train.jsonl", "md5": "t2"}]}.get
+    assert own_stages(lock, params, listing) == {"prepare", "pretrain", "finetune"}
+    # The baseline's seed in prepare's entry: no stage downstream of it is the experiment's own either.
+    lock["stages"]["prepare"]["params"]["params.yaml"]["seed"] = 1
+    assert own_stages(lock, params, listing) == set()
+    # A file inside a directory output that is not the one its producer recorded.
+    lock["stages"]["prepare"]["params"]["params.yaml"]["seed"] = 2
+    assert own_stages(lock, params, {"p2.dir": [{"relpath": "train.jsonl", "md5": "t1"}]}.get) == {"prepare"}
+
+    # Through sweep_experiments: the evaluate numbers of a --target finetune experiment are left out.
+    shown = exp_show(revision("s-seed2", 2, 0.6))
+    shown[1]["experiments"][0]["revs"][0]["data"]["params"]["params.yaml"]["data"] = params
+    lock["stages"]["evaluate"]["deps"][0]["md5"] = "f1.dir"
+    import yaml
+    [experiment] = sweep_experiments(shown, "s", read_text=lambda rev, path: yaml.safe_dump(lock)
+                                     if path == "dvc.lock" else None, listing=listing)
+    assert set(experiment.metrics) == {"finetune.qa_accuracy_heldout_people"}
+
+
+def test_dvc_lock_is_read_as_dvc_writes_it():
+    # DVC writes YAML 1.2: `1e-05` is a number there (PyYAML would read a string and take the stage for not ours).
+    lock = "stages:\n  pretrain:\n    params:\n      params.yaml:\n        model.rms_norm_eps: 1e-05\n"
+    shown = exp_show(revision("s-seed1", 1, 0.6, bpb=0.2))
+    shown[1]["experiments"][0]["revs"][0]["data"]["params"]["params.yaml"]["data"]["model"] = {"rms_norm_eps": 1e-05}
+    [experiment] = sweep_experiments(shown, "s", read_text=lambda rev, path: lock if path == "dvc.lock" else None)
+    assert experiment.metrics["pretrain.val_bpb"] == 0.2

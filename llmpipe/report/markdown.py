@@ -4,6 +4,7 @@ size table, sample answers (fine-tuning and evaluation), and the evaluation repo
 from __future__ import annotations
 
 from llmpipe.data.sampling import spread_sample
+from llmpipe.report.tables import CHANCE_METRIC
 from llmpipe.text.tokenizer import (
     EXAMPLE_STRINGS,
     LoadedTokenizer,
@@ -52,9 +53,12 @@ def _answer(result: dict) -> str:
     return cell(result["answer"].strip()) or "(empty)"
 
 
-def finetune_samples(answers: dict[str, list[dict]], base_answers: dict[str, list[dict]], count: int) -> str:
-    """Greedy answers per QA split, before and after fine-tuning, spread over the split's people."""
+def finetune_samples(answers: dict[str, list[dict]], base_answers: dict[str, list[dict]], count: int,
+                     warning: str | None = None) -> str:
+    """Greedy answers per QA split, before and after fine-tuning, spread over the split's people; `warning` (a model
+    no better than chance) first."""
     lines = ["# Fine-tuning: sample answers", "", "Greedy answers in the chat format, before and after fine-tuning.", ""]
+    lines += [f"**Warning:** {warning}.", ""] if warning else []
     for split, results in answers.items():
         if not results:
             continue
@@ -99,6 +103,14 @@ def best_pretrain_step_note(pretrain_eval_curve: list[dict]) -> str:
             "ones fine-tuned (pretraining keeps its last step, not its best).")
 
 
+def chance_level_lines(stages: dict[str, dict]) -> list[str]:
+    """A warning line for each training stage whose numbers (details.json) flag a model no better than chance."""
+    flagged = [name for name, numbers in stages.items() if numbers.get(CHANCE_METRIC)]
+    return [f"**Warning:** {name}: the trained model predicts no better than chance (its validation loss is not "
+            f"below the uniform distribution's; `{CHANCE_METRIC}` in its metrics)." for name in flagged] + \
+        ([""] if flagged else [])
+
+
 def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune: dict, samples: dict[str, list[dict]],
                       images: dict[str, str], pretrain_eval_curve: list[dict] | None = None,
                       provenance: dict[str, str] | None = None) -> str:
@@ -122,6 +134,7 @@ def evaluation_report(rows: list[dict], reference: str, pretrain: dict, finetune
              f"{_fmt(finetune.get('qa_accuracy_finetuned_people'))}, on held-out people "
              f"{_fmt(finetune.get('base_qa_accuracy_heldout_people'))} → {_fmt(finetune.get('qa_accuracy_heldout_people'))} "
              "(base model → fine-tuned; – where there is no such set).", "",
+             *chance_level_lines({"Pretraining": pretrain, "Fine-tuning": finetune}),
              "## Every variant", "",
              "| variant | bits/weight | file size | perplexity | bits/byte | QA fine-tuned people | QA held-out people | KL vs " + reference + " | tokens/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

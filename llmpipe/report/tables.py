@@ -21,8 +21,11 @@ VARIANT_COLUMNS = ["variant", "bits_per_weight", "file_bytes", "val_perplexity",
                    "qa_accuracy_heldout_people", "kl_divergence", "tokens_per_second"]
 # The metrics DVC compares, by stage: short name in metrics.json → full name (details.json, MLflow).
 TOKENIZER_METRICS = {"chars_per_token": "validation_characters_per_token"}
-PRETRAIN_METRICS = {"val_bpb": "val_bpb"}
-FINETUNE_METRICS = {"heldout_acc": "qa_accuracy_heldout_people", "tuned_acc": "qa_accuracy_finetuned_people"}
+# A training stage whose model ends no better than chance has CHANCE_METRIC = 1 (the others do not have it).
+CHANCE_METRIC = "no_better_than_chance"
+PRETRAIN_METRICS = {"val_bpb": "val_bpb", CHANCE_METRIC: CHANCE_METRIC}
+FINETUNE_METRICS = {"heldout_acc": "qa_accuracy_heldout_people", "tuned_acc": "qa_accuracy_finetuned_people",
+                    CHANCE_METRIC: CHANCE_METRIC}
 # evaluate: the held-out people's accuracy of llama.cpp's usual 4-bit file and of the smallest one, keyed by
 # variant (every variant's every number is in variants.csv, the plot data, and in MLflow).
 EVALUATE_VARIANTS = ("Q4_K", "Q2_K")

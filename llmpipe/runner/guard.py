@@ -8,10 +8,12 @@ exception (a locked MLflow store, a full disk, a bug), SIGTERM or SIGHUP (a time
 terminal: turned into `Stopped`, so the stage unwinds like an exception) and Ctrl-C (KeyboardInterrupt).
 Each one:
 - puts back the outputs DVC deleted before running the stage, as dvc.lock records them
-  (llmpipe.runner.restore), and under `dvc exp run` the params.yaml conf/ composes;
+  (llmpipe.runner.restore), and under `dvc exp run` the whole workspace as the experiment found it: dvc.lock
+  and the outputs its earlier stages rewrote, and params.yaml as conf/ composes it with dvc.lock's values;
 - lets the MLflow run of the stage end as FAILED or KILLED, its pipeline run too (llmpipe.tracking.stage_run
   sees the exception as it unwinds);
-- prints ONE line, `error: <message>` for a refusal, `error: <stage>: <cause>` otherwise, with the traceback
+- prints ONE line, `error: <message>` for a refusal, `error: <stage>: <cause>` otherwise (the root cause, with
+  the file it concerns, however the libraries on the way wrapped it: llmpipe.runner.culprit), with the traceback
   in logs/<stage>.log rather than on the screen;
 - exits non-zero: 1, or 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
 
@@ -35,7 +37,12 @@ from pathlib import Path
 from llmpipe.config.layout import repository_root
 from llmpipe.config.params import PARAMS_FILE
 from llmpipe.errors import PipelineError, Stopped
-from llmpipe.runner.restore import restore_outputs, restore_params_file
+from llmpipe.runner.culprit import culprit
+from llmpipe.runner.restore import (
+    restore_experiment_start,
+    restore_outputs,
+    restore_params_file,
+)
 
 NOT_A_STAGE_DEPENDENCY = "whatever ends a stage: outputs put back, one line, exit status"  # see llmpipe.generate.code_deps
 
@@ -78,8 +85,7 @@ def describe(stage: str, exc: BaseException) -> str:
         return f"{stage}: interrupted (Ctrl-C)"
     if isinstance(exc, Stopped):
         return f"{stage}: stopped by {exc}"
-    cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{stage}: {type(exc).__name__}" + (f": {cause[:300]}" if cause else "")
+    return f"{stage}: {culprit(exc)}"
 
 
 def log_path(stage: str, rank: int = 0) -> Path:
@@ -135,9 +141,14 @@ def put_back(stage: str, is_main: bool) -> None:
         restored = restore_outputs(stage)
         if restored:
             print(f"{stage}: kept the previous outputs ({', '.join(restored)})", file=sys.stderr, flush=True)
-        if os.environ.get("DVC_EXP_BASELINE_REV") and restore_params_file():
-            print(f"{stage}: put back {PARAMS_FILE} as conf/ composes it (the refused experiment's values are not "
-                  "kept)", file=sys.stderr, flush=True)
+        if os.environ.get("DVC_EXP_BASELINE_REV"):
+            earlier = restore_experiment_start(stage)
+            if earlier:
+                print(f"{stage}: put back dvc.lock and what the experiment's earlier stages wrote, as the experiment "
+                      f"found them ({', '.join(earlier)})", file=sys.stderr, flush=True)
+            if restore_params_file():
+                print(f"{stage}: put back {PARAMS_FILE} as conf/ composes it, with the values dvc.lock records (the "
+                      "refused experiment's values are not kept)", file=sys.stderr, flush=True)
     except Exception as exc:  # noqa: BLE001 (the stage's own error is the one to report)
         print(f"{stage}: could not put back the previous outputs ({type(exc).__name__}: {exc})".splitlines()[0],
               file=sys.stderr, flush=True)

@@ -4,6 +4,8 @@ DVC deletes a stage's outputs before it runs the stage's command (only `persist:
 and it would switch off the run-cache a team shares results through). When the stage then fails, whatever
 ends it (llmpipe.runner.guard), the outputs of its last successful run are copied back from DVC's cache,
 exactly as dvc.lock records them: the workspace is as it was, and `dvc status` shows only the changed input.
+An output whose cache objects are missing (a cache cleaned by `dvc gc`, a clone that never pulled) cannot come
+back: the stage says which, and which object it lacks.
 
 Outputs declared `cache: false` (metrics, curves: they live in git) never reach DVC's cache, so a
 successful stage files a copy of each there itself (`stash_uncached_outputs`), under the md5 DVC
@@ -76,29 +78,26 @@ def _matches(path: Path, md5: str, cache: Path) -> bool:
     """Whether `path` holds exactly what dvc.lock records (a directory: the same files, each the same md5)."""
     if not md5.endswith(".dir"):
         return path.is_file() and file_md5(path) == md5
-    if not path.is_dir():
-        return False
+    if not path.is_dir() or not _cache_path(cache, md5).is_file():
+        return False  # (without the listing, it cannot be told)
     entries = {entry["relpath"]: entry["md5"] for entry in json.loads(_cache_path(cache, md5).read_text("utf-8"))}
     files = {file.relative_to(path).as_posix(): file for file in path.rglob("*") if file.is_file()}
     return files.keys() == entries.keys() and all(file_md5(files[name]) == entries[name] for name in files)
 
 
-def _copy_from_cache(path: Path, md5: str, cache: Path) -> bool:
-    """Put dvc.lock's version of an output at `path` (replacing whatever is there); False when the cache lacks part
-    of it."""
+def _copy_from_cache(path: Path, md5: str, cache: Path) -> None:
+    """Put dvc.lock's version of an output at `path` (replacing whatever is there) from a cache that holds all of
+    it (`_missing_cache_objects`)."""
     if not md5.endswith(".dir"):
         with atomic.atomic_path(path) as temp:
             _copy_file(_cache_path(cache, md5), temp)
-        return True
+        return
     entries = json.loads(_cache_path(cache, md5).read_text("utf-8"))
-    if not all(_cache_path(cache, entry["md5"]).is_file() for entry in entries):
-        return False
     with atomic.atomic_path(path, directory=True) as temp:
         for entry in entries:
             target = temp / entry["relpath"]
             target.parent.mkdir(parents=True, exist_ok=True)
             _copy_file(_cache_path(cache, entry["md5"]), target)
-    return True
 
 
 def _copy_file(source: Path, target: Path) -> None:
@@ -132,20 +131,110 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
     for out in outs:
         path, md5 = Path(out["path"]), out.get("md5", "")
         try:
-            if not md5 or not _cache_path(cache, md5).is_file() \
-                    or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
-                continue  # nothing to put back from, or nothing to put back
-            if _copy_from_cache(path, md5, cache):
-                restored.append(str(path))
+            if not md5 or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
+                continue  # nothing recorded, or nothing to put back
+            missing = _missing_cache_objects(md5, cache)
+            if missing:
+                print(f"{stage}: could not put back {path}: DVC's cache lacks {len(missing)} of its objects "
+                      f"({os.path.relpath(missing[0])}{', ...' if len(missing) > 1 else ''}; `dvc pull {stage}` "
+                      "fetches them from the remote, or the stage's next run writes it again)", file=sys.stderr,
+                      flush=True)
+                continue
+            _copy_from_cache(path, md5, cache)
+            restored.append(str(path))
         except (OSError, ValueError) as exc:  # the rest may still come back
-            print(f"{stage}: could not put back {path} ({exc})", file=sys.stderr, flush=True)
+            print(f"{stage}: could not put back {path} ({exc})".splitlines()[0], file=sys.stderr, flush=True)
     return restored
 
 
-def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str | Path = "conf") -> bool:
+def _missing_cache_objects(md5: str, cache: Path) -> list[Path]:
+    """The cache files an output recorded as `md5` needs that are not there (for a directory: its listing, or the
+    files the listing names)."""
+    listing = _cache_path(cache, md5)
+    if not listing.is_file():
+        return [listing]
+    if not md5.endswith(".dir"):
+        return []
+    return [_cache_path(cache, entry["md5"]) for entry in json.loads(listing.read_text("utf-8"))
+            if not _cache_path(cache, entry["md5"]).is_file()]
+
+
+EXPERIMENT_START = "refs/exps/exec/EXEC_MERGE"  # while `dvc exp run` runs: the commit of the workspace it started from
+
+
+def experiment_start_lock(lock_file: Path) -> str | None:
+    """dvc.lock as it was when the running `dvc exp run` started (its stash commit, which DVC keeps under
+    EXPERIMENT_START while the experiment runs); None outside an experiment, or if git cannot tell."""
+    import subprocess
+
+    try:
+        shown = subprocess.run(["git", "show", f"{EXPERIMENT_START}:{lock_file.name}"], cwd=lock_file.parent or ".",
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return shown.stdout if shown.returncode == 0 and shown.stdout else None
+
+
+def restore_experiment_start(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]:
+    """Under `dvc exp run`, a failed stage leaves the earlier stages' new outputs and dvc.lock entries in the
+    workspace. Put back dvc.lock as the experiment found it, and every output whose recorded md5 the experiment
+    changed, from DVC's cache; returns the outputs put back."""
+    lock_file = Path(lock_file)
+    start_text = experiment_start_lock(lock_file)
+    if start_text is None or not lock_file.is_file() or lock_file.read_text("utf-8") == start_text:
+        return []
+    start = (yaml.safe_load(start_text) or {}).get("stages") or {}
+    now = (yaml.safe_load(lock_file.read_text("utf-8")) or {}).get("stages") or {}
+    cache = _dvc_cache(lock_file.parent)
+    restored = []
+    for name, entry in start.items():
+        recorded_now = {out["path"]: out.get("md5") for out in (now.get(name) or {}).get("outs") or []}
+        for out in entry.get("outs") or []:
+            path, md5 = Path(out["path"]), out.get("md5", "")
+            if not md5 or recorded_now.get(out["path"]) == md5:
+                continue
+            missing = _missing_cache_objects(md5, cache)
+            if missing:
+                print(f"{stage}: could not put back {path} as the experiment found it: DVC's cache lacks "
+                      f"{os.path.relpath(missing[0])}", file=sys.stderr, flush=True)
+                continue
+            _copy_from_cache(path, md5, cache)
+            restored.append(str(path))
+    atomic.write_text(lock_file, start_text)
+    return restored
+
+
+def _recorded_params(lock_file: Path) -> dict[str, object]:
+    """The params.yaml values dvc.lock records, by dotted key, where every stage that records a key agrees."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:  # YAML 1.2, as DVC writes it (PyYAML would read `1e-05` as a string)
+        stages = (YAML(typ="safe", pure=True).load(lock_file.read_text("utf-8")) or {}).get("stages") or {}
+    except (OSError, YAMLError):
+        return {}
+    values: dict[str, object] = {}
+    disagree = set()
+    for entry in stages.values():
+        for key, value in ((entry or {}).get("params") or {}).get("params.yaml", {}).items():
+            if key in values and values[key] != value:
+                disagree.add(key)
+            values.setdefault(key, value)
+    return {key: value for key, value in values.items() if key not in disagree}
+
+
+def _set_dotted(params: dict, key: str, value) -> None:
+    *sections, last = key.split(".")
+    for section in sections:
+        params = params.setdefault(section, {})
+    params[last] = value
+
+
+def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str | Path = "conf",
+                        lock_file: str | Path = "dvc.lock") -> bool:
     """Under `dvc exp run`, DVC writes the experiment's `-S` values into params.yaml before the stages run and
-    leaves them there when a stage fails. Put back params.yaml as conf/ composes it without them (the file
-    `dvc exp run` started from, when conf/ is the source of truth); returns whether it changed."""
+    leaves them there when a stage fails. Put back params.yaml as conf/ composes it without them, with the values
+    dvc.lock records for its stages (those of an experiment applied before: `dvc exp apply`), so params.yaml and
+    dvc.lock agree as they did; returns whether it changed."""
     # deferred: Hydra takes ~0.2 s to import; the multi-process launcher imports this module and needs it only
     # when an experiment's stage fails
     from hydra.core.global_hydra import GlobalHydra
@@ -159,6 +248,8 @@ def restore_params_file(params_file: str | Path = "params.yaml", config_dir: str
         current = yaml.safe_load(params_file.read_text("utf-8"))
     except Exception:  # conf/ itself is broken: leave everything as it is
         return False
+    for key, value in _recorded_params(Path(lock_file)).items():
+        _set_dotted(composed, key, value)
     if current == composed:
         return False
     write_params(composed, params_file)

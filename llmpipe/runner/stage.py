@@ -8,7 +8,8 @@
 
 The entry point composes params.yaml with Hydra (the repository root's; `key=value` arguments override it
 as in any Hydra app), hands the stage only the keys its dvc.yaml entry declares (refusing keys conf/ does
-not know, naming the closest), and opens the stage's MLflow run. All of it runs under llmpipe.runner.guard:
+not know, naming the closest), and opens the stage's MLflow run. Before that it removes what killed processes
+left: temporary paths whose owner is gone (llmpipe.atomic) and MLflow runs left RUNNING (llmpipe.tracking.orphans). All of it runs under llmpipe.runner.guard:
 whatever ends the stage (a refusal, any other exception, SIGTERM, Ctrl-C) is one line on stderr and a non-zero
 exit, with the previous outputs put back.
 """
@@ -19,6 +20,7 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 import yaml
@@ -27,7 +29,9 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmpipe.atomic import remove_orphaned_temporaries
 from llmpipe.config.compose import yaml_error
+from llmpipe.config.layout import repository_root
 from llmpipe.config.params import (
     CONF_DIR,
     PARAMS_FILE,
@@ -48,9 +52,33 @@ NOT_A_STAGE_DEPENDENCY = "the entry point: reads params.yaml, opens the MLflow r
 StageFunction = Callable[[StageParams, StageRun], None]
 
 
+def output_roots(dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
+    """The top directories of every output dvc.yaml declares (data, models, reports), and the checkpoints'."""
+    try:
+        stages = (yaml.safe_load(Path(dvc_yaml).read_text("utf-8")) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        stages = {}
+    tops = {Path(next(iter(entry)) if isinstance(entry, dict) else str(entry)).parts[0]
+            for definition in stages.values() for kind in ("outs", "metrics", "plots")
+            for entry in (definition or {}).get(kind) or []}
+    return [Path(top) for top in sorted(tops) if Path(top).is_dir()] + [repository_root() / "checkpoints"]
+
+
+def remove_leftovers(stage: str) -> None:
+    """What killed processes left (half-written outputs, checkpoints: `.name.tmp-PID`, `.name.old-PID`, the PID
+    gone): deleted, and said."""
+    removed = remove_orphaned_temporaries(output_roots())
+    if removed:
+        print(f"{stage}: removed what {len(removed)} write(s) of processes that are gone left: "
+              + ", ".join(os.path.relpath(path) for path in removed[:5]) + (", ..." if len(removed) > 5 else ""),
+              file=sys.stderr, flush=True)
+
+
 def run_stage(name: str, config: dict, body: StageFunction) -> None:
     """Run `body` with the stage's declared params and its MLflow run (rank 0's; the others run without)."""
     is_main = ProcessInfo.from_environment().is_main
+    if is_main:
+        remove_leftovers(name)
     params = StageParams.for_stage(name, config)
     if os.path.isdir(CONF_DIR):
         params.check_known_keys(schema_keys())

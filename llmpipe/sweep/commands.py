@@ -6,7 +6,8 @@
     llmpipe sweep summary default                    # summarise experiments already run
     llmpipe sweep compare default paraphrases-1 --param data.world.paraphrases   # a table and a plot
 
-A sweep is the DVC experiments `<sweep>-seed<N>`; those that already have metrics are not run again. The
+A sweep is the DVC experiments `<sweep>-seed<N>`; those that already have metrics are not run again, those that
+failed or were killed are (until then, the summary lists them as failed, outside the statistics). The
 summary goes to reports/seeds/<sweep>.md and .json and to one MLflow run `seeds <sweep>`. Run it from the
 repository root with the pipeline's code committed (each experiment starts from HEAD plus your workspace).
 """
@@ -29,7 +30,9 @@ from llmpipe.sweep.queue import (
 )
 from llmpipe.sweep.summary import (
     experiment_name,
+    failed_seeds,
     log_summary_run,
+    succeeded,
     summarise,
     summary_markdown,
     sweep_experiments,
@@ -51,15 +54,18 @@ def wait_for_results(names: list[str], sweep: str, poll_seconds: float, timeout_
     """The queue says Success a moment before `dvc exp show` lists the experiment's results."""
     deadline = time.time() + timeout_seconds
     while time.time() < deadline:
-        if set(names) <= {experiment.name for experiment in experiments_of(sweep)}:
+        if set(names) <= {experiment.name for experiment in experiments_of(sweep) if not experiment.failed}:
             return
         time.sleep(poll_seconds)
 
 
 def run(args) -> None:
-    done = {experiment.seed for experiment in experiments_of(args.sweep)}
+    experiments = experiments_of(args.sweep)
+    done = {experiment.seed for experiment in experiments if not experiment.failed}
     for seed in sorted(done & set(args.seeds)):
         print(f"{experiment_name(args.sweep, seed)}: already run, kept")
+    for seed in sorted(set(failed_seeds(experiments)) & set(args.seeds) - done):
+        print(f"{experiment_name(args.sweep, seed)}: failed or killed earlier; running it again")
     earlier_tasks = {task.rev for task in queue_tasks()}  # tasks of the same names may be there from earlier sweeps
     queued = queue_seeds(args.sweep, [seed for seed in args.seeds if seed not in done], args.set, args.targets)
     if queued:
@@ -84,6 +90,9 @@ def summary(args) -> None:
             raise PipelineError(f"--target {target}: not a stage of dvc.yaml ({', '.join(stages)})")
     last_stage = max(args.targets, key=stages.index) if args.targets else None
     experiments = up_to_stage(experiments, last_stage, stages)
+    if not succeeded(experiments):
+        raise PipelineError(f"{args.sweep}: every experiment failed (seed {', '.join(map(str, failed_seeds(experiments)))}"
+                            f"); `dvc queue logs {experiments[0].name}` says why")
     spread = summarise(experiments)
     overrides = getattr(args, "set", [])
     json_path, markdown_path = write_summary(OUTPUT, args.sweep, experiments, spread, overrides)
@@ -105,15 +114,19 @@ def compare(args) -> None:
         experiments = experiments_of(sweep, seeds=args.only_seeds, shown=shown)
         if not experiments:
             raise PipelineError(f"no experiment named {experiment_name(sweep, 'N')} in `dvc exp show`")
+        if not succeeded(experiments):
+            raise PipelineError(f"{sweep}: every experiment failed (seed {', '.join(map(str, failed_seeds(experiments)))})")
         spread = summarise(experiments)
-        x = experiments[0].param(args.param) if args.param else None
+        failed = failed_seeds(experiments)
+        x = succeeded(experiments)[0].param(args.param) if args.param else None
         cells = []
         for name in HEADLINES:
             s = spread.get(name)
             cells.append(f"{s.mean:.3f} / {s.min:.3f} / {s.max:.3f}" if s else "")
             if s and isinstance(x, (int, float)):
                 points[name].append((x, s.mean, s.min, s.max))
-        lines.append(f"| {sweep} | " + (f"{x} | " if args.param else "") + f"{len(experiments)} | " + " | ".join(cells) + " |")
+        seeds = f"{len(experiments) - len(failed)}" + (f" ({len(failed)} failed, excluded)" if failed else "")
+        lines.append(f"| {sweep} | " + (f"{x} | " if args.param else "") + f"{seeds} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
     OUTPUT.mkdir(parents=True, exist_ok=True)

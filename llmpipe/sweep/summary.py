@@ -8,6 +8,13 @@ metrics come from `dvc exp show --json`, under the full names their stages' deta
 metrics (they would crowd `dvc exp show`), from reports/finetune/details.json and reports/evaluate/variants.csv
 as the experiment wrote them, read through DVC (its cache, or the remote). So experiments run by a teammate
 and pulled (`dvc exp pull`) count the same as local ones.
+
+Only numbers an experiment's own stages wrote count. An experiment that failed or was killed (`dvc queue kill`)
+is listed by `dvc exp show` with the files of the commit it started from, the baseline's: it is a failed seed,
+with no numbers. Within an experiment, a stage's numbers count when its dvc.lock entry is the experiment's own:
+its params are the experiment's params and its inputs the outputs its upstream stages recorded in the same
+dvc.lock (`own_stages`); a stage the experiment did not run (`--target`, or a failure) keeps the baseline's
+entry, and its numbers are left out.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import re
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from ruamel.yaml import YAML, YAMLError
 
 from llmpipe import atomic
 from llmpipe.config import layout
@@ -78,6 +87,7 @@ class SweepExperiment:
     seed: int
     metrics: dict[str, float]
     params: dict  # params.yaml as the experiment ran it
+    failed: bool = False  # the experiment failed or was killed: no numbers of its own
 
     def param(self, dotted_key: str):
         value = self.params
@@ -107,9 +117,98 @@ def parse_file(path: str, text: str | None):
         return None
 
 
-def sweep_experiments(exp_show: list, sweep: str, read_text=revision_text) -> list[SweepExperiment]:
-    """The experiments named `<sweep>-seed<N>` in `dvc exp show --json` output, ordered by seed; the
-    DETAIL_FILES of each are `read_text(commit, path)`."""
+def cache_listing(md5: str) -> list[dict] | None:
+    """The file listing of a directory output recorded as `md5` (`<hash>.dir`), from DVC's local cache; None if
+    it is not there."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(".") as repo:
+            path = Path(repo.cache.local.path) / md5[:2] / md5[2:]
+        return json.loads(path.read_text("utf-8"))
+    except Exception:  # not in the cache (a teammate's experiment not pulled): cannot be told
+        return None
+
+
+def _dotted(values: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return _MISSING
+        values = values[part]
+    return values
+
+
+_MISSING = object()
+
+
+def own_stages(lock: dict, params: dict, listing=cache_listing) -> set[str]:
+    """The stages of an experiment's dvc.lock whose entry is the experiment's own: the params.yaml values it
+    records are `params` (the experiment's), and every input another stage produces has the md5 that stage's
+    entry records for it (a file inside a directory output: through the directory's `listing`, when available),
+    that stage being the experiment's own too. A stage the experiment did not run keeps the baseline's entry,
+    which fails one of these."""
+    stages = (lock or {}).get("stages") or {}
+    outputs = {str(out["path"]): (name, out.get("md5")) for name, entry in stages.items()
+               for out in (entry or {}).get("outs") or [] if isinstance(out, dict) and "path" in out}
+    verdicts: dict[str, bool] = {}
+
+    def input_matches(path: str, md5) -> bool | None:
+        """Whether input `path` (recorded as `md5`) is what its producer's entry records; None: no producer."""
+        if path in outputs:
+            producer, recorded = outputs[path]
+            return is_own(producer) and recorded == md5
+        for out_path, (producer, recorded) in outputs.items():
+            if path.startswith(out_path.rstrip("/") + "/"):
+                entries = listing(recorded) if str(recorded).endswith(".dir") else None
+                relative = path[len(out_path.rstrip("/")) + 1:]
+                same = entries is None or any(entry.get("relpath") == relative and entry.get("md5") == md5
+                                              for entry in entries)
+                return is_own(producer) and same
+        return None
+
+    def is_own(name: str) -> bool:
+        if name not in verdicts:
+            verdicts[name] = True  # (a cycle is no evidence against it)
+            entry = stages[name] or {}
+            recorded_params = ((entry.get("params") or {}).get("params.yaml") or {})
+            verdicts[name] = all(_dotted(params, key) == value for key, value in recorded_params.items()) and all(
+                input_matches(str(dep.get("path")), dep.get("md5")) is not False
+                for dep in entry.get("deps") or [] if isinstance(dep, dict))
+        return verdicts[name]
+
+    return {name for name in stages if is_own(name)}
+
+
+def _experiment(revision: dict, seed: int, read_text, listing, failed: bool) -> SweepExperiment:
+    """One revision of `dvc exp show --json` as a SweepExperiment: its headline metrics, but those of stages its
+    dvc.lock shows it did not run (none at all when it failed)."""
+    data = revision.get("data") or {}
+    params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+    if failed:
+        return SweepExperiment(revision["name"], seed, {}, params, failed=True)
+    files = dict(data["metrics"])
+    for path in map(str, DETAIL_FILES):
+        details = parse_file(path, read_text(revision["rev"], path)) if revision.get("rev") else None
+        if details:
+            files[path] = {"data": details}
+    metrics = headline_metrics(files)
+    lock_text = read_text(revision["rev"], "dvc.lock") if revision.get("rev") else None
+    try:  # YAML 1.2, as DVC writes it (PyYAML would read `1e-05` as a string)
+        lock = YAML(typ="safe", pure=True).load(lock_text) if lock_text else None
+    except YAMLError:
+        lock = None
+    if isinstance(lock, dict):
+        stages, own = set((lock.get("stages") or {})), own_stages(lock, params, listing)
+        metrics = {name: value for name, value in metrics.items()
+                   if name.split(".", 1)[0] not in stages or name.split(".", 1)[0] in own}
+    return SweepExperiment(revision["name"], seed, metrics, params)
+
+
+def sweep_experiments(exp_show: list, sweep: str, read_text=revision_text,
+                      listing=cache_listing) -> list[SweepExperiment]:
+    """The experiments named `<sweep>-seed<N>` in `dvc exp show --json` output, ordered by seed, each with the
+    numbers of its own outputs; the DETAIL_FILES and dvc.lock of each are `read_text(commit, path)`. One that
+    failed or was killed is there with `failed` set (and no numbers), unless the same name also succeeded."""
     pattern = re.compile(re.escape(sweep) + r"-seed(\d+)")
     found: dict[str, SweepExperiment] = {}
     for baseline in exp_show:
@@ -119,16 +218,17 @@ def sweep_experiments(exp_show: list, sweep: str, read_text=revision_text) -> li
                 continue
             for revision in experiment.get("revs") or []:
                 match = pattern.fullmatch(revision.get("name") or "")
+                if not match:
+                    continue
                 data = revision.get("data") or {}
-                if match and data.get("metrics"):
-                    params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
-                    files = dict(data["metrics"])
-                    for path in map(str, DETAIL_FILES):
-                        details = parse_file(path, read_text(revision["rev"], path)) if revision.get("rev") else None
-                        if details:
-                            files[path] = {"data": details}
-                    found[revision["name"]] = SweepExperiment(revision["name"], int(params.get("seed", match.group(1))),
-                                                              headline_metrics(files), params)
+                failed = executor.get("state") == "failed" or bool(revision.get("error"))
+                if not failed and not data.get("metrics"):
+                    continue
+                params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+                seed = int(params.get("seed", match.group(1))) if not failed else int(match.group(1))
+                if failed and revision["name"] in found:
+                    continue  # a later run of the same name succeeded
+                found[revision["name"]] = _experiment(revision, seed, read_text, listing, failed)
     return sorted(found.values(), key=lambda experiment: experiment.seed)
 
 
@@ -152,9 +252,17 @@ def up_to_stage(experiments: list[SweepExperiment], last_stage: str | None,
             for experiment in experiments]
 
 
+def succeeded(experiments: list[SweepExperiment]) -> list[SweepExperiment]:
+    return [experiment for experiment in experiments if not experiment.failed]
+
+
+def failed_seeds(experiments: list[SweepExperiment]) -> list[int]:
+    return [experiment.seed for experiment in experiments if experiment.failed]
+
+
 def summarise(experiments: list[SweepExperiment]) -> dict[str, Spread]:
-    """Per metric, its spread over the experiments that report it."""
-    names = sorted({name for experiment in experiments for name in experiment.metrics})
+    """Per metric, its spread over the experiments that report it (failed ones report nothing)."""
+    names = sorted({name for experiment in succeeded(experiments) for name in experiment.metrics})
     summary = {}
     for name in names:
         values = [experiment.metrics[name] for experiment in experiments if name in experiment.metrics]
@@ -162,13 +270,26 @@ def summarise(experiments: list[SweepExperiment]) -> dict[str, Spread]:
     return summary
 
 
+def failures_line(sweep: str, experiments: list[SweepExperiment]) -> str:
+    """What failed, said where the numbers are: `Failed: seed 3 (1 of 5 experiments, excluded ...)`; empty if none."""
+    failed = failed_seeds(experiments)
+    if not failed:
+        return ""
+    return (f"Failed: seed {', '.join(map(str, failed))} ({len(failed)} of {len(experiments)} experiments, excluded "
+            f"from the statistics; `dvc queue logs {experiment_name(sweep, failed[0])}` says why, and the next "
+            "`llmpipe sweep run` runs them again)")
+
+
 def summary_markdown(sweep: str, experiments: list[SweepExperiment], summary: dict[str, Spread]) -> str:
-    seeds = ", ".join(str(experiment.seed) for experiment in experiments)
-    lines = [f"# Seed sweep `{sweep}`", "", f"Seeds: {seeds} ({len(experiments)} experiments)", "",
-             "| metric | mean | min | max | " + " | ".join(f"seed {e.seed}" for e in experiments) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(experiments)]
+    done = succeeded(experiments)
+    seeds = ", ".join(str(experiment.seed) for experiment in done)
+    lines = [f"# Seed sweep `{sweep}`", "", f"Seeds: {seeds} ({len(done)} experiments)", ""]
+    if failures_line(sweep, experiments):
+        lines += [failures_line(sweep, experiments), ""]
+    lines += ["| metric | mean | min | max | " + " | ".join(f"seed {e.seed}" for e in done) + " |",
+              "|---|---:|---:|---:|" + "---:|" * len(done)]
     for name, spread in summary.items():
-        per_seed = " | ".join(f"{e.metrics[name]:.4g}" if name in e.metrics else "" for e in experiments)
+        per_seed = " | ".join(f"{e.metrics[name]:.4g}" if name in e.metrics else "" for e in done)
         lines.append(f"| {name} | {spread.mean:.4g} | {spread.min:.4g} | {spread.max:.4g} | {per_seed} |")
     return "\n".join(lines) + "\n"
 
@@ -177,7 +298,8 @@ def write_summary(directory: Path, sweep: str, experiments: list[SweepExperiment
                   overrides: list[str]) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     record = {"sweep": sweep, "overrides": overrides,
-              "experiments": [{"name": e.name, "seed": e.seed} for e in experiments],
+              "experiments": [{"name": e.name, "seed": e.seed} for e in succeeded(experiments)],
+              "failed": [{"name": e.name, "seed": e.seed} for e in experiments if e.failed],
               "metrics": {name: asdict(spread) for name, spread in summary.items()}}
     json_path, markdown_path = directory / f"{sweep}.json", directory / f"{sweep}.md"
     atomic.write_json(json_path, record)
@@ -196,10 +318,13 @@ def log_summary_run(sweep: str, experiments: list[SweepExperiment], summary: dic
     from llmpipe.tracking import store
 
     client, experiment_id = store.connect()
-    names = ",".join(experiment.name for experiment in experiments)
+    done = succeeded(experiments)
+    names = ",".join(experiment.name for experiment in done)
     run = client.create_run(experiment_id, run_name=f"seeds {sweep}", tags={
-        "llmpipe.kind": "seed_sweep", "llmpipe.sweep": sweep, "dvc.experiments": names[:5000]})
-    params = [Param("seeds", ",".join(str(e.seed) for e in experiments)), Param("seed_count", str(len(experiments)))]
+        "llmpipe.kind": "seed_sweep", "llmpipe.sweep": sweep, "dvc.experiments": names[:5000],
+        **({"llmpipe.failed_seeds": ",".join(map(str, failed_seeds(experiments)))} if failed_seeds(experiments) else {})})
+    params = [Param("seeds", ",".join(str(e.seed) for e in done)), Param("seed_count", str(len(done))),
+              Param("failed_seed_count", str(len(failed_seeds(experiments))))]
     params += [Param(f"override.{item.split('=', 1)[0]}", item.split("=", 1)[-1]) for item in overrides]
     metrics = [Metric(f"{name}.{statistic}", getattr(spread, statistic), 0, 0)
                for name, spread in summary.items() for statistic in ("mean", "min", "max")]

@@ -7,7 +7,8 @@ compared by in the MLflow UI, like for like.
   read from the metrics files of dvc.yaml each time a stage ends, so a stage DVC did not run (unchanged, or
   restored from the run-cache) still contributes the numbers of the outputs the execution ends with;
 - tags: the git commit, `llmpipe.stages_ran` and `llmpipe.stages_cached` (dvc.yaml order);
-- status: RUNNING while a stage runs, FAILED as soon as one fails.
+- status: RUNNING while a stage runs, FAILED as soon as one fails (also when its stage's process was killed:
+  llmpipe.tracking.orphans closes it when the next stage starts).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from llmpipe.config.params import flatten
+from llmpipe.tracking.orphans import process_tags, set_process_tags
 from llmpipe.tracking.provenance import git_commit
 
 NOT_A_STAGE_DEPENDENCY = "the pipeline execution's MLflow run"  # see llmpipe.generate.code_deps
@@ -41,19 +43,22 @@ def log_params(client, run_id: str, values: dict[str, Any]) -> None:
 
 def pipeline_parent(client, experiment_id: str, key: str | None, params: dict[str, Any]) -> str | None:
     """The run id of the pipeline execution `key` (created with `params` the first time, set RUNNING again
-    for each later stage unless it failed), or None for a stage run by hand."""
+    for each later stage), or None for a stage run by hand. The stage's process is recorded on it
+    (llmpipe.tracking.orphans) before it is RUNNING. A pipeline run that failed or was killed is over (DVC stops
+    at the first failure): the same key again (an experiment name rerun) is a new execution, with a new run."""
     if not key:
         return None
     found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and "
                                                               f"tags.`{KIND_TAG}` = 'pipeline'", max_results=1)
-    if found:
+    if found and found[0].info.status not in ("FAILED", "KILLED"):
         parent_id = found[0].info.run_id
-        if found[0].info.status != "FAILED":
-            client.update_run(parent_id, status="RUNNING")
+        set_process_tags(client, parent_id)
+        client.update_run(parent_id, status="RUNNING")
         return parent_id
     command = "dvc exp run" if os.environ.get("DVC_EXP_NAME") else "dvc repro"
     label = os.environ.get("DVC_EXP_NAME") or "dvc repro"
-    tags = {KEY_TAG: key, KIND_TAG: "pipeline", "mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
+    tags = {KEY_TAG: key, KIND_TAG: "pipeline", "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
+            **process_tags()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     commit = git_commit()

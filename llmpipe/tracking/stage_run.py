@@ -1,7 +1,8 @@
 """The MLflow run of one stage execution (`StageRun`), a child of its pipeline execution's run
 (llmpipe.tracking.pipeline_run). It carries the stage's declared params, metrics (step metrics batched),
 small artifacts, the data and models it read as MLflow datasets (path and md5), system metrics while it
-runs, and tags (llmpipe.tracking.provenance.stage_tags). Where runs are stored: llmpipe.tracking.store.
+runs, and tags (llmpipe.tracking.provenance.stage_tags, and the process: llmpipe.tracking.orphans, which closes
+the runs of killed processes when a stage starts). Where runs are stored: llmpipe.tracking.store.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from llmpipe.errors import Stopped
 from llmpipe.tracking import store
+from llmpipe.tracking.orphans import close_orphaned_runs, process_tags
 from llmpipe.tracking.pipeline_run import (
     KEY_TAG,
     end_stage,
@@ -51,7 +53,8 @@ class StageRun:
         if not self.enabled:
             return self
         self._client, experiment_id = store.connect()
-        tags = stage_tags(self.stage, self.input_hashes)
+        close_orphaned_runs(self._client, experiment_id, self.stage)
+        tags = {**stage_tags(self.stage, self.input_hashes), **process_tags()}
         self.parent_id = pipeline_parent(self._client, experiment_id, tags.get(KEY_TAG), self.pipeline_params)
         run = self._client.create_run(experiment_id, run_name=self.stage, tags={
             **tags, **({"mlflow.parentRunId": self.parent_id} if self.parent_id else {})})

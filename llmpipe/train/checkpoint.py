@@ -5,7 +5,9 @@ plus JSON; nothing is unpickled.
 DCP's HuggingFaceStorageWriter, whose index lives in the safetensors headers: DCP's default `.metadata` is a
 pickle), `rng.safetensors` and `state.json` (step, metric history, best score, process count). `dcp.load`
 reassembles the shards for any number of processes (2 FSDP processes → 1, or DDP). Processes write into a
-temporary directory that rank 0 renames once all wrote, so a kill never leaves a partial checkpoint.
+temporary directory (`.step-NNNNNNN.tmp-<PID of rank 0>`) that rank 0 renames once all wrote, or deletes when the
+write fails (a full disk), so no partial checkpoint is ever taken for one; what a killed run leaves is deleted by the
+next stage (llmpipe.atomic.remove_orphaned_temporaries).
 
 Checkpoints live outside the DVC outputs, in `<repo>/checkpoints/<stage>/<key>/`; `key` hashes the params
 that change the arithmetic and the input hashes, so a changed param starts fresh, a rerun resumes.
@@ -143,22 +145,31 @@ class CheckpointStore:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
         """Write `step-NNNNNNN/` (every process calls this; each writes its own shard)."""
         path = self.directory / f"step-{step:07d}"
-        temp = path.with_name(f".{path.name}{atomic.TEMP_MARKER}dcp")
         if _rank() == 0:
             atomic.remove_stale_temporaries(path)
+            temp = atomic.temp_sibling(path)  # rank 0's PID in its name: what a killed run left is told apart
             (temp / SHARDS).mkdir(parents=True)
         _barrier()
-        tensors = _dcp_state(model, optimizer)[2]
-        with _single_process_quiet():
-            dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(temp / SHARDS), save_distributed=True),
-                     no_dist=not dist.is_initialized())
-        _barrier()  # every process has written its shard
+        if _rank() != 0:
+            temp = atomic.temporaries_of(path)[0]  # the one rank 0 made
+        try:
+            tensors = _dcp_state(model, optimizer)[2]
+            with _single_process_quiet():
+                dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(temp / SHARDS),
+                                                                              save_distributed=True),
+                         no_dist=not dist.is_initialized())
+            _barrier()  # every process has written its shard
+            if _rank() == 0:
+                save_file({"torch": torch.get_rng_state()}, str(temp / "rng.safetensors"))
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                (temp / "state.json").write_text(atomic.json_text({**state, "step": step, "format": FORMAT,
+                                                                   "processes": world}, indent=1), encoding="utf-8")
+                atomic.publish(temp, path)
+        except BaseException:  # a full disk, a signal: no half-written checkpoint stays behind
+            if _rank() == 0:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
         if _rank() == 0:
-            save_file({"torch": torch.get_rng_state()}, str(temp / "rng.safetensors"))
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            (temp / "state.json").write_text(atomic.json_text({**state, "step": step, "format": FORMAT,
-                                                               "processes": world}, indent=1), encoding="utf-8")
-            atomic.publish(temp, path)
             for old in self.steps()[:-self.keep]:
                 shutil.rmtree(self.directory / f"step-{old:07d}", ignore_errors=True)
         _barrier()

@@ -8,8 +8,8 @@ accumulation); the loss is the sum over target tokens divided by the global batc
 split over processes gives the same gradient (the model computes it a chunk of tokens at a time, never holding
 the logits of all of them: llmpipe.model.loss); then clipping, AdamW, warmup + cosine learning rate. Every
 `eval_every` steps it evaluates (keeping the best weights if asked); every `checkpoint_every` steps it writes
-a checkpoint. A NaN or infinite loss stops the run, naming the step; a model that ends no better than chance is
-refused by `check_learned` before the stage writes it.
+a checkpoint. A NaN or infinite loss stops the run, naming the step (the run diverged); a model that ends no better than
+chance is a result, flagged (`chance_level_warning`), not refused.
 
 With several processes, `ddp` wraps the model in DistributedDataParallel and `fsdp` applies FSDP2's
 `fully_shard` to every block, then the root (each process keeps 1/world_size of weights, gradients and
@@ -299,21 +299,22 @@ class Training:
 UNIFORM_MARGIN = 1e-4  # a trained model's loss must be below the uniform distribution's by this fraction at least
 
 
-def check_learned(stage: str, loss_key: str, metrics: dict[str, float], vocab_size: int) -> None:
-    """Refuse to call a training stage a success when its model predicts no better than the uniform distribution
-    over the vocabulary (what broken numerics give, e.g. a huge RMSNorm epsilon: exactly uniform outputs): its
-    validation loss must be below ln(vocab_size), by UNIFORM_MARGIN of it. (The unigram baseline is the wrong
-    bar: a real but short run, the tiny test pipeline's 6 steps, does not beat it yet.)"""
+def chance_level_warning(stage: str, loss_key: str, metrics: dict[str, float], vocab_size: int) -> str | None:
+    """Say so when a training stage's model predicts no better than the uniform distribution over the vocabulary
+    (what broken numerics give, e.g. a huge RMSNorm epsilon: exactly uniform outputs, or a learning rate too low to
+    move): its validation loss is not below ln(vocab_size) by UNIFORM_MARGIN of it; None when it is. A poor result
+    is still a result: the stage records it (llmpipe.report.publish.flag_chance_level), it does not refuse it.
+    (The unigram baseline is the wrong bar: a real but short run, the tiny test pipeline's 6 steps, does not beat
+    it yet.)"""
     loss, uniform = metrics.get(loss_key), math.log(vocab_size)
     if loss is None or loss < uniform * (1 - UNIFORM_MARGIN):
-        return
+        return None
     bits = ""
     if "val_bpb" in metrics:  # the same tokens and bytes: bits per byte scale as the losses
         bits = f"; val_bpb {metrics['val_bpb']:.4f}, uniform {metrics['val_bpb'] * uniform / loss:.4f}"
-    raise PipelineError(f"{stage}: the trained model predicts no better than chance: {loss_key} {loss:.4f} is not "
-                        f"below {uniform:.4f} = ln({vocab_size}), the loss of the uniform distribution over the "
-                        f"vocabulary{bits}; nothing was written (check the model's params, e.g. rms_norm_eps, and "
-                        "the learning rate)")
+    return (f"{stage}: the trained model predicts no better than chance: {loss_key} {loss:.4f} is not below "
+            f"{uniform:.4f} = ln({vocab_size}), the loss of the uniform distribution over the vocabulary{bits} "
+            "(check the model's params, e.g. rms_norm_eps, and the learning rate)")
 
 
 def _load_best(checkpoints: CheckpointStore, model: Transformer, best_step: int, current_step: int,
