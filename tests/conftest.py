@@ -1,8 +1,14 @@
-"""Shared fixtures: a temporary copy of the repository configured tiny, and pipeline runners.
+"""Fixtures and rules for the whole suite.
 
-The copy holds the committed files (git ls-files), a fresh git repository, conf/ overridden with the
-TINY values below and params.yaml composed from it, so `dvc repro` and `dvc exp run -S` both work
-there in seconds. MLflow writes to the copy's own .mlflow/ (the default store), never to the user's.
+- `built_repo`: a tiny copy of the repository (tests/harness.py) on which `dvc repro` has run the whole pipeline.
+  The pipeline runs once per session, whatever the number of xdist workers: the first worker that needs it builds
+  it under a file lock in the session's shared temporary folder, and each worker reads its own copy of that build.
+- Every test that runs the pipeline is marked slow, so `python -m pytest -m "not slow"` is the quick subset: a test
+  that uses `built_repo` (directly or through another fixture) is marked here; any other test that starts DVC, a
+  stage script or the multi-process launcher fails until it carries `@pytest.mark.slow`.
+- Under xdist, each worker's torch (and the processes it starts) uses its share of the cores: two workers with
+  two threads each on two cores make torch's thread pools wait on each other, many times slower than one thread.
+- Tests that do not need `built_repo` run first, so the other workers keep busy while one of them builds it.
 """
 
 from __future__ import annotations
@@ -14,115 +20,88 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from filelock import FileLock
+from harness import dvc, make_repo_copy, runs_the_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-TINY = {
-    "data": {"world": {"num_people": 12, "paraphrases": 2}},
-    "tokenizer": {"vocab_size": 300},
-    "tokenize": {"num_proc": 1},
-    "model": {"context_length": 32, "n_layer": 1, "d_model": 256, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 256},
-    "pretrain": {"max_steps": 6, "global_batch_sequences": 4, "micro_batch_sequences": 2, "warmup_steps": 2,
-                 "eval_every": 3, "log_every": 1, "checkpoint_every": 2, "eval_max_tokens": 512,
-                 "peak_flops_per_second": 1.0e11,
-                 "precision": "fp32"},  # not auto (the default): the same results on CPUs with and without bf16
-    # LoRA here (the default is chat_tokens): the adapter, its merge and its sharding get tested too;
-    # test_finetune_only_change_reruns_finetune_and_downstream_only switches to full.
-    "finetune": {"method": "lora", "learning_rate": 3.0e-3, "max_steps": 4, "global_batch_sequences": 4,
-                 "micro_batch_sequences": 2, "warmup_steps": 1, "eval_every": 2, "log_every": 1, "checkpoint_every": 2,
-                 "max_new_tokens": 6, "sample_answers": 2},
-    "evaluate": {"eval_max_tokens": 512, "kl_max_tokens": 256, "max_questions_per_split": 10, "max_new_tokens": 6,
-                 "generation_tokens": 8, "sample_answers": 2},
-}
+BUILT = "built_repo"
 
 
-SPECIALS = {"end_of_document": "<|endoftext|>", "system": "<|system|>", "user": "<|user|>",
-            "assistant": "<|assistant|>", "end_of_turn": "<|end|>"}
+def threads_per_worker() -> int | None:
+    """Each xdist worker's share of the cores; None outside xdist (torch's own default)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None
 
 
-def train_test_tokenizer(directory: Path, vocab_size: int):
-    """A byte-level BPE trained on a small embedded world, saved in `directory` and loaded."""
-    from llmpipe.data.world import WorldConfig, build_world
-    from llmpipe.text.tokenizer import LoadedTokenizer, save_tokenizer, train_bpe
-
-    texts = build_world(WorldConfig(num_people=20, paraphrases=2))["pretrain_train"]
-    save_tokenizer(train_bpe(texts, vocab_size, 2, SPECIALS), SPECIALS, directory)
-    return LoadedTokenizer(directory)
+if threads_per_worker() is not None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker()))  # read by torch here and in every subprocess
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def kill_at_first_checkpoint(repo: Path, stage: str) -> None:
-    """Start stages/<stage>.py, SIGKILL it as soon as its first checkpoint exists."""
-    import signal
-    import time
-
-    process = subprocess.Popen([sys.executable, f"stages/{stage}.py"], cwd=repo, env=environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((repo / "checkpoints" / stage).glob("*/step-*")) and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the stage finished before it could be killed"
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = deep_merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    builds = [BUILT in getattr(item, "fixturenames", ()) for item in items]
+    for item, uses_build in zip(items, builds):
+        if uses_build:
+            item.add_marker(pytest.mark.slow)
+    # One test that needs the build first (its worker builds), then everything that does not, then the rest;
+    # a stable sort, so each file's tests keep their order.
+    first = builds.index(True) if True in builds else None
+    order = {id(item): (index != first, uses_build) for index, (item, uses_build) in enumerate(zip(items, builds))}
+    items.sort(key=lambda item: order[id(item)])
 
 
-def environment(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "LLMPIPE_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
+@pytest.fixture(autouse=True)
+def refuse_the_pipeline_in_a_quick_test(request, monkeypatch):
+    """A test not marked slow that starts DVC, a stage or the launcher fails, naming the command."""
+    if request.node.get_closest_marker("slow"):
+        return
+    start = subprocess.Popen.__init__
+
+    def checked(self, args, *rest, **options):
+        if runs_the_pipeline(args):
+            command = args if isinstance(args, str) else " ".join(map(os.fsdecode, args))
+            pytest.fail(f"{request.node.nodeid} runs {command!r} but is not marked slow: "
+                        "add @pytest.mark.slow (every test that runs DVC, a stage or the launcher carries it)",
+                        pytrace=False)
+        start(self, args, *rest, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked)
 
 
-def run(command: list[str], cwd: Path, check: bool = True, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=environment(**env), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
-                             f"\n--- stderr\n{result.stderr[-4000:]}")
-    return result
-
-
-def make_repo_copy(destination: Path, overrides: dict = TINY) -> Path:
-    """Copy the committed files of the repository to `destination` and configure them tiny."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for name in filter(None, files.split("\0")):
-        source = ROOT / name
-        if source.is_file():
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    config_path = destination / "conf" / "config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    config_path.write_text(yaml.safe_dump(deep_merge(config, overrides), sort_keys=False))
-    for name in ("dvc.lock",):
-        (destination / name).unlink(missing_ok=True)
-    run([str(BIN / "llmpipe"), "compose", "--params-only"], destination)
-    run(["git", "init", "-q"], destination)
-    run(["git", "config", "user.name", "llmpipe test"], destination)
-    run(["git", "config", "user.email", "test@llmpipe.invalid"], destination)
-    run(["git", "add", "-A"], destination)
-    run(["git", "commit", "-qm", "tiny configuration"], destination)
-    return destination
-
-
-def dvc(repo: Path, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    return run([str(BIN / "dvc"), *args], repo, check=check, **env)
+def shared_build(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's one build: built by the first worker to get here, read by all."""
+    workerinput = getattr(config, "workerinput", None)  # set in xdist workers
+    base = tmp_path_factory.getbasetemp()
+    # An xdist worker's base is <session>/popen-gwN: the parent is shared, named by the run's id (the same in every
+    # worker), so a build left there by an earlier run with the same --basetemp is never taken for this one's.
+    shared = base.parent / f"built-{workerinput['testrunuid']}" if workerinput else base / "built-shared"
+    repo, log, failed = shared / "repo", shared / "first_repro.log", shared / "failed.log"
+    shared.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared / "lock")):
+        if failed.exists():
+            raise RuntimeError(f"building the tiny pipeline failed in another worker:\n{failed.read_text()}")
+        if not log.exists():
+            shutil.rmtree(repo, ignore_errors=True)
+            try:
+                make_repo_copy(repo)
+                result = dvc(repo, "repro")
+            except BaseException as error:
+                failed.write_text(str(error))
+                raise
+            log.write_text(result.stdout + result.stderr)
+    return repo
 
 
 @pytest.fixture(scope="session")
-def built_repo(tmp_path_factory) -> Path:
-    """A tiny copy on which `dvc repro` has run the whole pipeline once. Tests must not modify it:
-    copy it with `copy_built` first."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("built") / "repo")
-    result = dvc(repo, "repro")
-    (repo.parent / "first_repro.log").write_text(result.stdout + result.stderr)
-    return repo
+def built_repo(request, tmp_path_factory) -> Path:
+    """A tiny copy on which `dvc repro` has run the whole pipeline once (its output in ../first_repro.log). This
+    worker's own copy of the session's build: tests must not modify it: copy it with `copy_built` first."""
+    build = shared_build(request.config, tmp_path_factory)
+    mine = tmp_path_factory.mktemp("built") / "repo"
+    shutil.copytree(build, mine, symlinks=True)
+    shutil.copy2(build.parent / "first_repro.log", mine.parent / "first_repro.log")
+    return mine
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import struct
 import sys
 
 import pytest
-from conftest import BIN, run, train_test_tokenizer
-from test_pipeline import edit_params
+from harness import BIN, dvc, edit_params, mlflow_runs, run
+from small_inputs import train_test_tokenizer
 
 
 def tree_digest(path):
@@ -245,8 +245,6 @@ def test_chat_reads_every_model_form_the_pipeline_writes_and_fits_long_prompts(r
 
 
 def test_a_fine_tuning_example_longer_than_the_context_is_cut_and_counted_never_a_crash(repo):
-    from conftest import dvc
-
     (repo / "user_data" / "corpus.txt").write_text("\n\n".join(
         f"Person {i} lives in city {i % 5} and works at company {i % 3}." for i in range(300)))
     rows = [{"prompt": f"Where does person {i} live?", "completion": f"city {i % 5}"} for i in range(20)]
@@ -263,14 +261,11 @@ def test_a_fine_tuning_example_longer_than_the_context_is_cut_and_counted_never_
 
 
 def test_refused_input_under_dvc_repro_and_exp_run_keeps_every_previous_output(repo):
-    from conftest import dvc
-
     outputs = ("data/prepared", "models/pretrained", "reports/pretrain")
     before = {path: tree_digest(repo / path) for path in outputs}
     user_files(repo, "bad.txt", b"good line\n\nbad \xff line\n")
     result = dvc(repo, "repro", check=False)  # DVC deletes data/prepared before prepare refuses the file
     assert result.returncode != 0 and "error: user_data/bad.txt:3: not valid UTF-8" in result.stderr + result.stdout
-    from test_pipeline import mlflow_runs
 
     _, runs = mlflow_runs(repo)
     latest = max((r for r in runs if r.data.tags.get("llmpipe.kind") == "pipeline"), key=lambda r: r.info.start_time)

@@ -3,7 +3,7 @@
 
 import pytest
 import yaml
-from conftest import ROOT
+from harness import ROOT
 
 from llmpipe.config.compose import compose
 from llmpipe.config.params import StageParams, declared_param_keys

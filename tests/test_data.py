@@ -5,6 +5,7 @@ import random
 from collections import Counter
 
 import pytest
+from small_inputs import train_test_tokenizer
 
 from llmpipe.data.chat_examples import normalize_example, read_chat_examples
 from llmpipe.data.prepared import split_documents, world_bundle, write_prepared
@@ -177,7 +178,6 @@ def test_a_line_that_mixes_example_formats_is_refused(tmp_path):
 
 
 def test_special_token_strings_in_data_stay_plain_text(tmp_path):
-    from conftest import train_test_tokenizer
 
     from llmpipe.text.chat_template import ChatTemplate
 

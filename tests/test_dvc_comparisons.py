@@ -5,8 +5,9 @@ compare like for like in MLflow (same metric keys, effective param values, commi
 import json
 
 import pytest
-from conftest import dvc, run
-from test_pipeline import STAGES, mlflow_runs, ran
+from harness import STAGES, dvc, mlflow_runs, ran, run
+
+pytestmark = pytest.mark.xdist_group("dvc_comparisons")  # one worker: the experiment fixture runs three stages
 
 # On the default config every fine-tuning and evaluation metric moves in a fine-tuning experiment; the tiny
 # model answers no question (every accuracy is 0), so the baseline gets the default config's accuracies

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import train_test_tokenizer
+from small_inputs import train_test_tokenizer
 
 from llmpipe.errors import ParamError
 from llmpipe.eval.compare import (

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import BIN, dvc, environment, run
-from test_pipeline import edit_params, md5, mlflow_runs
+from harness import BIN, dvc, edit_params, environment, md5, mlflow_runs, run
 
 
 def stage_outputs(repo: Path, stage: str) -> dict[str, str]:

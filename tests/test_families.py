@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SPECIALS, dvc, make_repo_copy
+from harness import dvc, make_repo_copy
+from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS
 
 from llmpipe.errors import InputDataError
 from llmpipe.hf.checkpoint import import_checkpoint, read_hf_directory
@@ -23,14 +24,6 @@ from llmpipe.text.tokenizer import (
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA3_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's chat template
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-QWEN_TEMPLATE = (  # ChatML, as Qwen2.5's template renders a conversation that has a system turn
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
-    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where was Ada born?"},

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 import yaml
-from conftest import ROOT, train_test_tokenizer
+from harness import ROOT
+from small_inputs import train_test_tokenizer
 
 from llmpipe.config.params import StageParams
 from llmpipe.data.chat_examples import example_statistics

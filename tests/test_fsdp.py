@@ -12,8 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import dvc, environment
-from test_pipeline import edit_params
+from harness import dvc, edit_params, environment
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from harness import ROOT
 
 from llmpipe.generate.derived import stale_files
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import BIN, SPECIALS, dvc, make_repo_copy, run
+from harness import BIN, dvc, make_repo_copy, run
 from safetensors.torch import load_file
+from small_inputs import SPECIALS
 
 from llmpipe.errors import InputDataError
 from llmpipe.hf.checkpoint import fit_vocabulary, read_hf_directory

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 import yaml
-from conftest import ROOT
+from harness import ROOT
 
 from llmpipe.config import layout
 from llmpipe.generate import code_deps

@@ -195,7 +195,7 @@ def test_after_a_kill_9_the_next_stage_closes_its_runs_and_removes_what_it_left(
     import time
 
     import mlflow
-    from conftest import dvc, environment
+    from harness import dvc, environment
 
     repo = copy_built()
     # kill -9 of a stage inside a pipeline execution: its run and the pipeline's stay RUNNING.
@@ -238,7 +238,7 @@ def workspace(repo: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_failed_experiment_leaves_the_workspace_as_it_found_it(copy_built):
-    from conftest import dvc, run
+    from harness import dvc, run
 
     repo = copy_built()
     run(["git", "add", "dvc.lock"], repo)  # as a team keeps it: the experiment's starting commit then holds it

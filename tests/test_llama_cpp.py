@@ -4,7 +4,7 @@ source: `pip install llama-cpp-python`, several minutes on 2 cores). Skipped whe
 import numpy as np
 import pytest
 import torch
-from conftest import train_test_tokenizer
+from small_inputs import awkward_weights, train_test_tokenizer
 
 from llmpipe.gguf.files import plan_tensors, read_gguf_model, write_gguf
 from llmpipe.model.transformer import ModelConfig, Transformer
@@ -38,8 +38,6 @@ def test_llama_cpp_reads_our_gguf_with_our_tokens_logits_and_chat_template(tmp_p
 def test_bytes_equal_llama_cpps_own_quantizer(name):
     import ctypes
     from pathlib import Path
-
-    from test_quant_formats import awkward_weights
 
     from llmpipe.gguf.formats import FORMATS
 

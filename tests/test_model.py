@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from harness import ROOT
 
 from llmpipe.config.compose import compose
 from llmpipe.config.params import StageParams

@@ -10,8 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import dvc, environment
-from test_pipeline import edit_params
+from harness import dvc, edit_params, environment
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,6 @@
 """End to end: the real pipeline (`dvc repro`, `dvc exp run`) on a tiny configuration in a temporary copy."""
 
 import csv
-import hashlib
 import json
 import subprocess
 import sys
@@ -9,41 +8,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, dvc, environment, kill_at_first_checkpoint, run
-
-STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
-OUTPUT_FILES = ["data/prepared/pretrain_train.jsonl", "data/prepared/qa_heldout_people.jsonl",
-                "models/tokenizer/tokenizer.json", "data/tokens/train/shard-00000.bin",
-                "data/tokens/validation/shard-00000.bin",
-                "data/tokens/meta.json", "models/pretrained/model.safetensors", "models/finetuned/model.safetensors"]
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def edit_params(repo: Path, **changes) -> None:
-    """Set dotted keys in params.yaml, as a user editing the file would."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        node = params
-        *parents, last = dotted.split("__")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def mlflow_runs(repo: Path):
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{repo / '.mlflow' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("llmpipe")
-    return client, client.search_runs([experiment.experiment_id], max_results=1000)
-
-
-def ran(output: str) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in output]
+from harness import (
+    BIN,
+    OUTPUT_FILES,
+    STAGES,
+    dvc,
+    edit_params,
+    environment,
+    kill_at_first_checkpoint,
+    md5,
+    mlflow_runs,
+    ran,
+    run,
+)
 
 
 def test_repro_runs_every_stage_then_nothing(built_repo):

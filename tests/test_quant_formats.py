@@ -13,6 +13,7 @@ from gguf import quants as reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from small_inputs import awkward_weights
 
 from llmpipe.gguf import formats
 from llmpipe.gguf.formats import (
@@ -59,27 +60,6 @@ def test_round_trip_error_stays_within_the_format_bound(name):
     blocks, restored_blocks = data.reshape(-1, fmt.block_size), restored.reshape(-1, fmt.block_size)
     error = np.abs(blocks - restored_blocks)
     assert np.all(error <= fmt.error_bound(blocks, raw.reshape(-1, fmt.block_bytes))), name
-
-
-def awkward_weights() -> np.ndarray:
-    """Rows of 256 weights (one K-quant block, eight small ones) at the edges of the formats' arithmetic."""
-    normal = np.random.default_rng(11).standard_normal((10, 256)).astype(np.float32)
-    largest, index = np.finfo(np.float32).max, np.arange(256)
-    rows = [
-        np.zeros(256), np.full(256, 0.37), np.full(256, -2.5),        # all zero; constants
-        # tiny: fp16 scales 0; float32 subnormals; fp16 subnormal scales
-        normal[0] * 1e-30, normal[1] * 1e-40, normal[2] * 1e-6,
-        normal[3] * 1e5, normal[4] * 1e30,                             # fp16 scales overflow; squares overflow float32
-        np.where(index % 2, largest, -largest),                        # ±FLT_MAX
-        -np.abs(normal[5]), np.abs(normal[6]) + 1, index == 37,        # negative only; positive only; one spike
-        index % 17 - 7.5, np.where(index == 200, 3.0, -0.01),          # halves (rounding ties); constant but one
-        np.concatenate([np.zeros(128), normal[7, :128]]),
-        np.concatenate([normal[8, :32] * 1e3, normal[9, 32:] * 1e-3]),  # one loud sub-block: the others' sc round to 0
-        # -4e6's mn takes dmin to fp16's top, so (x + dmin·mn) / (d·sc) passes ±2^22, where nearest_int's bits
-        # are no longer the rounded value (llama.cpp keeps them: so do we)
-        np.concatenate([np.full(32, -4e6), np.linspace(-5e-4, 5e-4, 32), -12000 + index[64:] % 8 * 1e-3]),
-    ]
-    return np.array(rows, dtype=np.float32)
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SPECIALS, train_test_tokenizer
+from small_inputs import SPECIALS, train_test_tokenizer
 
 from llmpipe.gguf.files import (
     permute_for_interleaved_rope,

@@ -18,8 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import SPECIALS
-from test_families import LLAMA3_TEMPLATE, QWEN_TEMPLATE
+from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS
 
 from llmpipe.hf.tokenizer import import_tokenizer
 from llmpipe.text.tokenizer import (

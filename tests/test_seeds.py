@@ -6,6 +6,7 @@ import subprocess
 from dataclasses import replace
 
 import pytest
+from harness import BIN, environment
 
 from llmpipe.sweep.queue import QueueTask, queue_progress, queue_states
 from llmpipe.sweep.summary import (
@@ -74,9 +75,8 @@ def test_per_attribute_accuracies_come_from_each_experiments_committed_details()
     assert "finetune.base_qa_accuracy_heldout_people_major" not in first.metrics
 
 
+@pytest.mark.slow  # runs dvc init and dvc add
 def test_revision_text_reads_git_and_dvc_files_as_the_revision_holds_them(tmp_path, monkeypatch):
-    from conftest import BIN, environment
-
     def run(*args):
         return subprocess.run(list(args), cwd=tmp_path, env=environment(), capture_output=True, text=True,
                               check=True).stdout.strip()

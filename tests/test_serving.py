@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import BIN, environment, train_test_tokenizer
+from harness import BIN, environment
+from small_inputs import train_test_tokenizer
 
 from llmpipe.model.transformer import ModelConfig, Transformer
 from llmpipe.model.weights import TOKENIZER_KEY, save_model

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from harness import ROOT
 
 SLOW_TO_IMPORT = ["torch", "mlflow", "hydra", "dvc", "transformers", "datasets", "matplotlib", "pyarrow"]
 

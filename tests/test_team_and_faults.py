@@ -13,8 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, dvc, environment, run
-from test_pipeline import md5
+from harness import BIN, dvc, environment, md5, mlflow_runs, run
 
 
 def free_port() -> int:
@@ -126,7 +125,6 @@ def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_bu
              "-S", "pretrain.max_steps=5", "--target", "finetune", "--poll-seconds", "1"]
     output = run(sweep, repo).stdout
     assert "queued tiny-seed3, tiny-seed4" in output
-    from test_pipeline import mlflow_runs
 
     client, runs = mlflow_runs(repo)
     logged = {}

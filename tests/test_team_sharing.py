@@ -6,8 +6,9 @@ every output."""
 import shutil
 
 import pytest
-from conftest import dvc, run
-from test_pipeline import md5, ran
+from harness import dvc, md5, ran, run
+
+pytestmark = pytest.mark.xdist_group("team_sharing")  # one worker: the team fixture runs three stages
 
 SECOND = "finetune.learning_rate=0.002"  # the tiny config's is 0.003
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import train_test_tokenizer
+from small_inputs import train_test_tokenizer
 
 from llmpipe.config import layout
 from llmpipe.data.encode import tokenize_corpus

@@ -1,9 +1,9 @@
 """Tokenizer: byte-level BPE encodes any text and decodes it back exactly."""
 
 import pytest
-from conftest import SPECIALS, train_test_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from small_inputs import SPECIALS, train_test_tokenizer
 
 from llmpipe.data.encode import choose_dtype
 from llmpipe.data.world import WorldConfig, build_world
