@@ -10,6 +10,7 @@ fail instead: .ci/run installs the package.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import pwd
@@ -26,11 +27,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, dvc, environment, make_repo_copy
+from conftest import BIN, dvc, environment, make_repo_copy, run
+from test_pipeline import md5
 
 STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 MODEL_NAME = "llmpipe-chat"
 DATABASE, ROLE = "mlflow", "mlflow"
+DATABASES: dict[str, "Postgres"] = {}  # by server url: the tests stop it
 
 
 def free_port() -> int:
@@ -39,20 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_outside_ci(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; under CI these tests must run (.ci/run installs what they need)")
+    print(f"skipped: {reason}")
+    pytest.skip(reason)
+
+
 def postgres_programs() -> Path:
     """The directory with PostgreSQL's server programs (Debian keeps them off PATH), or skip/fail saying why."""
+    if importlib.util.find_spec("psycopg") is None:
+        skip_outside_ci("psycopg, MLflow's PostgreSQL driver, is not installed: `pip install -e \".[team]\"`")
     found = shutil.which("pg_ctl")
     candidates = [Path(found).resolve().parent] if found else []
     candidates += [Path(p).parent for p in sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)]
     for directory in candidates:
-        if all((directory / name).is_file() for name in ("initdb", "pg_ctl", "createdb")):
+        if all((directory / name).is_file() for name in ("initdb", "pg_ctl", "createdb", "psql")):
             return directory
-    reason = ("PostgreSQL's server programs (initdb, pg_ctl) are not installed: "
-              "`apt-get install postgresql` (Debian/Ubuntu) runs the team tracking-server tests")
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; under CI they must run (.ci/run installs the package)")
-    print(f"skipped: {reason}")
-    pytest.skip(reason)
+    skip_outside_ci("PostgreSQL's server programs (initdb, pg_ctl) are not installed: "
+                    "`apt-get install postgresql` (Debian/Ubuntu) runs the team tracking-server tests")
 
 
 def wait_until(check, seconds: float, what: str) -> None:
@@ -175,6 +183,7 @@ def postgres_tracking_server():
         except AssertionError:
             raise AssertionError("mlflow server did not answer:\n"
                                  + (directory / "mlflow-server.log").read_text(errors="replace")[-3000:]) from None
+        DATABASES[url] = database
         yield url, backend, artifacts
     finally:
         if server is not None:
@@ -246,3 +255,21 @@ def test_whole_pipeline_logs_to_a_postgres_backed_server_and_reads_back_over_res
     with psycopg.connect(backend) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM runs")
         assert cursor.fetchone()[0] == len(STAGES) + 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_database_refusing_connections_stops_a_stage_before_any_work_naming_it(postgres_tracking_server, tmp_path):
+    url, backend, artifacts = postgres_tracking_server
+    repo = make_repo_copy(tmp_path / "repo")
+    run([sys.executable, "stages/prepare.py"], repo, MLFLOW_TRACKING_URI=url)
+    before = {path: md5(path) for path in sorted((repo / "data/prepared").iterdir())}
+    DATABASES[url].stop()
+    start = time.time()
+    result = run([sys.executable, "stages/prepare.py"], repo, check=False, MLFLOW_TRACKING_URI=url)
+    assert time.time() - start < 30  # MLflow's client alone retries for minutes
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: MLflow tracking server at {url} (MLFLOW_TRACKING_URI) answers but cannot read "
+                           f"its store") and "Connection refused" in last, last
+    assert {path: md5(path) for path in sorted((repo / "data/prepared").iterdir())} == before
