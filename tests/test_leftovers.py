@@ -135,6 +135,7 @@ def test_runs_left_running_by_a_killed_stage_are_closed_by_the_next_stage(tmp_pa
     assert client.get_run(rerun.run_id).info.status == client.get_run(rerun.parent_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # runs `dvc init` and `dvc commit`
 def test_a_restore_that_cannot_put_an_output_back_says_which(tmp_path, monkeypatch, capsys):
     import yaml
 

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -46,17 +47,43 @@ def tracking_uri() -> str:
 
 
 def check_server_answers(uri: str) -> None:
-    """Fail fast, before any work, when a configured tracking server does not answer."""
+    """Fail fast, before any work, when a configured tracking server does not answer, or answers but cannot
+    reach its own store (its database refusing connections): MLflow's client would retry for minutes."""
     if not uri.startswith(("http://", "https://")):
         return
+    base = uri.rstrip("/")
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME_DEFAULT)
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=_SERVER_TIMEOUT_SECONDS):
+        with urllib.request.urlopen(base + "/health", timeout=_SERVER_TIMEOUT_SECONDS):
             pass
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise PipelineError(
             f"MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) did not answer: {reason}"
         ) from None
+    query = base + "/api/2.0/mlflow/experiments/get-by-name?" + urllib.parse.urlencode({"experiment_name": name})
+    try:
+        with urllib.request.urlopen(query, timeout=_SERVER_TIMEOUT_SECONDS * 4):
+            pass
+    except urllib.error.HTTPError as exc:  # 404: no such experiment yet; 401/403: MLflow's client sends credentials
+        if exc.code >= 500:
+            raise PipelineError(f"MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) answers but cannot read its "
+                                f"store (HTTP {exc.code}): {_server_message(exc)}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise PipelineError(f"MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) did not answer a query: "
+                            f"{getattr(exc, 'reason', exc)}") from None
+
+
+def _server_message(error) -> str:
+    """The first line of an MLflow server's JSON error message (its database's own words), cut short."""
+    import json
+
+    try:
+        message = str(json.loads(error.read().decode("utf-8", "replace")).get("message", ""))
+    except (OSError, ValueError, AttributeError):
+        message = ""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return (lines[0] if lines else str(error.reason))[:300]
 
 
 def connect():
