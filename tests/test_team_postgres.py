@@ -27,8 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, dvc, environment, make_repo_copy, run
-from test_pipeline import md5
+from harness import BIN, dvc, environment, make_repo_copy, md5, run
 
 STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 MODEL_NAME = "llmpipe-chat"
