@@ -60,8 +60,11 @@ def test_pipeline_runs_compare_like_for_like_in_mlflow(experiment):
     assert changed.data.metrics["pretrain.val_bpb"] == baseline.data.metrics["pretrain.val_bpb"]  # not rerun
     assert (baseline.data.params["finetune.learning_rate"], changed.data.params["finetune.learning_rate"]) == (
         "0.003", "0.002")
-    for pipeline in (baseline, changed):  # null in params.yaml: logged as the value fine-tuning used
-        assert pipeline.data.params["finetune.min_learning_rate"] == "0.0001"
+    # null in params.yaml: logged as the value fine-tuning used, lora's floor scaled with the peak that was set
+    floors = {"0.003": "0.0001", "0.002": str(0.002 * 1e-4 / 3e-3)}
+    for pipeline in (baseline, changed):
+        params = pipeline.data.params
+        assert params["finetune.min_learning_rate"] == floors[params["finetune.learning_rate"]]
         assert "finetune.min_learning_rate" in pipeline.data.tags["llmpipe.params_defaulted"]
         assert "None" not in pipeline.data.params.values()
         assert len(pipeline.data.tags["mlflow.source.git.commit"]) == 40
