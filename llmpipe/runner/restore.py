@@ -112,6 +112,34 @@ def _copy_file(source: Path, target: Path) -> None:
         os.link(source, target)
 
 
+def lock_stages(text: str) -> dict:
+    """The `stages` of a dvc.lock text, read as YAML 1.2 as DVC writes it (PyYAML would read `1e-05` as a string);
+    {} for a text that is not a lock file."""
+    from ruamel.yaml import (  # deferred: only the put-back path reads dvc.lock
+        YAML,
+        YAMLError,
+    )
+
+    try:
+        lock = YAML(typ="safe", pure=True).load(text) if text else None
+    except YAMLError:
+        return {}
+    return (lock.get("stages") or {}) if isinstance(lock, dict) else {}
+
+
+def put_output_back(stage: str, path: Path, md5: str, cache: Path, what: str) -> bool:
+    """Copy the output `path` recorded as `md5` back from DVC's cache; when the cache lacks some of its objects,
+    say which (`what`: the state it would have been put back to) and leave it."""
+    missing = _missing_cache_objects(md5, cache)
+    if missing:
+        print(f"{stage}: could not put back {path}{what}: DVC's cache lacks {len(missing)} of its objects "
+              f"({os.path.relpath(missing[0])}{', ...' if len(missing) > 1 else ''}; `dvc pull {stage}` "
+              "fetches them from the remote, or the stage's next run writes it again)", file=sys.stderr, flush=True)
+        return False
+    _copy_from_cache(path, md5, cache)
+    return True
+
+
 def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]:
     """Put back the outputs of `stage` as dvc.lock records them, from DVC's cache; returns their paths.
 
@@ -122,7 +150,7 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
     if not lock_file.is_file():
         return []
     try:
-        outs = (yaml.safe_load(lock_file.read_text("utf-8")) or {})["stages"][stage].get("outs") or []
+        outs = lock_stages(lock_file.read_text("utf-8"))[stage].get("outs") or []
         cache = _dvc_cache(lock_file.parent)
     except Exception:  # no lock entry for the stage yet, or not a DVC repository: nothing to restore
         return []
@@ -133,15 +161,8 @@ def restore_outputs(stage: str, lock_file: str | Path = "dvc.lock") -> list[str]
         try:
             if not md5 or (path.exists() and (not under_dvc or _matches(path, md5, cache))):
                 continue  # nothing recorded, or nothing to put back
-            missing = _missing_cache_objects(md5, cache)
-            if missing:
-                print(f"{stage}: could not put back {path}: DVC's cache lacks {len(missing)} of its objects "
-                      f"({os.path.relpath(missing[0])}{', ...' if len(missing) > 1 else ''}; `dvc pull {stage}` "
-                      "fetches them from the remote, or the stage's next run writes it again)", file=sys.stderr,
-                      flush=True)
-                continue
-            _copy_from_cache(path, md5, cache)
-            restored.append(str(path))
+            if put_output_back(stage, path, md5, cache, ""):
+                restored.append(str(path))
         except (OSError, ValueError) as exc:  # the rest may still come back
             print(f"{stage}: could not put back {path} ({exc})".splitlines()[0], file=sys.stderr, flush=True)
     return restored
@@ -183,8 +204,8 @@ def restore_experiment_start(stage: str, lock_file: str | Path = "dvc.lock") -> 
     start_text = experiment_start_lock(lock_file)
     if start_text is None or not lock_file.is_file() or lock_file.read_text("utf-8") == start_text:
         return []
-    start = (yaml.safe_load(start_text) or {}).get("stages") or {}
-    now = (yaml.safe_load(lock_file.read_text("utf-8")) or {}).get("stages") or {}
+    start = lock_stages(start_text)
+    now = lock_stages(lock_file.read_text("utf-8"))
     cache = _dvc_cache(lock_file.parent)
     restored = []
     for name, entry in start.items():
@@ -193,24 +214,17 @@ def restore_experiment_start(stage: str, lock_file: str | Path = "dvc.lock") -> 
             path, md5 = Path(out["path"]), out.get("md5", "")
             if not md5 or recorded_now.get(out["path"]) == md5:
                 continue
-            missing = _missing_cache_objects(md5, cache)
-            if missing:
-                print(f"{stage}: could not put back {path} as the experiment found it: DVC's cache lacks "
-                      f"{os.path.relpath(missing[0])}", file=sys.stderr, flush=True)
-                continue
-            _copy_from_cache(path, md5, cache)
-            restored.append(str(path))
+            if put_output_back(stage, path, md5, cache, " as the experiment found it"):
+                restored.append(str(path))
     atomic.write_text(lock_file, start_text)
     return restored
 
 
 def _recorded_params(lock_file: Path) -> dict[str, object]:
     """The params.yaml values dvc.lock records, by dotted key, where every stage that records a key agrees."""
-    from ruamel.yaml import YAML, YAMLError
-
-    try:  # YAML 1.2, as DVC writes it (PyYAML would read `1e-05` as a string)
-        stages = (YAML(typ="safe", pure=True).load(lock_file.read_text("utf-8")) or {}).get("stages") or {}
-    except (OSError, YAMLError):
+    try:
+        stages = lock_stages(lock_file.read_text("utf-8"))
+    except OSError:
         return {}
     values: dict[str, object] = {}
     disagree = set()

@@ -27,8 +27,6 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ruamel.yaml import YAML, YAMLError
-
 from llmpipe import atomic
 from llmpipe.config import layout
 from llmpipe.config.params import flatten
@@ -39,6 +37,7 @@ from llmpipe.report.tables import (
     HELDOUT_ACCURACY,
     PRETRAIN_METRICS,
 )
+from llmpipe.runner.restore import lock_stages
 
 # Headline metrics, as `<stage>.<full name>` (the names of details.json and of the stages' MLflow runs).
 HEADLINE_PATTERNS = (
@@ -192,13 +191,9 @@ def _experiment(revision: dict, seed: int, read_text, listing, failed: bool) -> 
         if details:
             files[path] = {"data": details}
     metrics = headline_metrics(files)
-    lock_text = read_text(revision["rev"], "dvc.lock") if revision.get("rev") else None
-    try:  # YAML 1.2, as DVC writes it (PyYAML would read `1e-05` as a string)
-        lock = YAML(typ="safe", pure=True).load(lock_text) if lock_text else None
-    except YAMLError:
-        lock = None
-    if isinstance(lock, dict):
-        stages, own = set((lock.get("stages") or {})), own_stages(lock, params, listing)
+    recorded = lock_stages(read_text(revision["rev"], "dvc.lock") or "") if revision.get("rev") else {}
+    if recorded:
+        stages, own = set(recorded), own_stages({"stages": recorded}, params, listing)
         metrics = {name: value for name, value in metrics.items()
                    if name.split(".", 1)[0] not in stages or name.split(".", 1)[0] in own}
     return SweepExperiment(revision["name"], seed, metrics, params)
@@ -318,13 +313,13 @@ def log_summary_run(sweep: str, experiments: list[SweepExperiment], summary: dic
     from llmpipe.tracking import store
 
     client, experiment_id = store.connect()
-    done = succeeded(experiments)
+    done, failed = succeeded(experiments), failed_seeds(experiments)
     names = ",".join(experiment.name for experiment in done)
     run = client.create_run(experiment_id, run_name=f"seeds {sweep}", tags={
         "llmpipe.kind": "seed_sweep", "llmpipe.sweep": sweep, "dvc.experiments": names[:5000],
-        **({"llmpipe.failed_seeds": ",".join(map(str, failed_seeds(experiments)))} if failed_seeds(experiments) else {})})
+        **({"llmpipe.failed_seeds": ",".join(map(str, failed))} if failed else {})})
     params = [Param("seeds", ",".join(str(e.seed) for e in done)), Param("seed_count", str(len(done))),
-              Param("failed_seed_count", str(len(failed_seeds(experiments))))]
+              Param("failed_seed_count", str(len(failed)))]
     params += [Param(f"override.{item.split('=', 1)[0]}", item.split("=", 1)[-1]) for item in overrides]
     metrics = [Metric(f"{name}.{statistic}", getattr(spread, statistic), 0, 0)
                for name, spread in summary.items() for statistic in ("mean", "min", "max")]
