@@ -15,7 +15,8 @@ from llmpipe.config import layout
 from llmpipe.config.params import StageParams
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
-from llmpipe.hf.checkpoint import base_model_settings, import_checkpoint
+from llmpipe.hf.base_model import base_model_settings
+from llmpipe.hf.checkpoint import import_checkpoint
 from llmpipe.model.transformer import Transformer, count_parameters
 from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, save_model
 from llmpipe.report.publish import flag_chance_level, publish_training

@@ -18,7 +18,7 @@ from llmpipe import atomic
 from llmpipe.config import layout
 from llmpipe.config.params import StageParams
 from llmpipe.data.prepared import read_pretrain_text
-from llmpipe.hf.checkpoint import base_model_settings
+from llmpipe.hf.base_model import base_model_settings
 from llmpipe.hf.tokenizer import import_tokenizer
 from llmpipe.report.markdown import tokenizer_report
 from llmpipe.report.tables import TOKENIZER_METRICS, dvc_metrics

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _pytest.nodeid import coerce_node_id
 from filelock import FileLock
 from harness import dvc, make_repo_copy, runs_the_pipeline
 
@@ -38,8 +39,23 @@ if threads_per_worker() is not None:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def keep_groups_on_one_worker(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each `xdist_group` test the `@group` id suffix that `--dist loadgroup` schedules by, so a file's group
+    runs on one worker and its module fixture (a `dvc exp run` of three stages) runs once. pytest-xdist 3.8 writes
+    the suffix to `item._nodeid`, which pytest 9 no longer reads (a node's id is `item._id`), so it is set here."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist workers under --dist loadgroup
+        return
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = coerce_node_id(item.nodeid + suffix)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep_groups_on_one_worker(config, items)
     builds = [BUILT in getattr(item, "fixturenames", ()) for item in items]
     for item, uses_build in zip(items, builds):
         if uses_build:

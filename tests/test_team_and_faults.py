@@ -122,7 +122,7 @@ def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_bu
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "pipeline outputs"], repo)
     sweep = [sys.executable, "-m", "llmpipe.cli", "sweep", "run", "tiny", "--seeds", "3", "4", "--jobs", "2",
-             "-S", "pretrain.max_steps=5", "--target", "finetune", "--poll-seconds", "1"]
+             "-S", "pretrain.max_steps=5", "--target", "pretrain", "--poll-seconds", "1"]
     output = run(sweep, repo).stdout
     assert "queued tiny-seed3, tiny-seed4" in output
 
@@ -146,7 +146,7 @@ def test_seed_sweep_runs_queued_experiments_together_and_summarises_them(copy_bu
     assert aggregate[0].data.metrics["pretrain.val_bpb.max"] == pytest.approx(spread["max"])
     again = run(sweep, repo).stdout
     assert "tiny-seed3: already run, kept" in again and "queued" not in again
-    run([sys.executable, "-m", "llmpipe.cli", "sweep", "summary", "tiny", "--target", "finetune", "--seeds", "4"], repo)
+    run([sys.executable, "-m", "llmpipe.cli", "sweep", "summary", "tiny", "--target", "pretrain", "--seeds", "4"], repo)
     only_seed4 = json.loads((repo / "reports/seeds/tiny.json").read_text())
     assert [e["name"] for e in only_seed4["experiments"]] == ["tiny-seed4"]
     assert only_seed4["metrics"]["pretrain.val_bpb"]["mean"] == pytest.approx(logged["tiny-seed4"])

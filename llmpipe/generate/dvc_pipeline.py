@@ -19,7 +19,7 @@ from llmpipe.data.settings import EmbeddedData
 from llmpipe.eval.compare import EvaluateSettings
 from llmpipe.generate.code_deps import code_dependencies
 from llmpipe.gguf.files import QuantizeSettings
-from llmpipe.hf.checkpoint import BaseModelSettings
+from llmpipe.hf.base_model import BaseModelSettings
 from llmpipe.model.transformer import ModelConfig
 from llmpipe.text.tokenizer import TokenizerSettings
 from llmpipe.train.finetune_settings import FinetuneParams

@@ -9,31 +9,15 @@ pipeline's base model (its tokenizer: llmpipe.hf.tokenizer).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from llmpipe.config.params import StageParams, params_section, setting
 from llmpipe.errors import InputDataError
 from llmpipe.hf.config import model_config_from_hf
 from llmpipe.model.transformer import ModelConfig, Transformer
 from llmpipe.model.weights import assign_weights, empty_model, read_checked_tensors
-
-
-@params_section("base_model", option="scratch")
-@dataclass(frozen=True)
-class BaseModelSettings:
-    source: str = setting("scratch", "scratch (pretrain the model preset) | hf (import a Hugging Face Llama "
-                                     "checkpoint instead)", choices=["scratch", "hf"])
-    path: str = setting("base_models/README.md", "directory with config.json, *.safetensors, tokenizer.json "
-                                                 "(a DVC dependency, so it must exist even when unused)")
-
-
-def base_model_settings(params: StageParams) -> BaseModelSettings:
-    """The `base_model` section (train_tokenizer and pretrain read it)."""
-    return params.read(BaseModelSettings)
 
 
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # target value that contributes nothing to the loss (masked prompt tokens, padding)
+from llmpipe.model.targets import IGNORE_INDEX
+
 LOGITS_PER_CHUNK = 2**26  # logits per chunk (256 MiB in fp32): 523 tokens at a 128,256-token vocabulary
 REDUCTIONS = ("mean", "sum")
 

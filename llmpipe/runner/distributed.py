@@ -7,7 +7,6 @@ without it, this is rank 0 of 1. The backend is NCCL on CUDA and gloo on CPU.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llmpipe.errors import ParamError
+from llmpipe.runner.ranks import launched_ranks
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class ProcessInfo:
     @classmethod
     def from_environment(cls, requested_device: str = "cpu") -> "ProcessInfo":
         """This process as torchrun describes it, on its device (`auto`: CUDA when available)."""
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return cls(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                   local_rank=local_rank, device=resolve_device(requested_device, local_rank))
+        ranks = launched_ranks()
+        return cls(rank=ranks.rank, world_size=ranks.world_size, local_rank=ranks.local_rank,
+                   device=resolve_device(requested_device, ranks.local_rank))
 
     @property
     def is_main(self) -> bool:

@@ -41,7 +41,7 @@ from llmpipe.config.params import (
     schema_keys,
 )
 from llmpipe.errors import PipelineError
-from llmpipe.runner.distributed import ProcessInfo
+from llmpipe.runner.ranks import launched_ranks
 from llmpipe.runner.guard import guarded
 from llmpipe.runner.restore import stash_uncached_outputs
 from llmpipe.tracking.provenance import input_hashes
@@ -76,7 +76,7 @@ def remove_leftovers(stage: str) -> None:
 
 def run_stage(name: str, config: dict, body: StageFunction) -> None:
     """Run `body` with the stage's declared params and its MLflow run (rank 0's; the others run without)."""
-    is_main = ProcessInfo.from_environment().is_main
+    is_main = launched_ranks().rank == 0
     if is_main:
         remove_leftovers(name)
     params = StageParams.for_stage(name, config)
@@ -118,7 +118,7 @@ def stage(name: str) -> Callable[[StageFunction], Callable[[], None]]:
                 for variable in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
                     os.environ.setdefault(variable, "1")
                 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            with guarded(name, ProcessInfo.from_environment().rank):
+            with guarded(name, launched_ranks().rank):
                 run_stage(name, load_params(sys.argv[1:]), body)
 
         return main

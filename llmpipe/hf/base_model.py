@@ -1,0 +1,23 @@
+"""The `base_model` section: pretrain the model preset from scratch, or import a Hugging Face checkpoint
+(train_tokenizer takes its tokenizer, pretrain its weights: llmpipe.hf.checkpoint). Kept apart from the import
+itself, so train_tokenizer reads it without loading torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmpipe.config.params import StageParams, params_section, setting
+
+
+@params_section("base_model", option="scratch")
+@dataclass(frozen=True)
+class BaseModelSettings:
+    source: str = setting("scratch", "scratch (pretrain the model preset) | hf (import a Hugging Face Llama "
+                                     "checkpoint instead)", choices=["scratch", "hf"])
+    path: str = setting("base_models/README.md", "directory with config.json, *.safetensors, tokenizer.json "
+                                                 "(a DVC dependency, so it must exist even when unused)")
+
+
+def base_model_settings(params: StageParams) -> BaseModelSettings:
+    """The `base_model` section (train_tokenizer and pretrain read it)."""
+    return params.read(BaseModelSettings)
