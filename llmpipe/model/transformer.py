@@ -250,9 +250,11 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.full_logits_loss = False  # True: the loss from all logits at once (the reference; benchmarks)
-        cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta, scaling=config.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Computed on the CPU and moved: on the meta device (empty_model) arange loads PyTorch's symbolic shapes, ~1 s.
+        cos, sin = rotary_tables(config.head_dim, config.context_length, config.rope_theta, device="cpu",
+                                 scaling=config.rope_scaling)
+        self.register_buffer("rope_cos", cos.to(self.embed_tokens.weight.device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(self.embed_tokens.weight.device), persistent=False)
         self.apply(self._init_weights)
         # Scale the projections that write into the residual stream by depth (GPT-2 / nanoGPT).
         for name, parameter in self.named_parameters():

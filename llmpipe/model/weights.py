@@ -14,7 +14,9 @@ that) load too.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,10 +85,27 @@ def model_config_from_dict(values: dict, where: str) -> ModelConfig:
         raise InputDataError(f"{where}: not a valid model config: {exc}") from None
 
 
+_INITIALIZERS = ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_")
+
+
+@contextlib.contextmanager
+def _initializers_skipped() -> Iterator[None]:
+    """torch.nn.init's initializers as no-ops: on the meta device they have no values to set, and the first
+    random one there loads PyTorch's symbolic shapes (sympy), about 1 s of every stage's start."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALIZERS}
+    for name in _INITIALIZERS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, initializer in saved.items():
+            setattr(torch.nn.init, name, initializer)
+
+
 def empty_model(config: ModelConfig) -> Transformer:
     """The model's modules with no weights yet (on the meta device: no memory, no random initialization);
     `assign_weights` fills them."""
-    with torch.device("meta"):
+    with torch.device("meta"), _initializers_skipped():
         return Transformer(config)
 
 
