@@ -266,7 +266,7 @@ def test_next_token_and_generate_commands_use_the_pipeline_model(built_repo):
 
 def test_sigkill_during_pretrain_then_rerun_resumes_to_identical_weights(copy_built):
     repo = copy_built()
-    edit_params(repo, pretrain__max_steps=300, pretrain__checkpoint_every=10, pretrain__eval_every=100)
+    edit_params(repo, pretrain__max_steps=80, pretrain__checkpoint_every=10, pretrain__eval_every=40)
     run([sys.executable, "stages/pretrain.py"], repo)
     uninterrupted = md5(repo / "models/pretrained/model.safetensors")
     subprocess.run(["rm", "-rf", "models/pretrained"], cwd=repo, check=True)
