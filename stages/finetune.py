@@ -19,7 +19,7 @@ from llmpipe.data.jsonl import read_rows
 from llmpipe.data.sampling import first_items
 from llmpipe.eval.qa import answer_loss, qa_metrics
 from llmpipe.model.lora import add_lora, check_rank, merge_lora, save_adapter
-from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, load_model, write_model
+from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, cast_weights, load_model, write_model
 from llmpipe.report.markdown import finetune_samples
 from llmpipe.report.publish import flag_chance_level, publish_training
 from llmpipe.report.tables import FINETUNE_METRICS
@@ -61,7 +61,8 @@ def encode_examples(template: ChatTemplate, examples: dict[str, list], context: 
 
 
 def prepare_method(model, settings: FinetuneSettings, chat_ids: list[int], device) -> None:
-    """Make only what the method trains trainable: LoRA adapters, or the chat tokens' embedding rows."""
+    """Make only what the method trains trainable: LoRA adapters (fp32, over the frozen weights in their own dtype),
+    the chat tokens' embedding rows, or every weight; what trains is held in fp32 (its master copy)."""
     torch.manual_seed(settings.seed)  # LoRA initialization and dropout
     if settings.lora:
         add_lora(model, settings.lora)
@@ -69,6 +70,8 @@ def prepare_method(model, settings: FinetuneSettings, chat_ids: list[int], devic
     elif settings.finetune.method == "chat_tokens":
         # Not end_of_document's row: it starts every plain-text document, and it is the output head's too.
         train_only_token_rows(model, chat_ids)
+    else:
+        cast_weights(model, torch.float32)
 
 
 def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRun) -> None:
@@ -80,6 +83,7 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     qa_sets = {split: first_items(read_rows(path), settings.finetune.max_questions_per_split)
                for split, path in layout.QA_FILES.items()}
     model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer)
+    stored_as = model.dtype  # the output keeps it (bf16 in, bf16 out)
     if settings.lora:
         check_rank(model, settings.lora, f"{params.source}: finetune.lora")
     train_encoded, validation, cut = encode_examples(template, examples, model.config.context_length, process.is_main)
@@ -113,7 +117,7 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
         if settings.lora:
             save_adapter(trained, settings.lora, temp)
             merge_lora(trained)  # in place: no second copy of the weights
-        final_model = trained.eval()
+        final_model = cast_weights(trained, stored_as).eval()  # measured as written
         final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
         warning = chance_level_warning("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)
         statistics = example_statistics(examples["train"])

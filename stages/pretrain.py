@@ -15,10 +15,10 @@ from llmpipe.config import layout
 from llmpipe.config.params import StageParams
 from llmpipe.data.tokens import open_tokens, read_meta
 from llmpipe.eval.metrics import perplexity_metrics, unigram_bits_per_byte
-from llmpipe.hf.base_model import base_model_settings
+from llmpipe.hf.base_model import BaseModelSettings, base_model_settings
 from llmpipe.hf.checkpoint import import_checkpoint
 from llmpipe.model.transformer import Transformer, count_parameters
-from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, save_model
+from llmpipe.model.weights import CONFIG_FILE, MODEL_DTYPES, TOKENIZER_KEY, dtype_name, save_model
 from llmpipe.report.publish import flag_chance_level, publish_training
 from llmpipe.report.tables import PRETRAIN_METRICS
 from llmpipe.runner import distributed
@@ -37,9 +37,11 @@ def unigram_baseline(model_vocab_size: int, validation_bytes: int) -> float:
     return unigram_bits_per_byte(open_tokens("train"), open_tokens("validation"), model_vocab_size, validation_bytes)
 
 
-def import_base_model(source: str, eval_max_tokens: int, run: StageRun, meta: dict) -> None:
-    """base_model=hf: the checkpoint's weights become models/pretrained, measured on the validation text."""
-    model = import_checkpoint(source, meta["vocab_size"])
+def import_base_model(base_model: BaseModelSettings, eval_max_tokens: int, run: StageRun, meta: dict) -> None:
+    """base_model=hf: the checkpoint's weights become models/pretrained (in their own dtype unless
+    base_model.dtype says another), measured on the validation text."""
+    source = base_model.path
+    model = import_checkpoint(source, meta["vocab_size"], MODEL_DTYPES.get(base_model.dtype))
     counts = meta["splits"]["validation"]
     validation = perplexity_metrics(model, open_tokens("validation"), counts, eval_max_tokens)
     metrics = {**validation, "unigram_bpb": unigram_baseline(model.config.vocab_size, counts["utf8_bytes"])}
@@ -48,7 +50,8 @@ def import_base_model(source: str, eval_max_tokens: int, run: StageRun, meta: di
     facts = {"parameters": count_parameters(model), "steps": 0, "tokens_trained": 0}
     publish_training(run, layout.PRETRAIN_REPORTS, {"train": [], "eval": [{"step": 0, **validation}]},
                      {**metrics, **facts}, PRETRAIN_METRICS, facts=facts, timings={"tokens_per_second": 0.0})
-    print(f"pretrain: imported {source} ({facts['parameters']:,} parameters, context {model.config.context_length}); "
+    print(f"pretrain: imported {source} ({facts['parameters']:,} parameters in {dtype_name(model.dtype)}, context "
+          f"{model.config.context_length}); "
           f"val_bpb {metrics['val_bpb']:.3f}", flush=True)
 
 
@@ -104,7 +107,7 @@ def pretrain(params: StageParams, run: StageRun) -> None:
     base_model = base_model_settings(params)
     if base_model.source == "hf":
         with Heartbeat("pretrain: importing:", None):
-            return import_base_model(base_model.path, params.read(PretrainParams).eval_max_tokens, run, meta)
+            return import_base_model(base_model, params.read(PretrainParams).eval_max_tokens, run, meta)
     settings = pretrain_settings(params, meta["vocab_size"])
     run.log_effective_params(settings.effective_params())
     with distributed.joined(settings.process):

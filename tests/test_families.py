@@ -86,9 +86,9 @@ FAMILIES = {  # transformers class, its tiny config, the tokenizer such a checkp
 }
 
 
-def make_family_checkpoint(directory, family: str, **changes):
+def make_family_checkpoint(directory, family: str, dtype: torch.dtype = torch.float32, **changes):
     """A random checkpoint of `family` built with transformers' own class and saved with save_pretrained
-    (safetensors); every bias and norm weight random too (transformers starts them at 0 and 1)."""
+    (safetensors) in `dtype`; every bias and norm weight random too (transformers starts them at 0 and 1)."""
     class_name, shape, make_tokenizer = FAMILIES[family]
     tokenizer = make_tokenizer(directory)
     torch.manual_seed(0)
@@ -101,6 +101,7 @@ def make_family_checkpoint(directory, family: str, **changes):
         for parameter in model.parameters():
             if parameter.dim() == 1:
                 parameter.normal_(1.0, 0.5)
+    model = model.to(dtype)
     model.save_pretrained(directory)
     return model
 
@@ -259,27 +260,40 @@ def test_a_mistral_sliding_window_of_at_least_the_context_is_full_attention(tmp_
 
 
 @pytest.mark.slow
-def test_the_pipeline_fine_tunes_quantizes_evaluates_and_exports_a_family(tmp_path):
+def test_a_bf16_checkpoint_of_a_family_stays_bf16_through_every_stage(tmp_path):
     """One family through every stage (Qwen2's own parts, the query/key/value biases, are checked through the
-    import, LoRA, merge, export and GGUF above, without a pipeline run each)."""
-    family = "qwen3"
+    import, LoRA, merge, export and GGUF above, without a pipeline run each), from a bf16 checkpoint: the weights
+    stay bf16 in models/pretrained, models/finetuned and the Hugging Face export; the LoRA adapter trains in fp32."""
+    from safetensors import safe_open
+
     from llmpipe.gguf.files import read_gguf_model
     from llmpipe.model.weights import load_model
 
+    family = "qwen3"
     repo = make_repo_copy(tmp_path / "repo")
     checkpoint = repo / "base_models/tiny"
-    make_family_checkpoint(checkpoint, family, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
-                           head_dim=64)
-    dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny")
+    make_family_checkpoint(checkpoint, family, dtype=torch.bfloat16, hidden_size=256, intermediate_size=256,
+                           num_hidden_layers=1, head_dim=64)
+    output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny").stdout
+    assert "parameters in bfloat16" in output
     sequence = json.loads((repo / "models/tokenizer/sequence_tokens.json").read_text())
     assert sequence == {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
+
+    def stored(path):
+        with safe_open(str(path), framework="pt") as handle:
+            return {handle.get_slice(name).get_dtype() for name in handle.keys()}
+
+    for directory in ("models/pretrained", "models/finetuned", "models/hf"):
+        assert stored(repo / directory / "model.safetensors") == {"BF16"}, directory
+    assert stored(repo / "models/finetuned/adapter/adapter_model.safetensors") == {"F32"}
+    assert json.loads((repo / "models/hf/config.json").read_text())["torch_dtype"] == "bfloat16"
     finetuned, _ = load_model(repo / "models/finetuned")
-    assert finetuned.config.family == family
+    assert finetuned.config.family == family and finetuned.dtype == torch.bfloat16
     exported = transformers.AutoModelForCausalLM.from_pretrained(repo / "models/hf").eval()
-    assert type(exported).__name__ == FAMILIES[family][0]
+    assert type(exported).__name__ == FAMILIES[family][0] and exported.dtype == torch.bfloat16
     ids = torch.randint(0, finetuned.config.vocab_size, (1, 40))
-    with torch.no_grad():
-        assert (exported(ids).logits - finetuned(ids)[0]).abs().max() <= 1e-4
+    with torch.no_grad():  # the same bf16 weights, both computed in fp32
+        assert (exported.float()(ids).logits - finetuned.float()(ids)[0]).abs().max() <= 1e-4
     tokenizer = LoadedTokenizer(repo / "models/tokenizer")
     for gguf_file in (repo / "models/gguf").glob("*.gguf"):
         assert read_gguf_model(gguf_file, tokenizer).config.family == family

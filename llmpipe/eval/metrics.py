@@ -82,7 +82,7 @@ def next_token_distributions(model: Transformer, tokens: np.ndarray, max_tokens:
     log_probs = []
     with Heartbeat(f"{label}next-token distributions:", len(windows), "windows") as beat:
         for window in windows:
-            log_probs.append(model(window[None].to(device))[0][0].log_softmax(-1).cpu())
+            log_probs.append(model(window[None].to(device))[0][0].float().log_softmax(-1).cpu())  # fp32 whatever the weights
             beat.tick(len(log_probs))
     return torch.cat(log_probs)
 

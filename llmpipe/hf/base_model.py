@@ -16,6 +16,9 @@ class BaseModelSettings:
                                      "checkpoint instead)", choices=["scratch", "hf"])
     path: str = setting("base_models/README.md", "directory with config.json, *.safetensors, tokenizer.json "
                                                  "(a DVC dependency, so it must exist even when unused)")
+    dtype: str = setting("auto", "the imported weights' dtype, kept by every later stage: auto (the checkpoint's "
+                                 "own) | bf16 | fp16 | fp32", choices=["auto", "bf16", "fp16", "fp32"],
+                         used_when=("source", "hf"))
 
 
 def base_model_settings(params: StageParams) -> BaseModelSettings:

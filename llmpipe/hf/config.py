@@ -16,8 +16,9 @@ FAMILY_OPTIONS = {"llama": {}, "mistral": {}, "qwen2": {"qkv_bias": True}, "qwen
 
 
 def hf_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
-              pad_token_id: int | None = None) -> dict:
-    """config.json for `config` as its family's transformers class (LlamaForCausalLM, Qwen2ForCausalLM, ...)."""
+              pad_token_id: int | None = None, torch_dtype: str = "float32") -> dict:
+    """config.json for `config` as its family's transformers class (LlamaForCausalLM, Qwen2ForCausalLM, ...), for
+    weights stored in `torch_dtype`."""
     family = {
         "llama": {"attention_bias": False, "mlp_bias": False},
         "mistral": {"sliding_window": None},
@@ -45,7 +46,7 @@ def hf_config(config: ModelConfig, bos_token_id: int | None = None, eos_token_id
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,

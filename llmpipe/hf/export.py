@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from llmpipe.atomic import json_text
 from llmpipe.hf.config import FAMILY_CLASSES, hf_config
 from llmpipe.model.transformer import Transformer
-from llmpipe.model.weights import WEIGHTS_FILE, state_dict_for_saving
+from llmpipe.model.weights import WEIGHTS_FILE, dtype_name, state_dict_for_saving
 from llmpipe.text.chat_template import ROLES, ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer
 
@@ -70,7 +70,8 @@ def write_hf_directory(directory: Path, model: Transformer, tokenizer: LoadedTok
     specials, sequence = tokenizer.special_tokens, tokenizer.sequence_tokens
     bos_id, eos_id, pad_id = (tokenizer.token_id(token) for token in (sequence.bos, sequence.eos, sequence.pad))
     stop_ids = list(dict.fromkeys([eos_id, tokenizer.special_ids["end_of_turn"], tokenizer.end_of_document_id]))
-    config = hf_config(model.config, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    config = hf_config(model.config, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                       torch_dtype=dtype_name(model.dtype))
     (directory / "config.json").write_text(json_text(config, sort_keys=False), encoding="utf-8")
     (directory / "generation_config.json").write_text(json_text(
         {"bos_token_id": bos_id, "eos_token_id": stop_ids, "pad_token_id": pad_id}, sort_keys=False),

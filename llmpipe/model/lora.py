@@ -45,16 +45,22 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         self.bias = base.bias  # frozen too (Qwen2's query/key/value biases), or None
         self.scaling = settings.alpha / settings.rank
-        self.lora_A = nn.Parameter(torch.empty(settings.rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, settings.rank, device=base.weight.device))
+        # The adapters train in fp32 whatever the frozen weight's dtype (bf16 checkpoints: QLoRA's practice).
+        self.lora_A = nn.Parameter(torch.empty(settings.rank, base.in_features, device=base.weight.device,
+                                               dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, settings.rank, device=base.weight.device,
+                                               dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(settings.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        frozen = F.linear(x, self.weight, self.bias)
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return frozen + (self.scaling * update).to(frozen.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        return self.weight + self.scaling * (self.lora_B @ self.lora_A)
+        """W + (alpha / rank) · B A, summed in fp32 and rounded once to the frozen weight's dtype."""
+        return (self.weight.float() + self.scaling * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
 
 
 def check_rank(model: Transformer, settings: AdapterShape, section: str) -> None:
@@ -94,7 +100,7 @@ def merge_lora(model: Transformer) -> Transformer:
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 with torch.no_grad():
-                    child.weight.add_(child.scaling * (child.lora_B @ child.lora_A))
+                    child.weight.copy_(child.merged_weight())
                 plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
                 plain.weight, plain.bias = child.weight, child.bias
                 setattr(module, child_name, plain)

@@ -288,16 +288,16 @@ class Transformer(nn.Module):
         """
         start = cache.length if cache is not None else 0
         cos, sin = self._rotary(start, tokens.shape[1])
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         for block in self.layers:
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += tokens.shape[1]
         hidden = self.norm(x)
         if targets is None:
-            return self.lm_head(hidden), None
+            return self.lm_head(hidden.to(self.lm_head.weight.dtype)), None
         if self.full_logits_loss:
-            logits = self.lm_head(hidden)
+            logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
             return logits, full_logits_cross_entropy(logits, targets, loss_reduction)
         return None, chunked_cross_entropy(hidden, self.lm_head.weight, targets, loss_reduction)
 
@@ -305,7 +305,7 @@ class Transformer(nn.Module):
     def attention_weights(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights of every layer, each (batch, n_head, time, time), for heatmaps."""
         cos, sin = self._rotary(0, tokens.shape[1])
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         weights = []
         for block in self.layers:
             attended, layer_weights = block.self_attn(block.input_layernorm(x), cos, sin, return_weights=True)
@@ -314,9 +314,17 @@ class Transformer(nn.Module):
             weights.append(layer_weights)
         return weights
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the blocks hold and compute in: the checkpoint's own dtype (fp32, bf16 or fp16). The embedding
+        and output head may hold fp32 while they train (fine-tuning's chat tokens) over frozen bf16 blocks."""
+        return self.norm.weight.dtype
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens).to(self.dtype)
+
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        parameter = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_length, parameter.device, parameter.dtype)
+        return KVCache(self.config, batch_size, max_length, self.norm.weight.device, self.dtype)
 
 
 def compile_blocks(model: nn.Module) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llmpipe import atomic
@@ -126,11 +127,39 @@ def assign_weights(model: Transformer, state: dict[str, torch.Tensor]) -> Transf
     return model
 
 
-def read_checked_tensors(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # what a model computes in
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def stored_dtype(paths: list[Path]) -> torch.dtype:
+    """The dtype most floating-point weights of these safetensors files are stored in (read from their headers
+    alone), when a model computes in it (fp32, bf16, fp16); fp32 for any other (float64, fp8)."""
+    elements: dict[str, int] = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    kind = tensor.get_dtype()
+                    if kind.startswith(("F", "BF")):
+                        elements[kind] = elements.get(kind, 0) + math.prod(tensor.get_shape())
+        except FileNotFoundError:
+            raise InputDataError(f"{path}: not found") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputDataError(f"{path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
+    most = max(elements, key=elements.get, default="F32")
+    return _SAFETENSORS_DTYPES.get(most, torch.float32)
+
+
+def read_checked_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, memory-mapped, for any weights the pipeline loads: floating-point tensors
-    converted to `dtype` (what the model computes in; no copy when they are stored in it) and only then checked
-    finite, so a float64 1e300, finite in its file but infinite in float32, is refused naming the file and the
-    tensor. Never unpickles."""
+    converted to `dtype` (None: each kept in its own dtype when a model computes in it, else fp32; no copy when
+    nothing changes) and only then checked finite, so a float64 1e300, finite in its file but infinite in float32,
+    is refused naming the file and the tensor. Never unpickles."""
     try:
         state = load_file(str(path))
     except FileNotFoundError:
@@ -139,19 +168,33 @@ def read_checked_tensors(path: Path, dtype: torch.dtype = torch.float32) -> dict
         raise InputDataError(f"{path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
     for name, stored in state.items():
         if stored.is_floating_point():
-            state[name] = converted = stored.to(dtype)
+            target = dtype or (stored.dtype if stored.dtype in MODEL_DTYPES.values() else torch.float32)
+            state[name] = converted = stored.to(target)
             if not torch.isfinite(converted).all():
-                kind = "" if stored.dtype == dtype else (f" in {str(dtype).removeprefix('torch.')} (the file stores "
-                                                         f"{str(stored.dtype).removeprefix('torch.')})")
+                kind = "" if stored.dtype == target else (f" in {dtype_name(target)} (the file stores "
+                                                          f"{dtype_name(stored.dtype)})")
                 raise InputDataError(f"{path}: tensor {name} holds NaN or infinite values{kind}")
     return state
 
 
-def load_state_into(model: Transformer, weights_path: Path) -> None:
+def cast_weights(model: Transformer, dtype: torch.dtype, modules: tuple[str, ...] | None = None) -> Transformer:
+    """The floating-point parameters of `model` (of the named `modules` only, if given) in `dtype`, in place; the
+    rotary tables stay fp32. A tied output head stays the embedding. Returns `model`."""
+    for name, module in model.named_modules():
+        if modules is not None and name not in modules:
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+    return model
+
+
+def load_state_into(model: Transformer, weights_path: Path, dtype: torch.dtype | None = None) -> None:
     """Load safetensors weights into `model` (an `empty_model`), checking names, shapes and values
-    (read_checked_tensors) first; saved names (Hugging Face's) and our module names both load."""
+    (read_checked_tensors) first; saved names (Hugging Face's) and our module names both load. The weights keep
+    the file's dtype (`stored_dtype`) unless `dtype` is given."""
     state = {name.removeprefix(HF_PREFIX): tensor
-             for name, tensor in read_checked_tensors(weights_path, next(model.parameters()).dtype).items()}
+             for name, tensor in read_checked_tensors(weights_path, dtype or stored_dtype([weights_path])).items()}
     expected = {name: tensor for name, tensor in model.state_dict().items()
                 if not (model.config.tie_embeddings and name == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
@@ -191,11 +234,12 @@ def check_model_directory(directory: str | Path, tokenizer: LoadedTokenizer | No
 
 
 def load_model(directory: str | Path, device: str = "cpu", tokenizer: LoadedTokenizer | None = None,
-               weights_file: str | Path | None = None) -> tuple[Transformer, dict]:
+               weights_file: str | Path | None = None, dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
     """A model directory → (model in eval mode, its full config.json); with `tokenizer`, checked to match it.
-    The weights are the directory's model.safetensors unless `weights_file` names another file."""
+    The weights are the directory's model.safetensors unless `weights_file` names another file, in the dtype
+    they are stored in unless `dtype` is given."""
     directory = Path(directory)
     config, shape = check_model_directory(directory, tokenizer)
     model = empty_model(shape)
-    load_state_into(model, Path(weights_file) if weights_file else directory / WEIGHTS_FILE)
+    load_state_into(model, Path(weights_file) if weights_file else directory / WEIGHTS_FILE, dtype)
     return model.to(device).eval(), config

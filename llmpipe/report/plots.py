@@ -86,7 +86,7 @@ def plot_attention(model, tokenizer, sentence: str, output: Path, layer: int = -
     heads = weights.shape[0]
     figure, axes = plt.subplots(1, heads, figsize=(4.2 * heads, 4.4))
     for head, axis in enumerate(axes if heads > 1 else [axes]):
-        image = axis.imshow(weights[head].numpy(), cmap="viridis", vmin=0, vmax=1)
+        image = axis.imshow(weights[head].float().numpy(), cmap="viridis", vmin=0, vmax=1)
         axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         axis.set_yticks(range(len(labels)), labels, fontsize=6)
         axis.set_title(f"head {head}")

@@ -23,6 +23,7 @@ import torch
 
 from llmpipe.errors import PipelineError
 from llmpipe.model.transformer import Transformer
+from llmpipe.model.weights import cast_weights
 from llmpipe.text.chat_template import ChatTemplate
 
 
@@ -41,11 +42,13 @@ def chat_token_ids(template: ChatTemplate) -> list[int]:
 
 
 def train_only_token_rows(model: Transformer, token_ids: Iterable[int]) -> list[str]:
-    """Freeze `model` except the rows `token_ids` of its embedding and output head; the trained weights' names."""
+    """Freeze `model` except the rows `token_ids` of its embedding and output head; the trained weights' names.
+    Those two are held in fp32 (their master copies) while the frozen blocks keep their dtype (bf16 checkpoints)."""
     ids = sorted(set(token_ids))
     vocab_size = model.config.vocab_size
     if not ids or not all(0 <= i < vocab_size for i in ids):
         raise ValueError(f"token ids {ids} are not rows of a {vocab_size}-token embedding")
+    cast_weights(model, torch.float32, modules=("embed_tokens", "lm_head"))
     for parameter in model.parameters():
         parameter.requires_grad = False
     trained = []

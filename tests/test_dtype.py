@@ -1,0 +1,82 @@
+"""Weights keep their own precision: a bf16 model is read, held, fine-tuned and written in bf16; what trains (LoRA
+adapters, chat-token rows, every weight of a full fine-tune) is held in fp32; anything else stored (float64) is
+read as fp32, as before."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llmpipe.errors import InputDataError
+from llmpipe.model.lora import LoRALinear, add_lora, merge_lora
+from llmpipe.model.transformer import ModelConfig, Transformer
+from llmpipe.model.weights import cast_weights, load_model, read_checked_tensors, stored_dtype, write_model
+from llmpipe.train.chat_tokens import train_only_token_rows
+from llmpipe.train.finetune_settings import LoRASettings
+
+
+def bf16_model() -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, context_length=16, n_layer=2, d_model=32, n_head=4, n_kv_head=2, ffn_hidden=48)
+    return cast_weights(Transformer(config), torch.bfloat16)
+
+
+def test_a_bf16_model_is_written_and_read_back_in_bf16_unless_another_dtype_is_asked(tmp_path):
+    model = bf16_model()
+    write_model(tmp_path, model)
+    assert stored_dtype([tmp_path / "model.safetensors"]) == torch.bfloat16
+    loaded, _ = load_model(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16} and loaded.rope_cos.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    as_fp32, _ = load_model(tmp_path, dtype=torch.float32)
+    assert as_fp32.dtype == torch.float32
+    tokens = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        assert loaded(tokens)[0].dtype == torch.bfloat16
+        torch.testing.assert_close(as_fp32(tokens)[0], loaded.float()(tokens)[0])
+
+
+def test_stored_dtypes_the_model_does_not_compute_in_are_read_as_fp32_and_checked_there(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(4, dtype=torch.float64), "b": torch.ones(2, dtype=torch.bfloat16),
+               "ids": torch.arange(3)}, str(path))
+    assert stored_dtype([path]) == torch.float32  # float64 holds most elements
+    state = read_checked_tensors(path)
+    assert (state["a"].dtype, state["b"].dtype, state["ids"].dtype) == (torch.float32, torch.bfloat16, torch.int64)
+    save_file({"a": torch.tensor([1e300], dtype=torch.float64)}, str(path))
+    with pytest.raises(InputDataError, match="tensor a holds NaN or infinite values in float32 .the file stores float64"):
+        read_checked_tensors(path)
+
+
+def test_lora_trains_fp32_adapters_over_frozen_bf16_weights_and_merges_into_bf16():
+    model = bf16_model()
+    frozen = model.layers[0].self_attn.q_proj.weight.clone()
+    add_lora(model, LoRASettings(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj")))
+    layer = model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    tokens = torch.randint(0, 64, (2, 16))
+    _, loss = model(tokens, tokens)
+    loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in name for name in trained)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    expected = (frozen.float() + layer.scaling * (layer.lora_B @ layer.lora_A)).to(torch.bfloat16)
+    merge_lora(model)
+    assert model.dtype == torch.bfloat16 and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(model.layers[0].self_attn.q_proj.weight, expected, atol=0, rtol=0)
+
+
+def test_chat_token_rows_train_in_fp32_while_the_blocks_stay_bf16():
+    model = bf16_model()
+    names = train_only_token_rows(model, [5, 7])
+    assert "embed_tokens.weight" in names  # and lm_head.weight, unless tied to it
+    assert model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.float32
+    assert model.dtype == torch.bfloat16 and model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, 64, (2, 16))
+    _, loss = model(tokens, tokens)
+    loss.backward()
+    gradient = model.embed_tokens.weight.grad
+    assert gradient.dtype == torch.float32 and set(gradient.abs().sum(-1).nonzero().flatten().tolist()) <= {5, 7}
+    logits, _ = model(tokens)  # and it decodes
+    assert logits.dtype == torch.float32
