@@ -19,7 +19,15 @@ from llmpipe.data.jsonl import read_rows
 from llmpipe.data.sampling import first_items
 from llmpipe.eval.qa import answer_loss, qa_metrics
 from llmpipe.model.lora import add_lora, check_rank, merge_lora, save_adapter
-from llmpipe.model.weights import CONFIG_FILE, TOKENIZER_KEY, cast_weights, load_model, write_model
+from llmpipe.model.weights import (
+    CONFIG_FILE,
+    TOKENIZER_KEY,
+    WEIGHTS_FILE,
+    cast_weights,
+    load_model,
+    read_weights,
+    write_model,
+)
 from llmpipe.report.markdown import finetune_samples
 from llmpipe.report.publish import flag_chance_level, publish_training
 from llmpipe.report.tables import FINETUNE_METRICS
@@ -116,7 +124,9 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     with atomic.atomic_path(layout.FINETUNED, directory=True) as temp:
         if settings.lora:
             save_adapter(trained, settings.lora, temp)
-            merge_lora(trained)  # in place: no second copy of the weights
+            # QLoRA: into the weights as stored (memory-mapped), not their NF4 approximation
+            stored = read_weights(layout.PRETRAINED / WEIGHTS_FILE, stored_as) if settings.lora.base_bits == 4 else None
+            merge_lora(trained, stored)  # in place: no second copy of the weights
         final_model = cast_weights(trained, stored_as).eval()  # measured as written
         final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)
         warning = chance_level_warning("finetune", "val_answer_loss", final_metrics, final_model.config.vocab_size)

@@ -260,10 +260,11 @@ def test_a_mistral_sliding_window_of_at_least_the_context_is_full_attention(tmp_
 
 
 @pytest.mark.slow
-def test_a_bf16_checkpoint_of_a_family_stays_bf16_through_every_stage(tmp_path):
+def test_a_bf16_checkpoint_of_a_family_stays_bf16_through_every_stage_under_qlora(tmp_path):
     """One family through every stage (Qwen2's own parts, the query/key/value biases, are checked through the
-    import, LoRA, merge, export and GGUF above, without a pipeline run each), from a bf16 checkpoint: the weights
-    stay bf16 in models/pretrained, models/finetuned and the Hugging Face export; the LoRA adapter trains in fp32."""
+    import, LoRA, merge, export and GGUF above, without a pipeline run each), from a bf16 checkpoint, fine-tuned
+    with QLoRA (an NF4 base): the weights stay bf16 in models/pretrained, models/finetuned and the Hugging Face
+    export; the adapter trains in fp32."""
     from safetensors import safe_open
 
     from llmpipe.gguf.files import read_gguf_model
@@ -274,7 +275,8 @@ def test_a_bf16_checkpoint_of_a_family_stays_bf16_through_every_stage(tmp_path):
     checkpoint = repo / "base_models/tiny"
     make_family_checkpoint(checkpoint, family, dtype=torch.bfloat16, hidden_size=256, intermediate_size=256,
                            num_hidden_layers=1, head_dim=64)
-    output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny").stdout
+    output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny",
+                 "-S", "finetune.lora.base_bits=4").stdout
     assert "parameters in bfloat16" in output
     sequence = json.loads((repo / "models/tokenizer/sequence_tokens.json").read_text())
     assert sequence == {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}

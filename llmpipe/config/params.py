@@ -233,12 +233,13 @@ class StageParams:
     def _fail(self, key: str, expected: str, value: Any) -> ParamError:
         return ParamError(f"{self.source}: {key}: expected {expected}, got {_describe(value)}")
 
-    def int(self, key: str, *, min: int | None = None, max: int | None = None) -> int:
+    def int(self, key: str, *, min: int | None = None, max: int | None = None,
+            choices: list[int] | None = None) -> int:
         value = self.get(key)
-        expected = "an integer" + _range_words(min, max)
+        expected = (f"one of {', '.join(map(str, choices))}" if choices else "an integer" + _range_words(min, max))
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._fail(key, expected, value)
-        if (min is not None and value < min) or (max is not None and value > max):
+        if (min is not None and value < min) or (max is not None and value > max) or (choices and value not in choices):
             raise self._fail(key, expected, value)
         return value
 

@@ -166,7 +166,7 @@ def accepted_values(field: dataclasses.Field, hint: Any) -> str:
     checks = field.metadata["checks"]
     words = []
     if "choices" in checks:
-        words.append(" \\| ".join(checks["choices"]))
+        words.append(" \\| ".join(map(str, checks["choices"])))
     for name, sign in (("min", "≥"), ("above", ">"), ("max", "≤")):
         if name in checks:
             words.append(f"{sign} {checks[name]}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -24,6 +26,22 @@ from llmpipe.atomic import json_text
 from llmpipe.errors import ParamError
 from llmpipe.model.transformer import Transformer
 
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Only errors from these loggers meanwhile."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
 TARGETABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -33,15 +51,32 @@ class AdapterShape(Protocol):
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    base_bits: int  # 16: the frozen weight as stored; 4: NF4 (QLoRA)
+
+
+NF4_BLOCK = 64  # weights per NF4 scale (QLoRA's block size)
+
+
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as torchao's NF4 tensor (4-bit normal-float codes, a scale per 64 weights, the scales themselves
+    quantized per block of up to 256); it dequantizes to `weight`'s dtype."""
+    # deferred, ~1.5 s: only QLoRA loads torchao (which logs its missing CUDA kernels and a PyTorch deprecation)
+    with _quiet("torchao", "torch.utils._pytree"):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as nf4
+    if weight.numel() % NF4_BLOCK:
+        raise ParamError(f"finetune.lora.base_bits=4: a {tuple(weight.shape)} weight is not a whole number of "
+                         f"{NF4_BLOCK}-weight NF4 blocks")
+    scales = weight.numel() // NF4_BLOCK
+    return nf4(weight.detach(), NF4_BLOCK, math.gcd(scales, 256))
 
 
 class LoRALinear(nn.Linear):
     """A linear layer with a frozen weight and a trainable low-rank update."""
 
     def __init__(self, base: nn.Linear, settings: AdapterShape):
-        super().__init__(base.in_features, base.out_features, bias=False, device=base.weight.device,
-                         dtype=base.weight.dtype)
-        self.weight = base.weight
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta", dtype=base.weight.dtype)
+        self.quantized = settings.base_bits == 4
+        self.weight = nn.Parameter(to_nf4(base.weight), requires_grad=False) if self.quantized else base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias  # frozen too (Qwen2's query/key/value biases), or None
         self.scaling = settings.alpha / settings.rank
@@ -54,22 +89,37 @@ class LoRALinear(nn.Linear):
         self.dropout = nn.Dropout(settings.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = F.linear(x, self.weight, self.bias)
+        if self.quantized:  # dequantized a layer at a time, forward and again backward (torchao's linear_nf4)
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+            frozen = linear_nf4(x, self.weight)
+            frozen = frozen if self.bias is None else frozen + self.bias.to(frozen.dtype)
+        else:
+            frozen = F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return frozen + (self.scaling * update).to(frozen.dtype)
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / rank) · B A, summed in fp32 and rounded once to the frozen weight's dtype."""
-        return (self.weight.float() + self.scaling * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+    def merged_weight(self, stored: torch.Tensor | None = None) -> torch.Tensor:
+        """W + (alpha / rank) · B A, summed in fp32 and rounded once to W's dtype; W is `stored` when given (the
+        weight as the checkpoint stores it, which an NF4 weight only approximates), else the layer's own."""
+        weight = stored if stored is not None else (
+            self.weight.get_original_weight() if self.quantized else self.weight)
+        return (weight.float() + self.scaling * (self.lora_B @ self.lora_A)).to(weight.dtype)
 
 
 def check_rank(model: Transformer, settings: AdapterShape, section: str) -> None:
     """A rank above a target layer's smaller dimension adds parameters and time but no expressiveness (the update
-    B·A has at most that rank): refused, naming the key (`section`.rank) and the bound, before any work."""
+    B·A has at most that rank): refused, naming the key (`section`.rank) and the bound, before any work; so is an
+    NF4 base (base_bits 4) for a layer that is not a whole number of NF4 blocks."""
     layers = [(name, module) for name, module in model.named_modules()
               if name.rpartition(".")[2] in settings.target_modules and isinstance(module, nn.Linear)]
     if not layers:
         return
+    if settings.base_bits == 4:
+        for name, layer in layers:
+            if layer.weight.numel() % NF4_BLOCK:
+                raise ParamError(f"{section}.base_bits: 4 needs whole {NF4_BLOCK}-weight NF4 blocks, and {name} "
+                                 f"has {layer.weight.numel()} weights; use 16")
     name, layer = min(layers, key=lambda item: min(item[1].in_features, item[1].out_features))
     bound = min(layer.in_features, layer.out_features)
     if settings.rank > bound:
@@ -92,17 +142,26 @@ def add_lora(model: Transformer, settings: AdapterShape) -> list[str]:
     return wrapped
 
 
-def merge_lora(model: Transformer) -> Transformer:
+def merge_lora(model: Transformer, stored: Mapping[str, torch.Tensor] | None = None) -> Transformer:
     """Fold every adapter into its layer's weight, in place, and put a plain linear layer (holding that weight)
-    back in its place: `model` becomes a plain Transformer. Memory: one layer's update at a time, never a
-    second copy of the model. Returns `model`, in eval mode."""
-    for module in list(model.modules()):
+    back in its place: `model` becomes a plain Transformer. An NF4 layer's adapter folds into its weight as
+    `stored` holds it (module name + ".weight": the checkpoint the fine-tune started from), or else into the
+    dequantized NF4 weight. Memory: one layer's update at a time, never a second copy of the model. Returns
+    `model`, in eval mode."""
+    for module_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
+                name = f"{module_name}.{child_name}" if module_name else child_name
                 with torch.no_grad():
-                    child.weight.copy_(child.merged_weight())
+                    if child.quantized:
+                        weight = nn.Parameter(child.merged_weight(
+                            stored[f"{name}.weight"] if stored is not None else None),
+                                              requires_grad=False)
+                    else:
+                        child.weight.copy_(child.merged_weight())
+                        weight = child.weight
                 plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
+                plain.weight, plain.bias = weight, child.bias
                 setattr(module, child_name, plain)
     return model.eval()
 

@@ -189,12 +189,18 @@ def cast_weights(model: Transformer, dtype: torch.dtype, modules: tuple[str, ...
     return model
 
 
+def read_weights(weights_path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A model's weights file → {module name: tensor}, checked (read_checked_tensors), memory-mapped, in `dtype`
+    (None: the dtype the file stores most weights in)."""
+    return {name.removeprefix(HF_PREFIX): tensor
+            for name, tensor in read_checked_tensors(weights_path, dtype or stored_dtype([weights_path])).items()}
+
+
 def load_state_into(model: Transformer, weights_path: Path, dtype: torch.dtype | None = None) -> None:
     """Load safetensors weights into `model` (an `empty_model`), checking names, shapes and values
     (read_checked_tensors) first; saved names (Hugging Face's) and our module names both load. The weights keep
     the file's dtype (`stored_dtype`) unless `dtype` is given."""
-    state = {name.removeprefix(HF_PREFIX): tensor
-             for name, tensor in read_checked_tensors(weights_path, dtype or stored_dtype([weights_path])).items()}
+    state = read_weights(weights_path, dtype)
     expected = {name: tensor for name, tensor in model.state_dict().items()
                 if not (model.config.tie_embeddings and name == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))

@@ -113,11 +113,13 @@ def _tied_names(model: torch.nn.Module) -> dict[str, str]:
 
 def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
     """(model state, flat optimizer state, the tensors DCP saves or loads in place). The tensors are
-    DTensors under FSDP (each process its shard), plain tensors otherwise; tied weights go in once;
-    the optimizer's hyperparameters stay out (they come from the settings, which are in the key)."""
+    DTensors under FSDP (each process its shard), plain tensors otherwise; tied weights go in once; frozen
+    weights stay out (LoRA's base, NF4 under QLoRA: they are the input model's, which the key pins), and so do
+    the optimizer's hyperparameters (they come from the settings, which are in the key)."""
     model_state, optimizer_state = get_state_dict(model, optimizer, options=FLAT)
-    tied = _tied_names(model)
-    tensors = {"model": {k: v for k, v in model_state.items() if k not in tied},
+    left_out = set(_tied_names(model)) | {name.replace("_orig_mod.", "") for name, parameter
+                                          in model.named_parameters() if not parameter.requires_grad}
+    tensors = {"model": {k: v for k, v in model_state.items() if k not in left_out},
                "optimizer": {k: v for k, v in optimizer_state.items()
                              if k.startswith("state.") and isinstance(v, torch.Tensor)}}
     return model_state, optimizer_state, tensors

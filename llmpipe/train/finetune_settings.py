@@ -32,6 +32,9 @@ class LoRASettings:
     target_modules: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj"), "layers that get adapters "
                                               "(also: gate_proj, up_proj, down_proj)", choices=list(TARGETABLE),
                                               unique=True)
+    base_bits: int = setting(16, "the frozen weights under the adapters: 16 (as stored) | 4 (NF4 through torchao: "
+                                 "QLoRA, about a quarter of bf16's memory; the adapters merge into the stored "
+                                 "weights)", choices=[16, 4])
 
 
 @params_section("finetune")
@@ -102,6 +105,9 @@ def finetune_settings(params: StageParams, validation_people: bool, validation_e
     best_metric, best_mode = (("qa_accuracy_validation_people", "max") if validation_people
                               else ("val_answer_loss", "min") if validation_examples else (None, "min"))
     section = section.on_device(process.device, best_metric=best_metric, best_mode=best_mode)
+    if section.method == "lora" and section.lora.base_bits == 4 and process.distributed:
+        raise ParamError(f"{params.source}: finetune.lora.base_bits=4 (QLoRA) runs in one process: set "
+                         "finetune.processes=1 and finetune.nodes=1")
     if section.method == "chat_tokens" and batch.parallelism == "fsdp" and process.distributed:
         raise ParamError(f"{params.source}: finetune.method=chat_tokens trains a few embedding rows: use "
                          "finetune.parallelism=ddp (FSDP would shard the embedding those rows live in)")
