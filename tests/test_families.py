@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from harness import dvc, make_repo_copy
 from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS
 
 from llmpipe.errors import InputDataError
@@ -257,50 +256,6 @@ def test_a_mistral_sliding_window_of_at_least_the_context_is_full_attention(tmp_
     ids = torch.randint(0, reference.config.vocab_size, (1, 128))
     with torch.no_grad():
         assert (read_hf_directory(tmp_path / "ckpt")(ids)[0] - reference(ids).logits).abs().max() <= 1e-4
-
-
-@pytest.mark.slow
-def test_a_bf16_checkpoint_of_a_family_stays_bf16_through_every_stage_under_qlora(tmp_path):
-    """One family through every stage (Qwen2's own parts, the query/key/value biases, are checked through the
-    import, LoRA, merge, export and GGUF above, without a pipeline run each), from a bf16 checkpoint, fine-tuned
-    with QLoRA (an NF4 base): the weights stay bf16 in models/pretrained, models/finetuned and the Hugging Face
-    export; the adapter trains in fp32."""
-    from safetensors import safe_open
-
-    from llmpipe.gguf.files import read_gguf_model
-    from llmpipe.model.weights import load_model
-
-    family = "qwen3"
-    repo = make_repo_copy(tmp_path / "repo")
-    checkpoint = repo / "base_models/tiny"
-    make_family_checkpoint(checkpoint, family, dtype=torch.bfloat16, hidden_size=256, intermediate_size=256,
-                           num_hidden_layers=1, head_dim=64)
-    output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny",
-                 "-S", "finetune.lora.base_bits=4").stdout
-    assert "parameters in bfloat16" in output
-    sequence = json.loads((repo / "models/tokenizer/sequence_tokens.json").read_text())
-    assert sequence == {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
-
-    def stored(path):
-        with safe_open(str(path), framework="pt") as handle:
-            return {handle.get_slice(name).get_dtype() for name in handle.keys()}
-
-    for directory in ("models/pretrained", "models/finetuned", "models/hf"):
-        assert stored(repo / directory / "model.safetensors") == {"BF16"}, directory
-    assert stored(repo / "models/finetuned/adapter/adapter_model.safetensors") == {"F32"}
-    assert json.loads((repo / "models/hf/config.json").read_text())["torch_dtype"] == "bfloat16"
-    finetuned, _ = load_model(repo / "models/finetuned")
-    assert finetuned.config.family == family and finetuned.dtype == torch.bfloat16
-    exported = transformers.AutoModelForCausalLM.from_pretrained(repo / "models/hf").eval()
-    assert type(exported).__name__ == FAMILIES[family][0] and exported.dtype == torch.bfloat16
-    ids = torch.randint(0, finetuned.config.vocab_size, (1, 40))
-    with torch.no_grad():  # the same bf16 weights, both computed in fp32
-        assert (exported.float()(ids).logits - finetuned.float()(ids)[0]).abs().max() <= 1e-4
-    tokenizer = LoadedTokenizer(repo / "models/tokenizer")
-    for gguf_file in (repo / "models/gguf").glob("*.gguf"):
-        assert read_gguf_model(gguf_file, tokenizer).config.family == family
-    evaluate = (repo / "reports/evaluate/variants.csv").read_text()
-    assert all(f"\n{variant}," in evaluate for variant in ("base", "finetuned", "Q8_0", "Q4_0"))
 
 
 def test_an_unreadable_tokenizer_config_is_named(tmp_path):

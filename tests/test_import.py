@@ -57,8 +57,8 @@ def foreign_tokenizer(directory, texts, chat_template=None):
 
 
 def make_checkpoint(directory, shape="untied_gqa", vocab_size=320, hidden=64, intermediate=96, layers=2,
-                    chat_template=None, **changes):
-    """A random LlamaForCausalLM saved with save_pretrained (safetensors) plus a 300-token tokenizer
+                    chat_template=None, dtype=torch.float32, **changes):
+    """A random LlamaForCausalLM saved with save_pretrained (safetensors) in `dtype` plus a 300-token tokenizer
     (the model's 320 rows are padded, as real checkpoints often are)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -68,7 +68,7 @@ def make_checkpoint(directory, shape="untied_gqa", vocab_size=320, hidden=64, in
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
                          rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, **{**SHAPES[shape], **changes})
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(dtype)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     foreign_tokenizer(directory, build_world(WorldConfig(num_people=12, paraphrases=2))["pretrain_train"], chat_template)
@@ -164,33 +164,61 @@ def test_pickled_weights_and_sentencepiece_tokenizers_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_checkpoint(tmp_path):
+def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_bf16_checkpoint_under_qlora(tmp_path):
+    """The one imported checkpoint through every stage (each family's own parts are checked above and in
+    tests/test_families.py without a pipeline run each): a bf16 Llama 3.1-style checkpoint with rope scaling and
+    a chat template, fine-tuned with QLoRA (an NF4 base). Its weights stay bf16 in models/pretrained,
+    models/finetuned and the Hugging Face export; the adapter trains in fp32; rope scaling and the template
+    travel to the GGUF files and the export."""
+    import gguf
+    from safetensors import safe_open
+
     from llmpipe.gguf.files import read_gguf_model
     from llmpipe.model.weights import load_model
 
     repo = make_repo_copy(tmp_path / "repo")
-    reference = make_checkpoint(repo / "base_models/tiny-llama", "llama3_rope_scaling", hidden=256, intermediate=256,
-                                layers=1, chat_template=CHATML)
-    output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny-llama").stdout
+    saved = make_checkpoint(repo / "base_models/tiny-llama", "llama3_rope_scaling", hidden=256, intermediate=256,
+                            layers=1, chat_template=CHATML, dtype=torch.bfloat16)
+    output = dvc(repo, "exp", "run", "-S", "base_model=hf", "-S", "base_model.path=base_models/tiny-llama",
+                 "-S", "finetune.lora.base_bits=4").stdout
     assert "took the tokenizer of base_models/tiny-llama and its chat template" in output
+    assert "parameters in bfloat16" in output
+
+    def stored(path):
+        with safe_open(str(path), framework="pt") as handle:
+            return {handle.get_slice(name).get_dtype() for name in handle.keys()}
+
+    for directory in ("models/pretrained", "models/finetuned", "models/hf"):
+        assert stored(repo / directory / "model.safetensors") == {"BF16"}, directory
+    assert stored(repo / "models/finetuned/adapter/adapter_model.safetensors") == {"F32"}
+    assert json.loads((repo / "models/hf/config.json").read_text())["torch_dtype"] == "bfloat16"
     pretrained, config = load_model(repo / "models/pretrained")
     assert config["stage"] == "import" and pretrained.config.rope_scaling is not None
+    assert pretrained.dtype == torch.bfloat16
+    from transformers import AutoModelForCausalLM
+
+    # The same bf16 weights, both computed in fp32 (loaded afresh: a model cast to bf16 keeps bf16 rotary tables).
+    reference = AutoModelForCausalLM.from_pretrained(repo / "base_models/tiny-llama", dtype=torch.float32).eval()
     ids = torch.randint(0, 300, (1, 60))
     with torch.no_grad():
-        torch.testing.assert_close(pretrained(ids)[0][..., :300], reference(ids).logits[..., :300], atol=1e-4, rtol=0)
+        torch.testing.assert_close(pretrained.float()(ids)[0][..., :300], reference(ids).logits[..., :300],
+                                   atol=1e-4, rtol=0)
     finetune = json.loads((repo / "reports/finetune/details.json").read_text())
     assert "qa_accuracy_finetuned_people" in finetune and finetune["best_step"] >= 1
     tokenizer = LoadedTokenizer(repo / "models/tokenizer")
     for gguf_file in (repo / "models/gguf").glob("*.gguf"):  # the tokenizer, template and rope scaling travel
         assert read_gguf_model(gguf_file, tokenizer).config.rope_scaling == pytest.approx(
             {k: float(v) for k, v in pretrained.config.rope_scaling.items()})
-    import gguf
-
     reader = gguf.GGUFReader(str(next((repo / "models/gguf").glob("*-Q8_0.gguf"))))
     assert reader.fields["tokenizer.chat_template"].contents() == CHATML
     assert (repo / "models/hf/chat_template.jinja").read_text() == CHATML  # where transformers 5 keeps it
+    exported = AutoModelForCausalLM.from_pretrained(repo / "models/hf").eval()
+    assert exported.dtype == torch.bfloat16
+    finetuned, _ = load_model(repo / "models/finetuned")
+    with torch.no_grad():
+        assert (exported.float()(ids).logits - finetuned.float()(ids)[0]).abs().max() <= 1e-4
     evaluate = (repo / "reports/evaluate/variants.csv").read_text()
     assert all(f"\n{variant}," in evaluate for variant in ("base", "finetuned", "Q8_0", "Q4_0"))
     assert "imported checkpoint" in (repo / "reports/report.md").read_text()
     size = run([str(BIN / "llmpipe"), "model-size", "--checkpoint", "base_models/tiny-llama", "--json"], repo)
-    assert json.loads(size.stdout)["parameters"] == sum(p.numel() for p in reference.parameters())
+    assert json.loads(size.stdout)["parameters"] == sum(p.numel() for p in saved.parameters())
