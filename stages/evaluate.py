@@ -32,7 +32,7 @@ from llmpipe.eval.compare import (
     evaluation_device,
 )
 from llmpipe.gguf.files import check_gguf_file, read_gguf_model
-from llmpipe.model.weights import WEIGHTS_FILE, check_model_directory, load_model
+from llmpipe.model.weights import WEIGHTS_FILE, check_model_directory, load_model, stored_dtype
 from llmpipe.report.markdown import evaluation_report
 from llmpipe.report.plots import (
     plot_attention,
@@ -69,16 +69,20 @@ def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer, measure_base: boo
     structure and token list)."""
     for directory in (layout.PRETRAINED, layout.FINETUNED):
         check_model_directory(directory, tokenizer)
-    found = [Variant("base", lambda: load_model(layout.PRETRAINED, tokenizer=tokenizer)[0],
-                     layout.PRETRAINED / WEIGHTS_FILE, 32.0)] if measure_base else []
-    found.append(Variant(REFERENCE, lambda: load_model(layout.FINETUNED, tokenizer=tokenizer)[0],
-                         layout.FINETUNED / WEIGHTS_FILE, 32.0))
+    base, finetuned = layout.PRETRAINED / WEIGHTS_FILE, layout.FINETUNED / WEIGHTS_FILE
+    # GGUF variants are dequantized into the fine-tuned model's dtype: a bf16 model's are held in bf16, not fp32.
+    dtype = stored_dtype([finetuned])
+    found = [Variant("base", lambda: load_model(layout.PRETRAINED, tokenizer=tokenizer)[0], base,
+                     8.0 * stored_dtype([base]).itemsize)] if measure_base else []
+    found.append(Variant(REFERENCE, lambda: load_model(layout.FINETUNED, tokenizer=tokenizer)[0], finetuned,
+                         8.0 * dtype.itemsize))
     by_size = sorted(quantize_sizes["variants"].items(), key=lambda item: -item[1]["bits_per_weight"])
     for name, row in by_size:
         path = layout.find_gguf_file(name)
         if path is not None:
             check_gguf_file(path, tokenizer)
-            found.append(Variant(name, lambda p=path: read_gguf_model(p, tokenizer), path, row["bits_per_weight"]))
+            found.append(Variant(name, lambda p=path: read_gguf_model(p, tokenizer, dtype), path,
+                                 row["bits_per_weight"]))
     return found
 
 

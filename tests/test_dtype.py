@@ -156,3 +156,23 @@ def test_qlora_in_several_processes_is_refused_before_any_work(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ParamError, match=r"finetune.lora.base_bits"):
         finetune_settings(StageParams("finetune", composed, ["finetune", "seed"]), True, True)
+
+
+def test_a_gguf_variant_of_a_bf16_model_is_dequantized_into_bf16(tmp_path):
+    """evaluate holds a bf16 model's GGUF variants in bf16 (half the memory of fp32), one rounding of the fp32
+    dequantized values."""
+    from small_inputs import train_test_tokenizer
+
+    from llmpipe.gguf.files import plan_tensors, read_gguf_model, write_gguf
+
+    tokenizer = train_test_tokenizer(tmp_path / "tok", 300)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=16, n_layer=1, d_model=64, n_head=2,
+                         n_kv_head=1, ffn_hidden=128)
+    model = cast_weights(Transformer(config), torch.bfloat16)
+    write_gguf(tmp_path / "m.gguf", model, tokenizer, plan_tensors(model, "Q8_0", "F16", None, None), "Q8_0", "m")
+    exact, halved = (read_gguf_model(tmp_path / "m.gguf", tokenizer, dtype) for dtype in (torch.float32, torch.bfloat16))
+    assert exact.dtype == torch.float32 and halved.dtype == torch.bfloat16
+    for (name, a), b in zip(exact.state_dict().items(), halved.state_dict().values()):
+        if not name.startswith("rope_"):
+            assert torch.equal(a.to(torch.bfloat16), b), name

@@ -219,6 +219,7 @@ def test_the_pipeline_fine_tunes_quantizes_and_evaluates_an_imported_bf16_checkp
         assert (exported.float()(ids).logits - finetuned.float()(ids)[0]).abs().max() <= 1e-4
     evaluate = (repo / "reports/evaluate/variants.csv").read_text()
     assert all(f"\n{variant}," in evaluate for variant in ("base", "finetuned", "Q8_0", "Q4_0"))
+    assert "\nfinetuned,16," in evaluate and "\nbase,16," in evaluate  # bits per weight: bf16
     assert "imported checkpoint" in (repo / "reports/report.md").read_text()
     size = run([str(BIN / "llmpipe"), "model-size", "--checkpoint", "base_models/tiny-llama", "--json"], repo)
     assert json.loads(size.stdout)["parameters"] == sum(p.numel() for p in saved.parameters())

@@ -60,6 +60,14 @@ def test_the_culprit_is_the_root_os_error_and_its_file():
         "models/x.bin: [Errno 13] Permission denied (raised as RuntimeError)"
     assert culprit(wrapped(OSError(18, "Invalid cross-device link", "a", None, "b"))) == \
         "a -> b: [Errno 18] Invalid cross-device link (raised as RuntimeError)"
+    # A compiled library's I/O error, in its message only (safetensors' writer): the errno and the file it was given.
+    import torch
+    from safetensors.torch import save_file
+
+    with pytest.raises(Exception) as raised:
+        save_file({"a": torch.zeros(4)}, "models/no-such-directory/model.safetensors")
+    assert culprit(raised.value) == ("models/no-such-directory/model.safetensors: [Errno 2] No such file or directory "
+                                     "(raised as SafetensorError)")
     # No OSError: the innermost explicit cause; an error while handling another is reported itself.
     try:
         try:

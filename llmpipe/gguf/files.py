@@ -322,9 +322,10 @@ def check_gguf_file(path: str | Path, tokenizer: LoadedTokenizer | None = None):
     return reader
 
 
-def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) -> Transformer:
-    """A GGUF file written by `write_gguf` → a PyTorch model holding exactly its (dequantized) weights.
-    The file's structure is checked first; with `tokenizer`, its token list must match."""
+def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None,
+                    dtype: torch.dtype = torch.float32) -> Transformer:
+    """A GGUF file written by `write_gguf` → a PyTorch model holding its dequantized weights in `dtype` (exactly
+    them in fp32). The file's structure is checked first; with `tokenizer`, its token list must match."""
     reader = check_gguf_file(path, tokenizer)
 
     def field(key: str):
@@ -373,9 +374,10 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None) 
             raise InputDataError(f"{path}: tensor {gguf_name} does not hold {shape} values of {type_name} ({exc})") from None
         if heads:
             values = unpermute_from_interleaved_rope(values, heads)
-        if not np.isfinite(values).all():
-            raise InputDataError(f"{path}: tensor {gguf_name} holds NaN or infinite values")
-        state[source] = torch.from_numpy(np.array(values, dtype=np.float32))  # a writable copy
+        state[source] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a writable copy
+        if not torch.isfinite(state[source]).all():
+            raise InputDataError(f"{path}: tensor {gguf_name} holds NaN or infinite values"
+                                 + ("" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')}"))
     if config.tie_embeddings:
         del state["lm_head.weight"]
     return assign_weights(model, state).eval()

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 NOT_A_STAGE_DEPENDENCY = "the root cause of an unexpected exception, for the one line"  # see llmpipe.generate.code_deps
 
+_LIBRARY_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # Rust's io::Error (safetensors, tokenizers)
 _PATH_NAMES = ("path", "file", "filename", "file_name", "file_path", "target", "destination", "source")
 
 
@@ -58,12 +60,17 @@ def chain(exc: BaseException) -> list[BaseException]:
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """The deepest `OSError` in the chain if there is one; otherwise the innermost exception reached through
+    """The deepest `OSError` in the chain if there is one, or one a compiled library names in its message
+    (`... (os error 27)`); otherwise the innermost exception reached through
     explicit causes (`raise ... from`) and wrappers (groups, per-rank failures), not through an implicit context
     (an error while handling another, which is usually the one to report)."""
     os_errors = [inner for inner in chain(exc) if isinstance(inner, OSError)]
     if os_errors:
         return os_errors[-1]
+    for inner in reversed(chain(exc)):  # an OS error a compiled library put in its message (safetensors' writer)
+        number = _LIBRARY_OS_ERROR.search(str(inner))
+        if number:
+            return OSError(int(number[1]), os.strerror(int(number[1]))).with_traceback(inner.__traceback__)
     current = exc
     while True:
         inner = next(_wrapped(current, implicit=False), None)
