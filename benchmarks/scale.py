@@ -10,12 +10,14 @@ settings of docs/scaling.md, "A 1B model through every stage" (LARGE_MODEL below
 While DVC runs, every process of a stage is sampled twice a second: its peak resident memory (VmHWM in /proc:
 file pages it maps, such as memory-mapped weights, count too) and the system load. Printed per stage: wall
 seconds from DVC's "Running stage" line to the next (DVC's hashing and caching of the outputs included), peak
-RSS in GiB and in fp32 weights (4 bytes × parameters), and the longest time without an output line. Then the
+RSS in GiB and in multiples of the checkpoint's weights (bytes per weight × parameters), and the longest time
+without an output line. Then the
 disk that the weights take: DVC's cache, the workspace, MLflow's store.
 
     python benchmarks/scale.py                       # TinyLlama's shape, 973M parameters: ~50 GB of disk
     python benchmarks/scale.py --layers 2 --d-model 256 --ffn 512 --heads 4 --kv-heads 2   # a quick check
     python benchmarks/scale.py --pretrain-large 200  # instead: the `large` preset, 200 pretraining steps
+    python benchmarks/scale.py --dtype bf16 --lora-only --set finetune.lora.base_bits=4   # bf16 kept, QLoRA
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ def make_repo(destination: Path) -> None:
         subprocess.run(["git", *command], cwd=destination, check=True)
 
 
-def write_checkpoint(repo: str, shape: dict) -> dict:
-    """(in a child process) base_models/scale: random LlamaForCausalLM weights of `shape` and the pipeline's
-    tokenizer (models/tokenizer of the copy) as tokenizer.json, with its end-of-text token as eos."""
+def write_checkpoint(repo: str, shape: dict, dtype: str) -> dict:
+    """(in a child process) base_models/scale: random LlamaForCausalLM weights of `shape`, stored in `dtype`
+    (fp32 or bf16), and the pipeline's tokenizer (models/tokenizer of the copy) as tokenizer.json, with its
+    end-of-text token as eos."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -89,7 +92,7 @@ def write_checkpoint(repo: str, shape: dict) -> dict:
                          tie_word_embeddings=False, bos_token_id=tokenizer.end_of_document_id,
                          eos_token_id=tokenizer.end_of_document_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     directory = Path(repo) / CHECKPOINT
     model.save_pretrained(str(directory))
     PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.directory / "tokenizer.json"), eos_token=eos,
@@ -196,7 +199,7 @@ def disk_bytes(path: Path) -> int:
 
 
 def table(runs: list[tuple[str, dict]], weight_bytes: int) -> str:
-    lines = ["| experiment | stage | wall s | peak RSS GiB | × fp32 weights | longest silence s | load (mean / max) |",
+    lines = ["| experiment | stage | wall s | peak RSS GiB | × the weights | longest silence s | load (mean / max) |",
              "|---|---|---:|---:|---:|---:|---|"]
     for label, run in runs:
         for row in run["stages"]:
@@ -229,16 +232,16 @@ def scale_recipe(repo: Path, args) -> None:
     shape = {"layers": args.layers, "d_model": args.d_model, "ffn": args.ffn, "heads": args.heads,
              "kv_heads": args.kv_heads, "context": args.context}
     start = time.perf_counter()
-    checkpoint = in_child("write_checkpoint", str(repo), shape)
+    checkpoint = in_child("write_checkpoint", str(repo), shape, args.dtype)
     print(f"checkpoint: {checkpoint['parameters']:,} parameters, {checkpoint['bytes'] / 1e9:.2f} GB safetensors, "
           f"written in {time.perf_counter() - start:.0f} s", flush=True)
-    weight_bytes = 4 * checkpoint["parameters"]
+    weight_bytes = {"fp32": 4, "bf16": 2}[args.dtype] * checkpoint["parameters"]
     base = ["base_model=hf", f"base_model.path={CHECKPOINT}", *LARGE_MODEL, *args.set]
     runs = []
     for method in ["lora"] + ([] if args.lora_only else ["chat_tokens"]):  # the second: finetune onwards
         runs.append((method, dvc_exp_run(repo, [*base, f"finetune.method={method}"])))
         disk = {name: disk_bytes(repo / name) for name in (".dvc/cache", "models", ".mlflow", CHECKPOINT)}
-        print(f"\n{machine()}\nmodel: {checkpoint['parameters']:,} parameters, fp32 weights "
+        print(f"\n{machine()}\nmodel: {checkpoint['parameters']:,} parameters, {args.dtype} weights "
               f"{weight_bytes / 2**30:.2f} GiB\n\n{table(runs, weight_bytes)}\n\ndisk (GiB, each file once): "
               + ", ".join(f"{name} {size / 2**30:.2f}" for name, size in disk.items()), flush=True)
     sizes = json.loads((repo / "reports/quantize/sizes.json").read_text())["variants"]
@@ -271,6 +274,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the checkpoint's weights, kept by "
+                        "every stage")
     parser.add_argument("--lora-only", action="store_true", help="leave out the chat_tokens experiment")
     parser.add_argument("--pretrain-large", type=int, metavar="STEPS", help="pretrain the large preset instead")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more `dvc exp run -S` overrides")
