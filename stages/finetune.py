@@ -9,6 +9,8 @@ Run: `dvc repro finetune`; every weight: `dvc exp run -S finetune.method=full`; 
 sharded: `-S finetune.processes=2 -S finetune.parallelism=fsdp`. Chat: `llmpipe chat`. Outputs: dvc.yaml.
 """
 
+import functools
+
 import torch
 
 from llmpipe import atomic
@@ -25,7 +27,7 @@ from llmpipe.model.weights import (
     WEIGHTS_FILE,
     cast_weights,
     load_model,
-    read_weights,
+    read_weight,
     write_model,
 )
 from llmpipe.report.markdown import finetune_samples
@@ -124,8 +126,9 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     with atomic.atomic_path(layout.FINETUNED, directory=True) as temp:
         if settings.lora:
             save_adapter(trained, settings.lora, temp)
-            # QLoRA: into the weights as stored (memory-mapped), not their NF4 approximation
-            stored = read_weights(layout.PRETRAINED / WEIGHTS_FILE, stored_as) if settings.lora.base_bits == 4 else None
+            # QLoRA: into the weights as stored (read a layer at a time), not their NF4 approximation
+            stored = (functools.partial(read_weight, layout.PRETRAINED / WEIGHTS_FILE, dtype=stored_as)
+                      if settings.lora.base_bits == 4 else None)
             merge_lora(trained, stored)  # in place: no second copy of the weights
         final_model = cast_weights(trained, stored_as).eval()  # measured as written
         final_metrics, answers = measure(final_model, template, qa_sets, validation, settings)

@@ -120,7 +120,7 @@ def test_qlora_trains_the_same_adapters_over_an_nf4_base_and_merges_them_into_th
     layer = qlora.layers[0].self_attn.q_proj
     expected = (stored.layers[0].self_attn.q_proj.weight.float()
                 + layer.scaling * (layer.lora_B @ layer.lora_A)).to(torch.bfloat16)
-    merge_lora(qlora, stored.state_dict())
+    merge_lora(qlora, stored.state_dict().__getitem__)
     merged = qlora.layers[0].self_attn.q_proj.weight
     assert type(merged.data) is torch.Tensor and merged.dtype == torch.bfloat16
     torch.testing.assert_close(merged, expected, atol=0, rtol=0)

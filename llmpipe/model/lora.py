@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -142,12 +142,12 @@ def add_lora(model: Transformer, settings: AdapterShape) -> list[str]:
     return wrapped
 
 
-def merge_lora(model: Transformer, stored: Mapping[str, torch.Tensor] | None = None) -> Transformer:
+def merge_lora(model: Transformer, stored: Callable[[str], torch.Tensor] | None = None) -> Transformer:
     """Fold every adapter into its layer's weight, in place, and put a plain linear layer (holding that weight)
     back in its place: `model` becomes a plain Transformer. An NF4 layer's adapter folds into its weight as
-    `stored` holds it (module name + ".weight": the checkpoint the fine-tune started from), or else into the
-    dequantized NF4 weight. Memory: one layer's update at a time, never a second copy of the model. Returns
-    `model`, in eval mode."""
+    stored (`stored(module name + ".weight")`: read from the checkpoint the fine-tune started from, a layer at a
+    time), or else into the dequantized NF4 weight. Memory: one layer's update at a time, never a second copy of
+    the model. Returns `model`, in eval mode."""
     for module_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
@@ -155,7 +155,7 @@ def merge_lora(model: Transformer, stored: Mapping[str, torch.Tensor] | None = N
                 with torch.no_grad():
                     if child.quantized:
                         weight = nn.Parameter(child.merged_weight(
-                            stored[f"{name}.weight"] if stored is not None else None),
+                            stored(f"{name}.weight") if stored is not None else None),
                                               requires_grad=False)
                     else:
                         child.weight.copy_(child.merged_weight())

@@ -196,6 +196,19 @@ def read_weights(weights_path: Path, dtype: torch.dtype | None = None) -> dict[s
             for name, tensor in read_checked_tensors(weights_path, dtype or stored_dtype([weights_path])).items()}
 
 
+def read_weight(weights_path: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of a model's weights file by its module name (`layers.0.self_attn.q_proj.weight`), in `dtype`
+    and checked finite, without reading the others: a merge that needs the stored weights a layer at a time."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            tensor = handle.get_tensor(saved_name(name)).to(dtype)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputDataError(f"{weights_path}: tensor {saved_name(name)} unreadable ({exc})".splitlines()[0]) from None
+    if not torch.isfinite(tensor).all():
+        raise InputDataError(f"{weights_path}: tensor {saved_name(name)} holds NaN or infinite values")
+    return tensor
+
+
 def load_state_into(model: Transformer, weights_path: Path, dtype: torch.dtype | None = None) -> None:
     """Load safetensors weights into `model` (an `empty_model`), checking names, shapes and values
     (read_checked_tensors) first; saved names (Hugging Face's) and our module names both load. The weights keep
