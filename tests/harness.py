@@ -119,6 +119,19 @@ def kill_at_first_checkpoint(repo: Path, stage: str) -> None:
     assert process.wait() == -signal.SIGKILL, "the stage finished before it could be killed"
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to a server started with `start_new_session=True` and the processes it started, SIGKILL after
+    `timeout` seconds."""
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def edit_params(repo: Path, **changes) -> None:
     """Set keys in params.yaml, as a user editing the file would (`pretrain__max_steps=4` is pretrain.max_steps)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -1,5 +1,5 @@
-"""Small inputs several test files share: a byte-level BPE tokenizer trained on a small embedded world, and
-weights at the edges of the quantization formats' arithmetic."""
+"""Small inputs several test files share: a byte-level BPE tokenizer trained on a small embedded world,
+weights at the edges of the quantization formats' arithmetic, and the pre-tokenization of byte-level families."""
 
 from __future__ import annotations
 
@@ -51,3 +51,20 @@ LLAMA3_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's chat template
 QWEN_TEMPLATE = (  # ChatML, as Qwen2.5's template renders a conversation that has a system turn
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
     "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def byte_level_pipeline(tokenizer, split: str | None, nfc: bool) -> None:
+    """Give a `tokenizers` BPE what a byte-level family's tokenizer.json has around its model: GPT-2's
+    pre-tokenizer (`split` None) or the family's split regex then byte-level, NFC (Qwen2) if `nfc`, and the
+    byte-level decoder."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    if split is None:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if nfc:
+        tokenizer.normalizer = normalizers.NFC()
+    tokenizer.decoder = decoders.ByteLevel()

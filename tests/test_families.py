@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS
+from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS, byte_level_pipeline
 
 from llmpipe.errors import InputDataError
 from llmpipe.hf.checkpoint import import_checkpoint, read_hf_directory
@@ -32,29 +32,12 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def byte_level_tokenizer(directory, split: str | None, specials: list[str], bos: str | None, config: dict):
     """A byte-level BPE as Llama 3 (`split` LLAMA3_SPLIT, `bos` added by its post-processor) or Qwen2 (QWEN2_SPLIT,
     NFC, no BOS) ship one: special tokens after the learned ones, and tokenizer_config.json `config`."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     from llmpipe.data.world import WorldConfig, build_world
 
     tokenizer = Tokenizer(models.BPE())
-    if split is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if split == QWEN2_SPLIT:
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.decoder = decoders.ByteLevel()
+    byte_level_pipeline(tokenizer, split, nfc=split == QWEN2_SPLIT)
     trainer = trainers.BpeTrainer(vocab_size=280, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(build_world(WorldConfig(num_people=12, paraphrases=2))["pretrain_train"], trainer)
     tokenizer.add_special_tokens(specials)

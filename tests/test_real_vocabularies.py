@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS
+from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS, byte_level_pipeline
 
 from llmpipe.hf.tokenizer import import_tokenizer
 from llmpipe.text.tokenizer import (
@@ -73,29 +73,13 @@ def family_tokenizer_json(metadata: dict, directory: Path, split: str | None, nf
     """The tokenizer.json a checkpoint of this vocabulary ships: byte-level BPE with the GGUF's tokens and merges,
     its control tokens special, and its family's pre-tokenizer."""
     import gguf
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-    )
+    from tokenizers import AddedToken, Tokenizer, models
 
     tokens = metadata["tokens"]
     merges = [tuple(merge.split(" ", 1)) for merge in metadata["merges"]]
     tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
                                      ignore_merges=ignore_merges))
-    if split is None:
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if nfc:
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.decoder = decoders.ByteLevel()
+    byte_level_pipeline(tokenizer, split, nfc)
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                   for token, kind in zip(tokens, metadata["token_type"])
                                   if kind == gguf.TokenType.CONTROL])

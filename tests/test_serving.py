@@ -4,8 +4,6 @@ temporary SQLite store, served on 127.0.0.1 and asked over REST (chat-completion
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from harness import BIN, environment
+from harness import BIN, environment, stop_process_group
 from small_inputs import train_test_tokenizer
 
 from llmpipe.model.transformer import ModelConfig, Transformer
@@ -139,9 +137,4 @@ def test_served_chat_model_answers_chat_completions_and_honours_max_tokens(tmp_p
         status, answer = post(port, {"inputs": [QUESTION]})  # plain questions: not this model's input
         assert status == 400
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server, timeout=15)

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import BIN, dvc, environment, md5, mlflow_runs, run
+from harness import BIN, dvc, environment, md5, mlflow_runs, run, stop_process_group
 
 
 def free_port() -> int:
@@ -42,8 +42,7 @@ def mlflow_server(tmp_path):
         os.killpg(server.pid, signal.SIGKILL)
         pytest.fail("mlflow server did not start")
     yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    stop_process_group(server)
 
 
 def test_stage_runs_land_on_a_shared_tracking_server(copy_built, mlflow_server):

@@ -16,7 +16,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import BIN, dvc, environment, make_repo_copy, md5, run
+from harness import BIN, dvc, environment, make_repo_copy, md5, run, stop_process_group
 
 STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 MODEL_NAME = "llmpipe-chat"
@@ -186,11 +185,7 @@ def postgres_tracking_server():
         yield url, backend, artifacts
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            stop_process_group(server)
         database.stop()
         shutil.rmtree(directory, ignore_errors=True)
 

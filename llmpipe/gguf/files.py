@@ -33,7 +33,7 @@ from llmpipe.config.params import params_section, setting
 from llmpipe.errors import InputDataError, SettingError
 from llmpipe.gguf.formats import FORMATS
 from llmpipe.model.transformer import ModelConfig, Transformer, rotary_frequencies
-from llmpipe.model.weights import assign_weights, empty_model
+from llmpipe.model.weights import assign_weights, dtype_name, empty_model
 from llmpipe.runner.heartbeat import Heartbeat
 from llmpipe.text.chat_template import ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer, gguf_pre_tokenizer
@@ -377,7 +377,7 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None,
         state[source] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a writable copy
         if not torch.isfinite(state[source]).all():
             raise InputDataError(f"{path}: tensor {gguf_name} holds NaN or infinite values"
-                                 + ("" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')}"))
+                                 + ("" if dtype == torch.float32 else f" in {dtype_name(dtype)}"))
     if config.tie_embeddings:
         del state["lm_head.weight"]
     return assign_weights(model, state).eval()

@@ -11,10 +11,12 @@ Hugging Face layout (the pretrained model, exported as llmpipe.hf.export does).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -26,11 +28,10 @@ from llmpipe.atomic import json_text
 from llmpipe.errors import ParamError
 from llmpipe.model.transformer import Transformer
 
+
 @contextmanager
 def _quiet(*names: str) -> Iterator[None]:
     """Only errors from these loggers meanwhile."""
-    import logging
-
     loggers = [logging.getLogger(name) for name in names]
     levels = [log.level for log in loggers]
     for log in loggers:
@@ -57,17 +58,21 @@ class AdapterShape(Protocol):
 NF4_BLOCK = 64  # weights per NF4 scale (QLoRA's block size)
 
 
-def to_nf4(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` as torchao's NF4 tensor (4-bit normal-float codes, a scale per 64 weights, the scales themselves
-    quantized per block of up to 256); it dequantizes to `weight`'s dtype."""
-    # deferred, ~1.5 s: only QLoRA loads torchao (which logs its missing CUDA kernels and a PyTorch deprecation)
+@functools.cache
+def _torchao_nf4():
+    """torchao's NF4 tensor module, imported on first use: ~1.5 s, so only QLoRA loads torchao (which logs its
+    missing CUDA kernels and a PyTorch deprecation while it imports)."""
     with _quiet("torchao", "torch.utils._pytree"):
-        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as nf4
-    if weight.numel() % NF4_BLOCK:
-        raise ParamError(f"finetune.lora.base_bits=4: a {tuple(weight.shape)} weight is not a whole number of "
-                         f"{NF4_BLOCK}-weight NF4 blocks")
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    return nf4_tensor
+
+
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (a whole number of NF4 blocks: check_rank refuses others) as torchao's NF4 tensor: 4-bit
+    normal-float codes, a scale per 64 weights, the scales themselves quantized per block of up to 256; it
+    dequantizes to `weight`'s dtype."""
     scales = weight.numel() // NF4_BLOCK
-    return nf4(weight.detach(), NF4_BLOCK, math.gcd(scales, 256))
+    return _torchao_nf4().to_nf4(weight.detach(), NF4_BLOCK, math.gcd(scales, 256))
 
 
 class LoRALinear(nn.Linear):
@@ -90,9 +95,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:  # dequantized a layer at a time, forward and again backward (torchao's linear_nf4)
-            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
-
-            frozen = linear_nf4(x, self.weight)
+            frozen = _torchao_nf4().linear_nf4(x, self.weight)
             frozen = frozen if self.bias is None else frozen + self.bias.to(frozen.dtype)
         else:
             frozen = F.linear(x, self.weight, self.bias)

@@ -168,13 +168,20 @@ def read_checked_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[s
         raise InputDataError(f"{path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
     for name, stored in state.items():
         if stored.is_floating_point():
-            target = dtype or (stored.dtype if stored.dtype in MODEL_DTYPES.values() else torch.float32)
-            state[name] = converted = stored.to(target)
-            if not torch.isfinite(converted).all():
-                kind = "" if stored.dtype == target else (f" in {dtype_name(target)} (the file stores "
-                                                          f"{dtype_name(stored.dtype)})")
-                raise InputDataError(f"{path}: tensor {name} holds NaN or infinite values{kind}")
+            state[name] = _converted_and_checked(path, name, stored, dtype)
     return state
+
+
+def _converted_and_checked(path: Path, name: str, stored: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A floating-point tensor of `path` in `dtype` (None: its own when a model computes in it, else fp32), refused
+    naming the file and tensor when it is not finite there."""
+    target = dtype or (stored.dtype if stored.dtype in MODEL_DTYPES.values() else torch.float32)
+    converted = stored.to(target)
+    if not torch.isfinite(converted).all():
+        kind = "" if stored.dtype == target else (f" in {dtype_name(target)} (the file stores "
+                                                  f"{dtype_name(stored.dtype)})")
+        raise InputDataError(f"{path}: tensor {name} holds NaN or infinite values{kind}")
+    return converted
 
 
 def cast_weights(model: Transformer, dtype: torch.dtype, modules: tuple[str, ...] | None = None) -> Transformer:
@@ -189,31 +196,23 @@ def cast_weights(model: Transformer, dtype: torch.dtype, modules: tuple[str, ...
     return model
 
 
-def read_weights(weights_path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """A model's weights file → {module name: tensor}, checked (read_checked_tensors), memory-mapped, in `dtype`
-    (None: the dtype the file stores most weights in)."""
-    return {name.removeprefix(HF_PREFIX): tensor
-            for name, tensor in read_checked_tensors(weights_path, dtype or stored_dtype([weights_path])).items()}
-
-
 def read_weight(weights_path: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
     """One tensor of a model's weights file by its module name (`layers.0.self_attn.q_proj.weight`), in `dtype`
     and checked finite, without reading the others: a merge that needs the stored weights a layer at a time."""
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            tensor = handle.get_tensor(saved_name(name)).to(dtype)
+            stored = handle.get_tensor(saved_name(name))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputDataError(f"{weights_path}: tensor {saved_name(name)} unreadable ({exc})".splitlines()[0]) from None
-    if not torch.isfinite(tensor).all():
-        raise InputDataError(f"{weights_path}: tensor {saved_name(name)} holds NaN or infinite values")
-    return tensor
+    return _converted_and_checked(weights_path, saved_name(name), stored, dtype)
 
 
 def load_state_into(model: Transformer, weights_path: Path, dtype: torch.dtype | None = None) -> None:
     """Load safetensors weights into `model` (an `empty_model`), checking names, shapes and values
     (read_checked_tensors) first; saved names (Hugging Face's) and our module names both load. The weights keep
     the file's dtype (`stored_dtype`) unless `dtype` is given."""
-    state = read_weights(weights_path, dtype)
+    state = {name.removeprefix(HF_PREFIX): tensor
+             for name, tensor in read_checked_tensors(weights_path, dtype or stored_dtype([weights_path])).items()}
     expected = {name: tensor for name, tensor in model.state_dict().items()
                 if not (model.config.tie_embeddings and name == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))

@@ -13,6 +13,10 @@ class Ranks(NamedTuple):
     world_size: int
     local_rank: int
 
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
 
 def launched_ranks() -> Ranks:
     return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),

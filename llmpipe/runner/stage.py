@@ -76,7 +76,7 @@ def remove_leftovers(stage: str) -> None:
 
 def run_stage(name: str, config: dict, body: StageFunction) -> None:
     """Run `body` with the stage's declared params and its MLflow run (rank 0's; the others run without)."""
-    is_main = launched_ranks().rank == 0
+    is_main = launched_ranks().is_main
     if is_main:
         remove_leftovers(name)
     params = StageParams.for_stage(name, config)
