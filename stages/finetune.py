@@ -20,12 +20,14 @@ from llmpipe.data.chat_examples import example_statistics, read_prepared_example
 from llmpipe.data.jsonl import read_rows
 from llmpipe.data.sampling import first_items
 from llmpipe.eval.qa import answer_loss, qa_metrics
-from llmpipe.model.lora import add_lora, check_rank, merge_lora, save_adapter
+from llmpipe.model.lora import add_lora, check_rank, merge_lora, nf4_as_loaded, save_adapter
 from llmpipe.model.weights import (
     CONFIG_FILE,
     TOKENIZER_KEY,
     WEIGHTS_FILE,
     cast_weights,
+    check_model_directory,
+    empty_model,
     load_model,
     read_weight,
     write_model,
@@ -92,10 +94,14 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     examples = {split: read_prepared_examples(path) for split, path in layout.FINETUNE_EXAMPLES.items()}
     qa_sets = {split: first_items(read_rows(path), settings.finetune.max_questions_per_split)
                for split, path in layout.QA_FILES.items()}
-    model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer)
+    if settings.lora:  # refused before the weights are read
+        check_rank(empty_model(check_model_directory(layout.PRETRAINED, tokenizer)[1]), settings.lora,
+                   f"{params.source}: finetune.lora")
+    # QLoRA: each target weight becomes NF4 as it is read, so the 16-bit base is never held whole
+    model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer,
+                          convert=nf4_as_loaded(settings.lora) if settings.lora and settings.lora.base_bits == 4
+                          else None)
     stored_as = model.dtype  # the output keeps it (bf16 in, bf16 out)
-    if settings.lora:
-        check_rank(model, settings.lora, f"{params.source}: finetune.lora")
     train_encoded, validation, cut = encode_examples(template, examples, model.config.context_length, process.is_main)
     validation = first_items(validation, settings.finetune.max_validation_examples)
     measured = {f"qa_questions_{split}": len(pairs) for split, pairs in qa_sets.items()}

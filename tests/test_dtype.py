@@ -127,6 +127,30 @@ def test_qlora_trains_the_same_adapters_over_an_nf4_base_and_merges_them_into_th
     assert torch.equal(qlora.layers[0].mlp.down_proj.weight, stored.layers[0].mlp.down_proj.weight)  # not adapted
 
 
+def test_a_qlora_base_is_quantized_weight_by_weight_as_it_is_read(tmp_path):
+    """Under a 4-bit base, finetune loads the model with `nf4_as_loaded`: each target weight is NF4 as soon as it
+    is read (so a 7B base is never held whole in bf16), the other weights keep the stored dtype, and the model
+    computes as one loaded in bf16 and quantized afterwards."""
+    from llmpipe.model.lora import nf4_as_loaded
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=128, context_length=32, n_layer=2, d_model=128, n_head=4, n_kv_head=2,
+                         ffn_hidden=256)
+    write_model(tmp_path, cast_weights(Transformer(config), torch.bfloat16))
+    settings = LoRASettings(rank=8, alpha=16.0, dropout=0.0, target_modules=("q_proj", "up_proj"), base_bits=4)
+    loaded, _ = load_model(tmp_path, convert=nf4_as_loaded(settings))
+    kinds = {name: type(p).__name__ for name, p in loaded.named_parameters()}
+    assert {name for name, kind in kinds.items() if kind == "NF4Tensor"} == {
+        f"layers.{i}.{module}.weight" for i in range(2) for module in ("self_attn.q_proj", "mlp.up_proj")}
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    afterwards, _ = load_model(tmp_path)
+    for model in (loaded, afterwards):
+        torch.manual_seed(1)
+        add_lora(model, settings)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(tokens)[0], afterwards(tokens)[0], atol=0, rtol=0)
+
+
 def test_an_nf4_base_needs_whole_blocks():
     from llmpipe.errors import ParamError
     from llmpipe.model.lora import check_rank

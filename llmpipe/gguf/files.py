@@ -369,18 +369,25 @@ def read_gguf_model(path: str | Path, tokenizer: LoadedTokenizer | None = None,
         if type_name is None:
             raise InputDataError(f"{path}: tensor {gguf_name} has unsupported type {tensor.tensor_type.name}")
         try:
-            values = decode_tensor(tensor.data, type_name, shape)
+            values = decode_tensor(_read_tensor_data(path, tensor), type_name, shape)
         except ValueError as exc:
             raise InputDataError(f"{path}: tensor {gguf_name} does not hold {shape} values of {type_name} ({exc})") from None
         if heads:
             values = unpermute_from_interleaved_rope(values, heads)
-        state[source] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)  # a writable copy
+        state[source] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dtype)
         if not torch.isfinite(state[source]).all():
             raise InputDataError(f"{path}: tensor {gguf_name} holds NaN or infinite values"
                                  + ("" if dtype == torch.float32 else f" in {dtype_name(dtype)}"))
     if config.tie_embeddings:
         del state["lm_head.weight"]
     return assign_weights(model, state).eval()
+
+
+def _read_tensor_data(path: str | Path, tensor) -> np.ndarray:
+    """A tensor's bytes as the reader's view types them, read into memory of their own: the reader's view is a
+    memory map, whose pages would stay mapped (a second copy of the model in RSS) until the reader is gone."""
+    view = tensor.data  # its dtype and shape only: no page of it is read
+    return np.fromfile(path, dtype=view.dtype, count=view.size, offset=int(tensor.data_offset)).reshape(view.shape)
 
 
 def size_row(variant: str, parameters: int, tensor_bytes: int, file_bytes: int, type_counts: dict[str, int]) -> dict:

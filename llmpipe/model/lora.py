@@ -75,13 +75,35 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
     return _torchao_nf4().to_nf4(weight.detach(), NF4_BLOCK, math.gcd(scales, 256))
 
 
+def is_nf4(weight: torch.Tensor) -> bool:
+    return isinstance(weight, _torchao_nf4().NF4Tensor)
+
+
+def is_target(name: str, settings: AdapterShape) -> bool:
+    """Whether `name` (a module's weight: `layers.0.self_attn.q_proj.weight`) is a target layer's weight."""
+    module, _, kind = name.rpartition(".")
+    return kind == "weight" and module.rpartition(".")[2] in settings.target_modules
+
+
+def nf4_as_loaded(settings: AdapterShape):
+    """For `load_model(convert=...)` under a 4-bit base: each target layer's weight becomes NF4 as soon as it is
+    read, so the frozen base is never held whole in 16 bits (a 7B model: 3.8 GB, not 13.5); others pass as read."""
+    def convert(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return to_nf4(tensor) if is_target(name, settings) else tensor
+    return convert
+
+
 class LoRALinear(nn.Linear):
     """A linear layer with a frozen weight and a trainable low-rank update."""
 
     def __init__(self, base: nn.Linear, settings: AdapterShape):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta", dtype=base.weight.dtype)
         self.quantized = settings.base_bits == 4
-        self.weight = nn.Parameter(to_nf4(base.weight), requires_grad=False) if self.quantized else base.weight
+        if self.quantized:  # converted here, or already as it was loaded (nf4_as_loaded)
+            self.weight = nn.Parameter(base.weight if is_nf4(base.weight) else to_nf4(base.weight),
+                                       requires_grad=False)
+        else:
+            self.weight = base.weight
         self.weight.requires_grad_(False)
         self.bias = base.bias  # frozen too (Qwen2's query/key/value biases), or None
         self.scaling = settings.alpha / settings.rank

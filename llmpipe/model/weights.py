@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -196,35 +196,68 @@ def cast_weights(model: Transformer, dtype: torch.dtype, modules: tuple[str, ...
     return model
 
 
-def read_weight(weights_path: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor of a model's weights file by its module name (`layers.0.self_attn.q_proj.weight`), in `dtype`
-    and checked finite, without reading the others: a merge that needs the stored weights a layer at a time."""
+def read_weight(weights_path: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor of a model's weights file by its saved or module name (`layers.0.self_attn.q_proj.weight`), in
+    `dtype` (None: its own) and checked finite, in memory of its own: the file is opened for this tensor alone
+    and closed again, so no page of the others stays mapped (a merge reading the stored weights a layer at a
+    time, a load that quantizes each weight as it comes)."""
+    saved = name if name.startswith((HF_PREFIX, "lm_head.")) else saved_name(name)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            stored = handle.get_tensor(saved_name(name))
+            stored = handle.get_tensor(saved)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputDataError(f"{weights_path}: tensor {saved_name(name)} unreadable ({exc})".splitlines()[0]) from None
-    return _converted_and_checked(weights_path, saved_name(name), stored, dtype)
+        raise InputDataError(f"{weights_path}: tensor {saved} unreadable ({exc})".splitlines()[0]) from None
+    return _converted_and_checked(weights_path, saved, stored, dtype)
 
 
-def load_state_into(model: Transformer, weights_path: Path, dtype: torch.dtype | None = None) -> None:
+def tensor_names(weights_path: Path) -> list[str]:
+    """The tensor names a safetensors file holds (its header alone is read)."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            return list(handle.keys())
+    except FileNotFoundError:
+        raise InputDataError(f"{weights_path}: not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputDataError(f"{weights_path}: not a readable safetensors file ({exc})".splitlines()[0]) from None
+
+
+Convert = Callable[[str, torch.Tensor], torch.Tensor]  # (module name, tensor as read) → what the model holds
+
+
+def load_state_into(model: Transformer, weights_path: Path, dtype: torch.dtype | None = None,
+                    convert: Convert | None = None) -> None:
     """Load safetensors weights into `model` (an `empty_model`), checking names, shapes and values
     (read_checked_tensors) first; saved names (Hugging Face's) and our module names both load. The weights keep
-    the file's dtype (`stored_dtype`) unless `dtype` is given."""
-    state = {name.removeprefix(HF_PREFIX): tensor
-             for name, tensor in read_checked_tensors(weights_path, dtype or stored_dtype([weights_path])).items()}
+    the file's dtype (`stored_dtype`) unless `dtype` is given. Without `convert` the file is memory-mapped (one
+    copy, shared by processes that load it); with it, tensors are read one at a time and each replaced by
+    `convert(name, tensor)` before the next is read (a 4-bit base: never the whole model in 16 bits)."""
+    dtype = dtype or stored_dtype([weights_path])
     expected = {name: tensor for name, tensor in model.state_dict().items()
                 if not (model.config.tie_embeddings and name == "lm_head.weight")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    names = {name.removeprefix(HF_PREFIX): name for name in tensor_names(weights_path)}
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
         raise InputDataError(f"{weights_path}: tensors do not match the model config "
                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise InputDataError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, the config "
-                                 f"needs {tuple(expected[name].shape)}")
+    if convert is None:
+        state = {name.removeprefix(HF_PREFIX): tensor
+                 for name, tensor in read_checked_tensors(weights_path, dtype).items()}
+        for name, tensor in state.items():
+            _check_shape(weights_path, name, tensor, expected[name])
+    else:
+        state = {}
+        for name, saved in names.items():
+            tensor = read_weight(weights_path, saved, dtype)
+            _check_shape(weights_path, name, tensor, expected[name])
+            state[name] = convert(name, tensor)
     assign_weights(model, state)
+
+
+def _check_shape(weights_path: Path, name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
+    if tensor.shape != expected.shape:
+        raise InputDataError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, the config "
+                             f"needs {tuple(expected.shape)}")
 
 
 def check_tokenizer(config: ModelConfig, recorded: str | None, model_path: str | Path,
@@ -252,12 +285,14 @@ def check_model_directory(directory: str | Path, tokenizer: LoadedTokenizer | No
 
 
 def load_model(directory: str | Path, device: str = "cpu", tokenizer: LoadedTokenizer | None = None,
-               weights_file: str | Path | None = None, dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
+               weights_file: str | Path | None = None, dtype: torch.dtype | None = None,
+               convert: Convert | None = None) -> tuple[Transformer, dict]:
     """A model directory → (model in eval mode, its full config.json); with `tokenizer`, checked to match it.
     The weights are the directory's model.safetensors unless `weights_file` names another file, in the dtype
-    they are stored in unless `dtype` is given."""
+    they are stored in unless `dtype` is given, each replaced by `convert(name, tensor)` as it is read when
+    given (load_state_into)."""
     directory = Path(directory)
     config, shape = check_model_directory(directory, tokenizer)
     model = empty_model(shape)
-    load_state_into(model, Path(weights_file) if weights_file else directory / WEIGHTS_FILE, dtype)
+    load_state_into(model, Path(weights_file) if weights_file else directory / WEIGHTS_FILE, dtype, convert)
     return model.to(device).eval(), config
