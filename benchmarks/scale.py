@@ -18,6 +18,16 @@ disk that the weights take: DVC's cache, the workspace, MLflow's store.
     python benchmarks/scale.py --layers 2 --d-model 256 --ffn 512 --heads 4 --kv-heads 2   # a quick check
     python benchmarks/scale.py --pretrain-large 200  # instead: the `large` preset, 200 pretraining steps
     python benchmarks/scale.py --dtype bf16 --lora-only --set finetune.lora.base_bits=4   # bf16 kept, QLoRA
+    python benchmarks/scale.py --preset llama2-7b --checkpoint /data/llama2-7b-random   # Llama 2 7B's shape
+
+`--preset llama2-7b` is Llama 2 7B's shape (32 layers × 4,096, FFN 11,008, 32 heads, context 4,096, a 32,000-token
+vocabulary; 6.74B parameters, 13.5 GB in bf16) under QLoRA, with two GGUF variants (Q8_0, Q4_K): see PRESETS.
+The checkpoint's tokenizer is the pipeline's own, retrained by `tokenizers` to `--vocab` tokens on the pipeline's
+text plus seeded pseudo-words (the embedded text alone gives ~2,500): a real vocabulary's size, not a real
+vocabulary. `--checkpoint DIR` keeps the checkpoint there and reuses it on the next run (it is hard-linked into
+the copy). The copy's DVC cache links files instead of copying them (`cache.type hardlink`): each weights file is
+on disk once, in the cache, and the workspace names it (stages write new files and rename them, so nothing ever
+writes into a linked file).
 """
 
 from __future__ import annotations
@@ -49,6 +59,25 @@ LARGE_MODEL = [
     "evaluate.eval_max_tokens=256", "evaluate.kl_max_tokens=256", "evaluate.generation_tokens=4",
     "evaluate.measure_base=false", "evaluate.registry_weights=dvc_cache",
 ]
+# Shapes people fine-tune, with the settings that fit them in 23 GiB of memory on 2 cores.
+PRESETS = {
+    "llama2-7b": {"shape": {"layers": 32, "d_model": 4096, "ffn": 11008, "heads": 32, "kv_heads": 32,
+                            "context": 4096}, "vocab": 32000, "dtype": "bf16",
+                  "set": ["finetune.lora.base_bits=4", "finetune.max_steps=3", "finetune.warmup_steps=1",
+                          "finetune.eval_every=3", "finetune.max_questions_per_split=4",
+                          "finetune.max_validation_examples=4", "quantize.variants=[Q8_0,Q4_K]", "~quantize.embeddings.Q2_K",
+                          "evaluate.max_questions_per_split=4", "evaluate.eval_max_tokens=128",
+                          "evaluate.kl_max_tokens=128", "evaluate.generation_tokens=4",
+                          "pretrain.eval_max_tokens=128"]},
+    "llama2-13b": {"shape": {"layers": 40, "d_model": 5120, "ffn": 13824, "heads": 40, "kv_heads": 40,
+                             "context": 4096}, "vocab": 32000, "dtype": "bf16",
+                   "set": ["finetune.lora.base_bits=4", "finetune.max_steps=1", "finetune.warmup_steps=0",
+                           "finetune.eval_every=1", "finetune.max_questions_per_split=2",
+                           "finetune.max_validation_examples=2", "quantize.variants=[Q4_K]", "~quantize.embeddings.Q2_K",
+                           "evaluate.max_questions_per_split=2", "evaluate.eval_max_tokens=64",
+                           "evaluate.kl_max_tokens=64", "evaluate.generation_tokens=2",
+                           "pretrain.eval_max_tokens=64"]},
+}
 STAGE_SCRIPT = re.compile(r"stages/(\w+)\.py")
 RUNNING = re.compile(r"Running stage '(\w+)'")
 
@@ -74,31 +103,82 @@ def make_repo(destination: Path) -> None:
         subprocess.run(["git", *command], cwd=destination, check=True)
 
 
-def write_checkpoint(repo: str, shape: dict, dtype: str) -> dict:
-    """(in a child process) base_models/scale: random LlamaForCausalLM weights of `shape`, stored in `dtype`
-    (fp32 or bf16), and the pipeline's tokenizer (models/tokenizer of the copy) as tokenizer.json, with its
+def checkpoint_tokenizer(repo: str, vocab: int | None, directory: Path) -> tuple[str, int]:
+    """(end-of-text token, vocabulary size) of the tokenizer.json written into `directory`: the pipeline's own
+    (models/tokenizer of the copy), or with `vocab`, the same tokenizer retrained to that many tokens on the
+    pipeline's text plus seeded pseudo-words (byte-level BPE keeps merging while pairs repeat)."""
+    import random
+
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+
+    from llmpipe.text.tokenizer import LoadedTokenizer
+
+    pipeline = LoadedTokenizer(Path(repo) / "models/tokenizer")
+    tokenizer = Tokenizer.from_file(str(pipeline.directory / "tokenizer.json"))
+    if vocab:
+        texts = [json.loads(line)["text"] for line in
+                 (Path(repo) / "data/prepared/pretrain_train.jsonl").read_text("utf-8").splitlines()]
+        generator = random.Random(0)
+        syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiouy"]
+        words = ["".join(generator.choices(syllables, k=generator.randint(1, 5))) for _ in range(60_000)]
+        texts += [" ".join(words[i:i + 50]) for i in range(0, len(words), 50)] * 3
+        specials = [token for _, token in sorted(tokenizer.get_added_tokens_decoder().items())]
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[t.content for t in specials],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tokenizer.train_from_iterator(texts, trainer)
+        if tokenizer.get_vocab_size() != vocab:
+            raise SystemExit(f"error: the retrained tokenizer has {tokenizer.get_vocab_size()} tokens, not {vocab}")
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return pipeline.special_tokens["end_of_document"], tokenizer.get_vocab_size()
+
+
+def write_checkpoint(repo: str, directory: str, shape: dict, dtype: str, vocab: int | None) -> dict:
+    """(in a child process) `directory`: random LlamaForCausalLM weights of `shape`, made and stored in `dtype`
+    (fp32 or bf16: a 7B model is never built in fp32 first), and its tokenizer (checkpoint_tokenizer), with its
     end-of-text token as eos."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from llmpipe.text.tokenizer import LoadedTokenizer
-
-    tokenizer = LoadedTokenizer(Path(repo) / "models/tokenizer")
-    eos = tokenizer.special_tokens["end_of_document"]
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=shape["d_model"],
+    directory = Path(directory)
+    eos, vocab_size = checkpoint_tokenizer(repo, vocab, directory)
+    eos_id = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json")).convert_tokens_to_ids(eos)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=shape["d_model"],
                          intermediate_size=shape["ffn"], num_hidden_layers=shape["layers"],
                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
                          max_position_embeddings=shape["context"], rope_theta=10000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.end_of_document_id,
-                         eos_token_id=tokenizer.end_of_document_id)
+                         tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    directory = Path(repo) / CHECKPOINT
+    torch.set_default_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # a layer at a time: transformers' initialization
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, config.initializer_range)
     model.save_pretrained(str(directory))
-    PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.directory / "tokenizer.json"), eos_token=eos,
+    PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), eos_token=eos,
                             bos_token=eos).save_pretrained(str(directory))
-    return {"parameters": sum(p.numel() for p in model.parameters()),
-            "bytes": sum(p.stat().st_size for p in directory.glob("*.safetensors"))}
+    return checkpoint_size(directory)
+
+
+def checkpoint_size(directory: Path) -> dict:
+    """Parameters and bytes of a checkpoint's safetensors files (from their headers)."""
+    from safetensors import safe_open
+
+    parameters = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                parameters += count
+    return {"parameters": parameters, "bytes": sum(p.stat().st_size for p in directory.glob("*.safetensors"))}
 
 
 class Watcher:
@@ -186,9 +266,10 @@ def dvc_exp_run(repo: Path, overrides: list[str], targets: list[str] = ()) -> di
             "load_mean": sum(loads) / len(loads), "load_max": max(loads)}
 
 
-def disk_bytes(path: Path) -> int:
-    """Bytes of the files under `path`, each inode once (hard links to DVC's cache are not counted twice)."""
-    seen, total = set(), 0
+def disk_bytes(path: Path, seen: set | None = None) -> int:
+    """Bytes of the files under `path`, each inode once (hard links to DVC's cache are not counted twice), and
+    none already in `seen` (pass one set to count several folders' files once in all)."""
+    seen, total = set() if seen is None else seen, 0
     for file in [path] if path.is_file() else path.rglob("*"):
         if file.is_file() and not file.is_symlink():
             status = file.stat()
@@ -228,19 +309,34 @@ def machine() -> str:
 
 
 def scale_recipe(repo: Path, args) -> None:
+    subprocess.run([dvc_executable(repo), "config", "cache.type", "hardlink"], cwd=repo, env=environment(repo),
+                   check=True)
     subprocess.run([dvc_executable(repo), "repro", "train_tokenizer"], cwd=repo, env=environment(repo), check=True)
     shape = {"layers": args.layers, "d_model": args.d_model, "ffn": args.ffn, "heads": args.heads,
              "kv_heads": args.kv_heads, "context": args.context}
+    kept = args.checkpoint
     start = time.perf_counter()
-    checkpoint = in_child("write_checkpoint", str(repo), shape, args.dtype)
+    if kept and (kept / "config.json").is_file():
+        checkpoint = checkpoint_size(kept)
+        print(f"checkpoint: reusing {kept}", flush=True)
+    else:
+        checkpoint = in_child("write_checkpoint", str(repo), str(kept or repo / CHECKPOINT), shape, args.dtype,
+                              args.vocab)
+    if kept:  # linked into the copy: no second copy on disk
+        (repo / CHECKPOINT).mkdir(parents=True)
+        for file in kept.iterdir():
+            os.link(file, repo / CHECKPOINT / file.name)
     print(f"checkpoint: {checkpoint['parameters']:,} parameters, {checkpoint['bytes'] / 1e9:.2f} GB safetensors, "
-          f"written in {time.perf_counter() - start:.0f} s", flush=True)
+          f"ready in {time.perf_counter() - start:.0f} s", flush=True)
     weight_bytes = {"fp32": 4, "bf16": 2}[args.dtype] * checkpoint["parameters"]
     base = ["base_model=hf", f"base_model.path={CHECKPOINT}", *LARGE_MODEL, *args.set]
     runs = []
     for method in ["lora"] + ([] if args.lora_only else ["chat_tokens"]):  # the second: finetune onwards
         runs.append((method, dvc_exp_run(repo, [*base, f"finetune.method={method}"])))
         disk = {name: disk_bytes(repo / name) for name in (".dvc/cache", "models", ".mlflow", CHECKPOINT)}
+        everything: set = set()
+        disk["all of these, each file once"] = sum(disk_bytes(repo / name, everything)
+                                                   for name in (".dvc/cache", "models", ".mlflow", CHECKPOINT))
         print(f"\n{machine()}\nmodel: {checkpoint['parameters']:,} parameters, {args.dtype} weights "
               f"{weight_bytes / 2**30:.2f} GiB\n\n{table(runs, weight_bytes)}\n\ndisk (GiB, each file once): "
               + ", ".join(f"{name} {size / 2**30:.2f}" for name, size in disk.items()), flush=True)
@@ -279,6 +375,11 @@ def main() -> None:
     parser.add_argument("--lora-only", action="store_true", help="leave out the chat_tokens experiment")
     parser.add_argument("--pretrain-large", type=int, metavar="STEPS", help="pretrain the large preset instead")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more `dvc exp run -S` overrides")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a shape people fine-tune, with the settings that "
+                        "fit it (PRESETS); implies --lora-only")
+    parser.add_argument("--vocab", type=int, help="the checkpoint's vocabulary size (default: the pipeline's own "
+                        "tokenizer's)")
+    parser.add_argument("--checkpoint", type=Path, help="write the checkpoint here, or reuse the one found here")
     parser.add_argument("--workdir", type=Path, default=None, help="where the repository copy goes (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the repository copy")
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -287,6 +388,12 @@ def main() -> None:
         name, *rest = json.loads(args.job)
         print(json.dumps({"write_checkpoint": write_checkpoint}[name](*rest)))
         return
+    if args.preset:
+        preset = PRESETS[args.preset]
+        for key, value in preset["shape"].items():
+            setattr(args, key, value)
+        args.vocab, args.dtype, args.lora_only = args.vocab or preset["vocab"], preset["dtype"], True
+        args.set = [*preset["set"], *args.set]
     workdir = Path(tempfile.mkdtemp(prefix="llmpipe-scale-", dir=args.workdir))
     try:
         repo = workdir / "repo"
