@@ -150,16 +150,25 @@ def test_what_our_model_does_not_implement_is_refused_by_key(tmp_path, change, m
         read_hf_directory(tmp_path / "ckpt")
 
 
-def test_pickled_weights_and_sentencepiece_tokenizers_are_refused(tmp_path):
+@pytest.mark.parametrize("change", [
+    {"model": {"byte_fallback": True}},  # byte fallback under a byte-level decoder: neither kind
+    {"decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                  {"type": "ByteFallback"}, {"type": "Fuse"}]},
+     "model": {"byte_fallback": True},  # SentencePiece-style, but its Metaspace splits at spaces (llama.cpp does not)
+     "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
+])
+def test_pickled_weights_and_other_tokenizer_kinds_are_refused(tmp_path, change):
     make_checkpoint(tmp_path / "ckpt")
     weights = tmp_path / "ckpt/model.safetensors"
     weights.rename(tmp_path / "ckpt/pytorch_model.bin")
     with pytest.raises(InputDataError, match="pytorch_model.bin is a pickle, which the pipeline never loads"):
         read_hf_directory(tmp_path / "ckpt")
     spec = json.loads((tmp_path / "ckpt/tokenizer.json").read_text())
-    spec["model"]["byte_fallback"] = True  # SentencePiece-style BPE (Llama 2, TinyLlama)
+    for key, value in change.items():
+        spec[key] = {**spec[key], **value} if key == "model" else value
     (tmp_path / "ckpt/tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(InputDataError, match="this tokenizer kind is not supported; supported: byte-level BPE"):
+    with pytest.raises(InputDataError, match="tokenizer.json: this tokenizer kind is not supported; supported: "
+                                             "byte-level BPE .* SentencePiece-style BPE"):
         import_tokenizer(tmp_path / "ckpt", SPECIALS)
 
 

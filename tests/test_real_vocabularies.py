@@ -155,13 +155,16 @@ def protobuf(*fields: tuple[int, object]) -> bytes:
 MISTRAL_TEMPLATE = "mistralai-Mistral-Nemo-Instruct-2407.jinja"  # [INST]…[/INST]answer</s>, as Mistral's v1-v3
 
 
-def sentencepiece_checkpoint_tokenizer(metadata: dict, directory: Path, chat_template: str | None = None) -> None:
+def sentencepiece_checkpoint_tokenizer(metadata: dict, directory: Path, chat_template: str | None = None,
+                                      metaspace: bool = False) -> None:
     """The tokenizer files a Llama 2 / TinyLlama / Mistral v0.1 checkpoint ships, from ggml-vocab-llama-spm's pieces:
     tokenizer.model (SentencePiece's BPE model: each piece's text, score and type; identity normalization with a
     dummy "▁" prefix), the tokenizer.json transformers converted it to (LlamaTokenizerFast: BPE with byte fallback,
     merges ordered by the merged piece's score, Prepend + Replace "▁" normalizer, <s> added by its post-processor)
-    and TinyLlama-1.1B-Chat's tokenizer_config.json (add_bos_token, <s>, </s>, </s> as padding)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    and TinyLlama-1.1B-Chat's tokenizer_config.json (add_bos_token, <s>, </s>, </s> as padding). `metaspace`: the
+    tokenizer.json as transformers 5's LlamaTokenizer writes it instead (a Metaspace pre-tokenizer that marks only
+    the text's first word with "▁", nothing after a special token)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     tokens, scores, types = metadata["tokens"], metadata["scores"], metadata["token_type"]
     directory.mkdir(parents=True, exist_ok=True)
@@ -176,7 +179,10 @@ def sentencepiece_checkpoint_tokenizer(metadata: dict, directory: Path, chat_tem
         merges += sorted(local, key=lambda merge: (vocab[merge[0]], vocab[merge[1]]))
     merges = [(left, right) for left, right, _ in sorted(merges, key=lambda merge: merge[2], reverse=True)]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    if metaspace:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                            decoders.Strip(" ", 1, 0)])
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in tokens[:3]])
@@ -194,7 +200,7 @@ def sentencepiece_checkpoint_tokenizer(metadata: dict, directory: Path, chat_tem
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def import_sentencepiece(tmp_path: Path, chat_template: str | None = None):
+def import_sentencepiece(tmp_path: Path, chat_template: str | None = None, metaspace: bool = False):
     """(llama-spm's metadata, its test texts, their ids, the pipeline's tokenizer, our model) for a random Llama 2
     shaped checkpoint built with transformers' LlamaForCausalLM carrying llama-spm's tokenizer files."""
     import torch
@@ -203,7 +209,7 @@ def import_sentencepiece(tmp_path: Path, chat_template: str | None = None):
     from llmpipe.hf.checkpoint import import_checkpoint
 
     metadata, texts, expected = vocabulary("llama-spm")
-    sentencepiece_checkpoint_tokenizer(metadata, tmp_path / "ckpt", chat_template)
+    sentencepiece_checkpoint_tokenizer(metadata, tmp_path / "ckpt", chat_template, metaspace)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(metadata["tokens"]), hidden_size=64, intermediate_size=96,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -258,10 +264,12 @@ def test_llama_2s_sentencepiece_vocabulary_encodes_the_test_texts_to_the_origina
     assert "tokenizer.ggml.merges" not in fields
 
 
-def test_a_mistral_chat_template_on_llama_2s_vocabulary_gives_transformers_ids(tmp_path):
+@pytest.mark.parametrize("metaspace", [False, True], ids=["as-sentencepiece", "as-transformers-5-writes-it"])
+def test_a_mistral_chat_template_on_llama_2s_vocabulary_gives_transformers_ids(tmp_path, metaspace):
     """Mistral's real chat template ([INST]…[/INST]answer</s>) over the SentencePiece vocabulary: fine-tuning's ids
     are transformers' apply_chat_template ids for the checkpoint's tokenizer.json and for the HF export, the loss
-    is on the answers and their </s>, and the GGUF carries the template."""
+    is on the answers and their </s>, and the GGUF carries the template. Also for a tokenizer.json in transformers
+    5's own form (no "▁" after a special token), which AutoTokenizer reads as the checkpoint's LlamaTokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from llmpipe.hf.export import write_hf_directory
@@ -269,7 +277,7 @@ def test_a_mistral_chat_template_on_llama_2s_vocabulary_gives_transformers_ids(t
     from llmpipe.text.chat_template import ChatTemplate
 
     template = chat_template_file(MISTRAL_TEMPLATE)
-    *_, tokenizer, ours = import_sentencepiece(tmp_path, template)
+    _, texts, _, tokenizer, ours = import_sentencepiece(tmp_path, template, metaspace)
     assert tokenizer.special_tokens == {"end_of_document": "</s>", "end_of_turn": "</s>"}
     messages = [{"role": "user", "content": "Where was Ada born?"}, {"role": "assistant", "content": "In Lisbon."},
                 {"role": "user", "content": " And  Bo?\n"}, {"role": "assistant", "content": "In Porto, 1920."}]
@@ -277,9 +285,14 @@ def test_a_mistral_chat_template_on_llama_2s_vocabulary_gives_transformers_ids(t
                                         eos_token="</s>", chat_template=template)
     write_hf_directory(tmp_path / "export", ours, tokenizer)
     exported = AutoTokenizer.from_pretrained(tmp_path / "export")
+    # transformers 5's LlamaTokenizer (the checkpoint's tokenizer_class) rebuilds the Metaspace form whatever the
+    # file says: it is the checkpoint's own tokenizer only for that form
+    references = (reference, exported, AutoTokenizer.from_pretrained(tmp_path / "ckpt")) if metaspace else (
+        reference, exported)
+    assert [text for text in texts if tokenizer.encode(text) != reference.encode(text, add_special_tokens=False)] == []
     chat = ChatTemplate(tokenizer)
     example = chat.encode_example(messages, 512)
-    for hf in (reference, exported):
+    for hf in references:
         expected = hf.apply_chat_template(messages, tokenize=True)
         assert example.ids + [2] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
         prompt = hf.apply_chat_template(messages[:3], tokenize=True, add_generation_prompt=True)
