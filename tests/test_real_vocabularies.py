@@ -302,6 +302,34 @@ def test_a_mistral_chat_template_on_llama_2s_vocabulary_gives_transformers_ids(t
     assert chat.jinja() == template
 
 
+LLAMA2_TEMPLATE = (  # Llama-2-chat's format: "[INST] question [/INST] answer </s>", a space before the end of turn
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + message['content'].strip()"
+    " + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def test_a_turn_that_ends_in_a_space_and_eos_is_learned_to_its_end(tmp_path):
+    """Llama 2's chat format closes an answer with " </s>": </s> is its end of turn, and the loss covers the
+    answer, that space and </s>; the ids are transformers' for the checkpoint's tokenizer.json."""
+    from transformers import PreTrainedTokenizerFast
+
+    from llmpipe.model.targets import IGNORE_INDEX
+    from llmpipe.text.chat_template import ChatTemplate
+
+    *_, tokenizer, _ = import_sentencepiece(tmp_path, LLAMA2_TEMPLATE)
+    assert tokenizer.special_tokens["end_of_turn"] == "</s>"
+    messages = [{"role": "user", "content": "Where was Ada born?"}, {"role": "assistant", "content": "In Lisbon."},
+                {"role": "user", "content": "And Bo?"}, {"role": "assistant", "content": "In Porto."}]
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "ckpt/tokenizer.json"), bos_token="<s>",
+                                        eos_token="</s>", chat_template=LLAMA2_TEMPLATE)
+    expected = reference.apply_chat_template(messages, tokenize=True)
+    example = ChatTemplate(tokenizer).encode_example(messages, 512)
+    assert example.ids + [2] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    learned = [token for token in example.labels if token != IGNORE_INDEX]
+    assert tokenizer.tokenizer.id_to_token(learned[-1]) == "</s>" and learned.count(2) == 2
+    assert tokenizer.decode(learned) == "In Lisbon. </s> In Porto. </s>"
+
+
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -322,8 +323,16 @@ class LoadedTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, ids: list[int]) -> list[str]:
-        """Each token as the text it stands for (bytes decoded; partial UTF-8 shown as �)."""
-        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        """Each token as the text it stands for (bytes decoded; partial UTF-8 shown as �; a SentencePiece "▁"
+        as the space it stands for, which decoding a token by itself would strip)."""
+        if not self.is_sentencepiece:
+            return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return [self.tokenizer.id_to_token(i).replace(SPIECE_UNDERLINE, " ") if self.tokenizer.id_to_token(i)[:1]
+                == SPIECE_UNDERLINE else self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    @cached_property
+    def is_sentencepiece(self) -> bool:
+        return is_sentencepiece_bpe(self.tokenizer)
 
 
 def tokenizer_metrics(tokenizer: LoadedTokenizer, validation_texts: Iterable[str],
