@@ -168,14 +168,16 @@ def sentencepiece_checkpoint_tokenizer(metadata: dict, directory: Path, chat_tem
 
     tokens, scores, types = metadata["tokens"], metadata["scores"], metadata["token_type"]
     directory.mkdir(parents=True, exist_ok=True)
-    pieces = [(1, protobuf((1, token), (2, float(score)), (3, kind))) for token, score, kind in zip(tokens, scores, types)]
+    pieces = [(1, protobuf((1, token), (2, float(score)), (3, kind)))
+              for token, score, kind in zip(tokens, scores, types)]
     trainer = protobuf((3, 2), (35, 1))  # model_type BPE, byte_fallback
     normalizer = protobuf((1, "identity"), (3, 1), (4, 0), (5, 1))  # add_dummy_prefix, keep spaces, escape them
     (directory / "tokenizer.model").write_bytes(protobuf(*pieces, (2, trainer), (3, normalizer)))
     vocab = {token: i for i, token in enumerate(tokens)}
     merges = []
     for piece, score in zip(tokens, scores):  # transformers' SentencePieceExtractor
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
         merges += sorted(local, key=lambda merge: (vocab[merge[0]], vocab[merge[1]]))
     merges = [(left, right) for left, right, _ in sorted(merges, key=lambda merge: merge[2], reverse=True)]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))

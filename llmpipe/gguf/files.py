@@ -5,9 +5,9 @@ What goes in:
   metadata: context length, embedding length, block count, feed-forward length, head counts, rope
   dimension and base, RMS epsilon, file type;
 - the tokenizer: byte-level BPE tokens and merges ("gpt2" model; "gpt-2", "llama-bpe" or "qwen2"
-  pre-tokenizer), or SentencePiece-style tokens with their scores ("llama" model, as llama.cpp's converter writes
-  a Llama 2 / Mistral tokenizer.model), token types (control for special tokens), the BOS, EOS, end-of-turn and padding ids and
-  whether llama.cpp adds BOS (the tokenizer's `sequence_tokens`: an imported checkpoint's own), and the
+  pre-tokenizer), or SentencePiece-style tokens with their scores ("llama" model, as llama.cpp's converter
+  writes a Llama 2 / Mistral tokenizer.model), token types (control for special tokens), the BOS, EOS,
+  end-of-turn and padding ids and whether llama.cpp adds BOS (the tokenizer's `sequence_tokens`: an imported checkpoint's own), and the
   chat template as Jinja;
 - the weights under llama.cpp's tensor names (with `attn_q.bias`.. for Qwen2, `attn_q_norm`/`attn_k_norm`
   for Qwen3). llama.cpp's llama rope rotates interleaved pairs while our model (like Hugging Face's)

@@ -93,7 +93,8 @@ def protobuf_fields(data: bytes, where: Path):
             continue
         length = {1: 8, 5: 4}.get(wire) if wire != 2 else varint()
         if length is None or position + length > len(data):
-            raise InputDataError(f"{where}: not a SentencePiece model file (protobuf wire type {wire} at byte {position})")
+            raise InputDataError(f"{where}: not a SentencePiece model file (protobuf wire type {wire} at byte "
+                                 f"{position})")
         yield number, data[position:position + length]
         position += length
 

@@ -147,8 +147,8 @@ LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{
 QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
 GGUF_PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 SUPPORTED_KINDS = ("byte-level BPE with the GPT-2 pre-tokenizer (GPT-2, this pipeline's own), Llama 3's (Llama 3.x) "
-                   "or Qwen2's (Qwen2, Qwen2.5, Qwen3); SentencePiece-style BPE with byte fallback (Llama 2, TinyLlama, "
-                   "Mistral v0.1-v0.3)")
+                   "or Qwen2's (Qwen2, Qwen2.5, Qwen3); SentencePiece-style BPE with byte fallback (Llama 2, "
+                   "TinyLlama, Mistral v0.1-v0.3)")
 SPIECE_UNDERLINE = "\u2581"  # SentencePiece's space
 
 
@@ -175,7 +175,8 @@ def is_sentencepiece_bpe(tokenizer: Tokenizer) -> bool:
     spec = json.loads(tokenizer.to_str())
     model, normalizer, pre = spec.get("model") or {}, spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
     decoder = [step.get("type") for step in (spec.get("decoder") or {}).get("decoders", [])]
-    if model.get("type") != "BPE" or not model.get("byte_fallback") or decoder[:3] != ["Replace", "ByteFallback", "Fuse"]:
+    if model.get("type") != "BPE" or not model.get("byte_fallback") \
+            or decoder[:3] != ["Replace", "ByteFallback", "Fuse"]:
         return False
     spaces = {"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE}
     prepend = {"type": "Prepend", "prepend": SPIECE_UNDERLINE}
