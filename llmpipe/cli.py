@@ -139,7 +139,7 @@ def cmd_next_token(args: argparse.Namespace) -> None:
     ranked = top_next_tokens(model, _prompt_ids(model, tokenizer, args.text), args.top_k)
     print(f"{args.text!r} →")
     for token_id, probability in ranked:
-        piece = tokenizer.decode([token_id])
+        piece = tokenizer.token_strings([token_id])[0]
         print(f"  {probability * 100:6.2f}%  {piece!r}  (id {token_id})")
 
 

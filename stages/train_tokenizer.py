@@ -47,7 +47,7 @@ def train_tokenizer(params: StageParams, run: StageRun) -> None:
     if base_model.source == "hf":
         imported = import_tokenizer(Path(base_model.path), specials)
         tokenizer, specials, chat_template = imported.tokenizer, imported.special_tokens, imported.chat_template
-        sequence_tokens = imported.sequence_tokens
+        sequence_tokens, sentencepiece = imported.sequence_tokens, imported.sentencepiece
         print(f"train_tokenizer: took the tokenizer of {base_model.path}"
               + (f", adding {', '.join(imported.added)}" if imported.added else "")
               + (" and its chat template" if chat_template else "")
@@ -59,9 +59,9 @@ def train_tokenizer(params: StageParams, run: StageRun) -> None:
         sample_report = sample.report()
         print(f"train_tokenizer: learned from {sample.documents} documents, {sample.utf8_bytes} bytes: "
               + ("the whole corpus" if sample.whole_corpus else "a prefix (tokenizer.train_sample_bytes)"), flush=True)
-        chat_template = sequence_tokens = None
+        chat_template = sequence_tokens = sentencepiece = None
     with atomic.atomic_path(layout.TOKENIZER, directory=True) as temp:
-        save_tokenizer(tokenizer, specials, temp, chat_template, sequence_tokens)
+        save_tokenizer(tokenizer, specials, temp, chat_template, sequence_tokens, sentencepiece)
     loaded = LoadedTokenizer(layout.TOKENIZER)
     metrics = tokenizer_metrics(loaded, texts("validation")) | sample_report
     atomic.write_json(layout.TOKENIZER_METRICS, dvc_metrics(metrics, TOKENIZER_METRICS))

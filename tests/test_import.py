@@ -150,16 +150,68 @@ def test_what_our_model_does_not_implement_is_refused_by_key(tmp_path, change, m
         read_hf_directory(tmp_path / "ckpt")
 
 
-def test_pickled_weights_and_sentencepiece_tokenizers_are_refused(tmp_path):
+@pytest.mark.parametrize("change", [
+    {"model": {"byte_fallback": True}},  # byte fallback under a byte-level decoder: neither kind
+    {"decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                  {"type": "ByteFallback"}, {"type": "Fuse"}]},
+     "model": {"byte_fallback": True},  # SentencePiece-style, but its Metaspace splits at spaces (llama.cpp does not)
+     "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
+])
+def test_pickled_weights_and_other_tokenizer_kinds_are_refused(tmp_path, change):
     make_checkpoint(tmp_path / "ckpt")
     weights = tmp_path / "ckpt/model.safetensors"
     weights.rename(tmp_path / "ckpt/pytorch_model.bin")
     with pytest.raises(InputDataError, match="pytorch_model.bin is a pickle, which the pipeline never loads"):
         read_hf_directory(tmp_path / "ckpt")
     spec = json.loads((tmp_path / "ckpt/tokenizer.json").read_text())
-    spec["model"]["byte_fallback"] = True  # SentencePiece-style BPE (Llama 2, TinyLlama)
+    for key, value in change.items():
+        spec[key] = {**spec[key], **value} if key == "model" else value
     (tmp_path / "ckpt/tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(InputDataError, match="this tokenizer kind is not supported; supported: byte-level BPE"):
+    with pytest.raises(InputDataError, match="tokenizer.json: this tokenizer kind is not supported; supported: "
+                                             "byte-level BPE .* SentencePiece-style BPE"):
+        import_tokenizer(tmp_path / "ckpt", SPECIALS)
+
+
+def tiny_sentencepiece_tokenizer(directory):
+    """A SentencePiece-style tokenizer.json (Llama 2's layout) over a few pieces: <unk> <s> </s>, the 256 byte
+    tokens, then "▁", "a", "b", "▁a", "▁ab" (merged in that order)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256)), "\u2581", "a", "b", "\u2581a",
+              "\u2581ab"]
+    tokenizer = Tokenizer(models.BPE(vocab={piece: i for i, piece in enumerate(pieces)},
+                                     merges=[("\u2581", "a"), ("\u2581a", "b")], unk_token="<unk>", fuse_unk=True,
+                                     byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in pieces[:3]])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                 "add_bos_token": True}))
+
+
+def test_a_sentencepiece_tokenizer_without_its_model_file_gets_scores_in_merge_order(tmp_path):
+    """Without tokenizer.model, the GGUF's scores rank each merged piece by its merge (llama.cpp merges the
+    highest-scoring pair first); a tokenizer.model that is not SentencePiece's protobuf is named."""
+    import gguf
+
+    from llmpipe.gguf.files import sentencepiece_scores_and_types
+
+    tiny_sentencepiece_tokenizer(tmp_path / "ckpt")
+    imported = import_tokenizer(tmp_path / "ckpt", SPECIALS)
+    assert imported.sentencepiece is None and imported.sequence_tokens == {
+        "bos": "<s>", "eos": "</s>", "pad": None, "add_bos": True}
+    save_tokenizer(imported.tokenizer, imported.special_tokens, tmp_path / "tok")
+    tokenizer = LoadedTokenizer(tmp_path / "tok")
+    assert tokenizer.encode("ab a") == [263, 262]  # "▁ab" "▁a"
+    vocabulary = [token for token, _ in sorted(tokenizer.tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    scores, types = sentencepiece_scores_and_types(tokenizer, vocabulary)
+    assert scores[259:264] == [0.0, 0.0, 0.0, -0.0, -1.0] and scores[:3] == [-1000.0] * 3
+    assert types[3] == types[258] == gguf.TokenType.BYTE and types[259] == gguf.TokenType.NORMAL
+    (tmp_path / "ckpt/tokenizer.model").write_bytes(b"\x0a\xff\xff")
+    with pytest.raises(InputDataError, match="tokenizer.model: not a SentencePiece model file"):
         import_tokenizer(tmp_path / "ckpt", SPECIALS)
 
 

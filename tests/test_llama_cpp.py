@@ -53,3 +53,23 @@ def test_bytes_equal_llama_cpps_own_quantizer(name):
     theirs = np.zeros((len(weights), 256 // FORMATS[name].block_size * FORMATS[name].block_bytes), dtype=np.uint8)
     quantize_row(weights.ctypes.data, theirs.ctypes.data, weights.size)
     assert np.array_equal(FORMATS[name].quantize(weights), theirs)
+
+
+def test_llama_cpp_tokenizes_our_sentencepiece_gguf_as_the_original(tmp_path):
+    """Llama 2's vocabulary (llama-spm) in our GGUF: llama.cpp's SentencePiece tokenizer gives every test text the
+    original ids and a Mistral chat prompt the pipeline's ids (tests/test_real_vocabularies.py builds the
+    checkpoint; skipped without the llama-cpp-python sdist)."""
+    from test_real_vocabularies import MISTRAL_TEMPLATE, chat_template_file, import_sentencepiece
+
+    from llmpipe.text.chat_template import ChatTemplate
+
+    _, texts, expected, tokenizer, model = import_sentencepiece(tmp_path, chat_template_file(MISTRAL_TEMPLATE))
+    path = tmp_path / "m-F16.gguf"
+    write_gguf(path, model, tokenizer, plan_tensors(model, "F16", "Q4_0", None, None), "F16", "test")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert [text for text, ids in zip(texts, expected) if llm.tokenize(text.encode(), add_bos=False) != ids] == []
+    chat = ChatTemplate(tokenizer)
+    messages = [{"role": "user", "content": "Where was Ada born?"}, {"role": "assistant", "content": "In Lisbon."},
+                {"role": "user", "content": " And  Bo?\n"}]
+    rendered = chat.render(messages, add_generation_prompt=True).encode()
+    assert llm.tokenize(rendered, add_bos=False, special=True) == chat.encode_prompt(messages)

@@ -5,8 +5,9 @@ What goes in:
   metadata: context length, embedding length, block count, feed-forward length, head counts, rope
   dimension and base, RMS epsilon, file type;
 - the tokenizer: byte-level BPE tokens and merges ("gpt2" model; "gpt-2", "llama-bpe" or "qwen2"
-  pre-tokenizer), token types (control for special tokens), the BOS, EOS, end-of-turn and padding ids and
-  whether llama.cpp adds BOS (the tokenizer's `sequence_tokens`: an imported checkpoint's own), and the
+  pre-tokenizer), or SentencePiece-style tokens with their scores ("llama" model, as llama.cpp's converter
+  writes a Llama 2 / Mistral tokenizer.model), token types (control for special tokens), the BOS, EOS,
+  end-of-turn and padding ids and whether llama.cpp adds BOS (the tokenizer's `sequence_tokens`: an imported checkpoint's own), and the
   chat template as Jinja;
 - the weights under llama.cpp's tensor names (with `attn_q.bias`.. for Qwen2, `attn_q_norm`/`attn_k_norm`
   for Qwen3). llama.cpp's llama rope rotates interleaved pairs while our model (like Hugging Face's)
@@ -21,6 +22,7 @@ fallback format (as llama.cpp's quantizer falls back); 1-D tensors (norms) stay 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from llmpipe.model.transformer import ModelConfig, Transformer, rotary_frequenci
 from llmpipe.model.weights import assign_weights, dtype_name, empty_model
 from llmpipe.runner.heartbeat import Heartbeat
 from llmpipe.text.chat_template import ChatTemplate
-from llmpipe.text.tokenizer import LoadedTokenizer, gguf_pre_tokenizer
+from llmpipe.text.tokenizer import LoadedTokenizer, gguf_tokenizer_model
 
 F32, F16 = "F32", "F16"
 ROPE_SCALING_PREFIX = "llmpipe.rope_scaling."
@@ -187,6 +189,34 @@ def _merges(tokenizer: LoadedTokenizer) -> list[str]:
     return [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
 
 
+ADDED_TOKEN_SCORE = -1000.0  # what llama.cpp's converter gives the tokens added to a SentencePiece vocabulary
+
+
+def sentencepiece_scores_and_types(tokenizer: LoadedTokenizer, vocabulary: list[str]) -> tuple[list[float], list[int]]:
+    """Each token's score and type for llama.cpp's SentencePiece tokenizer, as convert_hf_to_gguf.py writes them:
+    the checkpoint's tokenizer.model pieces' (normal, unknown, control, byte, ...), when it had one; else types
+    from the token's text and scores that order the merges as tokenizer.json does (llama.cpp merges the pair
+    whose result scores highest; the converter would write -1000 for every token). Tokens of tokenizer.json's
+    added tokens: control when special, else user-defined, score -1000."""
+    pieces = tokenizer.sentencepiece
+    if pieces is not None:
+        scores = [float(score) for score in pieces["scores"][:len(vocabulary)]]
+        types = list(pieces["types"][:len(vocabulary)])
+    else:
+        first_merge: dict[str, int] = {}
+        for rank, merge in enumerate(_merges(tokenizer)):
+            first_merge.setdefault(merge.replace(" ", ""), rank)
+        scores = [-float(first_merge[token]) if token in first_merge else 0.0 for token in vocabulary]
+        types = [gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else gguf.TokenType.NORMAL
+                 for token in vocabulary]
+    scores += [ADDED_TOKEN_SCORE] * (len(vocabulary) - len(scores))
+    types += [gguf.TokenType.USER_DEFINED] * (len(vocabulary) - len(types))
+    for token_id, token in tokenizer.tokenizer.get_added_tokens_decoder().items():
+        scores[token_id] = ADDED_TOKEN_SCORE
+        types[token_id] = gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED
+    return scores, [int(kind) for kind in types]
+
+
 # general.file_type (gguf.LlamaFileType): llama.cpp has no "all Q4_K" type; Q4_K_S is its nearest.
 FILE_TYPES = {F32: 0, F16: 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q4_K": 14}
 
@@ -218,15 +248,25 @@ def add_metadata(writer, config: ModelConfig, tokenizer: LoadedTokenizer, file_t
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(FILE_TYPES[file_type])
 
-    vocabulary = sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
-    special_ids = set(tokenizer.special_ids.values()) | {  # and every special token an imported tokenizer has
-        token_id for token_id, token in tokenizer.tokenizer.get_added_tokens_decoder().items() if token.special}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(gguf_pre_tokenizer(tokenizer.tokenizer) or "gpt-2")
-    writer.add_token_list([token for token, _ in vocabulary])
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
-                            for _, i in vocabulary])
-    writer.add_token_merges(_merges(tokenizer))
+    vocabulary = [token for token, _ in sorted(tokenizer.tokenizer.get_vocab(with_added_tokens=True).items(),
+                                               key=lambda item: item[1])]
+    model, pre = gguf_tokenizer_model(tokenizer.tokenizer) or ("gpt2", "gpt-2")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocabulary)
+    if model == "llama":
+        scores, types = sentencepiece_scores_and_types(tokenizer, vocabulary)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        unknown = tokenizer.token_id(json.loads(tokenizer.tokenizer.to_str())["model"].get("unk_token"))
+        if unknown is not None:
+            writer.add_unk_token_id(unknown)
+    else:
+        special_ids = set(tokenizer.special_ids.values()) | {  # and every special token an imported tokenizer has
+            token_id for token_id, token in tokenizer.tokenizer.get_added_tokens_decoder().items() if token.special}
+        writer.add_token_types([gguf.TokenType.CONTROL if i in special_ids else gguf.TokenType.NORMAL
+                                for i in range(len(vocabulary))])
+        writer.add_token_merges(_merges(tokenizer))
     sequence = tokenizer.sequence_tokens
     if sequence.bos is not None:
         writer.add_bos_token_id(tokenizer.token_id(sequence.bos))
@@ -235,6 +275,8 @@ def add_metadata(writer, config: ModelConfig, tokenizer: LoadedTokenizer, file_t
     if sequence.pad is not None:
         writer.add_pad_token_id(tokenizer.token_id(sequence.pad))
     writer.add_add_bos_token(sequence.add_bos)
+    writer.add_add_eos_token(False)  # the pipeline never appends EOS or SEP to a text
+    writer.add_add_sep_token(False)
     writer.add_chat_template(ChatTemplate(tokenizer).jinja())
     if config.rope_scaling:  # Llama 3.1: llama.cpp reads the per-frequency factors (rope_freqs); we read these
         for key, value in config.rope_scaling.items():

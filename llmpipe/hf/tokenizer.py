@@ -1,10 +1,12 @@
-"""A Hugging Face checkpoint's tokenizer (`base_model=hf`): its tokenizer.json (byte-level BPE only), the tokens
-that frame its sequences (BOS, EOS, padding, whether it adds BOS), and its chat template when it has one (else
-the pipeline's chat tokens are added)."""
+"""A Hugging Face checkpoint's tokenizer (`base_model=hf`): its tokenizer.json (byte-level BPE, or the
+SentencePiece-style BPE of Llama 2, TinyLlama and Mistral, whose tokenizer.model also gives each piece's score and
+type for llama.cpp), the tokens that frame its sequences (BOS, EOS, padding, whether it adds BOS), and its chat
+template when it has one (else the pipeline's chat tokens are added)."""
 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from llmpipe.errors import InputDataError
 from llmpipe.text.chat_template import end_of_turn_token
-from llmpipe.text.tokenizer import SUPPORTED_KINDS, gguf_pre_tokenizer
+from llmpipe.text.tokenizer import SUPPORTED_KINDS, gguf_tokenizer_model, is_sentencepiece_bpe
 
 
 @dataclass
@@ -22,11 +24,12 @@ class ImportedTokenizer:
     chat_template: dict | None         # the checkpoint's own, or None
     added: list[str]                   # tokens the import added to the vocabulary
     sequence_tokens: dict              # the checkpoint's {bos, eos, pad, add_bos} (llmpipe.text.tokenizer)
+    sentencepiece: dict | None = None  # SentencePiece-style: tokenizer.model's {scores, types} by id, when it has one
 
 
 def import_tokenizer(source: Path, special_tokens: dict[str, str]) -> ImportedTokenizer:
-    """A checkpoint's `tokenizer.json` as the pipeline's tokenizer. Only byte-level BPE is supported
-    (SentencePiece-style is refused).
+    """A checkpoint's `tokenizer.json` as the pipeline's tokenizer: byte-level BPE (GPT-2, Llama 3, Qwen2
+    pre-tokenizers) or SentencePiece-style BPE (`tokenizers`' own reading of the file is the encoding).
 
     With a chat template (tokenizer_config.json `chat_template`, or chat_template.jinja), that template is
     the chat format: the end of a turn is the special token that closes an assistant turn in it. Without
@@ -41,7 +44,7 @@ def import_tokenizer(source: Path, special_tokens: dict[str, str]) -> ImportedTo
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:
         raise InputDataError(f"{path}: not a readable tokenizer.json ({exc})".splitlines()[0]) from None
-    if gguf_pre_tokenizer(tokenizer) is None:
+    if gguf_tokenizer_model(tokenizer) is None:
         raise InputDataError(f"{path}: this tokenizer kind is not supported; supported: {SUPPORTED_KINDS}")
     template = checkpoint_chat_template(source)
     eos = declared_token(source, tokenizer, "eos")
@@ -60,7 +63,56 @@ def import_tokenizer(source: Path, special_tokens: dict[str, str]) -> ImportedTo
     add_bos = tokenizer_config(source).get("add_bos_token")
     sequence_tokens = {"bos": bos, "eos": specials["end_of_document"], "pad": declared_token(source, tokenizer, "pad"),
                        "add_bos": bos is not None and (add_bos if isinstance(add_bos, bool) else prefix is not None)}
-    return ImportedTokenizer(tokenizer, specials, template, added, sequence_tokens)
+    pieces = sentencepiece_pieces(source / "tokenizer.model") if is_sentencepiece_bpe(tokenizer) else None
+    return ImportedTokenizer(tokenizer, specials, template, added, sequence_tokens, pieces)
+
+
+def protobuf_fields(data: bytes, where: Path):
+    """(field number, value) of each field of a protobuf message: varints as ints, fixed 32/64-bit and
+    length-delimited values as bytes (enough to read SentencePiece's model file without protobuf)."""
+    position = 0
+
+    def varint() -> int:
+        nonlocal position
+        value = shift = 0
+        while True:
+            if position >= len(data):
+                raise InputDataError(f"{where}: not a SentencePiece model file (truncated protobuf)")
+            byte = data[position]
+            position += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while position < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+            continue
+        length = {1: 8, 5: 4}.get(wire) if wire != 2 else varint()
+        if length is None or position + length > len(data):
+            raise InputDataError(f"{where}: not a SentencePiece model file (protobuf wire type {wire} at byte "
+                                 f"{position})")
+        yield number, data[position:position + length]
+        position += length
+
+
+def sentencepiece_pieces(path: Path) -> dict | None:
+    """tokenizer.model's pieces as {"tokens", "scores", "types"} by id (SentencePiece's ModelProto: field 1 holds
+    the pieces, each with its text (1), score (2) and type (3: llama.cpp's token types)), or None without the file."""
+    if not path.is_file():
+        return None
+    tokens, scores, types = [], [], []
+    for number, piece in protobuf_fields(path.read_bytes(), path):
+        if number != 1:
+            continue
+        fields = dict(protobuf_fields(piece, path))
+        tokens.append(fields.get(1, b"").decode("utf-8", errors="replace"))
+        scores.append(struct.unpack("<f", fields[2])[0] if 2 in fields else 0.0)
+        types.append(fields.get(3, 1))
+    return {"tokens": tokens, "scores": scores, "types": types}
 
 
 def tokenizer_config(source: Path) -> dict:

@@ -9,17 +9,20 @@ The pipeline's format, built from the tokenizer's special tokens (`tokenizer.spe
 A checkpoint imported with `base_model=hf` brings its own Jinja template (ChatML, Llama 3, ...), which
 the tokenizer directory keeps (chat_template.json); both are handled alike. The template is rendered in
 Jinja's sandbox with each message's content replaced by a marker: the text between markers is the
-template's (role headers and end-of-turn tokens, encoded with the tokenizer's special tokens), each
-content is encoded by itself, as plain text (a special token's string in it stays text). Spaces that end a piece of template text go with the content after them,
-because a byte-level BPE learns words as they appear inside running text (" Paris", with the space):
-an answer encoded without it would use other tokens than the ones that carry the pretraining knowledge.
+template's (role headers and end-of-turn tokens); each content is text (a special token's string in it
+stays text). The rendering is encoded as transformers encodes it: split at the template's special tokens,
+each run of text between two of them encoded as a whole (so a byte-level BPE keeps " Paris" with its space,
+and a SentencePiece-style tokenizer puts its "▁" where transformers does), and each token goes to the
+content it overlaps.
 
-Labels are IGNORE_INDEX everywhere except on the assistant's content and the token that closes its
-turn: the model learns to answer and to stop, never to predict the question.
+Labels are IGNORE_INDEX everywhere except on the assistant's content and what closes its turn (the template
+text after it, up to its end-of-turn token): the model learns to answer and to stop, never to predict the
+question.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -92,32 +95,55 @@ class ChatTemplate:
         return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token, eos_token=self.eos_token)
 
+    @cached_property
+    def _special_split(self) -> re.Pattern:
+        """Splits template text at the tokenizer's added tokens (as `tokenizers` does before anything else)."""
+        added = sorted((token.content for token in self.tokenizer.tokenizer.get_added_tokens_decoder().values()
+                        if not token.normalized), key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else re.compile("(?!)")
+
     def _pieces(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[list[int], int | None]]:
         """(ids, index of the message whose content they are, or None for template text), in order."""
         marked = [{**message, "content": _MARK.format(index)} for index, message in enumerate(messages)]
         parts = _MARKER.split(self.render(marked, add_generation_prompt))  # text, index, text, index, ..., text
-        pieces, spaces = [], ""
+        tokens: list[tuple[int, int | None]] = []  # (id, owner)
+        run, spans = "", []  # the text since the last special token; its contents' (start, end, index)
         for position, part in enumerate(parts):
             if position % 2:
-                index = int(part)
-                pieces.append((self.tokenizer.encode(spaces + messages[index]["content"]), index))
+                content = messages[int(part)]["content"]
+                spans.append((len(run), len(run) + len(content), int(part)))
+                run += content
                 continue
-            text = part.rstrip(" ") if position < len(parts) - 1 else part
-            spaces = part[len(text):]
-            if text:
-                pieces.append((self.tokenizer.encode_markup(text), None))
-        return pieces
+            for number, chunk in enumerate(self._special_split.split(part)):  # text, special, text, ...
+                if number % 2 == 0:
+                    run += chunk
+                    continue
+                tokens += self._encode_run(run, spans, at_start=not tokens)
+                tokens.append((self.tokenizer.tokenizer.token_to_id(chunk), None))
+                run, spans = "", []
+        tokens += self._encode_run(run, spans, at_start=not tokens)
+        return [([token for token, _ in group], owner)
+                for owner, group in itertools.groupby(tokens, key=lambda token: token[1])]
+
+    def _encode_run(self, run: str, spans: list[tuple[int, int, int]], at_start: bool) -> list[tuple[int, int | None]]:
+        """A run of text between special tokens as (id, index of the content the token overlaps or None)."""
+        if not run:
+            return []
+        ids, offsets = self.tokenizer.encode_run(run, at_start)
+        return [(token, next((index for first, last, index in spans if start < last and end > first), None))
+                for token, (start, end) in zip(ids, offsets)]
 
     def encode_example(self, messages: list[dict], max_length: int) -> EncodedExample:
-        ids, labels, closes_answer = [], [], False
+        ids, labels, closing = [], [], False
         for piece, index in self._pieces(messages, add_generation_prompt=False):
-            is_answer = index is not None and messages[index]["role"] == "assistant"
-            if is_answer:
-                labels += piece
-            else:  # template text: only the token that closes an answer (end of turn) is learned
-                labels += [piece[0] if closes_answer else IGNORE_INDEX] + [IGNORE_INDEX] * (len(piece) - 1)
             ids += piece
-            closes_answer = is_answer
+            if index is not None:
+                closing = messages[index]["role"] == "assistant"
+                labels += piece if closing else [IGNORE_INDEX] * len(piece)
+                continue
+            for token in piece:  # template text after an answer is learned up to its end-of-turn token
+                labels.append(token if closing else IGNORE_INDEX)
+                closing = closing and token != self.end_of_turn
         # Position t predicts token t+1: the label of input t is the token that follows it.
         inputs, targets = ids[:-1], labels[1:]
         truncated = len(inputs) > max_length
@@ -180,7 +206,7 @@ def end_of_turn_token(template: dict, tokenizer, where) -> str:
     except Exception as exc:  # a template error, or one that refuses the probe conversation
         raise InputDataError(f"{where}: the chat template does not render a user/assistant exchange ({exc})"
                              .splitlines()[0]) from None
-    after = _MARKER.split(rendered)[-1]
+    after = _MARKER.split(rendered)[-1].lstrip()  # Llama 2 closes a turn with " </s>"
     ids = tokenizer.encode(after, add_special_tokens=False).ids if after else []
     specials = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
     first = tokenizer.id_to_token(ids[0]) if ids else None

@@ -5,7 +5,8 @@ llama.cpp exporters) and `special_tokens.json`, which maps each role of a specia
 (end_of_document, user, assistant, system, end_of_turn) to its string, for the chat template. A tokenizer
 imported from a checkpoint also keeps that checkpoint's chat template (`chat_template.json`) and the tokens
 that frame its sequences (`sequence_tokens.json`: BOS, EOS, padding, whether it adds BOS itself), which the
-exports carry (`LoadedTokenizer.sequence_tokens`).
+exports carry (`LoadedTokenizer.sequence_tokens`), and for a SentencePiece-style tokenizer the scores and types of
+its tokenizer.model's pieces (`sentencepiece.json`), which the GGUF carries.
 Training reads a bounded sample of the text (`TextSample`: the first documents up to a number of UTF-8
 bytes, streamed), so a corpus larger than memory trains in bounded time and memory.
 """
@@ -16,6 +17,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,6 +30,7 @@ from llmpipe.errors import InputDataError, SettingError
 BYTE_ALPHABET_SIZE = 256
 CHAT_TEMPLATE_FILE = "chat_template.json"
 SEQUENCE_TOKENS_FILE = "sequence_tokens.json"
+SENTENCEPIECE_FILE = "sentencepiece.json"
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,9 @@ LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{
 QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
 GGUF_PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 SUPPORTED_KINDS = ("byte-level BPE with the GPT-2 pre-tokenizer (GPT-2, this pipeline's own), Llama 3's (Llama 3.x) "
-                   "or Qwen2's (Qwen2, Qwen2.5, Qwen3)")
+                   "or Qwen2's (Qwen2, Qwen2.5, Qwen3); SentencePiece-style BPE with byte fallback (Llama 2, "
+                   "TinyLlama, Mistral v0.1-v0.3)")
+SPIECE_UNDERLINE = "\u2581"  # SentencePiece's space
 
 
 def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str | None:
@@ -162,9 +167,40 @@ def gguf_pre_tokenizer(tokenizer: Tokenizer) -> str | None:
     return None
 
 
+def is_sentencepiece_bpe(tokenizer: Tokenizer) -> bool:
+    """Whether this is a SentencePiece-style BPE as Llama 2, TinyLlama and Mistral ship it (transformers'
+    LlamaTokenizerFast): BPE over characters with byte fallback, spaces written as "▁" and one "▁" put before
+    the text, either by a Prepend + Replace normalizer (the original SentencePiece behaviour) or by a Metaspace
+    pre-tokenizer that does not split on spaces (as transformers 5 writes it)."""
+    spec = json.loads(tokenizer.to_str())
+    model, normalizer, pre = spec.get("model") or {}, spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    decoder = [step.get("type") for step in (spec.get("decoder") or {}).get("decoders", [])]
+    if model.get("type") != "BPE" or not model.get("byte_fallback") \
+            or decoder[:3] != ["Replace", "ByteFallback", "Fuse"]:
+        return False
+    spaces = {"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE}
+    prepend = {"type": "Prepend", "prepend": SPIECE_UNDERLINE}
+    if not pre and normalizer.get("type") == "Sequence":
+        return normalizer.get("normalizers") == [prepend, spaces]
+    return not normalizer and pre.get("type") == "Metaspace" and pre.get("replacement") == SPIECE_UNDERLINE \
+        and not pre.get("split", True) and pre.get("prepend_scheme") in ("first", "always")
+
+
+def gguf_tokenizer_model(tokenizer: Tokenizer) -> tuple[str, str] | None:
+    """llama.cpp's tokenizer model and pre-tokenizer for this tokenizer (GGUF `tokenizer.ggml.model`, `.pre`):
+    ("gpt2", "gpt-2" | "llama-bpe" | "qwen2") for byte-level BPE, ("llama", "default") for SentencePiece-style;
+    None for a kind llama.cpp would not tokenize alike."""
+    if is_sentencepiece_bpe(tokenizer):
+        return "llama", "default"
+    pre = gguf_pre_tokenizer(tokenizer)
+    return None if pre is None else ("gpt2", pre)
+
+
 def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directory: Path,
-                   chat_template: dict | None = None, sequence_tokens: dict | None = None) -> None:
-    """`chat_template` and `sequence_tokens` ({bos, eos, pad, add_bos}): an imported checkpoint's own."""
+                   chat_template: dict | None = None, sequence_tokens: dict | None = None,
+                   sentencepiece: dict | None = None) -> None:
+    """`chat_template`, `sequence_tokens` ({bos, eos, pad, add_bos}) and `sentencepiece` ({tokens, scores, types} of
+    a tokenizer.model): an imported checkpoint's own."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "special_tokens.json").write_text(json_text(special_tokens), encoding="utf-8")
@@ -172,6 +208,8 @@ def save_tokenizer(tokenizer: Tokenizer, special_tokens: dict[str, str], directo
         (directory / CHAT_TEMPLATE_FILE).write_text(json_text(chat_template), encoding="utf-8")
     if sequence_tokens is not None:
         (directory / SEQUENCE_TOKENS_FILE).write_text(json_text(sequence_tokens), encoding="utf-8")
+    if sentencepiece is not None:
+        (directory / SENTENCEPIECE_FILE).write_text(json_text(sentencepiece), encoding="utf-8")
 
 
 class LoadedTokenizer:
@@ -202,6 +240,8 @@ class LoadedTokenizer:
         if missing:
             raise InputDataError(f"{directory / 'tokenizer.json'}: special tokens {missing} are not in the vocabulary")
         self.sequence_tokens = self._read_sequence_tokens(directory / SEQUENCE_TOKENS_FILE)
+        pieces_path = directory / SENTENCEPIECE_FILE
+        self.sentencepiece: dict | None = json.loads(pieces_path.read_text("utf-8")) if pieces_path.is_file() else None
 
     def _read_sequence_tokens(self, path: Path) -> SequenceTokens:
         specials = self.special_tokens
@@ -258,6 +298,24 @@ class LoadedTokenizer:
         finally:
             self.tokenizer.encode_special_tokens = False
 
+    def encode_run(self, text: str, at_start: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """Text that runs between two special tokens of a rendered chat, as transformers encodes that stretch of the
+        whole rendering: ids and each one's character span in `text` (a special token's string is text here).
+        `at_start`: whether it begins the rendering (a Metaspace that marks only the first word with "▁" marks
+        it only then)."""
+        pre = self.tokenizer.pre_tokenizer
+        first_only = isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme == "first" and not at_start
+        self.tokenizer.encode_special_tokens = True
+        if first_only:
+            pre.prepend_scheme = "never"
+        try:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+            return encoding.ids, encoding.offsets
+        finally:
+            self.tokenizer.encode_special_tokens = False
+            if first_only:
+                pre.prepend_scheme = "first"
+
     def encode_markup(self, text: str) -> list[int]:
         """Template text (a chat template's headers) → ids, its special tokens' strings read as those tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -266,8 +324,16 @@ class LoadedTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, ids: list[int]) -> list[str]:
-        """Each token as the text it stands for (bytes decoded; partial UTF-8 shown as �)."""
-        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        """Each token as the text it stands for (bytes decoded; partial UTF-8 shown as �; a SentencePiece "▁"
+        as the space it stands for, which decoding a token by itself would strip)."""
+        if not self.is_sentencepiece:
+            return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return [self.tokenizer.id_to_token(i).replace(SPIECE_UNDERLINE, " ") if self.tokenizer.id_to_token(i)[:1]
+                == SPIECE_UNDERLINE else self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    @cached_property
+    def is_sentencepiece(self) -> bool:
+        return is_sentencepiece_bpe(self.tokenizer)
 
 
 def tokenizer_metrics(tokenizer: LoadedTokenizer, validation_texts: Iterable[str],
