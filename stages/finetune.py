@@ -36,7 +36,6 @@ from llmpipe.report.markdown import finetune_samples
 from llmpipe.report.publish import flag_chance_level, publish_training
 from llmpipe.report.tables import FINETUNE_METRICS
 from llmpipe.runner import distributed
-from llmpipe.runner.heartbeat import Heartbeat
 from llmpipe.runner.stage import stage
 from llmpipe.text.chat_template import ChatTemplate
 from llmpipe.text.tokenizer import LoadedTokenizer
@@ -165,7 +164,7 @@ def finetune(params: StageParams, run: StageRun) -> None:
                                  validation_examples=examples_have_validation)
     run.log_effective_params({"finetune.learning_rate": settings.finetune.learning_rate,  # null: the method's rate
                               "finetune.min_learning_rate": settings.finetune.min_learning_rate})
-    with distributed.joined(settings.process), Heartbeat("finetune:", None, enabled=settings.process.is_main):
+    with distributed.joined(settings.process):
         finetune_model(settings, params, run)
 
 
