@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import stat
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from llmpipe.atomic import write_json
 from llmpipe.errors import InputDataError
 
 CHUNK = 1 << 20
+PROGRESS_SECONDS = 30  # a line this often while a large file (a checkpoint's weights) is read
 KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
          stat.S_IFBLK: "a block device"}
 
@@ -100,10 +103,15 @@ def file_md5(path: Path, expected: os.stat_result, key: str | None) -> str:
         status = os.fstat(handle.fileno())
         if not stat.S_ISREG(status.st_mode) or status.st_ino != expected.st_ino:
             raise refusal(path, "replaced while it was read", key)
-        digest = hashlib.md5()
+        digest, done, said = hashlib.md5(), 0, time.monotonic()
         try:
             while chunk := handle.read(CHUNK):
                 digest.update(chunk)
+                done += len(chunk)
+                if time.monotonic() - said >= PROGRESS_SECONDS:
+                    said = time.monotonic()
+                    print(f"check_inputs: {path}: {done / 2**30:.1f} of {status.st_size / 2**30:.1f} GiB read",
+                          file=sys.stderr, flush=True)
         except OSError as exc:
             raise refusal(path, f"cannot be read ({os_words(exc)})", key) from None
     return digest.hexdigest()
