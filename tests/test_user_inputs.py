@@ -1,5 +1,5 @@
 """The paths a user supplies (user_data, base_model.path) are checked by the check_inputs stage before DVC hashes or
-deletes anything: a FIFO, a missing checkpoint and an unreadable file each end in one line naming the path, a
+deletes anything: a FIFO, a missing checkpoint, an unreadable file and a stage's missing code each end in one line naming the path, a
 non-zero exit and the workspace (every output, params.yaml, dvc.lock) byte-identical, under `dvc exp run` and
 `dvc repro`; nothing blocks, `dvc status` included (docs/bad-input.md)."""
 
@@ -57,7 +57,7 @@ def refused_leaving_everything(repo: Path, command: list[str], expected: str, be
 
 
 @pytest.mark.slow
-def test_a_fifo_or_a_missing_checkpoint_is_refused_before_dvc_deletes_or_blocks(copy_built):
+def test_a_fifo_a_missing_checkpoint_or_missing_code_is_refused_before_dvc_deletes_or_blocks(copy_built):
     repo = copy_built()
     commit_lock(repo)
     before = workspace(repo)
@@ -78,6 +78,13 @@ def test_a_fifo_or_a_missing_checkpoint_is_refused_before_dvc_deletes_or_blocks(
     edit_params(repo, base_model__source="hf", base_model__path="/nonexistent")
     refused_leaving_everything(repo, ["repro"], missing, {**before, "params.yaml": md5(repo / "params.yaml")})
     run(["git", "checkout", "params.yaml"], repo)
+
+    # A stage's code missing: DVC deleted quantize's outputs before it found out, hashing its dependencies.
+    (repo / "stages/quantize.py").rename(repo / "quantize.py.aside")
+    missing = "error: dvc.yaml: stages.quantize.deps: stages/quantize.py: does not exist"
+    refused_leaving_everything(repo, ["exp", "run", "-S", "quantize.model_name=other"], missing, before)
+    refused_leaving_everything(repo, ["repro"], missing, before)
+    (repo / "quantize.py.aside").rename(repo / "stages/quantize.py")
     assert workspace(repo) == before and dvc(repo, "status").stdout == status
 
 

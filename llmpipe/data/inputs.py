@@ -11,7 +11,9 @@ read the input depend on that fingerprint, so they rerun exactly when a file's c
 Only directories and regular files are read, each opened without blocking. Anything else under an input (a FIFO,
 a socket, a device, a symbolic link to a missing path), a file or directory that cannot be read and an input that
 does not exist are refused in one line naming the path, before DVC or any stage reads them; the check_inputs
-stage's guard then puts back what DVC deleted (its fingerprints) and, under `dvc exp run`, params.yaml.
+stage's guard then puts back what DVC deleted (its fingerprints) and, under `dvc exp run`, params.yaml. The
+other dependencies no stage writes (the stages' code) are checked the same way, without being read, since DVC
+would otherwise delete a stage's outputs before finding one missing.
 
 md5s are kept between runs in a cache keyed by each file's size, modification time, inode and change time (as
 DVC's own state database keys them), so an unchanged multi-gigabyte checkpoint is not read again.
@@ -115,6 +117,28 @@ def file_md5(path: Path, expected: os.stat_result, key: str | None) -> str:
         except OSError as exc:
             raise refusal(path, f"cannot be read ({os_words(exc)})", key) from None
     return digest.hexdigest()
+
+
+def check_readable(root: str | Path, key: str | None = None) -> None:
+    """Refuse `root` (see the module) unless it and every file under it is a regular file that opens (without
+    blocking); nothing is read."""
+    for relative, status in regular_files(Path(root), key):
+        path = Path(root) if relative == "." else Path(root) / relative
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)))
+        except OSError as exc:
+            raise refusal(path, f"cannot be read ({os_words(exc)})", key) from None
+
+
+def source_dependencies(stages: dict) -> dict[str, list[str]]:
+    """Stage → the dependencies (dvc.yaml's `deps`) that no stage writes: the code and anything else DVC would hash
+    as it is. A dependency inside another stage's output is that stage's to rebuild, so it is not listed."""
+    outputs = [str(next(iter(entry)) if isinstance(entry, dict) else entry).rstrip("/")
+               for definition in stages.values() for kind in ("outs", "metrics", "plots")
+               for entry in (definition or {}).get(kind) or []]
+    return {name: [str(dep) for dep in (definition or {}).get("deps") or []
+                   if not any(str(dep) == out or str(dep).startswith(out + "/") for out in outputs)]
+            for name, definition in stages.items()}
 
 
 def stat_key(status: os.stat_result) -> list[int]:
