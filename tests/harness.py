@@ -144,6 +144,11 @@ def edit_params(repo: Path, **changes) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def pipeline_status(repo: Path) -> str:
+    """`dvc status` without check_inputs, which DVC runs every time (`always changed`): "" when up to date."""
+    return dvc(repo, "status").stdout.replace("check_inputs:\n\talways changed", "").strip()
+
+
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 

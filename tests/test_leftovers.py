@@ -204,7 +204,7 @@ def test_after_a_kill_9_the_next_stage_closes_its_runs_and_removes_what_it_left(
     import time
 
     import mlflow
-    from harness import dvc, environment
+    from harness import dvc, environment, pipeline_status
 
     repo = copy_built()
     # kill -9 of a stage inside a pipeline execution: its run and the pipeline's stay RUNNING.
@@ -233,7 +233,7 @@ def test_after_a_kill_9_the_next_stage_closes_its_runs_and_removes_what_it_left(
         assert closed.info.status == "FAILED" and "llmpipe.end_reason" in closed.data.tags
     assert not gguf_leftover.exists() and not checkpoint_leftover.exists()
     assert "removed what 2 write(s) of processes that are gone left" in result.stderr
-    assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."
+    assert pipeline_status(repo) == ""
 
 
 def workspace(repo: Path) -> dict[str, str]:
@@ -247,7 +247,7 @@ def workspace(repo: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_failed_experiment_leaves_the_workspace_as_it_found_it(copy_built):
-    from harness import dvc, run
+    from harness import dvc, pipeline_status, run
 
     repo = copy_built()
     run(["git", "add", "dvc.lock"], repo)  # as a team keeps it: the experiment's starting commit then holds it
@@ -260,7 +260,7 @@ def test_a_failed_experiment_leaves_the_workspace_as_it_found_it(copy_built):
     output = result.stdout + result.stderr
     assert "finetune: put back dvc.lock and what the experiment's earlier stages wrote" in output, output[-3000:]
     assert workspace(repo) == before
-    assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."
+    assert pipeline_status(repo) == ""
 
     # A refused experiment right after an applied one: params.yaml keeps the applied experiment's values.
     dvc(repo, "exp", "run", "-S", "evaluate.sample_answers=1")  # evaluate alone reruns
@@ -268,4 +268,4 @@ def test_a_failed_experiment_leaves_the_workspace_as_it_found_it(copy_built):
     result = dvc(repo, "exp", "run", "-S", "finetune.lora.rank=100000", check=False)
     assert result.returncode != 0
     assert workspace(repo) == applied
-    assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."
+    assert pipeline_status(repo) == ""

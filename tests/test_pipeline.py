@@ -27,7 +27,7 @@ def test_repro_runs_every_stage_then_nothing(built_repo):
     first = (built_repo.parent / "first_repro.log").read_text()
     assert ran(first) == STAGES
     second = dvc(built_repo, "repro")
-    assert ran(second.stdout) == [] and "up to date" in second.stdout
+    assert ran(second.stdout) == [] and "Stage 'evaluate' didn't change, skipping" in second.stdout
     for name in OUTPUT_FILES + ["reports/pretrain/metrics.json", "reports/pretrain/train_curve.csv"]:
         assert (built_repo / name).is_file(), name
     metrics = yaml.safe_load((built_repo / "reports/pretrain/metrics.json").read_text())  # what DVC compares
@@ -73,7 +73,7 @@ def test_each_stage_is_one_mlflow_run_with_params_tags_and_a_shared_parent(built
     assert "parameters" not in pretrain_run.data.metrics
     assert {"reports/train_curve.csv", "reports/metrics.json"} <= {
         a.path for a in client.list_artifacts(pretrain_run.info.run_id, "reports")}
-    assert [d.dataset.name for d in pretrain_run.inputs.dataset_inputs] == ["data/tokens"]
+    assert [d.dataset.name for d in pretrain_run.inputs.dataset_inputs] == ["data/inputs/base_model.json", "data/tokens"]
     artifacts = {a.path for a in client.list_artifacts(tokenizer_run.info.run_id)}
     assert {"tokenizer", "tokenizer.md"} <= artifacts
     assert all(r.info.status == "FINISHED" for r in stage_runs.values())

@@ -18,6 +18,14 @@ TEXT_SPLITS = ("train", "validation")
 # people (known only from pretraining).
 QA_SPLITS = ("finetuned_people", "validation_people", "heldout_people")
 
+# Paths a user supplies. No stage depends on them directly: check_inputs (llmpipe.data.inputs) writes each one's
+# fingerprint, which DVC hashes instead, and keeps md5s between runs in INPUT_HASHES.
+USER_DATA = Path("user_data")
+INPUTS = Path("data/inputs")
+USER_DATA_FINGERPRINT = INPUTS / "user_data.json"
+BASE_MODEL_FINGERPRINT = INPUTS / "base_model.json"
+INPUT_HASHES = Path(".dvc/tmp/llmpipe-input-hashes.json")
+
 PREPARED = Path("data/prepared")
 PRETRAIN_TEXT = {split: PREPARED / f"pretrain_{split}.jsonl" for split in TEXT_SPLITS}
 FINETUNE_EXAMPLES = {split: PREPARED / f"finetune_{split}.jsonl" for split in TEXT_SPLITS}

@@ -25,7 +25,6 @@ from llmpipe.text.tokenizer import TokenizerSettings
 from llmpipe.train.finetune_settings import FinetuneParams
 from llmpipe.train.settings import PretrainParams
 
-BASE_MODEL_PATH = "${base_model.path}"  # the checkpoint a base_model=hf run imports (a DVC dependency)
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class Stage:
     outs: tuple[Path, ...]
     metrics: tuple[Path, ...] = ()
     plots: dict[Path, dict] = field(default_factory=dict)  # plot data it writes → DVC's chart settings
+    always_changed: bool = False   # DVC runs it every time (check_inputs only: it has no cached result to reuse)
 
 
 def curve(y: str, title: str, y_label: str) -> dict:
@@ -47,15 +47,21 @@ def curve(y: str, title: str, y_label: str) -> dict:
 PRETRAIN_CURVES = (layout.PRETRAIN_REPORTS / layout.TRAIN_CURVE, layout.PRETRAIN_REPORTS / layout.EVAL_CURVE)
 FINETUNE_CURVES = (layout.FINETUNE_REPORTS / layout.TRAIN_CURVE, layout.FINETUNE_REPORTS / layout.EVAL_CURVE)
 STAGES = [
-    Stage("prepare", "python stages/prepare.py", (SeedSettings, EmbeddedData), ("user_data",), (layout.PREPARED,)),
+    # No stage depends on a path the user supplies: DVC would hash it outside any stage's code (a FIFO there
+    # blocks `dvc status`; a missing path fails after DVC deleted the stage's outputs). check_inputs checks each
+    # one and writes its fingerprint, which the stages reading it depend on (llmpipe.data.inputs).
+    Stage("check_inputs", "python stages/check_inputs.py", (BaseModelSettings,), (),
+          (layout.USER_DATA_FINGERPRINT, layout.BASE_MODEL_FINGERPRINT), always_changed=True),
+    Stage("prepare", "python stages/prepare.py", (SeedSettings, EmbeddedData), (layout.USER_DATA_FINGERPRINT,),
+          (layout.PREPARED,)),
     Stage("train_tokenizer", "python stages/train_tokenizer.py", (TokenizerSettings, BaseModelSettings),
-          (*layout.PRETRAIN_TEXT.values(), BASE_MODEL_PATH),
+          (*layout.PRETRAIN_TEXT.values(), layout.BASE_MODEL_FINGERPRINT),
           (layout.TOKENIZER, layout.TOKENIZER_REPORT, layout.TOKENIZER_DETAILS), (layout.TOKENIZER_METRICS,)),
     Stage("tokenize", "python stages/tokenize_text.py", (TokenizeSettings,),
           (*layout.PRETRAIN_TEXT.values(), layout.TOKENIZER), (layout.TOKENS,)),
     Stage("pretrain", "python -m llmpipe.runner.launch --nodes ${pretrain.nodes} --processes ${pretrain.processes} "
                       "stages/pretrain.py", (SeedSettings, ModelConfig, PretrainParams, BaseModelSettings),
-          (layout.TOKENS, BASE_MODEL_PATH),
+          (layout.TOKENS, layout.BASE_MODEL_FINGERPRINT),
           (layout.PRETRAINED, layout.PRETRAIN_REPORTS / layout.DETAILS, layout.PRETRAIN_REPORTS / layout.TIMINGS),
           (layout.PRETRAIN_REPORTS / layout.METRICS,),
           {PRETRAIN_CURVES[0]: curve("learning_rate", "Pretraining learning rate (warmup, then cosine decay)",
@@ -104,7 +110,9 @@ HEADER = """\
 # code deps): edit those, then run `llmpipe compose`. Paths are named once, in llmpipe/config/layout.py.
 # Each stage declares the params.yaml keys it reads; a stage cannot read any other (llmpipe/config/params.py).
 # `meta: sections:` names a key of each declared section, so that DVC refuses a section missing from params.yaml
-# before it deletes any output. Metrics are each stage's few headline numbers; plots are the curves and the
+# before it deletes any output. check_inputs, which DVC runs every time, checks the paths a user supplies (user_data,
+# base_model.path) and writes their fingerprints: the stages depend on those, so DVC never hashes a user's path
+# itself (llmpipe/data/inputs.py). Metrics are each stage's few headline numbers; plots are the curves and the
 # per-variant table. No output is `cache: false`: DVC leaves a stage with such an output out of the run-cache and
 # never pushes it to a remote, so a teammate could not restore the stage.
 """
@@ -133,7 +141,8 @@ def guard_keys(keys: list[str], params: dict) -> str:
 
 def stage_entry(stage: Stage, root: Path, params: dict) -> dict:
     keys = section_keys(stage)
-    entry: dict = {"cmd": stage.command, "meta": {"sections": guard_keys(keys, params)},
+    entry: dict = {"cmd": stage.command, **({"always_changed": True} if stage.always_changed else {}),
+                   "meta": {"sections": guard_keys(keys, params)},
                    "deps": code_dependencies(root, stage.command) + [str(path) for path in stage.deps],
                    "params": keys, "outs": [str(path) for path in stage.outs]}
     if stage.metrics:

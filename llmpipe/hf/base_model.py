@@ -15,7 +15,7 @@ class BaseModelSettings:
     source: str = setting("scratch", "scratch (pretrain the model preset) | hf (import a Hugging Face Llama "
                                      "checkpoint instead)", choices=["scratch", "hf"])
     path: str = setting("base_models/README.md", "directory with config.json, *.safetensors, tokenizer.json "
-                                                 "(a DVC dependency, so it must exist even when unused)")
+                                                 "(checked and fingerprinted by check_inputs when source is hf)")
     dtype: str = setting("auto", "the imported weights' dtype, kept by every later stage: auto (the checkpoint's "
                                  "own) | bf16 | fp16 | fp32", choices=["auto", "bf16", "fp16", "fp32"],
                          used_when=("source", "hf"))

@@ -75,8 +75,9 @@ def remove_leftovers(stage: str) -> None:
               file=sys.stderr, flush=True)
 
 
-def run_stage(name: str, config: dict, body: StageFunction) -> None:
-    """Run `body` with the stage's declared params and its MLflow run (rank 0's; the others run without)."""
+def run_stage(name: str, config: dict, body: StageFunction, tracked: bool = True) -> None:
+    """Run `body` with the stage's declared params and its MLflow run (rank 0's; the others run without; none for
+    a stage that is not `tracked`)."""
     is_main = launched_ranks().is_main
     if is_main:
         remove_leftovers(name)
@@ -87,7 +88,7 @@ def run_stage(name: str, config: dict, body: StageFunction) -> None:
     with Heartbeat(f"{name}:", None, enabled=is_main):
         with Heartbeat(f"{name}: hashing its inputs:", None, enabled=is_main):
             hashes = input_hashes(declared_dependencies(name))
-        with StageRun(name, params.declared_values(), hashes, enabled=is_main,
+        with StageRun(name, params.declared_values(), hashes, enabled=is_main and tracked,
                       pipeline_params=flatten(config)) as run:
             body(params, run)
     if is_main:
@@ -112,8 +113,9 @@ def load_params(overrides: list[str]) -> dict:
     return values
 
 
-def stage(name: str) -> Callable[[StageFunction], Callable[[], None]]:
-    """Decorator: make `body(params, run)` the entry point of DVC stage `name`."""
+def stage(name: str, tracked: bool = True) -> Callable[[StageFunction], Callable[[], None]]:
+    """Decorator: make `body(params, run)` the entry point of DVC stage `name`; `tracked=False` for a stage that
+    DVC runs every time and that opens no MLflow run (check_inputs: its `run` is a no-op)."""
 
     def decorate(body: StageFunction) -> Callable[[], None]:
         @functools.wraps(body)
@@ -124,7 +126,7 @@ def stage(name: str) -> Callable[[StageFunction], Callable[[], None]]:
                     os.environ.setdefault(variable, "1")
                 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             with guarded(name, launched_ranks().rank):
-                run_stage(name, load_params(sys.argv[1:]), body)
+                run_stage(name, load_params(sys.argv[1:]), body, tracked)
 
         return main
 

@@ -71,11 +71,12 @@ def pipeline_parent(client, experiment_id: str, key: str | None, params: dict[st
 
 
 def stage_metric_files(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, list[Path]]:
-    """Every stage of dvc.yaml, in its order, with the files it declares under `metrics:`."""
+    """Every stage of dvc.yaml that opens an MLflow run, in its order, with the files it declares under `metrics:`
+    (not check_inputs, which DVC runs every time: `always_changed`)."""
     stages = (yaml.safe_load(Path(dvc_yaml).read_text("utf-8")) or {}).get("stages") or {}
     return {name: [Path(next(iter(entry)) if isinstance(entry, dict) else entry)
                    for entry in (definition or {}).get("metrics") or []]
-            for name, definition in stages.items()}
+            for name, definition in stages.items() if not (definition or {}).get("always_changed")}
 
 
 def workspace_metrics(files: dict[str, list[Path]]) -> dict[str, float]:
