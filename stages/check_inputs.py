@@ -19,18 +19,17 @@ from llmpipe.atomic import write_json
 from llmpipe.config import layout
 from llmpipe.config.params import StageParams
 from llmpipe.data.inputs import check_readable, fingerprint, source_dependencies
-from llmpipe.hf.base_model import base_model_settings
+from llmpipe.hf.base_model import BaseModelSettings, base_model_settings
 from llmpipe.runner.stage import stage
 from llmpipe.tracking.stage_run import StageRun
 
 
-@stage("check_inputs", tracked=False)
-def check_inputs(params: StageParams, run: StageRun) -> None:
+@stage("check_inputs", base_model_settings, tracked=False)
+def check_inputs(base_model: BaseModelSettings, params: StageParams, run: StageRun) -> None:
     stages = yaml.safe_load(Path("dvc.yaml").read_text("utf-8"))["stages"]
     for stage_name, dependencies in source_dependencies(stages).items():
         for dependency in dependencies:
             check_readable(dependency, f"dvc.yaml: stages.{stage_name}.deps")
-    base_model = base_model_settings(params)
     user_data = fingerprint(layout.USER_DATA, cache_path=layout.INPUT_HASHES)
     checkpoint = ({"source": "hf", **fingerprint(base_model.path, "params.yaml: base_model.path",
                                                  cache_path=layout.INPUT_HASHES)}

@@ -86,10 +86,15 @@ def variants(quantize_sizes: dict, tokenizer: LoadedTokenizer, measure_base: boo
     return found
 
 
-@stage("evaluate")
-def evaluate(params: StageParams, run: StageRun) -> None:
+def read_settings(params: StageParams) -> tuple[EvaluateSettings, torch.device]:
+    """The evaluate section and the device it names (`cuda` without CUDA is refused)."""
     settings = params.read(EvaluateSettings)
-    device = evaluation_device(settings, params.source)
+    return settings, evaluation_device(settings, params.source)
+
+
+@stage("evaluate", read_settings)
+def evaluate(both: tuple[EvaluateSettings, torch.device], params: StageParams, run: StageRun) -> None:
+    settings, device = both
     print(f"evaluate: every variant is measured on {device}", flush=True)
     torch.manual_seed(0)
 

@@ -156,12 +156,16 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
         flush=True)
 
 
-@stage("finetune")
-def finetune(params: StageParams, run: StageRun) -> None:
+def read_settings(params: StageParams) -> FinetuneSettings:
+    """The finetune section, with the best step picked by what the prepared data holds for validation."""
     qa_files_have_validation_people = bool(read_rows(layout.QA_FILES["validation_people"]))
     examples_have_validation = bool(read_prepared_examples(layout.FINETUNE_EXAMPLES["validation"]))
-    settings = finetune_settings(params, validation_people=qa_files_have_validation_people,
-                                 validation_examples=examples_have_validation)
+    return finetune_settings(params, validation_people=qa_files_have_validation_people,
+                             validation_examples=examples_have_validation)
+
+
+@stage("finetune", read_settings)
+def finetune(settings: FinetuneSettings, params: StageParams, run: StageRun) -> None:
     run.log_effective_params({"finetune.learning_rate": settings.finetune.learning_rate,  # null: the method's rate
                               "finetune.min_learning_rate": settings.finetune.min_learning_rate})
     with distributed.joined(settings.process):

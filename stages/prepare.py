@@ -35,10 +35,13 @@ def user_documents(data: LocalFilesData | HubData) -> Iterator[str]:
     return clean_documents(documents, f"data.name={data.name}")
 
 
-@stage("prepare")
-def prepare(params: StageParams, run: StageRun) -> None:
+def read_settings(params: StageParams) -> EmbeddedData | LocalFilesData | HubData:
+    return data_settings(params, params.seed())
+
+
+@stage("prepare", read_settings)
+def prepare(data: EmbeddedData | LocalFilesData | HubData, params: StageParams, run: StageRun) -> None:
     seed = params.seed()
-    data = data_settings(params, seed)
     if isinstance(data, EmbeddedData):
         bundle = world_bundle(build_world(data.world))
     else:

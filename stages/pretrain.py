@@ -101,14 +101,23 @@ def train_from_scratch(settings: PretrainSettings, params: StageParams, run: Sta
           f"val_loss {metrics['val_loss']:.3f}, {timings['tokens_per_second']:.0f} tokens/s", flush=True)
 
 
-@stage("pretrain")
-def pretrain(params: StageParams, run: StageRun) -> None:
+def pretrain_inputs(params: StageParams) -> tuple[dict, BaseModelSettings, PretrainSettings | PretrainParams]:
+    """The token files' metadata, the base model's settings and either the complete training settings or, to
+    import a checkpoint, the pretrain section."""
     meta = read_meta()
     base_model = base_model_settings(params)
     if base_model.source == "hf":
+        return meta, base_model, params.read(PretrainParams)
+    return meta, base_model, pretrain_settings(params, meta["vocab_size"])
+
+
+@stage("pretrain", pretrain_inputs)
+def pretrain(inputs: tuple[dict, BaseModelSettings, PretrainSettings | PretrainParams], params: StageParams,
+             run: StageRun) -> None:
+    meta, base_model, settings = inputs
+    if base_model.source == "hf":
         with Heartbeat("pretrain: importing:", None):
-            return import_base_model(base_model, params.read(PretrainParams).eval_max_tokens, run, meta)
-    settings = pretrain_settings(params, meta["vocab_size"])
+            return import_base_model(base_model, settings.eval_max_tokens, run, meta)
     run.log_effective_params(settings.effective_params())
     with distributed.joined(settings.process):
         train_from_scratch(settings, params, run, meta)

@@ -26,9 +26,12 @@ from llmpipe.text.tokenizer import LoadedTokenizer
 from llmpipe.tracking.stage_run import StageRun
 
 
-@stage("quantize")
-def quantize(params: StageParams, run: StageRun) -> None:
-    settings = params.read(QuantizeSettings)
+def read_settings(params: StageParams) -> QuantizeSettings:
+    return params.read(QuantizeSettings)
+
+
+@stage("quantize", read_settings)
+def quantize(settings: QuantizeSettings, params: StageParams, run: StageRun) -> None:
     name = settings.model_name
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     model, _ = load_model(layout.FINETUNED, tokenizer=tokenizer)

@@ -15,9 +15,12 @@ from llmpipe.text.tokenizer import LoadedTokenizer
 from llmpipe.tracking.stage_run import StageRun
 
 
-@stage("tokenize")
-def tokenize(params: StageParams, run: StageRun) -> None:
-    settings = params.read(TokenizeSettings)
+def read_settings(params: StageParams) -> TokenizeSettings:
+    return params.read(TokenizeSettings)
+
+
+@stage("tokenize", read_settings)
+def tokenize(settings: TokenizeSettings, params: StageParams, run: StageRun) -> None:
     tokenizer = LoadedTokenizer(layout.TOKENIZER)
     dtype = choose_dtype(tokenizer.vocab_size, settings.token_dtype)
     meta = tokenize_corpus(tokenizer, dtype, settings.num_proc, settings.batch_size, settings.shard_tokens)

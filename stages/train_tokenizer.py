@@ -18,7 +18,7 @@ from llmpipe import atomic
 from llmpipe.config import layout
 from llmpipe.config.params import StageParams
 from llmpipe.data.prepared import read_pretrain_text
-from llmpipe.hf.base_model import base_model_settings
+from llmpipe.hf.base_model import BaseModelSettings, base_model_settings
 from llmpipe.hf.tokenizer import import_tokenizer
 from llmpipe.report.markdown import tokenizer_report
 from llmpipe.report.tables import TOKENIZER_METRICS, dvc_metrics
@@ -38,11 +38,14 @@ def texts(split: str):
     return read_pretrain_text(layout.PRETRAIN_TEXT[split])
 
 
-@stage("train_tokenizer")
-def train_tokenizer(params: StageParams, run: StageRun) -> None:
-    settings = params.read(TokenizerSettings)
+def read_settings(params: StageParams) -> tuple[TokenizerSettings, BaseModelSettings]:
+    return params.read(TokenizerSettings), base_model_settings(params)
+
+
+@stage("train_tokenizer", read_settings)
+def train_tokenizer(both: tuple[TokenizerSettings, BaseModelSettings], params: StageParams, run: StageRun) -> None:
+    settings, base_model = both
     specials = settings.special_tokens.by_role()
-    base_model = base_model_settings(params)
     sample_report = {}
     if base_model.source == "hf":
         imported = import_tokenizer(Path(base_model.path), specials)

@@ -90,6 +90,8 @@ def test_wrong_type_in_params(repo):
     edit_params(repo, tokenize__num_proc=1, pretrain__learning_rate=-1)
     assert fail(repo, "pretrain") == ("error: params.yaml: pretrain.learning_rate: expected a number > 0 and <= 10.0, "
                                       "got -1.0 (float)")
+    _, runs = mlflow_runs(repo)
+    assert len(runs) == 8  # the build's 7 stage runs and their pipeline run: settings refused by hand record no run
 
 
 def test_missing_upstream_output(repo):
@@ -273,6 +275,9 @@ def test_refused_input_under_dvc_repro_and_exp_run_keeps_every_previous_output(r
     run(["git", "checkout", "params.yaml"], repo)
     result = dvc(repo, "exp", "run", "-S", "pretrain.learning_rate=-1", check=False)
     assert result.returncode != 0 and "pretrain.learning_rate: expected a number > 0" in result.stderr + result.stdout
+    _, runs = mlflow_runs(repo)
+    refused = max((r for r in runs if r.info.run_name == "pretrain"), key=lambda r: r.info.start_time)
+    assert refused.info.status == "FAILED"  # under DVC, settings refused before the run opens are a FAILED run too
     assert {path: tree_digest(repo / path) for path in outputs} == before
     assert run(["git", "status", "--porcelain", "params.yaml"], repo).stdout == ""  # as it was before the experiment
     assert "pretrain" not in dvc(repo, "status").stdout  # the restored outputs are the ones dvc.lock records

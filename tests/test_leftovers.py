@@ -263,7 +263,7 @@ def test_a_failed_experiment_leaves_the_workspace_as_it_found_it(copy_built):
     assert pipeline_status(repo) == ""
 
     # A refused experiment right after an applied one: params.yaml keeps the applied experiment's values.
-    dvc(repo, "exp", "run", "-S", "evaluate.sample_answers=1")  # evaluate alone reruns
+    dvc(repo, "exp", "run", "-S", "tokenize.batch_size=7")  # tokenize alone reruns (the same token files)
     applied = workspace(repo)
     result = dvc(repo, "exp", "run", "-S", "finetune.lora.rank=100000", check=False)
     assert result.returncode != 0

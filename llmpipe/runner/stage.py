@@ -1,17 +1,23 @@
 """Turn a stage function into the entry point DVC runs.
 
-    @stage("tokenize")
-    def tokenize(params: StageParams, run: StageRun) -> None: ...
+    def tokenize_settings(params: StageParams) -> TokenizeSettings:
+        return params.read(TokenizeSettings)
+
+    @stage("tokenize", tokenize_settings)
+    def tokenize(settings: TokenizeSettings, params: StageParams, run: StageRun) -> None: ...
 
     if __name__ == "__main__":
         tokenize()
 
 The entry point composes params.yaml with Hydra (the repository root's; `key=value` arguments override it
 as in any Hydra app), hands the stage only the keys its dvc.yaml entry declares (refusing keys conf/ does
-not know, naming the closest), and opens the stage's MLflow run. Before that it removes what killed processes
-left: temporary paths whose owner is gone (llmpipe.atomic) and MLflow runs left RUNNING (llmpipe.tracking.orphans). All of it runs under llmpipe.runner.guard:
-whatever ends the stage (a refusal, any other exception, SIGTERM, Ctrl-C) is one line on stderr and a non-zero
-exit, with the previous outputs put back.
+not know, naming the closest), reads and checks the stage's settings (its second argument), and then opens the
+stage's MLflow run and runs the stage with them. Settings refused by hand (`python stages/<stage>.py`) cost no
+MLflow start-up and record no run; under DVC the refusal is a FAILED run of the pipeline's execution, as
+any other failure. Before all of it, the entry point removes what killed processes left: temporary paths whose
+owner is gone (llmpipe.atomic) and MLflow runs left RUNNING (llmpipe.tracking.orphans). All of it runs under
+llmpipe.runner.guard: whatever ends the stage (a refusal, any other exception, SIGTERM, Ctrl-C) is one line on
+stderr and a non-zero exit, with the previous outputs put back.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -44,13 +50,16 @@ from llmpipe.errors import PipelineError
 from llmpipe.runner.ranks import launched_ranks
 from llmpipe.runner.guard import guarded
 from llmpipe.runner.restore import stash_uncached_outputs
-from llmpipe.runner.heartbeat import Heartbeat
-from llmpipe.tracking.provenance import input_hashes
+def run_stage(name: str, config: dict, read_settings: SettingsReader, body: StageFunction,
+              tracked: bool = True) -> None:
+    """Read the stage's settings from its declared params, then run `body` with them and its MLflow run (rank 0's;
+    the others run without; none for a stage that is not `tracked`)."""
 from llmpipe.tracking.stage_run import StageRun
 
 NOT_A_STAGE_DEPENDENCY = "the entry point: reads params.yaml, opens the MLflow run, one-line errors"  # see llmpipe.generate.code_deps
 
-StageFunction = Callable[[StageParams, StageRun], None]
+SettingsReader = Callable[[StageParams], Any]
+StageFunction = Callable[[Any, StageParams, StageRun], None]
 
 
 def output_roots(dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
@@ -75,22 +84,35 @@ def remove_leftovers(stage: str) -> None:
               file=sys.stderr, flush=True)
 
 
-def run_stage(name: str, config: dict, body: StageFunction, tracked: bool = True) -> None:
-    """Run `body` with the stage's declared params and its MLflow run (rank 0's; the others run without; none for
-    a stage that is not `tracked`)."""
+
+    def stage_run() -> StageRun:
+        with Heartbeat(f"{name}: hashing its inputs:", None, enabled=is_main):
+            hashes = input_hashes(declared_dependencies(name))
+        return StageRun(name, params.declared_values(), hashes, enabled=is_main and tracked,
+                        pipeline_params=flatten(config))
+
+    # A line at least every 30 s from the process's start, whatever the stage does (hashing a 13 GB input: ~1 min)
+    with Heartbeat(f"{name}:", None, enabled=is_main):
+        try:
+            if os.path.isdir(CONF_DIR):
+                params.check_known_keys(schema_keys())
+            settings = read_settings(params)
+        except PipelineError:
+            if is_main and tracked and pipeline_execution_key():  # under DVC: the execution's runs record it
+                with stage_run():
+                    raise
+            raise
+        with stage_run() as run:
+            body(settings, params, run)
     is_main = launched_ranks().is_main
     if is_main:
         remove_leftovers(name)
     params = StageParams.for_stage(name, config)
-    if os.path.isdir(CONF_DIR):
-        params.check_known_keys(schema_keys())
-    # A line at least every 30 s from the process's start, whatever the stage does (hashing a 13 GB input: ~1 min)
-    with Heartbeat(f"{name}:", None, enabled=is_main):
-        with Heartbeat(f"{name}: hashing its inputs:", None, enabled=is_main):
-            hashes = input_hashes(declared_dependencies(name))
-        with StageRun(name, params.declared_values(), hashes, enabled=is_main and tracked,
-                      pipeline_params=flatten(config)) as run:
-            body(params, run)
+def stage(name: str, read_settings: SettingsReader, tracked: bool = True) -> Callable[[StageFunction],
+                                                                                 Callable[[], None]]:
+    """Decorator: make `body(read_settings(params), params, run)` the entry point of DVC stage `name`;
+    `tracked=False` for a stage that DVC runs every time and that opens no MLflow run (check_inputs: its `run` is
+    a no-op)."""
     if is_main:
         stash_uncached_outputs(name)
 
@@ -113,9 +135,7 @@ def load_params(overrides: list[str]) -> dict:
     return values
 
 
-def stage(name: str, tracked: bool = True) -> Callable[[StageFunction], Callable[[], None]]:
-    """Decorator: make `body(params, run)` the entry point of DVC stage `name`; `tracked=False` for a stage that
-    DVC runs every time and that opens no MLflow run (check_inputs: its `run` is a no-op)."""
+                run_stage(name, load_params(sys.argv[1:]), read_settings, body, tracked)
 
     def decorate(body: StageFunction) -> Callable[[], None]:
         @functools.wraps(body)
@@ -126,7 +146,11 @@ def stage(name: str, tracked: bool = True) -> Callable[[StageFunction], Callable
                     os.environ.setdefault(variable, "1")
                 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             with guarded(name, launched_ranks().rank):
+<<<<<<< HEAD
                 run_stage(name, load_params(sys.argv[1:]), body, tracked)
+=======
+                run_stage(name, load_params(sys.argv[1:]), read_settings, body)
+>>>>>>> suite-time
 
         return main
 
