@@ -50,10 +50,8 @@ from llmpipe.errors import PipelineError
 from llmpipe.runner.ranks import launched_ranks
 from llmpipe.runner.guard import guarded
 from llmpipe.runner.restore import stash_uncached_outputs
-def run_stage(name: str, config: dict, read_settings: SettingsReader, body: StageFunction,
-              tracked: bool = True) -> None:
-    """Read the stage's settings from its declared params, then run `body` with them and its MLflow run (rank 0's;
-    the others run without; none for a stage that is not `tracked`)."""
+from llmpipe.runner.heartbeat import Heartbeat
+from llmpipe.tracking.provenance import input_hashes, pipeline_execution_key
 from llmpipe.tracking.stage_run import StageRun
 
 NOT_A_STAGE_DEPENDENCY = "the entry point: reads params.yaml, opens the MLflow run, one-line errors"  # see llmpipe.generate.code_deps
@@ -84,6 +82,14 @@ def remove_leftovers(stage: str) -> None:
               file=sys.stderr, flush=True)
 
 
+def run_stage(name: str, config: dict, read_settings: SettingsReader, body: StageFunction,
+              tracked: bool = True) -> None:
+    """Read the stage's settings from its declared params, then run `body` with them and its MLflow run (rank 0's;
+    the others run without; none for a stage that is not `tracked`)."""
+    is_main = launched_ranks().is_main
+    if is_main:
+        remove_leftovers(name)
+    params = StageParams.for_stage(name, config)
 
     def stage_run() -> StageRun:
         with Heartbeat(f"{name}: hashing its inputs:", None, enabled=is_main):
@@ -104,15 +110,6 @@ def remove_leftovers(stage: str) -> None:
             raise
         with stage_run() as run:
             body(settings, params, run)
-    is_main = launched_ranks().is_main
-    if is_main:
-        remove_leftovers(name)
-    params = StageParams.for_stage(name, config)
-def stage(name: str, read_settings: SettingsReader, tracked: bool = True) -> Callable[[StageFunction],
-                                                                                 Callable[[], None]]:
-    """Decorator: make `body(read_settings(params), params, run)` the entry point of DVC stage `name`;
-    `tracked=False` for a stage that DVC runs every time and that opens no MLflow run (check_inputs: its `run` is
-    a no-op)."""
     if is_main:
         stash_uncached_outputs(name)
 
@@ -135,7 +132,11 @@ def load_params(overrides: list[str]) -> dict:
     return values
 
 
-                run_stage(name, load_params(sys.argv[1:]), read_settings, body, tracked)
+def stage(name: str, read_settings: SettingsReader,
+          tracked: bool = True) -> Callable[[StageFunction], Callable[[], None]]:
+    """Decorator: make `body(read_settings(params), params, run)` the entry point of DVC stage `name`;
+    `tracked=False` for a stage that DVC runs every time and that opens no MLflow run (check_inputs: its `run` is
+    a no-op)."""
 
     def decorate(body: StageFunction) -> Callable[[], None]:
         @functools.wraps(body)
@@ -146,11 +147,7 @@ def load_params(overrides: list[str]) -> dict:
                     os.environ.setdefault(variable, "1")
                 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
             with guarded(name, launched_ranks().rank):
-<<<<<<< HEAD
-                run_stage(name, load_params(sys.argv[1:]), body, tracked)
-=======
-                run_stage(name, load_params(sys.argv[1:]), read_settings, body)
->>>>>>> suite-time
+                run_stage(name, load_params(sys.argv[1:]), read_settings, body, tracked)
 
         return main
 
