@@ -28,7 +28,7 @@ from llmpipe.model.weights import (
     cast_weights,
     check_model_directory,
     empty_model,
-    load_model,
+    load_state_into,
     read_weight,
     write_model,
 )
@@ -93,13 +93,13 @@ def finetune_model(settings: FinetuneSettings, params: StageParams, run: StageRu
     examples = {split: read_prepared_examples(path) for split, path in layout.FINETUNE_EXAMPLES.items()}
     qa_sets = {split: first_items(read_rows(path), settings.finetune.max_questions_per_split)
                for split, path in layout.QA_FILES.items()}
+    model = empty_model(check_model_directory(layout.PRETRAINED, tokenizer)[1])
     if settings.lora:  # refused before the weights are read
-        check_rank(empty_model(check_model_directory(layout.PRETRAINED, tokenizer)[1]), settings.lora,
-                   f"{params.source}: finetune.lora")
+        check_rank(model, settings.lora, f"{params.source}: finetune.lora")
     # QLoRA: each target weight becomes NF4 as it is read, so the 16-bit base is never held whole
-    model, _ = load_model(layout.PRETRAINED, device=str(process.device), tokenizer=tokenizer,
-                          convert=nf4_as_loaded(settings.lora) if settings.lora and settings.lora.base_bits == 4
-                          else None)
+    load_state_into(model, layout.PRETRAINED / WEIGHTS_FILE,
+                    convert=nf4_as_loaded(settings.lora) if settings.lora and settings.lora.base_bits == 4 else None)
+    model.to(process.device)
     stored_as = model.dtype  # the output keeps it (bf16 in, bf16 out)
     train_encoded, validation, cut = encode_examples(template, examples, model.config.context_length, process.is_main)
     validation = first_items(validation, settings.finetune.max_validation_examples)

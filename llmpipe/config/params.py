@@ -156,6 +156,12 @@ def declared_dependencies(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list
     return [str(dep) for dep in stage_definition(stage, dvc_yaml).get("deps") or []]
 
 
+def declared_outputs(definition: dict) -> list[str]:
+    """The paths a dvc.yaml stage entry declares under `outs:`, `metrics:` and `plots:`."""
+    return [str(next(iter(entry)) if isinstance(entry, dict) else entry)
+            for kind in ("outs", "metrics", "plots") for entry in definition.get(kind) or []]
+
+
 def declared_param_keys(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
     """The params.yaml keys (dotted) that dvc.yaml lists under `params:` for `stage`."""
     keys: list[str] = []

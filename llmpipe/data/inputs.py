@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from llmpipe.atomic import write_json
+from llmpipe.config.params import declared_outputs
 from llmpipe.errors import InputDataError
 
 CHUNK = 1 << 20
@@ -133,9 +134,7 @@ def check_readable(root: str | Path, key: str | None = None) -> None:
 def source_dependencies(stages: dict) -> dict[str, list[str]]:
     """Stage → the dependencies (dvc.yaml's `deps`) that no stage writes: the code and anything else DVC would hash
     as it is. A dependency inside another stage's output is that stage's to rebuild, so it is not listed."""
-    outputs = [str(next(iter(entry)) if isinstance(entry, dict) else entry).rstrip("/")
-               for definition in stages.values() for kind in ("outs", "metrics", "plots")
-               for entry in (definition or {}).get(kind) or []]
+    outputs = [path.rstrip("/") for definition in stages.values() for path in declared_outputs(definition or {})]
     return {name: [str(dep) for dep in (definition or {}).get("deps") or []
                    if not any(str(dep) == out or str(dep).startswith(out + "/") for out in outputs)]
             for name, definition in stages.items()}

@@ -43,6 +43,7 @@ from llmpipe.config.params import (
     PARAMS_FILE,
     StageParams,
     declared_dependencies,
+    declared_outputs,
     flatten,
     schema_keys,
 )
@@ -66,9 +67,7 @@ def output_roots(dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
         stages = (yaml.safe_load(Path(dvc_yaml).read_text("utf-8")) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError):
         stages = {}
-    tops = {Path(next(iter(entry)) if isinstance(entry, dict) else str(entry)).parts[0]
-            for definition in stages.values() for kind in ("outs", "metrics", "plots")
-            for entry in (definition or {}).get(kind) or []}
+    tops = {Path(path).parts[0] for definition in stages.values() for path in declared_outputs(definition or {})}
     return [Path(top) for top in sorted(tops) if Path(top).is_dir()] + [repository_root() / "checkpoints"]
 
 
