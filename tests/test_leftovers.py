@@ -44,6 +44,21 @@ def test_a_checkpoint_write_that_hits_a_full_disk_names_the_file_and_leaves_no_t
     assert list((tmp_path / "checkpoints/pretrain/key").iterdir()) == []  # no .tmp- directory left
 
 
+def test_sigusr1_prints_where_a_stage_is_and_the_stage_goes_on(tmp_path):
+    # What a user (or a test whose stage seems stuck) sends to learn where every thread of a stage waits.
+    result = python("""
+        import os, signal
+        from llmpipe.runner.guard import guarded
+        def waiting_on_a_peer():
+            os.kill(os.getpid(), signal.SIGUSR1)
+        with guarded("pretrain"):
+            waiting_on_a_peer()
+            print("went on")
+    """, tmp_path)
+    assert result.returncode == 0 and result.stdout == "went on\n", result.stderr[-3000:]
+    assert "in waiting_on_a_peer" in result.stderr
+
+
 def test_the_culprit_is_the_root_os_error_and_its_file():
     from llmpipe.runner.culprit import culprit
 

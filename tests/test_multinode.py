@@ -2,6 +2,7 @@
 through torchrun's c10d rendezvous, one under `dvc repro` (the head node), one started by hand as a
 cluster launcher would on the second node."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -38,6 +39,27 @@ def lose_node(agent: subprocess.Popen) -> None:
     agent.send_signal(signal.SIGKILL)
     agent.wait()
     psutil.wait_procs(processes, timeout=10)
+
+
+def stage_errors_or_stacks(head: subprocess.Popen, seconds: float) -> str:
+    """The head's stderr once `dvc repro` ends; if it has not ended within `seconds`, the stacks of its stage
+    processes (SIGUSR1: llmpipe.runner.guard) in the failure, and the whole tree stopped."""
+    import psutil
+
+    try:
+        return head.communicate(timeout=seconds)[1]
+    except subprocess.TimeoutExpired:
+        processes = psutil.Process(head.pid).children(recursive=True)
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                if any(word.startswith("stages/") or word == "llmpipe.runner.launch" for word in process.cmdline()):
+                    process.send_signal(signal.SIGUSR1)
+        time.sleep(5)
+        for process in [*processes, psutil.Process(head.pid)]:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        errors = head.communicate()[1]
+        pytest.fail(f"dvc repro went on {seconds:.0f} s after a node was lost; its stages' stacks:\n{errors[-20000:]}")
 
 
 def wait_for_rendezvous_host(endpoint: str) -> None:
@@ -84,7 +106,7 @@ def test_losing_a_node_stops_the_job_with_one_line_and_the_next_run_resumes(copy
         while not list((repo / "checkpoints/pretrain").glob("*/step-*")) and time.time() < deadline:
             time.sleep(0.01)
         lose_node(other)
-        _, errors = head.communicate(timeout=300)
+        errors = stage_errors_or_stacks(head, 300)
     assert head.returncode != 0
     last_line = errors.strip().splitlines()[-2]  # DVC's own "failed to reproduce" line comes last
     assert last_line.startswith("error: stages/pretrain.py failed") and "or another node was lost" in last_line, errors[-3000:]

@@ -17,6 +17,9 @@ Each one:
   in logs/<stage>.log rather than on the screen;
 - exits non-zero: 1, or 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
 
+A stage that seems stuck (a collective waiting on a peer, a lock) says where: `kill -USR1 <pid>` prints every
+thread's stack to its stderr (Python's faulthandler) and the stage goes on.
+
 The stage entry point (llmpipe.runner.stage) and the process launcher (llmpipe.runner.launch, whose own
 argument checks come before any stage code) both run under it. Under the launcher, each of several processes
 writes its line into the directory ERRORS_DIR names instead of printing it, and the launcher prints the one
@@ -26,6 +29,7 @@ that names the cause (a refusal or a crash before a process stopped because anot
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -48,6 +52,7 @@ NOT_A_STAGE_DEPENDENCY = "whatever ends a stage: outputs put back, one line, exi
 
 ERRORS_DIR = "LLMPIPE_ERRORS_DIR"  # set by the launcher: where each of its processes leaves its error line
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+DUMP_STACKS_SIGNAL = signal.SIGUSR1  # every thread's stack to stderr, and go on
 _restored: set[str] = set()  # stages whose outputs this process already put back
 
 
@@ -57,10 +62,11 @@ def _stop(signal_number, frame) -> None:
 
 def install_signal_handlers() -> None:
     """SIGTERM and SIGHUP raise `Stopped`, SIGINT KeyboardInterrupt; a signal the parent made this process ignore
-    (`nohup`, a background job) stays ignored."""
+    (`nohup`, a background job) stays ignored. SIGUSR1 prints every thread's stack and the stage goes on."""
     for number in (*STOP_SIGNALS, signal.SIGINT):
         if signal.getsignal(number) != signal.SIG_IGN:
             signal.signal(number, signal.default_int_handler if number == signal.SIGINT else _stop)
+    faulthandler.register(DUMP_STACKS_SIGNAL, all_threads=True)
 
 
 def _ignore_signals() -> None:
