@@ -52,7 +52,7 @@ def test_plain_exp_show_only_changed_fits_120_columns_with_the_param_and_the_hel
     readme = dvc(experiment, "exp", "show", "--only-changed", "--drop", "Created|.*/", "--no-pager",
                  COLUMNS="120").stdout
     header = next(line for line in readme.splitlines() if "Experiment" in line)
-    assert header.split() == ["Experiment", "heldout_acc", "tuned_acc", "Q4_K", "Q2_K", "finetune.learning_rate"], readme
+    assert header.split() == ["Experiment", "heldout_acc", "tuned_acc", "Q2_K", "Q4_K", "finetune.learning_rate"], readme
     assert "…" not in readme and width(readme) <= 120
 
 
