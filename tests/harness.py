@@ -144,9 +144,16 @@ def edit_params(repo: Path, **changes) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+ALWAYS_RUN = ("check_inputs", "log_pipeline")  # dvc.yaml's `always_changed` stages: DVC runs them every time
+
+
 def pipeline_status(repo: Path) -> str:
-    """`dvc status` without check_inputs, which DVC runs every time (`always changed`): "" when up to date."""
-    return dvc(repo, "status").stdout.replace("check_inputs:\n\talways changed", "").strip()
+    """`dvc status` without check_inputs and log_pipeline, which DVC runs every time (`always changed`): "" when up
+    to date."""
+    status = dvc(repo, "status").stdout
+    for stage in ALWAYS_RUN:
+        status = status.replace(f"{stage}:\n\talways changed", "")
+    return status.strip()
 
 
 def md5(path: Path) -> str:

@@ -47,6 +47,13 @@ def test_plain_exp_show_only_changed_fits_120_columns_with_the_param_and_the_hel
     assert width(table) <= 120 - DATE_WIDTH, table
     changed = dvc(experiment, "metrics", "diff", COLUMNS="120").stdout
     assert "heldout_acc" in changed and width(changed) <= 120
+    # The README's command, which keeps the changed params in view once several experiments exist: the same
+    # columns without the creation time and the dependencies' md5s (column names that are paths).
+    readme = dvc(experiment, "exp", "show", "--only-changed", "--drop", "Created|.*/", "--no-pager",
+                 COLUMNS="120").stdout
+    header = next(line for line in readme.splitlines() if "Experiment" in line)
+    assert header.split() == ["Experiment", "heldout_acc", "tuned_acc", "Q2_K", "Q4_K", "finetune.learning_rate"], readme
+    assert "…" not in readme and width(readme) <= 120
 
 
 def test_pipeline_runs_compare_like_for_like_in_mlflow(experiment):

@@ -50,3 +50,36 @@ def test_champion_is_the_best_workspace_version_and_a_temp_experiment_never_take
     assert [v for v, t in tags.items() if t.get("alias") == ALIAS] == [better_but_temporary]
     tie = register(registry, 0.99)  # a tie: the earlier version keeps it
     assert record_and_elect(registry, "chat", tie) == better_but_temporary
+
+
+class TeammateElectsMeanwhile:
+    """A client on the shared registry through which, just before this clone's first alias write, a teammate's
+    evaluate registers a better version and elects it: the interleaving two clones on one server can meet."""
+
+    def __init__(self, client, teammate):
+        self._client, self._teammate = client, teammate
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def set_registered_model_alias(self, *args):
+        teammate, self._teammate = self._teammate, None
+        if teammate:
+            teammate()
+        return self._client.set_registered_model_alias(*args)
+
+
+def test_champion_is_one_answer_for_a_team_electing_at_the_same_time_on_one_registry(registry, tmp_path, monkeypatch):
+    evaluate_in(monkeypatch, tmp_path, tmp_path)  # both clones evaluate in their workspace
+    mine = register(registry, 0.95)
+    theirs = []
+
+    def teammate_evaluates():
+        theirs.append(register(registry, 0.98))
+        assert record_and_elect(registry, "chat", theirs[0]) == theirs[0]
+
+    # This clone read the registry (its version the best) before the teammate's version existed, and writes last.
+    assert record_and_elect(TeammateElectsMeanwhile(registry, teammate_evaluates), "chat", mine) == theirs[0]
+    assert registry.get_model_version_by_alias("chat", ALIAS).version == theirs[0]
+    tags = {v.version: v.tags for v in registry.search_model_versions("name = 'chat'")}
+    assert [v for v, t in tags.items() if t.get("alias") == ALIAS] == [theirs[0]]

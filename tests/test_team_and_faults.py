@@ -22,27 +22,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    env = environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGKILL)
+class MlflowServer:
+    """`mlflow server` on a SQLite file and an artifact directory under `directory`, on a loopback port it keeps
+    when stopped (SIGTERM) and started again."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.port, self.process = directory, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.directory / 'server.db'}",
+             "--artifacts-destination", str(self.directory / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"], env=environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        os.killpg(self.process.pid, signal.SIGKILL)
         pytest.fail("mlflow server did not start")
-    yield url
-    stop_process_group(server)
+
+    def stop(self) -> None:
+        """SIGTERM to the server and its workers (SIGKILL after 30 s)."""
+        if self.process is not None:
+            stop_process_group(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def restartable_mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(restartable_mlflow_server):
+    return restartable_mlflow_server.url
 
 
 def test_stage_runs_land_on_a_shared_tracking_server(copy_built, mlflow_server):
@@ -183,3 +204,42 @@ def test_sigkill_during_a_stage_leaves_no_output_dvc_would_trust(copy_built, sta
     for out, digest in complete.items():
         if not out.startswith(("reports/report", "reports/evaluate", "models/hf")):  # speeds and registry versions vary
             assert tree_md5(repo / out) == digest, out
+
+
+@pytest.mark.slow
+def test_a_stage_whose_tracking_server_goes_away_finishes_and_says_its_run_could_not_be_closed(
+        copy_built, restartable_mlflow_server):
+    """The server stopped with SIGTERM while pretrain works (the stage paused meanwhile, so it is mid-run whatever
+    the machine's speed), then started again: the stage writes its outputs, ends in one line naming the server,
+    and the next stage to start closes the run it left open."""
+    from mlflow.tracking import MlflowClient
+
+    from llmpipe.tracking.orphans import REASON_TAG, close_orphaned_runs
+
+    repo, server = copy_built(), restartable_mlflow_server
+    outputs = ("models/pretrained/model.safetensors", "reports/pretrain/metrics.json", "reports/pretrain/details.json")
+    built = {name: md5(repo / name) for name in outputs}
+    stage = subprocess.Popen([sys.executable, "stages/pretrain.py"], cwd=repo, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=environment(MLFLOW_TRACKING_URI=server.url,
+                                                                     MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"))
+    for line in stage.stdout:
+        if "parameters" in line:  # its run is open on the server; training starts
+            break
+    stage.send_signal(signal.SIGSTOP)
+    server.stop()
+    stage.send_signal(signal.SIGCONT)
+    out, err = stage.communicate(timeout=300)
+    assert stage.returncode == 0, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("warning: pretrain: outputs written, but its MLflow run ") and "could not be closed: " \
+        f"tracking server at {server.url} (MLFLOW_TRACKING_URI) stopped answering during the stage" in last, last
+    assert {name: md5(repo / name) for name in outputs} == built  # what an untroubled run writes
+
+    server.start()
+    client = MlflowClient(server.url)
+    experiment = client.get_experiment_by_name("llmpipe")
+    (left,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pretrain'")
+    assert left.info.status == "RUNNING" and left.data.params["pretrain.max_steps"] == "6"
+    assert close_orphaned_runs(client, experiment.experiment_id, "finetune") == ["pretrain"]  # as the next stage does
+    closed = client.get_run(left.info.run_id)
+    assert closed.info.status == "FAILED" and "ended without closing the run" in closed.data.tags[REASON_TAG]

@@ -1,12 +1,12 @@
 """Sharing results across a team through a DVC remote (a local directory here) and its run-cache, on the tiny
 pipeline: the first clone commits its outputs, pushes with `--run-cache`, runs a second param set and pushes
 again; a teammate's clone then gets either set restored, never recomputed, and a refused experiment there keeps
-every output."""
+every output. Each restored execution is a pipeline run in the teammate's MLflow, the same as the one that ran."""
 
 import shutil
 
 import pytest
-from harness import dvc, md5, pipeline_status, ran, run
+from harness import STAGES, dvc, md5, mlflow_runs, pipeline_status, ran, run
 
 pytestmark = pytest.mark.xdist_group("team_sharing")  # one worker: the team fixture runs three stages
 
@@ -53,6 +53,21 @@ def test_a_teammate_gets_both_pushed_param_sets_from_the_run_cache_without_rerun
     assert ran(back) == [] and "Stage 'finetune' is cached" in back
     assert md5(clone / "models/finetuned/model.safetensors") == md5(built_repo / "models/finetuned/model.safetensors")
     assert run(["git", "status", "--porcelain"], clone).stdout == ""  # params.yaml and dvc.lock as committed
+
+    # Each of the three restored executions logged a pipeline run, with the params and metrics of the run that
+    # computed those outputs in the first clone: the baseline, then the experiment, then the baseline again.
+    pipelines = {}
+    for repo in (first, clone):
+        _, runs = mlflow_runs(repo)
+        pipelines[repo] = sorted((r for r in runs if r.data.tags["llmpipe.kind"] == "pipeline"),
+                                 key=lambda r: r.info.start_time)
+    baseline, experiment = pipelines[first]
+    assert len(pipelines[clone]) == 3 and not [r for r in mlflow_runs(clone)[1] if r.data.tags["llmpipe.kind"] == "stage"]
+    for restored, computed in zip(pipelines[clone], (baseline, experiment, baseline)):
+        assert restored.info.status == "FINISHED" and restored.data.tags["llmpipe.stages_ran"] == ""
+        assert restored.data.params == computed.data.params and restored.data.metrics == computed.data.metrics
+    assert pipelines[clone][1].data.params["finetune.learning_rate"] == "0.002"
+    assert baseline.data.tags["llmpipe.stages_ran"] == ",".join(STAGES)
 
 
 def test_a_refused_experiment_in_a_pulled_clone_keeps_every_output(team, tmp_path):

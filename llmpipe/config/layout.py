@@ -3,8 +3,8 @@ root (DVC runs every stage there). dvc.yaml lists them as each stage's deps and 
 checks the two agree.
 
 DVC compares each stage's few headline metrics (METRICS, TOKENIZER_METRICS, EVALUATE_METRICS); DETAILS,
-TOKENIZER_DETAILS, TIMINGS (machine noise), SIZES_JSON and VARIANTS_TABLE are outputs it keeps but does not
-compare.
+TOKENIZER_DETAILS, TIMINGS (machine noise), SIZES_JSON, VARIANTS_TABLE and EFFECTIVE_PARAMS are outputs it keeps but
+does not compare.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ FINETUNED = Path("models/finetuned")
 FINETUNE_REPORTS = Path("reports/finetune")
 TRAIN_CURVE, EVAL_CURVE, METRICS, SAMPLES = "train_curve.csv", "eval_curve.csv", "metrics.json", "samples.md"
 TIMINGS, DETAILS = "timings.json", "details.json"
+# The values a stage used for params that are null in params.yaml (the tokenizer's vocabulary size, the fine-tuning
+# method's learning rate): DVC restores them with the stage, so an execution that restored it logs them too.
+EFFECTIVE_PARAMS = {"pretrain": PRETRAIN_REPORTS / "effective_params.json",
+                    "finetune": FINETUNE_REPORTS / "effective_params.json"}
 
 GGUF = Path("models/gguf")
 HF_EXPORT = Path("models/hf")

@@ -36,7 +36,7 @@ class Stage:
     outs: tuple[Path, ...]
     metrics: tuple[Path, ...] = ()
     plots: dict[Path, dict] = field(default_factory=dict)  # plot data it writes → DVC's chart settings
-    always_changed: bool = False   # DVC runs it every time (check_inputs only: it has no cached result to reuse)
+    always_changed: bool = False   # DVC runs it every time (check_inputs, log_pipeline: no cached result to reuse)
 
 
 def curve(y: str, title: str, y_label: str) -> dict:
@@ -62,7 +62,8 @@ STAGES = [
     Stage("pretrain", "python -m llmpipe.runner.launch --nodes ${pretrain.nodes} --processes ${pretrain.processes} "
                       "stages/pretrain.py", (SeedSettings, ModelConfig, PretrainParams, BaseModelSettings),
           (layout.TOKENS, layout.BASE_MODEL_FINGERPRINT),
-          (layout.PRETRAINED, layout.PRETRAIN_REPORTS / layout.DETAILS, layout.PRETRAIN_REPORTS / layout.TIMINGS),
+          (layout.PRETRAINED, layout.PRETRAIN_REPORTS / layout.DETAILS, layout.PRETRAIN_REPORTS / layout.TIMINGS,
+           layout.EFFECTIVE_PARAMS["pretrain"]),
           (layout.PRETRAIN_REPORTS / layout.METRICS,),
           {PRETRAIN_CURVES[0]: curve("learning_rate", "Pretraining learning rate (warmup, then cosine decay)",
                                      "learning rate"),
@@ -71,7 +72,8 @@ STAGES = [
     Stage("finetune", "python -m llmpipe.runner.launch --nodes ${finetune.nodes} --processes ${finetune.processes} "
                       "stages/finetune.py", (SeedSettings, FinetuneParams),
           (layout.PRETRAINED, layout.TOKENIZER, *layout.FINETUNE_EXAMPLES.values(), *layout.QA_FILES.values()),
-          (layout.FINETUNED, layout.FINETUNE_REPORTS / layout.DETAILS, layout.FINETUNE_REPORTS / layout.SAMPLES),
+          (layout.FINETUNED, layout.FINETUNE_REPORTS / layout.DETAILS, layout.FINETUNE_REPORTS / layout.SAMPLES,
+           layout.EFFECTIVE_PARAMS["finetune"]),
           (layout.FINETUNE_REPORTS / layout.METRICS,),
           {FINETUNE_CURVES[0]: curve("train_loss", "Fine-tuning training loss (answer tokens)",
                                      "loss (nats per answer token)"),
@@ -91,6 +93,14 @@ STAGES = [
                                    "every variant against bits per weight", "x_label": "bits per weight",
                                    "y_label": "held-out people's exact-match accuracy"}}),
 ]
+# Last, every time: the execution's MLflow pipeline run, from the outputs the execution ends with, whether their
+# stages ran or DVC restored them (llmpipe.tracking.pipeline_run). Its deps (every stage's metrics and effective
+# params) put it after every other stage; it reads every params section, and writes nothing DVC tracks.
+STAGES.append(Stage("log_pipeline", "python stages/log_pipeline.py",
+                    tuple(dict.fromkeys(cls for stage in STAGES for cls in stage.params)),
+                    tuple(dict.fromkeys((*(path for stage in STAGES for path in stage.metrics),
+                                         *layout.EFFECTIVE_PARAMS.values()))),
+                    (), always_changed=True))
 # Charts that combine files or columns. `simple` is DVC's line chart without the smoothing slider;
 # scatter_variants (.dvc/plots/) colours points by revision and shapes them by variant.
 COMBINED_PLOTS = {
@@ -112,9 +122,11 @@ HEADER = """\
 # `meta: sections:` names a key of each declared section, so that DVC refuses a section missing from params.yaml
 # before it deletes any output. check_inputs, which DVC runs every time, checks the paths a user supplies (user_data,
 # base_model.path) and writes their fingerprints: the stages depend on those, so DVC never hashes a user's path
-# itself (llmpipe/data/inputs.py). Metrics are each stage's few headline numbers; plots are the curves and the
-# per-variant table. No output is `cache: false`: DVC leaves a stage with such an output out of the run-cache and
-# never pushes it to a remote, so a teammate could not restore the stage.
+# itself (llmpipe/data/inputs.py). log_pipeline, which DVC runs last every time, logs the execution's MLflow
+# pipeline run (every param, every stage's metrics), also when every stage was restored from the run-cache.
+# Metrics are each stage's few headline numbers; plots are the curves and the per-variant table. No output is
+# `cache: false`: DVC leaves a stage with such an output out of the run-cache and never pushes it to a remote, so a
+# teammate could not restore the stage.
 """
 
 
@@ -144,7 +156,7 @@ def stage_entry(stage: Stage, root: Path, params: dict) -> dict:
     entry: dict = {"cmd": stage.command, **({"always_changed": True} if stage.always_changed else {}),
                    "meta": {"sections": guard_keys(keys, params)},
                    "deps": code_dependencies(root, stage.command) + [str(path) for path in stage.deps],
-                   "params": keys, "outs": [str(path) for path in stage.outs]}
+                   "params": keys, **({"outs": [str(path) for path in stage.outs]} if stage.outs else {})}
     if stage.metrics:
         entry["metrics"] = [str(path) for path in stage.metrics]
     if stage.plots:

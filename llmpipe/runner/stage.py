@@ -35,7 +35,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmpipe.atomic import remove_orphaned_temporaries
+from llmpipe.atomic import remove_orphaned_temporaries, write_json
+from llmpipe.config import layout
 from llmpipe.config.compose import yaml_error
 from llmpipe.config.layout import repository_root
 from llmpipe.config.params import (
@@ -109,6 +110,8 @@ def run_stage(name: str, config: dict, read_settings: SettingsReader, body: Stag
             raise
         with stage_run() as run:
             body(settings, params, run)
+            if is_main and name in layout.EFFECTIVE_PARAMS:  # {} when every param had a value (or none applies)
+                write_json(layout.EFFECTIVE_PARAMS[name], dict(sorted(run.defaulted.items())))
     if is_main:
         stash_uncached_outputs(name)
 

@@ -10,6 +10,12 @@ compares accuracies on the held-out people: give another data setup its own `eva
 Every evaluate run records where its version came from (tag `source`: workspace | temporary copy) and then
 applies the rule; the version holding the alias carries the tag `alias: champion`, so `search_model_versions`
 shows it.
+
+The rule reads the registry, not a clone: on a team's shared tracking server every teammate's evaluate elects
+among every version registered there, so `champion` is one answer for the team (with each clone's own local
+store, each clone has its own). Two evaluate stages that elect at the same time could each write what it read
+before the other's version was there: each writes, reads the registry again, and writes again until what it
+reads agrees with the alias, so the last writer has seen every version tagged before its last read.
 """
 
 from __future__ import annotations
@@ -37,19 +43,42 @@ def champion(versions) -> str | None:
     return max(eligible)[2] if eligible else None
 
 
+_ELECTION_ROUNDS = 10
+
+
+def alias_holder(client, name: str) -> str | None:
+    """The version the registry's alias points at now, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, ALIAS).version
+    except MlflowException:
+        return None
+
+
+def settled(client, name: str, versions, elected: str | None) -> bool:
+    """Whether the registry already shows `elected` as the champion: the alias, and the tag on it alone."""
+    tagged = [v.version for v in versions if v.tags.get(ALIAS_TAG) == ALIAS]
+    return tagged == ([elected] if elected else []) and (elected is None or alias_holder(client, name) == elected)
+
+
 def record_and_elect(client, name: str, version: str) -> str | None:
     """Tag `version` with where it was registered from (a version registered from a temporary copy and later
     evaluated in the workspace becomes eligible), then point the alias at the rule's pick; returns it."""
     if registered_from() == WORKSPACE or not client.get_model_version(name, version).tags.get(SOURCE_TAG):
         client.set_model_version_tag(name, version, SOURCE_TAG, registered_from())
-    versions = client.search_model_versions(f"name = '{name}'")
-    elected = champion(versions)
-    for other in versions:
-        if other.tags.get(ALIAS_TAG) == ALIAS and other.version != elected:
-            client.delete_model_version_tag(name, other.version, ALIAS_TAG)
+    for _ in range(_ELECTION_ROUNDS):
+        versions = client.search_model_versions(f"name = '{name}'")
+        elected = champion(versions)
+        if settled(client, name, versions, elected):
+            break
+        for other in versions:
+            if other.tags.get(ALIAS_TAG) == ALIAS and other.version != elected:
+                client.delete_model_version_tag(name, other.version, ALIAS_TAG)
+        if elected is not None:
+            client.set_registered_model_alias(name, ALIAS, elected)
+            client.set_model_version_tag(name, elected, ALIAS_TAG, ALIAS)
     if elected is not None:
-        client.set_registered_model_alias(name, ALIAS, elected)
-        client.set_model_version_tag(name, elected, ALIAS_TAG, ALIAS)
         print(f"evaluate: {name}@{ALIAS} is version {elected} (the best held-out accuracy registered from the "
               f"workspace; version {version} came from the {registered_from()})", flush=True)
     return elected

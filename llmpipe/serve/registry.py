@@ -50,8 +50,9 @@ def content_md5(model_dir: str | Path, tokenizer_dir: str | Path) -> str:
 def register_chat_model(run: StageRun, model_dir: str | Path, tokenizer_dir: str | Path, registered_name: str,
                         metrics: dict[str, float] | None = None, weights: str = "copy") -> tuple[str | None, bool]:
     """Log the model into the stage's run and register it, unless a version with the same weights and
-    tokenizer exists; returns (version, whether it is new). `weights`: copy | dvc_cache (module docstring)."""
-    if not run.enabled:
+    tokenizer exists; returns (version, whether it is new). `weights`: copy | dvc_cache (module docstring). Nothing
+    when the tracking server went away during the stage (`run.lost`)."""
+    if not run.enabled or run.lost:
         return None, False
     client = MlflowClient()
     digest = content_md5(model_dir, tokenizer_dir)

@@ -1,14 +1,22 @@
 """The parent MLflow run of one pipeline execution (`dvc repro`, `dvc exp run`): what two executions are
-compared by in the MLflow UI, like for like.
+compared by in the MLflow UI, like for like. Every execution logs one, whether its stages ran or DVC restored them
+(unchanged, or from the run-cache: `dvc repro --pull`, a pushed experiment "cached - skipping run"):
 
-- params: the whole composed configuration (a null value is left out until the stage that reads it logs the
-  value it used, e.g. `finetune.learning_rate`: the method's rate; tag `llmpipe.params_defaulted` names them);
+- params: the whole effective configuration: every key of params.yaml, a null one with the value the stage that
+  reads it used (e.g. `finetune.learning_rate`: the method's rate; tag `llmpipe.params_defaulted` names them),
+  read from that stage's output layout.EFFECTIVE_PARAMS, which DVC restores with the stage; a null no stage
+  resolves (`base_model.path` when training from scratch) is logged as `null`;
 - metrics: every stage's DVC metrics as `<stage>.<key>` (`pretrain.val_bpb`, `finetune.heldout_acc`, ...),
-  read from the metrics files of dvc.yaml each time a stage ends, so a stage DVC did not run (unchanged, or
-  restored from the run-cache) still contributes the numbers of the outputs the execution ends with;
+  read from the metrics files of dvc.yaml, so a stage DVC did not run still contributes the numbers of the
+  outputs the execution ends with;
 - tags: the git commit, `llmpipe.stages_ran` and `llmpipe.stages_cached` (dvc.yaml order);
 - status: RUNNING while a stage runs, FAILED as soon as one fails (also when its stage's process was killed:
   llmpipe.tracking.orphans closes it when the next stage starts).
+
+The first stage that runs creates it (`pipeline_parent`) and each stage's end updates it (`end_stage`); the
+`log_pipeline` stage, which DVC runs last in every execution of the whole pipeline (`always_changed`), completes
+it (`record_execution`), creating it when no stage ran. A `dvc repro <stage>` that stops before it has the
+stages' part only.
 """
 
 from __future__ import annotations
@@ -16,11 +24,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llmpipe.config.layout import EFFECTIVE_PARAMS
 from llmpipe.config.params import flatten
 from llmpipe.tracking.orphans import process_tags, set_process_tags
 from llmpipe.tracking.provenance import git_commit
@@ -48,13 +58,24 @@ def pipeline_parent(client, experiment_id: str, key: str | None, params: dict[st
     at the first failure): the same key again (an experiment name rerun) is a new execution, with a new run."""
     if not key:
         return None
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and "
-                                                              f"tags.`{KIND_TAG}` = 'pipeline'", max_results=1)
-    if found and found[0].info.status not in ("FAILED", "KILLED"):
-        parent_id = found[0].info.run_id
+    found = current_execution(client, experiment_id, key)
+    if found is not None:
+        parent_id = found.info.run_id
         set_process_tags(client, parent_id)
         client.update_run(parent_id, status="RUNNING")
         return parent_id
+    return create_pipeline_run(client, experiment_id, key, params)
+
+
+def current_execution(client, experiment_id: str, key: str):
+    """The pipeline run of execution `key`, or None when there is none, or its last one failed or was killed."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and "
+                                                              f"tags.`{KIND_TAG}` = 'pipeline'", max_results=1)
+    return found[0] if found and found[0].info.status not in ("FAILED", "KILLED") else None
+
+
+def create_pipeline_run(client, experiment_id: str, key: str, params: dict[str, Any]) -> str:
+    """A new RUNNING pipeline run for execution `key`, tagged with this process, the command and the commit."""
     command = "dvc exp run" if os.environ.get("DVC_EXP_NAME") else "dvc repro"
     label = os.environ.get("DVC_EXP_NAME") or "dvc repro"
     tags = {KEY_TAG: key, KIND_TAG: "pipeline", "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
@@ -96,19 +117,64 @@ def workspace_metrics(files: dict[str, list[Path]]) -> dict[str, float]:
 def end_stage(client, parent_id: str, status: str, stage: str | None = None) -> None:
     """The pipeline run's end is its last stage's end; once a stage failed, the pipeline failed. A stage that
     finished adds itself to the stages that ran and puts every stage's current DVC metrics on the run."""
-    from mlflow.entities import Metric  # deferred: mlflow takes ~1.2 s (store.connect)
-
     parent = client.get_run(parent_id)
     if status == "FINISHED" and stage and Path("dvc.yaml").is_file():
-        files = stage_metric_files()
-        ran = set(filter(None, parent.data.tags.get(RAN_TAG, "").split(","))) | {stage}
-        client.set_tag(parent_id, RAN_TAG, ",".join(name for name in files if name in ran))
-        client.set_tag(parent_id, CACHED_TAG, ",".join(name for name in files if name not in ran))
-        timestamp = int(time.time() * 1000)
-        metrics = [Metric(key, value, timestamp, 0) for key, value in sorted(workspace_metrics(files).items())]
-        for start in range(0, len(metrics), 1000):
-            client.log_batch(parent_id, metrics=metrics[start:start + 1000])
+        log_outcome(client, parent_id, tag_values(parent, RAN_TAG) | {stage})
     client.set_terminated(parent_id, "FAILED" if parent.info.status == "FAILED" else status)
+
+
+def tag_values(run, tag: str) -> set[str]:
+    return set(filter(None, run.data.tags.get(tag, "").split(",")))
+
+
+def log_outcome(client, parent_id: str, ran: set[str]) -> None:
+    """The stages that ran and those DVC did not run (dvc.yaml order), and every stage's current DVC metrics."""
+    from mlflow.entities import Metric  # deferred: mlflow takes ~1.2 s (store.connect)
+
+    files = stage_metric_files()
+    client.set_tag(parent_id, RAN_TAG, ",".join(name for name in files if name in ran))
+    client.set_tag(parent_id, CACHED_TAG, ",".join(name for name in files if name not in ran))
+    timestamp = int(time.time() * 1000)
+    metrics = [Metric(key, value, timestamp, 0) for key, value in sorted(workspace_metrics(files).items())]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(parent_id, metrics=metrics[start:start + 1000])
+
+
+def effective_configuration(params: dict[str, Any],
+                            recorded: Iterable[Path] = EFFECTIVE_PARAMS.values()) -> tuple[dict[str, Any], set[str]]:
+    """`params` (flattened params.yaml) with each null that a stage resolved replaced by the value it used (from
+    the stages' EFFECTIVE_PARAMS outputs, as the execution ends with them; a missing one is skipped), and the keys
+    so replaced."""
+    values, defaulted = dict(params), set()
+    for path in recorded:
+        try:
+            used = json.loads(Path(path).read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key, value in (used if isinstance(used, dict) else {}).items():
+            if key in values and values[key] is None and value is not None:
+                values[key] = value
+                defaulted.add(key)
+    return values, defaulted
+
+
+def record_execution(client, experiment_id: str, key: str, params: dict[str, Any]) -> str:
+    """Complete the pipeline run of execution `key` (create it when no stage ran: every stage restored or up to
+    date) from the outputs the execution ends with: every param of `params` (flattened params.yaml) that it lacks,
+    nulls resolved as the stages resolved them, every stage's DVC metrics, the stages that ran and did not; then
+    end it. Returns its id."""
+    found = current_execution(client, experiment_id, key)
+    parent_id = found.info.run_id if found is not None else create_pipeline_run(client, experiment_id, key, {})
+    logged = found.data.params if found is not None else {}
+    values, defaulted = effective_configuration(params)
+    log_params(client, parent_id, {name: "null" if value is None else value for name, value in values.items()
+                                   if name not in logged})
+    if defaulted:
+        earlier = tag_values(found, DEFAULTED_TAG) if found is not None else set()
+        client.set_tag(parent_id, DEFAULTED_TAG, ",".join(sorted(earlier | defaulted)))
+    log_outcome(client, parent_id, tag_values(found, RAN_TAG) if found is not None else set())
+    client.set_terminated(parent_id, "FINISHED")
+    return parent_id
 
 
 def log_effective_params(client, parent_id: str, values: dict[str, Any]) -> None:

@@ -3,6 +3,13 @@
 small artifacts, the data and models it read as MLflow datasets (path and md5), system metrics while it
 runs, and tags (llmpipe.tracking.provenance.stage_tags, and the process: llmpipe.tracking.orphans, which closes
 the runs of killed processes when a stage starts). Where runs are stored: llmpipe.tracking.store.
+
+A tracking server that goes away while the stage works (stopped, restarted, its machine gone) does not stop the
+stage: once a call fails and the server does not answer, the run logs nothing more, the stage writes its outputs,
+and it ends with one line saying its run could not be closed (the server's runs are what the stage logged up to
+then; the next stage to start on this machine marks the run FAILED, llmpipe.tracking.orphans). MLflow's client
+retries each call first (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT): a server back within
+that time loses nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,8 @@ class StageRun:
         self.enabled = enabled
         self.run_id: str | None = None
         self.parent_id: str | None = None
+        self.defaulted: dict[str, Any] = {}  # params null in params.yaml → the value the stage used
+        self.lost: str | None = None  # why the tracking server stopped answering mid-stage: nothing more is logged
         self._pending: list = []
         self._client = None
         self._monitor = None
@@ -74,17 +84,34 @@ class StageRun:
         status = ("FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, (KeyboardInterrupt, Stopped))
                   else "FAILED")
         try:
-            if self._monitor is not None:
-                self._monitor.finish()
             self.flush()
-            self._client.set_terminated(self.run_id, status)
+            if self._monitor is not None:
+                stop_system_metrics(self._monitor, wait=self.lost is None)
+            self._track(self._client.set_terminated, self.run_id, status)
             if self.parent_id:
-                end_stage(self._client, self.parent_id, status, self.stage)
+                self._track(end_stage, self._client, self.parent_id, status, self.stage)
         except Exception:
             if exc_type is None:
                 raise
             # Ending the run is best effort when the stage already failed (the store may be what failed): the
             # stage's own error is the one to report.
+        if self.lost is not None and exc_type is None:
+            print(f"warning: {self.stage}: outputs written, but its MLflow run {self.run_id} could not be closed: "
+                  f"{self.lost}", file=sys.stderr, flush=True)
+
+    def _track(self, call, *args, **kwargs) -> Any:
+        """`call(*args, **kwargs)` to the tracking store, unless the server went away during the stage: then
+        nothing (and `lost` says why). An error from a server that answers is raised."""
+        if self.lost is not None:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            gone = store.server_gone(exc)
+            if gone is None:
+                raise
+            self.lost = gone
+            return None
 
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -105,42 +132,42 @@ class StageRun:
         """Single values that describe the run (parameter count, steps, precision): params, not one-point metrics
         (which MLflow draws as bar charts)."""
         if self.enabled:
-            log_params(self._client, self.run_id, facts)
+            self._track(log_params, self._client, self.run_id, facts)
 
     def log_effective_params(self, values: dict[str, Any]) -> None:
         """The values the stage used for params left null in params.yaml (e.g. `finetune.learning_rate`: the
-        method's rate), by dotted key: params of this run and of the pipeline run, which compare by them."""
+        method's rate), by dotted key: params of this run and of the pipeline run, which compare by them; kept in
+        `defaulted`, which the stage runner writes to the stage's layout.EFFECTIVE_PARAMS output."""
         defaulted = {key: value for key, value in values.items()
                      if key in self.params and self.params[key] is None and value is not None}
+        self.defaulted.update(defaulted)
         if not self.enabled or not defaulted:
             return
-        log_params(self._client, self.run_id, defaulted)
+        self._track(log_params, self._client, self.run_id, defaulted)
         if self.parent_id:
-            log_effective_params(self._client, self.parent_id, defaulted)
+            self._track(log_effective_params, self._client, self.parent_id, defaulted)
 
     def flush(self) -> None:
         if self.enabled and self._pending:
             for start in range(0, len(self._pending), 1000):
-                self._client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+                self._track(self._client.log_batch, self.run_id, metrics=self._pending[start:start + 1000])
             self._pending = []
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
             for key, value in tags.items():
-                self._client.set_tag(self.run_id, key, str(value))
+                self._track(self._client.set_tag, self.run_id, key, str(value))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if not self.enabled:
             return
         path = Path(path)
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        log = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+        self._track(log, self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
-            self._client.log_text(self.run_id, text, artifact_file)
+            self._track(self._client.log_text, self.run_id, text, artifact_file)
 
 
 def log_inputs(client, run_id: str, stage: str, hashes: dict[str, str]) -> None:
@@ -172,3 +199,12 @@ def start_system_metrics(run_id: str):
         os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)))
     monitor.start()
     return monitor
+
+
+def stop_system_metrics(monitor, wait: bool) -> None:
+    """Stop the sampling; `wait=False` (the server went away) leaves the last samples unsent rather than wait for
+    MLflow's retries."""
+    if wait:
+        monitor.finish()
+    else:
+        monitor._shutdown_event.set()  # MLflow 3.17's monitor has no public way to stop without flushing

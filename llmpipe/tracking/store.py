@@ -74,6 +74,22 @@ def check_server_answers(uri: str) -> None:
                             f"{getattr(exc, 'reason', exc)}") from None
 
 
+def server_gone(error: BaseException) -> str | None:
+    """Why a call to the configured tracking server failed when the server has gone away (it does not answer
+    now: stopped, restarting, unreachable), in words naming it; None when it answers, or there is no server
+    (the call's error is then a real one)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=_SERVER_TIMEOUT_SECONDS):
+            return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return (f"tracking server at {uri} (MLFLOW_TRACKING_URI) stopped answering during the stage "
+                f"({getattr(exc, 'reason', exc)}; {first_line})")
+
+
 def _server_message(error) -> str:
     """The first line of an MLflow server's JSON error message (its database's own words), cut short."""
     import json
