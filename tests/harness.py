@@ -46,6 +46,17 @@ TINY = {
 }
 
 
+def skip_outside_ci(reason: str) -> None:
+    """Skip a test whose reference (a library, a server program) is absent, printing `reason`; under CI (CI=true)
+    fail instead: .ci/run installs every reference, so there the test must run."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; under CI these tests must run (.ci/run installs what they need)")
+    print(f"skipped: {reason}")
+    pytest.skip(reason)
+
+
 def runs_the_pipeline(command) -> bool:
     """Whether a process started with `command` runs DVC, a stage script or the multi-process launcher: what
     makes a test slow (conftest.py refuses it in a test not marked slow)."""

@@ -88,9 +88,10 @@ def make_family_checkpoint(directory, family: str, dtype: torch.dtype = torch.fl
     return model
 
 
-def import_into(tmp_path, family: str):
-    """(transformers' model, ours imported, the pipeline's tokenizer) for a fresh checkpoint of `family`."""
-    reference = make_family_checkpoint(tmp_path / "ckpt", family)
+def import_into(tmp_path, family: str, **changes):
+    """(transformers' model, ours imported, the pipeline's tokenizer) for a fresh checkpoint of `family` (its
+    config.json `changes` from the tiny shape)."""
+    reference = make_family_checkpoint(tmp_path / "ckpt", family, **changes)
     imported = import_tokenizer(tmp_path / "ckpt", SPECIALS)
     save_tokenizer(imported.tokenizer, imported.special_tokens, tmp_path / "tok", imported.chat_template,
                    imported.sequence_tokens)

@@ -10,7 +10,8 @@ sdist:
 
 The sdist (about 77 MB) is not in the repository: .ci/run downloads it with
 `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d ~/.cache/llmpipe`; the test extracts the
-few files it needs next to it and is skipped, with that command as the reason, where it is absent."""
+few files it needs next to it and is skipped, with that command as the reason, where it is absent (under CI,
+CI=true, it fails instead)."""
 
 import json
 import os
@@ -19,6 +20,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from harness import skip_outside_ci
 from small_inputs import LLAMA3_TEMPLATE, QWEN_TEMPLATE, SPECIALS, byte_level_pipeline
 
 from llmpipe.hf.tokenizer import import_tokenizer
@@ -49,8 +51,8 @@ def vocabulary(name: str) -> tuple[dict, list[str], list[list[int]]]:
     their ids; extracted once from the sdist into a cache beside it (the metadata as JSON: gguf's reader takes
     about a minute over a 150k-token list)."""
     if not SDIST.is_file():
-        pytest.skip(f"{SDIST} not found: pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 "
-                    f"-d {SDIST.parent}")
+        skip_outside_ci(f"{SDIST} not found: pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 "
+                        f"-d {SDIST.parent}")
     cache = SDIST.parent / f"{SDIST_NAME}-vocab"
     base = cache / f"ggml-vocab-{name}"
     if not all(Path(f"{base}{suffix}").is_file() for suffix in (".json", ".inp", ".out")):
@@ -202,9 +204,10 @@ def sentencepiece_checkpoint_tokenizer(metadata: dict, directory: Path, chat_tem
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def import_sentencepiece(tmp_path: Path, chat_template: str | None = None, metaspace: bool = False):
+def import_sentencepiece(tmp_path: Path, chat_template: str | None = None, metaspace: bool = False, **changes):
     """(llama-spm's metadata, its test texts, their ids, the pipeline's tokenizer, our model) for a random Llama 2
-    shaped checkpoint built with transformers' LlamaForCausalLM carrying llama-spm's tokenizer files."""
+    shaped checkpoint built with transformers' LlamaForCausalLM carrying llama-spm's tokenizer files (its config
+    `changes` from the tiny shape)."""
     import torch
     import transformers
 
@@ -213,10 +216,10 @@ def import_sentencepiece(tmp_path: Path, chat_template: str | None = None, metas
     metadata, texts, expected = vocabulary("llama-spm")
     sentencepiece_checkpoint_tokenizer(metadata, tmp_path / "ckpt", chat_template, metaspace)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(metadata["tokens"]), hidden_size=64, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                      max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(**{
+        "vocab_size": len(metadata["tokens"]), "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, **changes})
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
     imported = import_tokenizer(tmp_path / "ckpt", SPECIALS)
     save_tokenizer(imported.tokenizer, imported.special_tokens, tmp_path / "tok", imported.chat_template,

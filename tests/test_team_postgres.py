@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import BIN, dvc, environment, make_repo_copy, md5, run, stop_process_group
+from harness import BIN, dvc, environment, make_repo_copy, md5, run, skip_outside_ci, stop_process_group
 
 STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 MODEL_NAME = "llmpipe-chat"
@@ -38,13 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def skip_outside_ci(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; under CI these tests must run (.ci/run installs what they need)")
-    print(f"skipped: {reason}")
-    pytest.skip(reason)
 
 
 def postgres_programs() -> Path:
