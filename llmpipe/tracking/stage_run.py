@@ -207,4 +207,6 @@ def stop_system_metrics(monitor, wait: bool) -> None:
     if wait:
         monitor.finish()
     else:
+        # its thread may be in a request that fails later: the stage's own line about the lost server says it
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
         monitor._shutdown_event.set()  # MLflow 3.17's monitor has no public way to stop without flushing
