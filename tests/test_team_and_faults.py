@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import BIN, dvc, environment, md5, mlflow_runs, run, stop_process_group
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness import BIN, dvc, environment, free_port, md5, mlflow_runs, run, stop_process_group
 
 
 @pytest.fixture

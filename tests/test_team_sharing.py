@@ -1,12 +1,16 @@
-"""Sharing results across a team through a DVC remote (a local directory here) and its run-cache, on the tiny
-pipeline: the first clone commits its outputs, pushes with `--run-cache`, runs a second param set and pushes
-again; a teammate's clone then gets either set restored, never recomputed, and a refused experiment there keeps
-every output."""
+"""Sharing results across a team through a DVC remote and its run-cache, on the tiny pipeline: the first clone
+commits its outputs, pushes with `--run-cache` to a directory remote, runs a second param set and pushes again; a
+teammate's clone then gets either set restored, never recomputed, and a refused experiment there keeps every
+output. The same over SSH (a throwaway sshd on a loopback port, tests/ssh_server.py), and an SSH remote that
+is down when someone pushes."""
 
+import socket
 import shutil
+import time
 
 import pytest
 from harness import dvc, md5, pipeline_status, ran, run
+from ssh_server import SshServer
 
 pytestmark = pytest.mark.xdist_group("team_sharing")  # one worker: the team fixture runs three stages
 
@@ -28,10 +32,23 @@ def team(built_repo, tmp_path_factory):
     return first, remote
 
 
-def teammate(first, tmp_path):
-    clone = tmp_path / "teammate"
+def teammate(first, tmp_path, name: str = "teammate"):
+    clone = tmp_path / name
     run(["git", "clone", "-q", str(first), str(clone)], tmp_path)  # .dvc/config names the remote
     return clone
+
+
+def assert_restores_both_sets(clone, committed, experiment) -> None:
+    """`dvc repro --pull` restores the committed set and `dvc exp run --pull -S SECOND` the experiment's, in
+    `clone`, running no stage: the outputs are those of the `committed` and `experiment` workspaces."""
+    assert ran(dvc(clone, "repro", "--pull").stdout) == []  # the committed set
+    assert md5(clone / "models/finetuned/model.safetensors") == md5(committed / "models/finetuned/model.safetensors")
+
+    output = dvc(clone, "exp", "run", "--pull", "-S", SECOND).stdout  # the other set, as the first clone ran it
+    assert ran(output) == [], output
+    for stage in ("finetune", "quantize", "evaluate"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in output
+    assert md5(clone / "models/finetuned/model.safetensors") == md5(experiment / "models/finetuned/model.safetensors")
 
 
 def test_a_teammate_gets_both_pushed_param_sets_from_the_run_cache_without_rerunning_a_stage(team, built_repo, tmp_path):
@@ -39,15 +56,7 @@ def test_a_teammate_gets_both_pushed_param_sets_from_the_run_cache_without_rerun
     clone = teammate(first, tmp_path)
     shown = dvc(clone, "metrics", "show").stdout  # nothing pulled yet: DVC reads the metrics from the remote
     assert "heldout_acc" in shown and "val_bpb" in shown
-
-    assert ran(dvc(clone, "repro", "--pull").stdout) == []  # the committed set
-    assert md5(clone / "models/finetuned/model.safetensors") == md5(built_repo / "models/finetuned/model.safetensors")
-
-    output = dvc(clone, "exp", "run", "--pull", "-S", SECOND).stdout  # the other set, as the first clone ran it
-    assert ran(output) == [], output
-    for stage in ("finetune", "quantize", "evaluate"):
-        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in output
-    assert md5(clone / "models/finetuned/model.safetensors") == md5(first / "models/finetuned/model.safetensors")
+    assert_restores_both_sets(clone, built_repo, first)
 
     back = dvc(clone, "exp", "run", "--pull", "-S", "finetune.learning_rate=0.003").stdout  # and back again
     assert ran(back) == [] and "Stage 'finetune' is cached" in back
@@ -65,3 +74,69 @@ def test_a_refused_experiment_in_a_pulled_clone_keeps_every_output(team, tmp_pat
     assert run(["git", "status", "--porcelain"], clone).stdout == ""
     assert {name: md5(clone / name) for name in before} == before
     assert pipeline_status(clone) == ""
+
+
+@pytest.fixture(scope="module")
+def ssh_server(tmp_path_factory):
+    server = SshServer(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_over_ssh_a_teammate_gets_both_pushed_param_sets_from_the_run_cache(team, ssh_server, built_repo, tmp_path):
+    first, _ = team
+    alice = tmp_path / "alice"  # the first clone: the committed set, and the experiment's in the workspace
+    shutil.copytree(first, alice, symlinks=True)
+    dvc(alice, "remote", "remove", "team")  # the directory remote goes: only SSH is left to pull from
+    ssh_server.use_as_remote(alice, "team", tmp_path / "remote")
+    assert "keyfile" not in (alice / ".dvc/config").read_text()  # credentials stay in .dvc/config.local
+    run(["git", "add", ".dvc/config"], alice)
+    run(["git", "commit", "-qm", "the team remote, over SSH"], alice)
+    dvc(alice, "push", "--run-cache", "--all-commits")  # HEAD's outputs, the workspace's, every stage run's record
+    assert (tmp_path / "remote/runs").is_dir() and (tmp_path / "remote/files/md5").is_dir()
+
+    bob = teammate(alice, tmp_path, "bob")
+    ssh_server.give_credentials(bob, "team")
+    assert_restores_both_sets(bob, built_repo, first)
+
+
+def test_an_ssh_remote_down_during_push_fails_naming_the_address_and_keeps_everything(copy_built, tmp_path):
+    repo = copy_built()
+    server = SshServer(tmp_path / "sshd")
+    server.use_as_remote(repo, "team", tmp_path / "remote")
+    outputs = {path: md5(path) for path in sorted((repo / "models").rglob("*")) if path.is_file()}
+    committed = run(["git", "status", "--porcelain"], repo).stdout
+
+    def unchanged() -> None:
+        assert {path: md5(path) for path in outputs} == outputs
+        assert run(["git", "status", "--porcelain"], repo).stdout == committed
+
+    server.start()
+    server.stop()  # nothing listens on the port any more
+    refused = dvc(repo, "push", "--run-cache", check=False)
+    # DVC reports each run-cache entry it could not send, then the push: every line names the address refused.
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("ERROR")]
+    assert refused.returncode != 0 and errors, refused.stderr
+    assert all(f"Connect call failed ('127.0.0.1', {server.port})" in line for line in errors), refused.stderr
+    assert errors[-1].startswith("ERROR: unexpected error - ") and "Traceback" not in refused.stderr
+    unchanged()
+    assert not (tmp_path / "remote").exists()
+
+    # A host that accepts the connection and never answers: the remote's `timeout` (docs/team.md) bounds the wait.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        dvc(repo, "remote", "modify", "team", "url", f"ssh://127.0.0.1:{silent.getsockname()[1]}{tmp_path / 'remote'}")
+        dvc(repo, "remote", "modify", "--local", "team", "timeout", "3")
+        started = time.monotonic()
+        hung = dvc(repo, "push", check=False)  # with --run-cache, one timeout per run-cache entry
+        assert hung.returncode != 0 and time.monotonic() - started < 30, hung.stderr
+    unchanged()
+
+    server.start()  # back: the same push goes through
+    dvc(repo, "remote", "modify", "team", "url", f"{server.url}{tmp_path / 'remote'}")
+    dvc(repo, "push", "--run-cache")
+    server.stop()
+    unchanged()
+    assert pipeline_status(repo) == ""
