@@ -1,15 +1,18 @@
 """Sharing results across a team through a DVC remote and its run-cache, on the tiny pipeline: the first clone
 commits its outputs, pushes with `--run-cache` to a directory remote, runs a second param set and pushes again; a
 teammate's clone then gets either set restored, never recomputed, and a refused experiment there keeps every
-output. The same over SSH (a throwaway sshd on a loopback port, tests/ssh_server.py), and an SSH remote that
-is down when someone pushes."""
+output. The same over SSH (a throwaway sshd on a loopback port, tests/ssh_server.py) and S3 (moto's S3 server
+on a loopback port), and an SSH remote that is down when someone pushes."""
 
+import importlib.util
 import socket
 import shutil
+import subprocess
 import time
+import urllib.request
 
 import pytest
-from harness import dvc, md5, pipeline_status, ran, run
+from harness import BIN, dvc, free_port, md5, pipeline_status, ran, run, skip_outside_ci, stop_process_group, wait_until
 from ssh_server import SshServer
 
 pytestmark = pytest.mark.xdist_group("team_sharing")  # one worker: the team fixture runs three stages
@@ -140,3 +143,51 @@ def test_an_ssh_remote_down_during_push_fails_naming_the_address_and_keeps_every
     server.stop()
     unchanged()
     assert pipeline_status(repo) == ""
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3-compatible server on a loopback port with one empty bucket, `team`: its endpoint URL."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("dvc_s3") is None:
+        skip_outside_ci("moto's S3 server or DVC's S3 support is not installed: `pip install -e \".[dev]\"`")
+    import boto3
+
+    port, log = free_port(), tmp_path_factory.mktemp("s3") / "moto.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=output,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).status == 200, 60,
+                   "moto's S3 server answered")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="alice",
+                     aws_secret_access_key="alice-secret").create_bucket(Bucket="team")
+        yield endpoint
+    finally:
+        stop_process_group(server, timeout=10)
+
+
+def give_s3_credentials(clone) -> None:
+    """Each teammate's key, in .dvc/config.local (never committed); on AWS, ~/.aws/credentials does as well."""
+    dvc(clone, "remote", "modify", "--local", "team", "access_key_id", "alice")
+    dvc(clone, "remote", "modify", "--local", "team", "secret_access_key", "alice-secret")
+
+
+def test_over_s3_a_teammate_gets_a_pushed_experiment_from_the_run_cache(team, s3_endpoint, tmp_path):
+    first, _ = team
+    alice = tmp_path / "alice"
+    shutil.copytree(first, alice, symlinks=True)
+    dvc(alice, "remote", "remove", "team")
+    dvc(alice, "remote", "add", "-d", "team", "s3://team/llmpipe")
+    dvc(alice, "remote", "modify", "team", "endpointurl", s3_endpoint)  # not needed on AWS itself
+    give_s3_credentials(alice)
+    run(["git", "add", ".dvc/config"], alice)
+    run(["git", "commit", "-qm", "the team remote, on S3"], alice)
+    dvc(alice, "push", "--run-cache", "--all-commits")
+
+    bob = teammate(alice, tmp_path, "bob")
+    give_s3_credentials(bob)
+    output = dvc(bob, "exp", "run", "--pull", "-S", SECOND).stdout  # every stage's outputs come from the bucket
+    assert ran(output) == [], output
+    assert "Stage 'finetune' is cached - skipping run, checking out outputs" in output
+    assert md5(bob / "models/finetuned/model.safetensors") == md5(first / "models/finetuned/model.safetensors")
