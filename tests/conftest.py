@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from _pytest.nodeid import coerce_node_id
 from filelock import FileLock
-from harness import dvc, make_repo_copy, runs_the_pipeline
+from harness import BIN, dvc, environment, free_port, make_repo_copy, runs_the_pipeline, stop_process_group
 
 BUILT = "built_repo"
 
@@ -128,3 +131,27 @@ def copy_built(built_repo, tmp_path):
         shutil.copytree(built_repo, target, symlinks=True)
         return target
     return make
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on SQLite on a loopback port, for one test: its URL."""
+    port = free_port()
+    env = environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield url
+    stop_process_group(server)

@@ -12,30 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import BIN, dvc, environment, free_port, md5, mlflow_runs, run, stop_process_group
+from harness import BIN, dvc, environment, free_port, md5, mlflow_runs, run
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    env = environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not start")
-    yield url
-    stop_process_group(server)
 
 
 def test_stage_runs_land_on_a_shared_tracking_server(copy_built, mlflow_server):

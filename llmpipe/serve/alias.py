@@ -9,12 +9,17 @@ compares accuracies on the held-out people: give another data setup its own `eva
 
 Every evaluate run records where its version came from (tag `source`: workspace | temporary copy) and then
 applies the rule; the version holding the alias carries the tag `alias: champion`, so `search_model_versions`
-shows it.
+shows it. Two evaluate stages may elect at once against one tracking server (two teammates, or `dvc queue
+start -j 2`): MLflow writes a tag as read-then-insert, so two writers of the same tag can collide (one gets
+the database's unique-constraint error), and either may have read the versions before the other's tag. So each
+election repeats, after a collision or when a read made after its own writes picks another version, until it
+agrees with what it wrote.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from llmpipe.config.layout import repository_root
@@ -37,11 +42,11 @@ def champion(versions) -> str | None:
     return max(eligible)[2] if eligible else None
 
 
-def record_and_elect(client, name: str, version: str) -> str | None:
-    """Tag `version` with where it was registered from (a version registered from a temporary copy and later
-    evaluated in the workspace becomes eligible), then point the alias at the rule's pick; returns it."""
-    if registered_from() == WORKSPACE or not client.get_model_version(name, version).tags.get(SOURCE_TAG):
-        client.set_model_version_tag(name, version, SOURCE_TAG, registered_from())
+ELECTION_ATTEMPTS = 5
+
+
+def elect(client, name: str) -> str | None:
+    """Point the alias (and the `alias` tag) at the rule's pick among the versions now registered; returns it."""
     versions = client.search_model_versions(f"name = '{name}'")
     elected = champion(versions)
     for other in versions:
@@ -50,6 +55,27 @@ def record_and_elect(client, name: str, version: str) -> str | None:
     if elected is not None:
         client.set_registered_model_alias(name, ALIAS, elected)
         client.set_model_version_tag(name, elected, ALIAS_TAG, ALIAS)
+    return elected
+
+
+def record_and_elect(client, name: str, version: str) -> str | None:
+    """Tag `version` with where it was registered from (a version registered from a temporary copy and later
+    evaluated in the workspace becomes eligible), then point the alias at the rule's pick; returns it."""
+    from mlflow.exceptions import MlflowException
+
+    if registered_from() == WORKSPACE or not client.get_model_version(name, version).tags.get(SOURCE_TAG):
+        client.set_model_version_tag(name, version, SOURCE_TAG, registered_from())
+    for attempt in range(1, ELECTION_ATTEMPTS + 1):
+        try:
+            elected = elect(client, name)
+        except MlflowException:  # another evaluate wrote the same tag at the same moment
+            if attempt == ELECTION_ATTEMPTS:
+                raise
+            time.sleep(0.2 * attempt)
+            continue
+        if champion(client.search_model_versions(f"name = '{name}'")) == elected:
+            break
+    if elected is not None:
         print(f"evaluate: {name}@{ALIAS} is version {elected} (the best held-out accuracy registered from the "
               f"workspace; version {version} came from the {registered_from()})", flush=True)
     return elected
