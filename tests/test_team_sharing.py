@@ -104,7 +104,7 @@ def test_over_ssh_a_teammate_gets_both_pushed_param_sets_from_the_run_cache(team
     assert_restores_both_sets(bob, built_repo, first)
 
 
-def test_an_ssh_remote_down_during_push_fails_naming_the_address_and_keeps_everything(copy_built, tmp_path):
+def test_a_push_to_an_ssh_remote_that_is_down_fails_naming_the_address_and_keeps_everything(copy_built, tmp_path):
     repo = copy_built()
     server = SshServer(tmp_path / "sshd")
     server.use_as_remote(repo, "team", tmp_path / "remote")
