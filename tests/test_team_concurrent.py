@@ -15,6 +15,7 @@ from llmpipe.serve.alias import ALIAS, RULE_METRIC_TAG, SOURCE_TAG, TEMPORARY, W
 
 pytestmark = pytest.mark.xdist_group("team_concurrent")
 SETS = {"alice": "evaluate.max_questions_per_split=4", "bob": "evaluate.max_questions_per_split=6"}
+CHEAP = ["-S", "evaluate.measure_base=false", "-S", "evaluate.eval_max_tokens=128", "-S", "evaluate.kl_max_tokens=64"]
 MODEL = "llmpipe-chat"
 
 
@@ -63,7 +64,7 @@ def test_two_teammates_run_experiments_at_once_against_one_server_and_one_remote
     for repo in clones.values():
         dvc(repo, "pull")  # the committed outputs, before the clock starts
     started = time.monotonic()
-    running = {name: subprocess.Popen([str(BIN / "dvc"), "exp", "run", "-S", SETS[name]], cwd=repo,
+    running = {name: subprocess.Popen([str(BIN / "dvc"), "exp", "run", "-S", SETS[name], *CHEAP], cwd=repo,
                                       env=environment(MLFLOW_TRACKING_URI=mlflow_server), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True)
                for name, repo in clones.items()}
@@ -86,7 +87,7 @@ def test_two_teammates_run_experiments_at_once_against_one_server_and_one_remote
 
     carol = clone(origin, tmp_path, "carol")  # a third teammate: either experiment, from the remote
     for name in SETS:
-        output = dvc(carol, "exp", "run", "--pull", "-S", SETS[name]).stdout
+        output = dvc(carol, "exp", "run", "--pull", "-S", SETS[name], *CHEAP).stdout
         assert ran(output) == [] and "Stage 'evaluate' is cached - skipping run" in output, output
         assert md5(carol / "reports/evaluate/metrics.json") == md5(clones[name] / "reports/evaluate/metrics.json")
 
@@ -98,7 +99,7 @@ def test_two_queued_experiments_run_two_at_a_time_against_the_server(origin, mlf
 
     repo, _ = origin
     for name, change in SETS.items():
-        dvc(repo, "exp", "run", "--queue", "--name", name, "-S", change)
+        dvc(repo, "exp", "run", "--queue", "--name", name, "-S", change, *CHEAP)
     started = time.monotonic()
     dvc(repo, "queue", "start", "-j", "2", MLFLOW_TRACKING_URI=mlflow_server)
     status = ""
