@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from _pytest.nodeid import coerce_node_id
 from filelock import FileLock
-from harness import dvc, make_repo_copy, runs_the_pipeline
+from harness import BIN, dvc, environment, free_port, make_repo_copy, runs_the_pipeline, stop_process_group
 
 BUILT = "built_repo"
 
@@ -128,3 +131,49 @@ def copy_built(built_repo, tmp_path):
         shutil.copytree(built_repo, target, symlinks=True)
         return target
     return make
+
+
+class MlflowServer:
+    """`mlflow server` on a SQLite file and an artifact directory under `directory`, on a loopback port it keeps
+    when stopped (SIGTERM) and started again."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.port, self.process = directory, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.directory / 'server.db'}",
+             "--artifacts-destination", str(self.directory / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"], env=environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        os.killpg(self.process.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+
+    def stop(self) -> None:
+        """SIGTERM to the server and its workers (SIGKILL after 30 s)."""
+        if self.process is not None:
+            stop_process_group(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def restartable_mlflow_server(tmp_path):
+    """A test's own `mlflow server` on SQLite on a loopback port, which the test may stop and start again."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(restartable_mlflow_server):
+    """`mlflow server` on SQLite on a loopback port, for one test: its URL."""
+    return restartable_mlflow_server.url

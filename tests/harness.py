@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +52,6 @@ TINY = {
 def skip_outside_ci(reason: str) -> None:
     """Skip a test whose reference (a library, a server program) is absent, printing `reason`; under CI (CI=true)
     fail instead: .ci/run installs every reference, so there the test must run."""
-    import pytest
-
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; under CI these tests must run (.ci/run installs what they need)")
     print(f"skipped: {reason}")
@@ -141,6 +142,26 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, seconds: float, what: str) -> None:
+    """Call `check` until it returns true (an OSError counts as not yet), failing with `what` after `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{what} within {seconds:.0f} s")
 
 
 def edit_params(repo: Path, **changes) -> None:

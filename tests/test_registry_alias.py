@@ -83,3 +83,30 @@ def test_champion_is_one_answer_for_a_team_electing_at_the_same_time_on_one_regi
     assert registry.get_model_version_by_alias("chat", ALIAS).version == theirs[0]
     tags = {v.version: v.tags for v in registry.search_model_versions("name = 'chat'")}
     assert [v for v, t in tags.items() if t.get("alias") == ALIAS] == [theirs[0]]
+
+
+def test_an_election_that_meets_another_at_once_repeats_until_it_agrees_with_the_registry(registry, tmp_path,
+                                                                                            monkeypatch):
+    """Two teammates' evaluate stages elect at once on one server: one of them may collide on the same tag
+    (MLflow: "UNIQUE constraint failed"), or elect from a read made before the other's version was tagged."""
+    from mlflow.exceptions import MlflowException
+
+    evaluate_in(monkeypatch, tmp_path, tmp_path)
+    first, second = register(registry, 0.95), register(registry, 0.99)
+    registry.set_model_version_tag("chat", second, "source", "workspace")  # the other teammate's, tagged already
+    collide, search = [True], registry.search_model_versions
+    stale = [v for v in search("name = 'chat'") if v.version == first]  # a read that missed the other version
+
+    def set_tag(name, version, key, value, original=registry.set_model_version_tag):
+        if key == "alias" and collide:
+            collide.pop()
+            raise MlflowException("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: model_version_tags")
+        return original(name, version, key, value)
+
+    reads = iter([stale])
+    monkeypatch.setattr(registry, "set_model_version_tag", set_tag)
+    monkeypatch.setattr(registry, "search_model_versions", lambda query: next(reads, None) or search(query))
+    assert record_and_elect(registry, "chat", first) == second
+    assert registry.get_model_version_by_alias("chat", ALIAS).version == second
+    tags = {v.version: v.tags for v in search("name = 'chat'")}
+    assert [v for v, t in tags.items() if t.get("alias") == ALIAS] == [second]

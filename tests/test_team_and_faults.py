@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,57 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import BIN, dvc, environment, md5, mlflow_runs, run, stop_process_group
+from harness import BIN, dvc, environment, free_port, md5, mlflow_runs, run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` on a SQLite file and an artifact directory under `directory`, on a loopback port it keeps
-    when stopped (SIGTERM) and started again."""
-
-    def __init__(self, directory: Path):
-        self.directory, self.port, self.process = directory, free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.directory / 'server.db'}",
-             "--artifacts-destination", str(self.directory / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"], env=environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        os.killpg(self.process.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not start")
-
-    def stop(self) -> None:
-        """SIGTERM to the server and its workers (SIGKILL after 30 s)."""
-        if self.process is not None:
-            stop_process_group(self.process)
-            self.process = None
-
-
-@pytest.fixture
-def restartable_mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def mlflow_server(restartable_mlflow_server):
-    return restartable_mlflow_server.url
 
 
 def test_stage_runs_land_on_a_shared_tracking_server(copy_built, mlflow_server):

@@ -16,7 +16,6 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,18 +25,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import BIN, dvc, environment, make_repo_copy, md5, run, skip_outside_ci, stop_process_group
+from harness import (BIN, dvc, environment, free_port, make_repo_copy, md5, run, skip_outside_ci,
+                     stop_process_group, wait_until)
 
 STAGES = ["prepare", "train_tokenizer", "tokenize", "pretrain", "finetune", "quantize", "evaluate"]
 MODEL_NAME = "llmpipe-chat"
 DATABASE, ROLE = "mlflow", "mlflow"
 DATABASES: dict[str, "Postgres"] = {}  # by server url: the tests stop it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postgres_programs() -> Path:
@@ -52,18 +46,6 @@ def postgres_programs() -> Path:
             return directory
     skip_outside_ci("PostgreSQL's server programs (initdb, pg_ctl) are not installed: "
                     "`apt-get install postgresql` (Debian/Ubuntu) runs the team tracking-server tests")
-
-
-def wait_until(check, seconds: float, what: str) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{what} within {seconds:.0f} s")
 
 
 class Postgres:

@@ -13,14 +13,17 @@ shows it.
 
 The rule reads the registry, not a clone: on a team's shared tracking server every teammate's evaluate elects
 among every version registered there, so `champion` is one answer for the team (with each clone's own local
-store, each clone has its own). Two evaluate stages that elect at the same time could each write what it read
-before the other's version was there: each writes, reads the registry again, and writes again until what it
-reads agrees with the alias, so the last writer has seen every version tagged before its last read.
+store, each clone has its own). Two evaluate stages may elect at once against one tracking server (two teammates, or `dvc queue
+start -j 2`): MLflow writes a tag as read-then-insert, so two writers of the same tag can collide (one gets
+the database's unique-constraint error), and either may have read the versions before the other's tag. So each
+election repeats, after a collision or when a read made after its own writes picks another version, until it
+agrees with what it wrote.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from llmpipe.config.layout import repository_root
@@ -43,41 +46,39 @@ def champion(versions) -> str | None:
     return max(eligible)[2] if eligible else None
 
 
-_ELECTION_ROUNDS = 10
+ELECTION_ATTEMPTS = 5
 
 
-def alias_holder(client, name: str) -> str | None:
-    """The version the registry's alias points at now, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, ALIAS).version
-    except MlflowException:
-        return None
-
-
-def settled(client, name: str, versions, elected: str | None) -> bool:
-    """Whether the registry already shows `elected` as the champion: the alias, and the tag on it alone."""
-    tagged = [v.version for v in versions if v.tags.get(ALIAS_TAG) == ALIAS]
-    return tagged == ([elected] if elected else []) and (elected is None or alias_holder(client, name) == elected)
+def elect(client, name: str) -> str | None:
+    """Point the alias (and the `alias` tag) at the rule's pick among the versions now registered; returns it."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    elected = champion(versions)
+    for other in versions:
+        if other.tags.get(ALIAS_TAG) == ALIAS and other.version != elected:
+            client.delete_model_version_tag(name, other.version, ALIAS_TAG)
+    if elected is not None:
+        client.set_registered_model_alias(name, ALIAS, elected)
+        client.set_model_version_tag(name, elected, ALIAS_TAG, ALIAS)
+    return elected
 
 
 def record_and_elect(client, name: str, version: str) -> str | None:
     """Tag `version` with where it was registered from (a version registered from a temporary copy and later
     evaluated in the workspace becomes eligible), then point the alias at the rule's pick; returns it."""
+    from mlflow.exceptions import MlflowException
+
     if registered_from() == WORKSPACE or not client.get_model_version(name, version).tags.get(SOURCE_TAG):
         client.set_model_version_tag(name, version, SOURCE_TAG, registered_from())
-    for _ in range(_ELECTION_ROUNDS):
-        versions = client.search_model_versions(f"name = '{name}'")
-        elected = champion(versions)
-        if settled(client, name, versions, elected):
+    for attempt in range(1, ELECTION_ATTEMPTS + 1):
+        try:
+            elected = elect(client, name)
+        except MlflowException:  # another evaluate wrote the same tag at the same moment
+            if attempt == ELECTION_ATTEMPTS:
+                raise
+            time.sleep(0.2 * attempt)
+            continue
+        if champion(client.search_model_versions(f"name = '{name}'")) == elected:
             break
-        for other in versions:
-            if other.tags.get(ALIAS_TAG) == ALIAS and other.version != elected:
-                client.delete_model_version_tag(name, other.version, ALIAS_TAG)
-        if elected is not None:
-            client.set_registered_model_alias(name, ALIAS, elected)
-            client.set_model_version_tag(name, elected, ALIAS_TAG, ALIAS)
     if elected is not None:
         print(f"evaluate: {name}@{ALIAS} is version {elected} (the best held-out accuracy registered from the "
               f"workspace; version {version} came from the {registered_from()})", flush=True)
