@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from harness import dvc, edit_params, environment
+from harness import dvc, edit_params, environment, runs_the_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def stage_errors_or_stacks(head: subprocess.Popen, seconds: float) -> str:
         processes = psutil.Process(head.pid).children(recursive=True)
         for process in processes:
             with contextlib.suppress(psutil.Error):
-                if any(word.startswith("stages/") or word == "llmpipe.runner.launch" for word in process.cmdline()):
+                if runs_the_pipeline(process.cmdline()):  # a stage or the launcher (DVC runs as `python .../dvc`)
                     process.send_signal(signal.SIGUSR1)
         time.sleep(5)
         for process in [*processes, psutil.Process(head.pid)]:

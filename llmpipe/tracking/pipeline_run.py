@@ -124,7 +124,8 @@ def end_stage(client, parent_id: str, status: str, stage: str | None = None) -> 
 
 
 def tag_values(run, tag: str) -> set[str]:
-    return set(filter(None, run.data.tags.get(tag, "").split(",")))
+    """The comma-separated values of a run's tag (none for no run)."""
+    return set(filter(None, run.data.tags.get(tag, "").split(","))) if run is not None else set()
 
 
 def log_outcome(client, parent_id: str, ran: set[str]) -> None:
@@ -170,9 +171,8 @@ def record_execution(client, experiment_id: str, key: str, params: dict[str, Any
     log_params(client, parent_id, {name: "null" if value is None else value for name, value in values.items()
                                    if name not in logged})
     if defaulted:
-        earlier = tag_values(found, DEFAULTED_TAG) if found is not None else set()
-        client.set_tag(parent_id, DEFAULTED_TAG, ",".join(sorted(earlier | defaulted)))
-    log_outcome(client, parent_id, tag_values(found, RAN_TAG) if found is not None else set())
+        client.set_tag(parent_id, DEFAULTED_TAG, ",".join(sorted(tag_values(found, DEFAULTED_TAG) | defaulted)))
+    log_outcome(client, parent_id, tag_values(found, RAN_TAG))
     client.set_terminated(parent_id, "FINISHED")
     return parent_id
 

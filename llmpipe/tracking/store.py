@@ -53,14 +53,9 @@ def check_server_answers(uri: str) -> None:
         return
     base = uri.rstrip("/")
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME_DEFAULT)
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=_SERVER_TIMEOUT_SECONDS):
-            pass
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise PipelineError(
-            f"MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) did not answer: {reason}"
-        ) from None
+    reason = health_problem(base)
+    if reason is not None:
+        raise PipelineError(f"MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) did not answer: {reason}")
     query = base + "/api/2.0/mlflow/experiments/get-by-name?" + urllib.parse.urlencode({"experiment_name": name})
     try:
         with urllib.request.urlopen(query, timeout=_SERVER_TIMEOUT_SECONDS * 4):
@@ -81,13 +76,20 @@ def server_gone(error: BaseException) -> str | None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return None
+    reason = health_problem(uri.rstrip("/"))
+    if reason is None:
+        return None
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"tracking server at {uri} (MLFLOW_TRACKING_URI) stopped answering during the stage ({reason}; {first_line})"
+
+
+def health_problem(base: str) -> object | None:
+    """Why the server at `base` does not answer its /health endpoint now, or None when it does."""
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=_SERVER_TIMEOUT_SECONDS):
+        with urllib.request.urlopen(base + "/health", timeout=_SERVER_TIMEOUT_SECONDS):
             return None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        return (f"tracking server at {uri} (MLFLOW_TRACKING_URI) stopped answering during the stage "
-                f"({getattr(exc, 'reason', exc)}; {first_line})")
+        return getattr(exc, "reason", exc)
 
 
 def _server_message(error) -> str:
